@@ -1,0 +1,18 @@
+"""The error every CLI reports as one line on stderr with a non-zero exit."""
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user: a missing file, an out-of-range flag, a model we do not support."""
+
+
+def run_cli(main):
+    """Call main(); a UserError (or Ctrl-C) ends the process with one line on stderr, no traceback."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

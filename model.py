@@ -1,0 +1,430 @@
+"""A minimal Llama/Mistral decoder for activation-sparse decoding.
+
+Every linear layer takes its input-sparsity thresholds from buffers: x_i -> 0 when |x_i| <= t_i.
+Zero thresholds are exactly dense. Weights of sparse linears are stored input-channel-major
+([in, out]) so that a skipped input channel skips one contiguous row of the weight.
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from errors import UserError
+from kernels import gate_up_rows, sparse_gemv
+
+
+@dataclass
+class ModelArgs:
+    arch: str = "llama"  # source architecture: "llama" or "mistral"
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 0  # 0: same as n_head
+    head_dim: int = 0  # 0: dim // n_head
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    rope_base: float = 10000.0
+    # llama3 scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+    rope_freq_factors: Optional[list] = None  # per-frequency divisors, as GGUF's rope_freqs tensor
+    norm_eps: float = 1e-5
+    sliding_window: Optional[int] = None
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_head
+        if self.arch not in ARCHS:
+            raise UserError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in CONFIGS:
+            raise UserError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}")
+        return cls(**CONFIGS[name])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Our own config.json, or a Hugging Face one (told apart by its field names)."""
+        if "hidden_size" in d or "architectures" in d or "model_type" in d:
+            return cls.from_hf_config(d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"config has unknown fields {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, c: dict) -> "ModelArgs":
+        archs = c.get("architectures") or []
+        arch = HF_ARCHS.get(archs[0] if archs else "", None)
+        if arch is None:
+            arch = {"llama": "llama", "mistral": "mistral"}.get(c.get("model_type", ""))
+        if arch is None:
+            what = archs[0] if archs else c.get("model_type", "?")
+            raise UserError(f"unsupported architecture {what!r}; supported: {', '.join(HF_ARCHS)}")
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise UserError("linear layers with bias are not supported")
+        if c.get("hidden_act", "silu") != "silu":
+            raise UserError(f"activation {c['hidden_act']!r} is not supported (only silu)")
+        rope = c.get("rope_parameters") or {}  # transformers >= 5 moves rope fields here
+        scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "llama3":
+                raise UserError(f"rope scaling {kind!r} is not supported (only llama3)")
+            scaling = {k: scaling[k] for k in LLAMA3_ROPE_KEYS}
+        window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
+        return cls(
+            arch=arch,
+            dim=c["hidden_size"],
+            n_layer=c["num_hidden_layers"],
+            n_head=c["num_attention_heads"],
+            n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"],
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            vocab_size=c["vocab_size"],
+            rope_base=float(c.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            norm_eps=c.get("rms_norm_eps", 1e-5),
+            sliding_window=window,
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            max_seq_len=c.get("max_position_embeddings", 4096),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def n_params(self, embeddings: bool = False) -> int:
+        per_layer = sum(k * n for k, n in self.linear_shapes().values()) + 2 * self.dim
+        head = 0 if (self.tie_embeddings and not embeddings) else self.dim * self.vocab_size
+        emb = self.dim * self.vocab_size if embeddings else 0
+        return self.n_layer * per_layer + self.dim + head + emb
+
+    def linear_shapes(self) -> dict:
+        """(in, out) of each projection of one layer, in the order thresholds are stored."""
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        d, i = self.dim, self.intermediate_size
+        return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, i), "up": (d, i), "down": (i, d)}
+
+
+ARCHS = ("llama", "mistral")
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_L31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_SMOL = dict(vocab_size=49152, tie_embeddings=True, max_seq_len=8192)
+
+CONFIGS = {
+    "llama-2-7b": dict(dim=4096, n_layer=32, n_head=32, intermediate_size=11008),
+    "llama-2-13b": dict(dim=5120, n_layer=40, n_head=40, intermediate_size=13824),
+    "llama-2-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672),
+    "codellama-7b": dict(dim=4096, n_layer=32, n_head=32, intermediate_size=11008, vocab_size=32016,
+                         rope_base=1e6, max_seq_len=16384),
+    "llama-3-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
+                       vocab_size=128256, rope_base=500000.0, max_seq_len=8192),
+    "llama-3-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672,
+                        vocab_size=128256, rope_base=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
+                         vocab_size=128256, rope_base=500000.0, rope_scaling=_L31, max_seq_len=131072),
+    "llama-3.1-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672,
+                          vocab_size=128256, rope_base=500000.0, rope_scaling=_L31, max_seq_len=131072),
+    "mistral-7b-v0.1": dict(arch="mistral", dim=4096, n_layer=32, n_head=32, n_kv_head=8,
+                            intermediate_size=14336, sliding_window=4096, max_seq_len=32768),
+    "mistral-7b-v0.2": dict(arch="mistral", dim=4096, n_layer=32, n_head=32, n_kv_head=8,
+                            intermediate_size=14336, rope_base=1e6, max_seq_len=32768),
+    "mistral-7b-v0.3": dict(arch="mistral", dim=4096, n_layer=32, n_head=32, n_kv_head=8,
+                            intermediate_size=14336, vocab_size=32768, rope_base=1e6, max_seq_len=32768),
+    "smollm2-135m": dict(dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536,
+                         rope_base=100000.0, **_SMOL),
+    "smollm2-360m": dict(dim=960, n_layer=32, n_head=15, n_kv_head=5, intermediate_size=2560,
+                         rope_base=100000.0, **_SMOL),
+    "smollm2-1.7b": dict(dim=2048, n_layer=24, n_head=32, n_kv_head=32, intermediate_size=8192,
+                         rope_base=130000.0, **_SMOL),
+}
+
+
+class SparseLinear(nn.Module):
+    """y = sparsify(x) @ W for one input shared by several projections (q,k,v or gate,up).
+
+    weight [in, sum(sizes)] is input-channel-major; threshold [len(sizes), in] holds one row per
+    output segment. With glu=True there are two equal segments and the result is silu(gate) * up.
+    """
+
+    def __init__(self, in_features: int, sizes: tuple, glu: bool = False):
+        super().__init__()
+        assert not glu or (len(sizes) == 2 and sizes[0] == sizes[1])
+        self.sizes, self.glu = tuple(sizes), glu
+        self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
+        self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
+        self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
+
+    def enable_kernels(self, n_sm: int):
+        K = self.weight.shape[0]
+        self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm)
+                               for m in (1, 2, 4, 8)}
+        n = max(sparse_gemv.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
+        self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
+                             persistent=False)
+
+    def forward(self, x: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+        B, S, K = x.shape
+        if self.kernel_configs and sparse and active is None and B * S <= sparse_gemv.MAX_ROWS:
+            cfg = self.kernel_configs[next_pow2(B * S)]
+            res = None if residual is None else residual.view(B * S, -1)
+            y = sparse_gemv.sparse_gemv(x.view(B * S, K), self.weight, self.threshold, self.sizes,
+                                        self.counters, cfg, glu=self.glu, residual=res)
+            return y.view(B, S, -1)
+        return sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
+                                           glu=self.glu, residual=residual, active=active)
+
+
+class RowSparseUp(nn.Module):
+    """CATS-style up projection: only rows whose |silu(gate)| passes the threshold are computed.
+
+    weight [intermediate, dim] is row-major (one output row contiguous); returns silu(gate) * up, zero
+    wherever the mask is off, which the down projection then sees as a sparse input.
+    """
+
+    def __init__(self, dim: int, intermediate_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(intermediate_size, dim))
+        self.register_buffer("threshold", torch.zeros(1, intermediate_size), persistent=False)
+        self.kernel_configs: dict = {}
+
+    def enable_kernels(self, n_sm: int):
+        self.kernel_configs = {m: gate_up_rows.default_config(m) for m in (1, 2, 4, 8)}
+
+    def forward(self, x: Tensor, gate: Tensor, sparse: bool = True, active: Optional[Tensor] = None) -> Tensor:
+        B, S, K = x.shape
+        if self.kernel_configs and sparse and active is None and B * S <= gate_up_rows.MAX_ROWS:
+            cfg = self.kernel_configs[next_pow2(B * S)]
+            h = gate_up_rows.gate_up_rows(x.view(B * S, K), gate.view(B * S, -1), self.weight, self.threshold[0], cfg)
+            return h.view(B, S, -1)
+        return gate_up_rows.gate_up_rows_ref(x, gate, self.weight, self.threshold[0] if sparse else None, active)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, seq: int, n_kv_head: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, n_kv_head, seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        # input_pos [S]; k, v [B, H_kv, S, D]
+        B = k.shape[0]
+        self.k[:B, :, input_pos] = k
+        self.v[:B, :, input_pos] = v
+        return self.k[:B], self.v[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
+        q, kv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+        self.wqkv = SparseLinear(a.dim, (q, kv, kv))
+        self.wo = SparseLinear(q, (a.dim,))
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, residual: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+                sparse: bool, active: Optional[Tensor]) -> Tensor:
+        B, S, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x, sparse, active)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = apply_rope(q.view(B, S, H, D), rope).transpose(1, 2)  # [B, H, S, D]
+        k = apply_rope(k.view(B, S, Hkv, D), rope).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(B, S, Hkv, D).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+        y = y.transpose(1, 2).reshape(B, S, H * D)
+        return self.wo(y, sparse, active, residual=residual)
+
+
+class FeedForward(nn.Module):
+    """TEAL: gate and up share one input-sparse launch (silu(gate) * up fused), down is input-sparse."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
+        self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
+
+    def forward(self, x: Tensor, residual: Tensor, sparse: bool, active: Optional[Tensor]) -> Tensor:
+        return self.w2(self.w13(x, sparse, active), sparse, active, residual=residual)
+
+
+class CatsFeedForward(nn.Module):
+    """CATS: gate dense, up computed only where |silu(gate)| passes, down sees the sparse product.
+
+    Loads the same checkpoint as FeedForward: w13 is split into w1 (input-major) and w3 (row-major).
+    """
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.intermediate_size = a.intermediate_size
+        self.w1 = SparseLinear(a.dim, (a.intermediate_size,))
+        self.w3 = RowSparseUp(a.dim, a.intermediate_size)
+        self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "w13.weight"
+        if key in state_dict:
+            w13 = state_dict.pop(key)
+            state_dict[prefix + "w1.weight"] = w13[:, : self.intermediate_size]
+            state_dict[prefix + "w3.weight"] = w13[:, self.intermediate_size:].t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor, residual: Tensor, sparse: bool, active: Optional[Tensor]) -> Tensor:
+        gate = self.w1(x, sparse, active)
+        h = self.w3(x, gate, sparse, active)
+        return self.w2(h, sparse, active, residual=residual)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, mlp: str):
+        super().__init__()
+        self.attention = Attention(a)
+        self.feed_forward = CatsFeedForward(a) if mlp == "cats" else FeedForward(a)
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, rope, mask, input_pos, sparse, active):
+        h = self.attention(self.attention_norm(x), x, rope, mask, input_pos, sparse, active)
+        return self.feed_forward(self.ffn_norm(h), h, sparse, active)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, mlp: str = "teal"):
+        super().__init__()
+        if mlp not in ("teal", "cats"):
+            raise UserError(f"unknown MLP sparsity mode {mlp!r} (teal or cats)")
+        self.args, self.mlp = args, mlp
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, mlp) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", torch.zeros(0), persistent=False)
+        self.max_batch_size, self.max_seq_len = 0, 0
+        self.fingerprint = ""  # of the checkpoint's weights; calibration files are checked against it
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int):
+        """Static KV cache and RoPE table, sized for the work at hand (attention reads the whole cache)."""
+        if max_seq_len > self.args.max_seq_len:
+            raise UserError(f"{max_seq_len} tokens exceed the model's context of {self.args.max_seq_len}")
+        if self.max_batch_size >= max_batch_size and self.max_seq_len == max_seq_len:
+            return
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        a = self.args
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
+        self.rope = rope_table(a, max_seq_len).to(device)
+
+    def enable_kernels(self):
+        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only."""
+        device = self.tok_embeddings.weight.device
+        if device.type != "cuda":
+            raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        for m in self.modules():
+            if isinstance(m, (SparseLinear, RowSparseUp)):
+                m.enable_kernels(n_sm)
+
+    def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,
+                all_logits: bool = True) -> Tensor:
+        """idx [B, S], input_pos [S] -> logits [B, S, V] (or [B, 1, V] for the last token only).
+
+        sparse_from: None keeps every token dense; n sparsifies the tokens at positions >= n.
+        """
+        assert self.rope.numel(), "call setup_caches() first"
+        sparse = sparse_from is not None
+        active = input_pos >= sparse_from if sparse and sparse_from > 0 else None
+        rope = self.rope[input_pos]  # [S, D/2, 2]
+        mask = attention_mask(input_pos, self.max_seq_len, self.args.sliding_window)
+        x = self.tok_embeddings(idx)  # [B, S, dim]
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos, sparse, active)
+        if not all_logits:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    def sparse_modules(self):
+        """(layer index, projection name, module, segment index) for each thresholded projection."""
+        for i, layer in enumerate(self.layers):
+            att, ff = layer.attention, layer.feed_forward
+            yield from ((i, n, att.wqkv, j) for j, n in enumerate(("q", "k", "v")))
+            yield i, "o", att.wo, 0
+            if self.mlp == "cats":
+                yield i, "gate", ff.w1, 0
+                yield i, "up", ff.w3, 0  # threshold on |silu(gate)|: the rows of up computed
+            else:
+                yield from ((i, n, ff.w13, j) for j, n in enumerate(("gate", "up")))
+            yield i, "down", ff.w2, 0
+
+
+def attention_mask(input_pos: Tensor, max_seq_len: int, window: Optional[int]) -> Tensor:
+    """[S, T] bool: causal, and within the sliding window when there is one."""
+    kv_pos = torch.arange(max_seq_len, device=input_pos.device)
+    mask = kv_pos[None, :] <= input_pos[:, None]
+    if window is not None:
+        mask = mask & (input_pos[:, None] - kv_pos[None, :] < window)
+    return mask
+
+
+def rope_frequencies(a: ModelArgs) -> Tensor:
+    """Inverse frequencies [D/2] in float64, with llama3 scaling or explicit factors applied."""
+    D = a.head_dim
+    inv = 1.0 / (a.rope_base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    if a.rope_freq_factors is not None:
+        inv = inv / torch.tensor(a.rope_freq_factors, dtype=torch.float64)
+    if a.rope_scaling is not None:
+        s = a.rope_scaling
+        wavelen = 2 * math.pi / inv
+        old = s["original_max_position_embeddings"]
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        # long wavelengths are divided by factor, short ones kept, the band between interpolated
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv = (1 - smooth) * inv / s["factor"] + smooth * inv
+    return inv
+
+
+def rope_table(a: ModelArgs, seq_len: int) -> Tensor:
+    """[T, D/2, 2] (cos, sin) in float32."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(a))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Half-split rotation (the Hugging Face layout). x [B, S, H, D], rope [S, D/2, 2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, S, H, D/2]
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)

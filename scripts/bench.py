@@ -1,0 +1,279 @@
+"""Decode benchmarks on random weights of real shapes (DESIGN.md §5). Needs a CUDA GPU.
+
+    python scripts/bench.py [--models llama-2-7b,llama-3-8b,mistral-7b-v0.1] [--sparsities 0,0.25,0.4,0.5,0.65]
+                            [--skip-kernels] [--skip-e2e] [--out docs/bench] [--json]
+
+1. read bandwidth: a Triton streaming reduction over 4 GiB; every roofline below uses this number;
+2. kernels: every projection of each model at sparsity 0 ... 0.9, replayed in a CUDA graph over 4 weight
+   copies (L2 cannot serve repeats), against torch.matmul and the (1-s) roofline line;
+3. end to end: a 128-token random prompt, 256 greedy decode tokens, compiled with CUDA graphs; thresholds
+   set in-process from the prompt's activations; median of 3 timed runs after a warm-up; measured sparsity.
+Writes <out>/<gpu>.md, <gpu>.json (end-to-end records), <gpu>-kernels.json and PNG plots.
+"""
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _path  # noqa: F401
+import torch
+import triton
+import triton.language as tl
+
+from checkpoint import random_model
+from generate import Generator
+from kernels import sparse_gemv
+from model import ModelArgs
+from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
+
+E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
+KERNEL_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PER_PROG: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    base = pid.to(tl.int64) * PER_PROG
+    for i in range(0, PER_PROG, BLOCK):
+        offs = base + i + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+def read_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second of a pure streaming read (the roofline's bandwidth)."""
+    n = int(gib * 2 ** 30) // 2
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    per_prog, block = 1 << 20, 4096
+    grid = triton.cdiv(n, per_prog)
+    out = torch.empty(grid, device="cuda")
+    fn = lambda: _read_kernel[(grid,)](x, out, n, BLOCK=block, PER_PROG=per_prog, num_warps=8)  # noqa: E731
+    ms = triton.testing.do_bench(fn, warmup=50, rep=500, return_mode="median")
+    assert torch.allclose(out.sum(), x.float().sum(), rtol=1e-3, atol=1.0)
+    del x
+    return n * 2 / (ms * 1e-3)
+
+
+def graph_time_us(fns: list, launches: int = 40, replays: int = 20) -> float:
+    """Median time per launch of `launches` calls (cycling through fns) replayed in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(launches):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / launches)
+    return statistics.median(times)
+
+
+def projection_shapes(args: ModelArgs) -> dict:
+    """name -> (K, sizes, glu) of the fused projections one layer launches."""
+    sh = args.linear_shapes()
+    return {"qkv": (args.dim, (sh["q"][1], sh["k"][1], sh["v"][1]), False), "o": (sh["o"][0], (args.dim,), False),
+            "gate_up": (args.dim, (args.intermediate_size,) * 2, True), "down": (args.intermediate_size, (args.dim,), False)}
+
+
+def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int = 4) -> list:
+    rows = []
+    dtype = torch.bfloat16
+    for proj, (K, sizes, glu) in projection_shapes(args).items():
+        N = sum(sizes)
+        ws = [(torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype) for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]  # row-major, as F.linear / gpt-fast store it
+        x = torch.randn(1, K, device="cuda", dtype=dtype)
+        t = torch.zeros(len(sizes), K, device="cuda")
+        cfg = sparse_gemv.default_config(1, K, sizes, glu, n_sm)
+        counters = torch.zeros(sparse_gemv.counters_size(sizes, glu, cfg[0]), dtype=torch.int32, device="cuda")
+        ours = [lambda w=w: sparse_gemv.sparse_gemv(x, w, t, sizes, counters, cfg, glu=glu) for w in ws]
+        mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in ws])
+        lin = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wts])
+        nbytes = K * N * 2
+        for s in KERNEL_SPARSITIES:
+            t.fill_(sparse_threshold(x, s))
+            measured = (x.abs().float() <= t[0]).float().mean().item()
+            us = graph_time_us(ours)
+            roof = (1 - measured) * nbytes / bw * 1e6
+            rows.append({"model": name, "projection": proj, "K": K, "N": N, "sparsity": s, "measured": measured,
+                         "us": us, "matmul_us": min(mm, lin), "roofline_us": roof, "config": list(cfg),
+                         "gb_s": (1 - measured) * nbytes / us / 1e3})
+        print(f"  {name} {proj:8s} K={K} N={N}: matmul {min(mm, lin):6.1f} us | "
+              + " ".join(f"{r['sparsity']:.1f}:{r['us']:.1f}" for r in rows[-len(KERNEL_SPARSITIES):]), flush=True)
+        del ws, wts
+    return rows
+
+
+def sparse_threshold(x: torch.Tensor, s: float) -> float:
+    if s <= 0:
+        return 0.0
+    a = x.abs().float().flatten()
+    return a.kthvalue(max(1, int(round(s * a.numel())))).values.item()
+
+
+def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2) -> float:
+    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity."""
+    shapes = args.linear_shapes()
+    total = 0.0
+    for layer in range(args.n_layer):
+        for proj, (k, n) in shapes.items():
+            total += (1 - stats.get((layer, proj), 0.0)) * k * n * elem
+    total += (args.vocab_size * args.dim + (2 * args.n_layer + 1) * args.dim) * elem  # head and norms
+    return total
+
+
+def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3) -> list:
+    torch._dynamo.reset()
+    model = random_model(args, "cuda", torch.bfloat16, seed=0)
+    model.enable_kernels()
+    prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
+    captured = capture_inputs(model, prompt)
+    gen = Generator(model, compile=True)
+    gen.setup(1, prompt_len + new_tokens)
+    records = []
+    for s in sparsities:
+        set_uniform_thresholds(model, captured, s)
+        new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one compiles)
+        speeds = []
+        for _ in range(runs):
+            new, st = gen.generate(prompt, new_tokens)
+            speeds.append(st.decode_tok_s)
+        tok_s = statistics.median(speeds)
+        stats = measure_sparsity(model, torch.cat([prompt, new], 1), sparse_from=prompt_len, start=prompt_len)
+        nbytes = bytes_per_token(args, stats)
+        rec = {"model": name, "quant": "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
+               "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
+               "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
+               "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
+               "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name()}
+        records.append(rec)
+        print(f"  {name} s={s:.2f}: {tok_s:7.1f} tok/s  measured {rec['measured_sparsity']:.3f}  "
+              f"{rec['gb_s']:6.0f} GB/s  {rec['roofline_frac'] * 100:5.1f}% of roofline", flush=True)
+    del model, gen, captured
+    torch.cuda.empty_cache()
+    return records
+
+
+def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, cmd: str):
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
+    if kernels:
+        (out / f"{slug}-kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
+    lines = [f"# Decode benchmark: {gpu}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+             f"triton {triton.__version__}. Read bandwidth (Triton streaming reduction over 4 GiB): "
+             f"**{bw / 1e9:.0f} GB/s**; rooflines use it and the measured decode sparsity.", ""]
+    if e2e:
+        lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
+                  "| model | sparsity | measured | tok/s | GB/s | roofline | q k v o gate up down |", "|---|---|---|---|---|---|---|"]
+        for r in e2e:
+            pp = " ".join(f"{r['per_projection'].get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
+            lines.append(f"| {r['model']} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
+                         f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | {pp} |")
+        lines.append("")
+    if kernels:
+        lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
+                  "| model | proj | K×N | matmul | " + " | ".join(f"s={s}" for s in KERNEL_SPARSITIES) + " |",
+                  "|---|---|---|---|" + "---|" * len(KERNEL_SPARSITIES)]
+        groups = {}
+        for r in kernels:
+            groups.setdefault((r["model"], r["projection"]), []).append(r)
+        for (m, p), rs in groups.items():
+            cells = [f"{r['us']:.1f} ({r['us'] / r['roofline_us']:.2f}×)" if r["roofline_us"] > 0 else f"{r['us']:.1f}" for r in rs]
+            lines.append(f"| {m} | {p} | {rs[0]['K']}×{rs[0]['N']} | {rs[0]['matmul_us']:.1f} | " + " | ".join(cells) + " |")
+        lines += ["", "(×: time over the roofline (1−s)·bytes/bandwidth; the target is ≤ 1.10×, and at s=0 no slower "
+                  "than matmul)", ""]
+    (out / f"{slug}.md").write_text("\n".join(lines))
+    plot(out, slug, e2e, kernels, bw)
+
+
+def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots", file=sys.stderr)
+        return
+    if e2e:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in dict.fromkeys(r["model"] for r in e2e):
+            rs = [r for r in e2e if r["model"] == m]
+            ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
+            ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
+                    label=f"{m} roofline")
+        ax.set_xlabel("measured sparsity")
+        ax.set_ylabel("decode tok/s")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{slug}-e2e.png", dpi=110)
+    if kernels:
+        groups = {}
+        for r in kernels:
+            groups.setdefault((r["model"], r["projection"]), []).append(r)
+        n = len(groups)
+        cols = 4
+        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((n + cols - 1) // cols)), squeeze=False)
+        for ax, ((m, p), rs) in zip(axes.flat, groups.items()):
+            s = [r["measured"] for r in rs]
+            ax.plot(s, [r["us"] for r in rs], "o-", label="ours")
+            ax.plot(s, [r["roofline_us"] for r in rs], "k--", label="(1-s) roofline")
+            ax.axhline(rs[0]["matmul_us"], color="r", ls=":", label="torch.matmul")
+            ax.set_title(f"{m} {p} {rs[0]['K']}x{rs[0]['N']}", fontsize=8)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.supxlabel("sparsity")
+        fig.supylabel("µs per launch")
+        fig.tight_layout()
+        fig.savefig(out / f"{slug}-kernels.png", dpi=100)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama-2-7b,llama-3-8b,mistral-7b-v0.1")
+    p.add_argument("--sparsities", default=",".join(str(s) for s in E2E_SPARSITIES))
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "bench")
+    p.add_argument("--json", action="store_true", help="print the end-to-end records as the last line")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench.py needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    bw = read_bandwidth()
+    print(f"{gpu}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    models = [m for m in a.models.split(",") if m]
+    kernels, e2e = [], []
+    if not a.skip_kernels:
+        for m in models:
+            kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
+    if not a.skip_e2e:
+        for m in models:
+            e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw)
+    write_outputs(a.out, gpu, bw, e2e, kernels, "python scripts/bench.py " + " ".join(sys.argv[1:]))
+    if a.json:
+        print(json.dumps(e2e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""generate.py end to end through subprocesses: tiny generation, chat loop, and every bad input ending in one
+clear stderr line with a non-zero exit."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import random_tensors, save_checkpoint
+from model import ModelArgs
+from tokenizer import byte_tokenizer_files
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(arch="llama", dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
+            max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    args = ModelArgs(**TINY)
+    save_checkpoint(out, args, random_tensors(args, torch.float32, "cpu", 0), torch.float32)
+    for name, content in byte_tokenizer_files(args.vocab_size).items():
+        (out / name).write_text(json.dumps(content) + "\n")
+    return out
+
+
+def run(*argv, stdin=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, argv)], capture_output=True,
+                          text=True, input=stdin, env=env, cwd=ROOT, timeout=300)
+
+
+def assert_clean_error(r, needle):
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr and needle in lines[0], r.stderr
+
+
+def test_tiny_generation_reports_figures(tiny_ckpt):
+    r = run("--checkpoint", tiny_ckpt, "--prompt", "hello", "--max-new-tokens", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("hello")
+    for word in ("time to first token", "tok/s", "GB/s", "peak memory"):
+        assert word in r.stderr
+
+
+def test_interactive_chat_loop(tiny_ckpt, tmp_path):
+    assert_clean_error(run("--checkpoint", tiny_ckpt, "--interactive", stdin="hi\n"), "chat template")
+    for f in tiny_ckpt.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "[INST] {{ message['content'] }} [/INST]"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = run("--checkpoint", tmp_path, "--interactive", "--max-new-tokens", "4", stdin="hi\nthere\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("tok/s]") == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
+    (["--sparsity", "1.0"], "--sparsity"),
+    (["--sparsity", "-0.1"], "--sparsity"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--dtype", "int3"], "unknown dtype"),
+])
+def test_bad_flags(tiny_ckpt, argv, needle):
+    full = argv if argv[0] == "--checkpoint" else ["--checkpoint", tiny_ckpt, *argv]
+    assert_clean_error(run(*full), needle)
+
+
+def test_prompt_longer_than_context(tiny_ckpt):
+    assert_clean_error(run("--checkpoint", tiny_ckpt, "--prompt", "x" * 200, "--max-new-tokens", "4"), "context")
+
+
+def test_corrupt_checkpoint(tiny_ckpt, tmp_path):
+    for f in tiny_ckpt.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert_clean_error(run("--checkpoint", tmp_path), "safetensors")
+    (tmp_path / "config.json").write_text("{not json")
+    assert_clean_error(run("--checkpoint", tmp_path), "config")
+
+
+def test_unknown_architecture(tiny_ckpt, tmp_path):
+    for f in tiny_ckpt.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["arch"] = "gpt_neox"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(run("--checkpoint", tmp_path), "gpt_neox")
+
+
+def test_missing_weights(tiny_ckpt, tmp_path):
+    (tmp_path / "config.json").write_bytes((tiny_ckpt / "config.json").read_bytes())
+    assert_clean_error(run("--checkpoint", tmp_path), "model.safetensors")
