@@ -10,8 +10,9 @@ Split-K without a memset: each program writes its partial sums to a workspace, b
 counter, and the last program of a tile sums the partials in a fixed order (deterministic), applies
 the epilogue (GLU, residual add) and resets the counter to zero for the next launch.
 """
+import os
 from itertools import accumulate
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 MAX_ROWS = 8
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sparsify(x: Tensor, t: Tensor, active: Optional[Tensor] = None) -> Tensor:
@@ -51,9 +53,9 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
 def _sparse_gemv_kernel(
     x_ptr, w_ptr, t_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, K, N_OUT, stride_xm, stride_wk, stride_rm, stride_ym,
-    TILE_END0, TILE_END1, COL_END0, COL_END1, K_SPLIT,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    GLU: tl.constexpr, HAS_RES: tl.constexpr,
+    TILE_END0, TILE_END1, COL_END0, COL_END1, K_SPLIT, SPLIT_K,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, IS_SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -63,37 +65,58 @@ def _sparse_gemv_kernel(
     col0 = tl.where(seg == 0, 0, tl.where(seg == 1, COL_END0, COL_END1))
     col_end = tl.where(seg == 0, COL_END0, tl.where(seg == 1, COL_END1, N_OUT))
     cols = col0 + (pid_n - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    col_ok = cols < col_end
+    if EVEN_N:  # every segment is a multiple of BLOCK_N: no column mask, so loads stay vectorised
+        cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)
+        col_ok = tl.full((BLOCK_N,), 1, tl.int1)
+    else:
+        col_ok = cols < col_end
     rows = tl.arange(0, BLOCK_M)  # [BM]
     row_ok = rows < M
+    t_seg = t_ptr + seg * K
 
-    acc = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # M == 1: one FMA per weight element, reduced over k once at the end
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
-    for k0 in range(0, K_SPLIT, BLOCK_K):
-        ks = k_begin + k0 + tl.arange(0, BLOCK_K)  # [BK]
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BM, BK]
-        t = tl.load(t_ptr + seg * K + ks, mask=k_ok, other=float("inf"))  # [BK]
-        keep = tl.abs(x) > t[None, :]
-        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: any batch row keeps input k
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :],
-                    mask=need[:, None] & col_ok[None, :], other=0.0)  # [BK, BN]
-        xs = tl.where(keep, x, 0.0)
-        acc += xs[:, :, None] * w.to(tl.float32)[None, :, :]
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        k_ok = ks < k_end
+        t = tl.load(t_seg + ks, mask=k_ok, other=float("inf"))  # [BK]
+        if DOT:
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            keep = tl.abs(x.to(tl.float32)) > t[None, :]
+            need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
+            w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N)
+            acc = _dot(tl.where(keep, x, 0.0).to(w.dtype), w, acc, DOT_F32)
+        else:
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+            keep = tl.abs(x) > t
+            w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], keep, col_ok, EVEN_N)
+            acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
         if GLU:  # the up half: columns N_OUT + cols, threshold row 1
             t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=float("inf"))
-            keep_up = tl.abs(x) > t_up[None, :]
-            need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
-            w_up = tl.load(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :],
-                           mask=need_up[:, None] & col_ok[None, :], other=0.0)
-            acc_up += tl.where(keep_up, x, 0.0)[:, :, None] * w_up.to(tl.float32)[None, :, :]
-    part = tl.sum(acc, axis=1)  # [BM, BN]
-    part_up = tl.sum(acc_up, axis=1)
+            if DOT:
+                keep_up = tl.abs(x.to(tl.float32)) > t_up[None, :]
+                need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
+                w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok, EVEN_N)
+                acc_up = _dot(tl.where(keep_up, x, 0.0).to(w_up.dtype), w_up, acc_up, DOT_F32)
+            else:
+                keep_up = tl.abs(x) > t_up
+                w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], keep_up, col_ok, EVEN_N)
+                acc_up += tl.where(keep_up, x, 0.0)[:, None] * w_up.to(tl.float32)
+    if DOT:
+        part, part_up = acc, acc_up
+    else:
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
+        part_up = tl.sum(acc_up, axis=0)[None, :]
 
     out_mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
+    if not IS_SPLIT:
         _epilogue(part, part_up, res_ptr, y_ptr, rows, cols, out_mask, stride_rm, stride_ym, GLU, HAS_RES)
     else:
         # workspace [SPLIT_K, 2 if GLU, BLOCK_M, N_OUT] fp32
@@ -108,13 +131,31 @@ def _sparse_gemv_kernel(
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in range(SPLIT_K):  # a fixed order: the sum does not depend on arrival order
                 total += tl.load(ws + s * split_stride, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if GLU:
                     total_up += tl.load(ws + s * split_stride + BLOCK_M * N_OUT, mask=out_mask, other=0.0,
                                         cache_modifier=".cg")
             _epilogue(total, total_up, res_ptr, y_ptr, rows, cols, out_mask, stride_rm, stride_ym, GLU, HAS_RES)
             tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:  # Triton's CPU interpreter multiplies bf16 operands wrongly; fp32 gives the same products
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _load_rows(ptrs, keep_k, col_ok, EVEN_N: tl.constexpr):
+    # rows whose input is dropped are never read; a [BK, 1] mask keeps 16-byte loads along a weight row,
+    # a [BK, BN] one is used only when a segment ends inside a tile
+    if EVEN_N:
+        w = tl.load(ptrs, mask=keep_k[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(ptrs, mask=keep_k[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+    return w
 
 
 @triton.jit
@@ -132,16 +173,32 @@ def _epilogue(acc, acc_up, res_ptr, y_ptr, rows, cols, mask, stride_rm, stride_y
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(dt), mask=mask)
 
 
-def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> tuple:
-    """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps) for a launch; enough programs to cover the GPU a few times."""
-    block_m = triton.next_power_of_2(M)
-    block_n, block_k, warps = (128, 64, 4) if block_m == 1 else (64, 64 // block_m, 4)
+class Config(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int  # programs along K; the last one of a column tile reduces the partials
+    num_warps: int
+    num_stages: int
+    dot: int  # 1: tensor-core tl.dot over batch rows padded to 16; 0: FMA path (needs M == 1)
+
+
+def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
+    """A launch config from the H100 sweep (scripts/tune_gemv.py, docs/perf-notes.md): column tiles of 128
+    where the segments allow it (unmasked 16-byte loads), and split-K up to one wave of resident programs;
+    a second wave costs more than the longer K loop saves."""
     out = sizes[:1] if glu else sizes
+    block_n = next((b for b in (128, 64, 32) if all(s % b == 0 for s in out)), 64)
+    if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
+        block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
+    elif glu:  # two accumulators (~230 registers): 2 programs per SM
+        block_k, warps, stages, dot, per_sm = 64, 4, 1, 0, 2
+    elif sum(out) >= 8192:
+        block_k, warps, stages, dot, per_sm = 64, 4, 1, 0, 4
+    else:  # narrow outputs: few column tiles, so longer K steps with 8 warps
+        block_k, warps, stages, dot, per_sm = 128, 8, 1, 0, 2
     n_tiles = sum(triton.cdiv(s, block_n) for s in out)
-    split = 1
-    while n_tiles * split * 2 <= 4 * n_sm and K // (split * 2) >= block_k and split < 64:
-        split *= 2
-    return block_n, block_k, split, warps
+    split = max(1, min(per_sm * n_sm // n_tiles, triton.cdiv(K, block_k), 32))
+    return Config(block_n, block_k, split, warps, stages, dot)
 
 
 def counters_size(sizes, glu: bool, block_n: int) -> int:
@@ -153,10 +210,10 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
            residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel):
     """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero)."""
     M, K = x.shape
-    block_n, block_k, split, warps = config
+    block_n, block_k, split, warps, stages, dot = config
+    assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
-    assert split & (split - 1) == 0, "SPLIT_K must be a power of two"
     out_sizes = list(sizes[:1]) if glu else list(sizes)
     n_out = sum(out_sizes)
     tiles = [triton.cdiv(s, block_n) for s in out_sizes]
@@ -165,16 +222,17 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
     # segment ends in tiles and in columns; the last segment's end repeats for absent segments
     tile_ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
     col_ends = (list(accumulate(out_sizes)) + [n_out] * 2)[:2]
-    block_m = triton.next_power_of_2(M)
+    block_m = 16 if dot else 1
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) if split > 1 else out
     res = residual if residual is not None else out
     kernel[(n_tiles, split)](
         x, w, t, res, out, ws, counters,
         M, K, n_out, x.stride(0), w.stride(0), res.stride(0), out.stride(0),
-        tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split,
-        SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-        GLU=glu, HAS_RES=residual is not None, num_warps=warps,
+        tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split, split,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=all(s % block_n == 0 for s in out_sizes),
+        DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None, IS_SPLIT=split > 1,
+        num_warps=warps, num_stages=stages,
     )
     return out
 

@@ -68,7 +68,9 @@ def check_kernels(n_sm: int) -> list:
                 w = (torch.randn(I, K, device="cuda") / K ** 0.5).to(dtype)
                 a = torch.nn.functional.silu(g.float()).abs()
                 t = torch.quantile(a.flatten(), s).expand(I).contiguous()
-                ref = gate_up_rows.gate_up_rows_ref(x.double(), g.double(), w.double(), t.double())
+                # the mask as the kernel sees it: silu(gate) rounded to the dtype (as the model's eager path)
+                keep = torch.nn.functional.silu(g).abs().double() > t.double()
+                ref = gate_up_rows.gate_up_rows_ref(x.double(), g.double(), w.double(), None) * keep
                 out = torch.full((M, I), float("nan"), device="cuda", dtype=dtype)
                 gate_up_rows.launch(x, g, w, t, gate_up_rows.default_config(M), out)
                 torch.cuda.synchronize()
@@ -80,10 +82,10 @@ def check_kernels(n_sm: int) -> list:
     return failures
 
 
-def check_model(layers: int, sparsity: float, steps: int = 32) -> tuple:
+def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32) -> tuple:
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
-    model = random_model(args, "cuda", torch.bfloat16, seed=1)
+    model = random_model(args, "cuda", dtype, seed=1)
     prompt = torch.randint(0, args.vocab_size, (1, 64), device="cuda")
     set_uniform_thresholds(model, capture_inputs(model, prompt), sparsity)
     model.setup_caches(1, 128)
@@ -128,12 +130,19 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     failures = check_kernels(n_sm)
-    errs, same, measured, model, gen, prompt = check_model(a.layers, a.sparsity)
-    worst = max(errs)
-    print(f"model: compiled vs eager decode: same tokens for {same}/31 steps; worst logits rel err {worst:.2e}; "
-          f"measured sparsity {measured:.3f}")
-    if worst > 3e-2:
-        failures.append(f"compiled decode logits differ from eager by {worst:.2e}")
+    # Thresholding is discontinuous: in bf16 the kernel's and cuBLAS's different summation orders move some
+    # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
+    # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, where near-ties are ~1e-6 rare.
+    for level, dtype, bound in ((0.0, torch.bfloat16, 3e-2), (a.sparsity, torch.float32, 1e-3),
+                                (a.sparsity, torch.bfloat16, None)):
+        errs, same, measured, model, gen, prompt = check_model(a.layers, level, dtype)
+        worst = max(errs)
+        print(f"model {dtype} at {level}: compiled vs eager decode: same tokens for {same}/{len(errs) + 1} steps; "
+              f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"
+              + ("" if bound else " (reported only: near-tie flips)"))
+        if bound is not None and (worst > bound or same < len(errs) + 1):
+            failures.append(f"compiled decode differs from eager at sparsity {level} {dtype}: "
+                            f"{same} same tokens, logits err {worst:.2e}")
 
     from torch._dynamo.utils import counters
     graphs = counters["stats"]["unique_graphs"]

@@ -38,7 +38,15 @@ CASES = {  # name: (K, sizes, glu, residual)
     "o+residual": (72, (37,), False, True),
     "gate_up": (90, (33, 33), True, False),
     "down+residual": (131, (45,), False, True),
+    "qkv-even": (80, (64, 32, 32), False, False),  # segments multiples of BLOCK_N: the unmasked-column path
+    "gate_up-even": (96, (32, 32), True, False),
 }
+C = sparse_gemv.Config
+
+
+def configs_for(M, K, sizes, glu):
+    fma = [C(16, 16, 1, 4, 1, 0), C(16, 32, 3, 4, 2, 0)] if M == 1 else []
+    return fma + [C(16, 16, 1, 4, 1, 1), C(32, 32, 4, 4, 2, 1), sparse_gemv.default_config(M, K, sizes, glu, n_sm=4)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -55,7 +63,7 @@ def test_sparse_gemv_matches_reference(case, sparsity, M, dtype):
         ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu,
                                           residual=None if res is None else res.float())
         n_out = ref.shape[1]
-        for config in [(16, 16, 1, 4), (16, 32, 4, 4), sparse_gemv.default_config(M, K, sizes, glu, n_sm=4)]:
+        for config in configs_for(M, K, sizes, glu):
             counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
             out = poisoned((M, n_out), dtype)
             sparse_gemv.launch(x, w, t, counters, sizes, glu, config, res, out)
@@ -74,7 +82,7 @@ def test_sparse_gemv_skips_masked_rows():
     ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, (N,))
     w[::2] = float("nan")  # any read of a skipped row would poison the result
     out = poisoned((M, N), torch.float16)
-    sparse_gemv.launch(x, w, t, torch.zeros(8, dtype=torch.int32, device=DEVICE), (N,), False, (16, 16, 2, 4), None, out)
+    sparse_gemv.launch(x, w, t, torch.zeros(8, dtype=torch.int32, device=DEVICE), (N,), False, C(16, 16, 2, 4, 1, 1), None, out)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -86,7 +94,7 @@ def test_sparse_gemv_op_and_union_over_batch():
     w = (torch.randn(K, N, device=DEVICE) / 7).to(torch.bfloat16)
     t = torch.full((1, K), 0.01, device=DEVICE)
     counters = torch.zeros(16, dtype=torch.int32, device=DEVICE)
-    y = sparse_gemv.sparse_gemv(x, w, t, (N,), counters, (16, 16, 2, 4))
+    y = sparse_gemv.sparse_gemv(x, w, t, (N,), counters, C(16, 16, 2, 4, 1, 1))
     ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, (N,))
     assert rel_err(y, ref) < 1.5e-2
 
