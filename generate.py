@@ -17,6 +17,8 @@ from torch import Tensor
 
 from checkpoint import default_checkpoint, load_model, parse_dtype
 from errors import UserError, run_cli
+from sparsity import (CALIB_FILE, CRITERIA, METHODS, PROJECTIONS, apply_thresholds, load_calibration,
+                      measure_sparsity, parameter_weighted, per_projection)
 from tokenizer import StreamDecoder, load_tokenizer
 
 
@@ -189,6 +191,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity in [0, 1)")
+    add_sparsity_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step (default: on for CUDA, off for CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: what the run needs)")
@@ -202,16 +205,20 @@ def main(argv=None):
     if a.seed is not None:
         torch.manual_seed(a.seed)
 
-    ckpt, model, tok, device = load_from_args(a)
-    if a.sparsity > 0:
-        raise UserError("--sparsity > 0 needs calibration thresholds, which this build does not have yet")
+    ckpt, model, tok, device = load_from_args(a, mlp=a.mlp)
+    calib = None
+    if a.sparsity > 0 or a.interactive:
+        calib = load_calibration(model, ckpt / CALIB_FILE) if (ckpt / CALIB_FILE).exists() or a.sparsity > 0 else None
+    if calib is not None:
+        apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     if device.type == "cuda":
         model.enable_kernels()
-    gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k)
+    gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k,
+                    sparse_prefill_from=a.sparse_prefill_from)
 
     if a.interactive:
-        return chat_loop(gen, tok, a)
+        return chat_loop(gen, tok, a, calib)
     ids = tok.encode_chat(([{"role": "system", "content": a.system}] if a.system else [])
                           + [{"role": "user", "content": a.prompt}]) if a.chat else tok.encode(a.prompt)
     max_seq = a.max_seq_len or round_up(len(ids) + a.max_new_tokens, 64)
@@ -238,9 +245,32 @@ def main(argv=None):
               f"time to first token {st.ttft_s * 1e3:.1f} ms | decode {st.decode_tok_s:.1f} tok/s | "
               f"{nbytes * st.decode_tok_s / 1e9:.1f} GB/s of weights | peak memory {peak_memory_gb(device):.2f} GB",
               file=sys.stderr)
+        if a.sparsity > 0:
+            print(sparsity_report(model, torch.cat([prompt, new], 1), len(ids)), file=sys.stderr)
 
 
-def chat_loop(gen: Generator, tok, a):
+def sparsity_report(model, seq: Tensor, n_prompt: int) -> str:
+    """The decode sparsity the thresholds actually give on this text, per projection and model-wide."""
+    if seq.shape[1] <= n_prompt:
+        return "measured decode sparsity: no decoded tokens"
+    stats = measure_sparsity(model, seq, sparse_from=n_prompt, start=n_prompt)
+    pp = per_projection(stats)
+    return ("measured decode sparsity " + " ".join(f"{p} {pp[p]:.2f}" for p in PROJECTIONS if p in pp)
+            + f" | model-wide (parameter-weighted) {parameter_weighted(model, stats):.3f}")
+
+
+def add_sparsity_args(p: argparse.ArgumentParser):
+    p.add_argument("--sparsity-method", choices=METHODS, default="greedy",
+                   help="uniform: every projection at the target; greedy: TEAL's block-wise allocation")
+    p.add_argument("--criterion", choices=CRITERIA, default="weight-aware",
+                   help="magnitude: |x_i| > t; weight-aware: |x_i|·‖W[i,:]‖ > t")
+    p.add_argument("--mlp", choices=("teal", "cats"), default="teal",
+                   help="cats: threshold |silu(gate)| and compute only the passing rows of up (ablation)")
+    p.add_argument("--sparse-prefill-from", type=int, default=None, metavar="N",
+                   help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
+
+
+def chat_loop(gen: Generator, tok, a, calib):
     model = gen.model
     if tok.chat_format is None:
         raise UserError("this model has no chat template; --interactive needs an instruct model")
@@ -254,6 +284,9 @@ def chat_loop(gen: Generator, tok, a):
             break
         if not line:
             break
+        if line.startswith("/sparsity"):
+            set_level(model, calib, line, a)
+            continue
         messages.append({"role": "user", "content": line})
         ids = tok.encode_chat(messages)
         budget = model.max_seq_len - len(ids)
@@ -275,6 +308,28 @@ def chat_loop(gen: Generator, tok, a):
                              tok.stop_ids, on_tokens=show)
         print(f"\n[{st.decode_tok_s:.1f} tok/s]", file=sys.stderr)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def set_level(model, calib, line: str, a):
+    """`/sparsity S`: new thresholds are copied into the buffers; nothing is recompiled or re-captured."""
+    try:
+        level = float(line.split()[1])
+        if not 0 <= level < 1:
+            raise ValueError
+    except (IndexError, ValueError):
+        print("usage: /sparsity S with S in [0, 1)", file=sys.stderr)
+        return
+    if calib is None:
+        print(f"no calibration for this checkpoint: run `python calibrate.py --checkpoint {a.checkpoint}`",
+              file=sys.stderr)
+        return
+    try:
+        apply_thresholds(model, calib, level, a.sparsity_method, a.criterion)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return
+    a.sparsity = level
+    print(f"sparsity {level:.2f} ({a.sparsity_method}, {a.criterion})", file=sys.stderr)
 
 
 def round_up(n: int, k: int) -> int:

@@ -166,8 +166,10 @@ class SparseLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
         self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
+        self.fuse_norm = False
 
-    def enable_kernels(self, n_sm: int):
+    def enable_kernels(self, n_sm: int, fuse_norm: bool = False):
+        self.fuse_norm = fuse_norm
         K = self.weight.shape[0]
         self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm)
                                for m in (1, 2, 4, 8)}
@@ -176,14 +178,21 @@ class SparseLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
-                residual: Optional[Tensor] = None) -> Tensor:
+                residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None) -> Tensor:
+        """x [B, S, K]; with `norm`, x is the residual stream and is RMS-normalised first (inside the kernel
+        on the decode path, saving a launch)."""
         B, S, K = x.shape
         if self.kernel_configs and sparse and active is None and B * S <= sparse_gemv.MAX_ROWS:
             cfg = self.kernel_configs[next_pow2(B * S)]
             res = None if residual is None else residual.view(B * S, -1)
-            y = sparse_gemv.sparse_gemv(x.view(B * S, K), self.weight, self.threshold, self.sizes,
-                                        self.counters, cfg, glu=self.glu, residual=res)
+            if norm is not None and not self.fuse_norm:
+                x, norm = norm(x), None
+            y = sparse_gemv.sparse_gemv(x.view(B * S, K), self.weight, self.threshold, self.sizes, self.counters, cfg,
+                                        glu=self.glu, residual=res, norm_weight=None if norm is None else norm.weight,
+                                        eps=1e-5 if norm is None else norm.eps)
             return y.view(B, S, -1)
+        if norm is not None:
+            x = norm(x)
         return sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
                                            glu=self.glu, residual=residual, active=active)
 
@@ -252,11 +261,12 @@ class Attention(nn.Module):
         self.wo = SparseLinear(q, (a.dim,))
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, residual: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor,
+    def forward(self, x: Tensor, norm: "RMSNorm", rope: Tensor, mask: Tensor, input_pos: Tensor,
                 sparse: bool, active: Optional[Tensor]) -> Tensor:
+        """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection)."""
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.wqkv(x, sparse, active)
+        qkv = self.wqkv(x, sparse, active, norm=norm)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, S, H, D), rope).transpose(1, 2)  # [B, H, S, D]
         k = apply_rope(k.view(B, S, Hkv, D), rope).transpose(1, 2)  # [B, Hkv, S, D]
@@ -265,7 +275,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, T, D]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.transpose(1, 2).reshape(B, S, H * D)
-        return self.wo(y, sparse, active, residual=residual)
+        return self.wo(y, sparse, active, residual=x)
 
 
 class FeedForward(nn.Module):
@@ -276,8 +286,8 @@ class FeedForward(nn.Module):
         self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
 
-    def forward(self, x: Tensor, residual: Tensor, sparse: bool, active: Optional[Tensor]) -> Tensor:
-        return self.w2(self.w13(x, sparse, active), sparse, active, residual=residual)
+    def forward(self, h: Tensor, norm: "RMSNorm", sparse: bool, active: Optional[Tensor]) -> Tensor:
+        return self.w2(self.w13(h, sparse, active, norm=norm), sparse, active, residual=h)
 
 
 class CatsFeedForward(nn.Module):
@@ -301,10 +311,11 @@ class CatsFeedForward(nn.Module):
             state_dict[prefix + "w3.weight"] = w13[:, self.intermediate_size:].t().contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, residual: Tensor, sparse: bool, active: Optional[Tensor]) -> Tensor:
+    def forward(self, h: Tensor, norm: "RMSNorm", sparse: bool, active: Optional[Tensor]) -> Tensor:
+        x = norm(h)
         gate = self.w1(x, sparse, active)
-        h = self.w3(x, gate, sparse, active)
-        return self.w2(h, sparse, active, residual=residual)
+        up = self.w3(x, gate, sparse, active)
+        return self.w2(up, sparse, active, residual=h)
 
 
 class Block(nn.Module):
@@ -316,8 +327,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
 
     def forward(self, x, rope, mask, input_pos, sparse, active):
-        h = self.attention(self.attention_norm(x), x, rope, mask, input_pos, sparse, active)
-        return self.feed_forward(self.ffn_norm(h), h, sparse, active)
+        h = self.attention(x, self.attention_norm, rope, mask, input_pos, sparse, active)
+        return self.feed_forward(h, self.ffn_norm, sparse, active)
 
 
 class Transformer(nn.Module):
@@ -349,14 +360,18 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
-    def enable_kernels(self):
-        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only."""
+    def enable_kernels(self, fuse_norm: bool = False):
+        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only. fuse_norm:
+        RMSNorm inside the q/k/v and gate/up kernels instead of its own launch (measured slower on the H100
+        so far: docs/perf-notes.md v3)."""
         device = self.tok_embeddings.weight.device
         if device.type != "cuda":
             raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         for m in self.modules():
-            if isinstance(m, (SparseLinear, RowSparseUp)):
+            if isinstance(m, SparseLinear):
+                m.enable_kernels(n_sm, fuse_norm)
+            elif isinstance(m, RowSparseUp):
                 m.enable_kernels(n_sm)
 
     def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,

@@ -1,11 +1,14 @@
 """Activation statistics and thresholds: capture the inputs of every sparse projection, set thresholds
 in the model's buffers, measure the sparsity a forward pass actually gets."""
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
+from errors import UserError
 from model import RowSparseUp, SparseLinear, Transformer
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -15,10 +18,15 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 def input_hooks(model: Transformer, fn):
     """Calls fn(module, a) during forward passes with the quantity each sparse module thresholds:
     a = x [B, S, K] for a SparseLinear, a = silu(gate) [B, S, I] for the CATS up projection."""
-    def pre(mod, args):
-        fn(mod, args[0] if isinstance(mod, SparseLinear) else torch.nn.functional.silu(args[1].float()))
+    def pre(mod, args, kwargs):
+        if isinstance(mod, SparseLinear):
+            x, norm = args[0], kwargs.get("norm")
+            fn(mod, x if norm is None else norm(x))  # the projection's actual (normalised) input
+        else:
+            fn(mod, torch.nn.functional.silu(args[1].float()))
 
-    handles = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, (SparseLinear, RowSparseUp))]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()
+               if isinstance(m, (SparseLinear, RowSparseUp))]
     try:
         yield
     finally:
@@ -94,3 +102,139 @@ def per_projection(stats: dict) -> dict:
     for (_, name), s in stats.items():
         out.setdefault(name, []).append(s)
     return {name: sum(v) / len(v) for name, v in out.items()}
+
+
+# ---- calibration tables (written by calibrate.py into CKPT/sparsity.safetensors) ----
+CALIB_FILE = "sparsity.safetensors"
+CALIB_FORMAT = "teal-sparsity-1"
+LEVELS = torch.linspace(0, 1, 401, dtype=torch.float64)  # quantile grid: 0.25% steps
+TARGETS = torch.linspace(0, 0.9, 19, dtype=torch.float64)  # model-level targets of the greedy tables
+CRITERIA = ("magnitude", "weight-aware")
+METHODS = ("uniform", "greedy")
+
+
+def crit_key(criterion: str) -> str:
+    return criterion.replace("-", "_")
+
+
+def param_fractions(args) -> Tensor:
+    """[7] share of a block's linear parameters held by each projection (TEAL's weights)."""
+    shapes = args.linear_shapes()
+    n = torch.tensor([shapes[p][0] * shapes[p][1] for p in PROJECTIONS], dtype=torch.float64)
+    return n / n.sum()
+
+
+def interp_quantile(table: Tensor, level: Tensor) -> Tensor:
+    """table [..., len(LEVELS)] of values at LEVELS; level [...] in [0, 1] -> values [...], interpolated in log
+    space (level 0 gives 0: no input is dropped)."""
+    level = level.to(torch.float64).clamp(0, 1)
+    pos = level * (len(LEVELS) - 1)
+    lo = pos.floor().long().clamp(max=len(LEVELS) - 2)
+    frac = pos - lo
+    logt = table.double().clamp_min(1e-30).log()
+    a = logt.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    b = logt.gather(-1, (lo + 1).unsqueeze(-1)).squeeze(-1)
+    out = (a + frac * (b - a)).exp()
+    return torch.where(level > 0, out, torch.zeros_like(out))
+
+
+class Calibration:
+    """Quantile tables of each projection's input statistic, weight column norms and greedy allocations.
+
+    quantiles[c]: [n_layer, 7, len(LEVELS)] values of |x| (magnitude) or |x_i|·‖W[i,:]‖ (weight-aware);
+    norms[p]: [n_layer, K_p] column norms; greedy[c]: [n_layer, len(TARGETS), 7] per-projection levels;
+    cats: [n_layer, len(LEVELS)] quantiles of |silu(gate)| (CATS-style MLP)."""
+
+    def __init__(self, tensors: dict, meta: dict):
+        self.meta = meta
+        self.quantiles = {c: tensors[f"quantiles.{crit_key(c)}"] for c in CRITERIA}
+        self.greedy = {c: tensors[f"greedy.{crit_key(c)}"] for c in CRITERIA}
+        self.norms = {p: tensors[f"norms.{p}"] for p in PROJECTIONS}
+        self.cats = tensors["quantiles.cats"]
+
+    def tensors(self) -> dict:
+        out = {f"quantiles.{crit_key(c)}": self.quantiles[c].float().contiguous() for c in CRITERIA}
+        out.update({f"greedy.{crit_key(c)}": self.greedy[c].float().contiguous() for c in CRITERIA})
+        out.update({f"norms.{p}": self.norms[p].float().contiguous() for p in PROJECTIONS})
+        out["quantiles.cats"] = self.cats.float().contiguous()
+        return out
+
+    def levels(self, sparsity: float, method: str, criterion: str) -> Tensor:
+        """[n_layer, 7] per-projection sparsity levels for a model-wide target."""
+        n_layer = self.quantiles[criterion].shape[0]
+        if method == "uniform" or sparsity <= 0:
+            return torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64)
+        table = self.greedy[criterion].double()  # [L, T, 7]
+        if sparsity > TARGETS[-1] + 1e-9:
+            raise UserError(f"greedy tables reach {TARGETS[-1]:.2f}; use --sparsity-method uniform above that")
+        pos = sparsity / (TARGETS[1] - TARGETS[0])
+        i = min(int(pos), len(TARGETS) - 2)
+        f = pos - i
+        return table[:, i] * (1 - f) + table[:, i + 1] * f
+
+    def thresholds(self, levels: Tensor, criterion: str) -> dict:
+        """{(layer, projection): threshold vector [K] float32} for levels [n_layer, 7]."""
+        vals = interp_quantile(self.quantiles[criterion], levels)  # [L, 7]
+        out = {}
+        for layer in range(levels.shape[0]):
+            for j, p in enumerate(PROJECTIONS):
+                norms = self.norms[p][layer].double()
+                if criterion == "magnitude":
+                    t = vals[layer, j].expand(norms.shape[0])
+                else:  # |x_i|·n_i > τ  ⇔  |x_i| > τ / n_i
+                    t = vals[layer, j] / norms.clamp_min(1e-30)
+                out[(layer, p)] = t.float()
+        return out
+
+    def cats_thresholds(self, sparsity: float) -> Tensor:
+        """[n_layer] thresholds on |silu(gate)| that drop `sparsity` of the up/down rows."""
+        return interp_quantile(self.cats, torch.full((self.cats.shape[0],), float(sparsity))).float()
+
+
+def load_calibration(model: Transformer, path: Path) -> Calibration:
+    """Reads a calibration file and checks it belongs to `model`; one clear error otherwise."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `python calibrate.py --checkpoint {path.parent}` first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != CALIB_FORMAT:
+        raise UserError(f"{path} is not a calibration file of this engine (format {meta.get('format')!r})")
+    if model.fingerprint and meta.get("fingerprint") != model.fingerprint:
+        raise UserError(f"{path} was calibrated for another model (fingerprint {meta.get('fingerprint', '?')[:12]}, "
+                        f"this checkpoint is {model.fingerprint[:12]}): run calibrate.py again")
+    try:
+        calib = Calibration(tensors, meta)
+    except KeyError as e:
+        raise UserError(f"{path} lacks the table {e}; run calibrate.py again") from None
+    a = model.args
+    shapes = a.linear_shapes()
+    expect = {f"norms.{p}": (a.n_layer, shapes[p][0]) for p in PROJECTIONS}
+    expect.update({f"quantiles.{crit_key(c)}": (a.n_layer, len(PROJECTIONS), len(LEVELS)) for c in CRITERIA})
+    expect.update({f"greedy.{crit_key(c)}": (a.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA})
+    expect["quantiles.cats"] = (a.n_layer, len(LEVELS))
+    for k, shape in expect.items():
+        if tuple(tensors[k].shape) != shape:
+            raise UserError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, this model needs {shape}")
+    return calib
+
+
+@torch.no_grad()
+def apply_thresholds(model: Transformer, calib: Calibration, sparsity: float, method: str = "uniform",
+                     criterion: str = "magnitude"):
+    """Copies the thresholds for a model-wide sparsity into the model's buffers (no new tensors: compiled
+    graphs and CUDA graphs stay valid). In a CATS model the MLP follows CATS: gate and down stay dense, up
+    rows are dropped where |silu(gate)| is below its threshold."""
+    if method not in METHODS or criterion not in CRITERIA:
+        raise UserError(f"unknown sparsity method {method!r} or criterion {criterion!r}")
+    thr = calib.thresholds(calib.levels(sparsity, method, criterion), criterion)
+    cats = calib.cats_thresholds(sparsity) if model.mlp == "cats" else None
+    for layer, name, mod, row in model.sparse_modules():
+        if cats is not None and name in ("gate", "up", "down"):
+            value = cats[layer] if name == "up" and sparsity > 0 else 0.0
+            mod.threshold[row].fill_(value)
+        else:
+            mod.threshold[row].copy_(thr[(layer, name)])

@@ -33,9 +33,19 @@ def sparsify(x: Tensor, t: Tensor, active: Optional[Tensor] = None) -> Tensor:
     return x * keep
 
 
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm in fp32, rounded to x's dtype, then scaled (the model's RMSNorm)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool = False,
-                    residual: Optional[Tensor] = None, active: Optional[Tensor] = None) -> Tensor:
-    """Plain-PyTorch reference. x [..., K], w [K, N], t [len(sizes), K] or None (dense)."""
+                    residual: Optional[Tensor] = None, active: Optional[Tensor] = None,
+                    norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Plain-PyTorch reference. x [..., K], w [K, N], t [len(sizes), K] or None (dense); with norm_weight
+    the input is RMS-normalised first."""
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, eps)
     if t is None:
         y = x @ w
     else:
@@ -51,11 +61,12 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, w_ptr, t_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, nw_ptr, eps,
     M, K, N_OUT, stride_xm, stride_wk, stride_rm, stride_ym,
     TILE_END0, TILE_END1, COL_END0, COL_END1, K_SPLIT, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, IS_SPLIT: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -73,6 +84,20 @@ def _sparse_gemv_kernel(
     rows = tl.arange(0, BLOCK_M)  # [BM]
     row_ok = rows < M
     t_seg = t_ptr + seg * K
+    xdt = x_ptr.dtype.element_ty
+    if NORM:  # RMSNorm fused: every program computes the rows' inverse RMS over the whole input (from L2)
+        if DOT:
+            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for n0 in range(0, K, BLOCK_K):
+                kk = n0 + tl.arange(0, BLOCK_K)
+                xn = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
+                             mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xn * xn, axis=1)
+            inv_rms = tl.rsqrt(ss / K + eps)  # [BM]
+        else:  # one load of the whole row: a loop would wait on L2 once per step
+            kk = tl.arange(0, NORM_BLOCK)
+            xn = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(xn * xn, axis=0) / K + eps)
 
     if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -89,12 +114,18 @@ def _sparse_gemv_kernel(
         if DOT:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            if NORM:  # rounded where the reference RMSNorm rounds
+                g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                x = ((x.to(tl.float32) * inv_rms[:, None]).to(xdt).to(tl.float32) * g[None, :]).to(xdt)
             keep = tl.abs(x.to(tl.float32)) > t[None, :]
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
             w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N)
             acc = _dot(tl.where(keep, x, 0.0).to(w.dtype), w, acc, DOT_F32)
         else:
             x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+            if NORM:
+                g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                x = ((x * inv_rms).to(xdt).to(tl.float32) * g).to(xdt).to(tl.float32)
             keep = tl.abs(x) > t
             w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], keep, col_ok, EVEN_N)
             acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
@@ -207,11 +238,13 @@ def counters_size(sizes, glu: bool, block_n: int) -> int:
 
 
 def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, config,
-           residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel):
+           residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel,
+           norm_weight: Optional[Tensor] = None, eps: float = 1e-5):
     """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero)."""
     M, K = x.shape
     block_n, block_k, split, warps, stages, dot = config
     assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
+    assert norm_weight is None or dot or K <= 32768, "fused RMSNorm loads the whole row at once"
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
     out_sizes = list(sizes[:1]) if glu else list(sizes)
@@ -227,25 +260,28 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
     ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) if split > 1 else out
     res = residual if residual is not None else out
     kernel[(n_tiles, split)](
-        x, w, t, res, out, ws, counters,
+        x, w, t, res, out, ws, counters, norm_weight if norm_weight is not None else t, eps,
         M, K, n_out, x.stride(0), w.stride(0), res.stride(0), out.stride(0),
         tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split, split,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=all(s % block_n == 0 for s in out_sizes),
         DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None, IS_SPLIT=split > 1,
-        num_warps=warps, num_stages=stages,
+        NORM=norm_weight is not None, NORM_BLOCK=triton.next_power_of_2(K), num_warps=warps, num_stages=stages,
     )
     return out
 
 
 @triton_op("teal::sparse_gemv", mutates_args=("counters",))
 def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
-                    sizes: list[int], glu: bool, config: list[int]) -> Tensor:
+                    norm_weight: Optional[Tensor], eps: float, sizes: list[int], glu: bool,
+                    config: list[int]) -> Tensor:
     n_out = sizes[0] if glu else sum(sizes)
     out = x.new_empty((x.shape[0], n_out))
-    return launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel))
+    return launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
+                  norm_weight=norm_weight, eps=eps)
 
 
-def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config,
-                glu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
-    """x [M, K] (M <= 8), w [K, N] input-major, t [len(sizes), K] float32 -> [M, N] (or [M, N/2] with glu)."""
-    return _sparse_gemv_op(x, w, t, counters, residual, list(sizes), glu, list(config))
+def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,
+                residual: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """x [M, K] (M <= 8), w [K, N] input-major, t [len(sizes), K] float32 -> [M, N] (or [M, N/2] with glu).
+    With norm_weight, x is the un-normalised residual stream and RMSNorm is applied inside the kernel."""
+    return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, eps, list(sizes), glu, list(config))

@@ -137,10 +137,11 @@ def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2) -> float:
     return total
 
 
-def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3) -> list:
+def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
+              fuse_norm: bool = False) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
-    model.enable_kernels()
+    model.enable_kernels(fuse_norm)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -255,6 +256,7 @@ def main():
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "bench")
     p.add_argument("--json", action="store_true", help="print the end-to-end records as the last line")
+    p.add_argument("--fuse-norm", action="store_true", help="RMSNorm inside the q/k/v and gate/up kernels")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -269,7 +271,8 @@ def main():
             kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
     if not a.skip_e2e:
         for m in models:
-            e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw)
+            e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
+                             fuse_norm=a.fuse_norm)
     write_outputs(a.out, gpu, bw, e2e, kernels, "python scripts/bench.py " + " ".join(sys.argv[1:]))
     if a.json:
         print(json.dumps(e2e))

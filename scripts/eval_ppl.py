@@ -1,0 +1,147 @@
+"""Quality of a sparsity setting on held-out text: sliding-window perplexity, KL divergence and top-1
+agreement against the dense model, and the measured sparsity (parameter-weighted, per projection).
+
+    python scripts/eval_ppl.py [--checkpoint CKPT] --sparsity 0.5 [--sparsity-method greedy]
+                               [--criterion weight-aware] [--mlp teal|cats] [--text FILE ...]
+                               [--max-tokens N] [--window W] [--stride S] [--json]
+
+Default text: the evaluation side of the Shakespeare split (texts.py), disjoint by play from calibration.
+Every token of a window is sparsified (--dense-prefix N keeps the first N of each window dense); each
+window scores its last --stride tokens (the first window scores all of them).
+"""
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import _path  # noqa: F401
+import torch
+from tqdm import tqdm
+
+from errors import UserError, run_cli
+from generate import add_model_args, add_sparsity_args, load_from_args
+from sparsity import (CALIB_FILE, PROJECTIONS, apply_thresholds, ensure_cache, input_hooks, load_calibration,
+                      parameter_weighted, per_projection)
+from texts import default_texts, read_texts
+
+
+@dataclass
+class Setting:
+    """One sparse configuration to score: the model that runs it and how to set its thresholds."""
+    name: str
+    model: object
+    apply: Callable
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+    zeros: dict = field(default_factory=dict)  # (layer, projection) -> [dropped, seen]
+
+    def result(self, dense_nll: float) -> dict:
+        stats = {k: z / n for k, (z, n) in self.zeros.items()}
+        return {"name": self.name, "ppl": math.exp(self.nll / self.count), "dense_ppl": math.exp(dense_nll / self.count),
+                "kl": self.kl / self.count, "top1": self.agree / self.count,
+                "sparsity": parameter_weighted(self.model, stats) if stats else 0.0,
+                "per_projection": per_projection(stats), "tokens": self.count}
+
+
+def windows(n: int, window: int, stride: int, max_tokens: int) -> list:
+    """(begin, end, first scored position) of sliding windows over n tokens."""
+    out, scored, begin = [], 0, 0
+    while scored < max_tokens:
+        end = min(begin + window, n)
+        first = 0 if begin == 0 else window - stride
+        if end - begin < 2 or first >= end - begin:
+            break
+        out.append((begin, end, first))
+        scored += end - begin - max(first, 1)
+        if end == n:
+            break
+        begin += stride
+    return out
+
+
+@torch.no_grad()
+def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, max_tokens: int,
+             dense_prefix: int = 0, progress: bool = True) -> list:
+    dev = dense_model.tok_embeddings.weight.device
+    spans = windows(len(ids), window, stride, max_tokens)
+    if not spans:
+        raise UserError(f"the evaluation text has {len(ids)} tokens: too few to score")
+    for m in {id(s.model): s.model for s in settings}.values():
+        ensure_cache(m, 1, window)
+    ensure_cache(dense_model, 1, window)
+    dense_nll = 0.0
+    for begin, end, first in tqdm(spans, desc="evaluating", unit="window", disable=not progress):
+        idx = torch.tensor([ids[begin:end]], device=dev)
+        pos = torch.arange(end - begin, device=dev)
+        start = max(first, 1) - 1  # logits at t predict token t+1
+        target = idx[0, start + 1:]
+        logp_d = torch.log_softmax(dense_model(idx, pos, sparse_from=None)[0, start:-1].float(), -1)
+        dense_nll += -logp_d.gather(-1, target[:, None]).sum().item()
+        for s in settings:
+            s.apply(s.model)
+            owner = {}
+            for layer, name, mod, row in s.model.sparse_modules():
+                owner.setdefault(mod, []).append((layer, name, row))
+
+            def count(mod, a, s=s, owner=owner):
+                a = a.detach()[:, max(start, dense_prefix):].float().abs()
+                for layer, name, row in owner.get(mod, []):
+                    z = s.zeros.setdefault((layer, name), [0.0, 0])
+                    z[0] += (a <= mod.threshold[row]).float().sum().item()
+                    z[1] += a.numel()
+
+            with input_hooks(s.model, count):
+                logits = s.model(idx, pos, sparse_from=dense_prefix)[0, start:-1].float()
+            logp_s = torch.log_softmax(logits, -1)
+            s.nll += -logp_s.gather(-1, target[:, None]).sum().item()
+            s.kl += (logp_d.exp() * (logp_d - logp_s)).sum().item()
+            s.agree += (logp_s.argmax(-1) == logp_d.argmax(-1)).sum().item()
+            s.count += target.numel()
+    return [s.result(dense_nll) for s in settings]
+
+
+def load_eval_text(tok, files) -> list:
+    return tok.encode(read_texts(files or default_texts("evaluation")), bos=None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--sparsity", type=float, required=True)
+    add_sparsity_args(p)
+    p.add_argument("--text", nargs="+", type=Path, default=None)
+    p.add_argument("--max-tokens", type=int, default=16384, help="scored tokens")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--dense-prefix", type=int, default=0, help="leading tokens of each window kept dense")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    a = p.parse_args(argv)
+    if not 0 <= a.sparsity < 1:
+        raise UserError(f"--sparsity must be in [0, 1), got {a.sparsity}")
+    if not 0 < a.stride <= a.window or a.max_tokens < 1:
+        raise UserError("need 0 < --stride <= --window and --max-tokens >= 1")
+    if a.dtype == "auto":
+        a.dtype = "float32"
+    ckpt, model, tok, device = load_from_args(a)
+    sparse_model = model
+    if a.mlp == "cats":
+        sparse_model = load_from_args(a, mlp="cats")[1]
+    calib = load_calibration(model, ckpt / CALIB_FILE) if a.sparsity > 0 else None
+    apply = (lambda m: apply_thresholds(m, calib, a.sparsity, a.sparsity_method, a.criterion)) if calib else (lambda m: None)
+    ids = load_eval_text(tok, a.text)
+    setting = Setting(f"{a.mlp} {a.sparsity_method} {a.criterion} {a.sparsity}", sparse_model, apply)
+    r = evaluate(model, ids, [setting], a.window, a.stride, a.max_tokens, a.dense_prefix)[0]
+    print(f"{r['name']}: ppl {r['ppl']:.3f} (dense {r['dense_ppl']:.3f}) | KL {r['kl']:.4f} | top-1 {r['top1']:.3f} | "
+          f"measured sparsity {r['sparsity']:.3f} over {r['tokens']} tokens", file=sys.stderr)
+    if a.json:
+        print(json.dumps({"ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "sparsity": r["sparsity"],
+                          "dense_ppl": r["dense_ppl"], "per_projection": r["per_projection"], "tokens": r["tokens"]}))
+
+
+if __name__ == "__main__":
+    run_cli(main)

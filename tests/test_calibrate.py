@@ -1,0 +1,240 @@
+"""calibrate.py and the threshold tables: targets reached, greedy never worse than uniform on calibration data,
+refusal of foreign files, sparsity 0 is dense, weight-aware with equal norms is magnitude, and the shipped
+calibration of the default model measured on held-out text."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import calibrate
+from checkpoint import load_model, random_tensors, save_checkpoint
+from errors import UserError
+from model import ModelArgs
+from sparsity import (CALIB_FILE, PROJECTIONS, TARGETS, apply_thresholds, load_calibration, measure_sparsity,
+                      param_fractions, per_projection)
+from tokenizer import byte_tokenizer_files, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(arch="llama", dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
+            max_seq_len=256)
+TEXT = (ROOT / "README.md").read_text() * 3
+
+
+def make_ckpt(path: Path, seed: int = 0, equal_norms: bool = False, **over) -> Path:
+    args = ModelArgs(**{**TINY, **over})
+    tensors = dict(random_tensors(args, torch.float32, "cpu", seed))
+    if equal_norms:  # every input channel's weight row has norm 0.7 in each projection: weight-aware == magnitude
+        for k, v in tensors.items():
+            if k.startswith("layers.") and v.dim() == 2:
+                parts = []
+                sizes = _segments(k, args)
+                for w in v.split(sizes, dim=1):
+                    parts.append(w / w.norm(dim=1, keepdim=True) * 0.7)
+                tensors[k] = torch.cat(parts, dim=1)
+    save_checkpoint(path, args, iter(tensors.items()), torch.float32)
+    for name, content in byte_tokenizer_files(args.vocab_size).items():
+        (path / name).write_text(json.dumps(content) + "\n")
+    return path
+
+
+def _segments(key, a):
+    q, kv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    if "wqkv" in key:
+        return [q, kv, kv]
+    if "w13" in key:
+        return [a.intermediate_size] * 2
+    return [a.dim]
+
+
+def run_calibrate(ckpt: Path, text_file: Path, *extra) -> Path:
+    calibrate.main(["--checkpoint", str(ckpt), "--text", str(text_file), "--tokens", "1536", "--seq-len", "128",
+                    "--skip", "16", "--batch", "4", "--greedy-seqs", "2", "--step", "0.05", *extra])
+    return ckpt / CALIB_FILE
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calib")
+    text = tmp / "text.txt"
+    text.write_text(TEXT)
+    ckpt = make_ckpt(tmp / "ckpt")
+    run_calibrate(ckpt, text)
+    return ckpt, text
+
+
+def test_greedy_tables_reach_targets(calibrated):
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    w = param_fractions(model.args)
+    for crit, table in calib.greedy.items():
+        eff = table.double() @ w  # [L, T]
+        assert torch.allclose(eff, TARGETS.expand_as(eff), atol=2e-3), crit
+        assert (table >= 0).all() and (table <= 0.99 + 1e-6).all()
+    # every method/criterion gives the target model-wide (parameter-weighted) level
+    for method in ("uniform", "greedy"):
+        for crit in ("magnitude", "weight-aware"):
+            lv = calib.levels(0.45, method, crit)
+            assert abs(float((lv @ w).mean()) - 0.45) < 2e-3
+
+
+def test_greedy_never_worse_than_uniform_on_calibration_data(calibrated):
+    ckpt, text = calibrated
+    model = load_model(ckpt)
+    tok = load_tokenizer(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    batches = calibrate.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
+    model.setup_caches(4, 128)
+    _, _, inputs = calibrate.collect(model, batches, 16, calibrate.column_norms(model), 1)
+    probe = calibrate.BlockProbe(model, calib, [x[:2] for x in inputs], 16)
+    for crit in ("magnitude", "weight-aware"):
+        for layer in range(model.args.n_layer):
+            for ti in (4, 8, 10, 13):  # 0.2, 0.4, 0.5, 0.65
+                greedy = probe.error(layer, calib.greedy[crit][layer, ti].double(), crit)
+                uniform = probe.error(layer, torch.full((7,), float(TARGETS[ti]), dtype=torch.float64), crit)
+                assert greedy <= uniform * (1 + 1e-6) + 1e-9, (crit, layer, ti, greedy, uniform)
+
+
+def test_sparsity_zero_is_dense(calibrated):
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    model.setup_caches(1, 64)
+    idx = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        dense = model(idx, torch.arange(40), sparse_from=None)
+        for method in ("uniform", "greedy"):
+            for crit in ("magnitude", "weight-aware"):
+                apply_thresholds(model, calib, 0.0, method, crit)
+                assert torch.equal(model(idx, torch.arange(40), sparse_from=0), dense)
+        apply_thresholds(model, calib, 0.5, "greedy", "weight-aware")
+        assert not torch.equal(model(idx, torch.arange(40), sparse_from=0), dense)
+
+
+def test_uniform_hits_target_on_its_text(calibrated):
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    tok = load_tokenizer(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    idx = calibrate.token_batches(tok, TEXT, 1536, 128, 16, "cpu")[0]
+    for s in (0.25, 0.5, 0.8):
+        apply_thresholds(model, calib, s, "uniform", "magnitude")
+        pp = per_projection(measure_sparsity(model, idx, sparse_from=None, start=16))
+        for p in PROJECTIONS:
+            assert abs(pp[p] - s) < 0.01, (s, p, pp[p])
+
+
+def test_weight_aware_with_equal_norms_is_magnitude(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    ckpt = make_ckpt(tmp_path / "eq", equal_norms=True)
+    run_calibrate(ckpt, text)
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    assert torch.allclose(calib.norms["q"], torch.full_like(calib.norms["q"], 0.7), rtol=1e-5)
+    lv = calib.levels(0.5, "uniform", "magnitude")
+    mag = calib.thresholds(lv, "magnitude")
+    wa = calib.thresholds(lv, "weight-aware")
+    for k in mag:
+        assert torch.allclose(mag[k], wa[k], rtol=5e-3), k  # histogram bins are 0.24% wide
+
+
+def test_foreign_or_malformed_calibration_refused(calibrated, tmp_path):
+    ckpt, _ = calibrated
+    other = load_model(make_ckpt(tmp_path / "other", seed=5))
+    with pytest.raises(UserError, match="another model"):
+        load_calibration(other, ckpt / CALIB_FILE)
+    bigger = load_model(make_ckpt(tmp_path / "bigger", seed=0, n_layer=3))
+    bigger.fingerprint = ""  # a file without a fingerprint check still has its shapes checked
+    with pytest.raises(UserError, match="shape"):
+        load_calibration(bigger, ckpt / CALIB_FILE)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="safetensors"):
+        load_calibration(other, bad)
+    with pytest.raises(UserError, match="calibrate.py"):
+        load_calibration(other, tmp_path / "missing" / CALIB_FILE)
+
+
+def run_cli(script, *argv, stdin=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                          input=stdin, env=env, cwd=ROOT, timeout=600)
+
+
+def test_generate_with_calibration_and_clear_errors(calibrated, tmp_path):
+    ckpt, _ = calibrated
+    r = run_cli("generate.py", "--checkpoint", ckpt, "--prompt", "hello", "--max-new-tokens", "12", "--sparsity", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "measured decode sparsity" in r.stderr and "model-wide" in r.stderr
+    bare = make_ckpt(tmp_path / "bare", seed=3)
+    r = run_cli("generate.py", "--checkpoint", bare, "--sparsity", "0.5")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "calibrate.py --checkpoint" in lines[0], r.stderr
+    (bare / CALIB_FILE).write_bytes((ckpt / CALIB_FILE).read_bytes())
+    r = run_cli("generate.py", "--checkpoint", bare, "--sparsity", "0.5")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "another model" in lines[0], r.stderr
+
+
+def test_eval_ppl_json(calibrated):
+    ckpt, text = calibrated
+    r = run_cli("scripts/eval_ppl.py", "--checkpoint", ckpt, "--sparsity", "0.4", "--text", text, "--max-tokens", "300",
+                "--window", "128", "--stride", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"ppl", "kl", "top1", "sparsity"} <= set(out)
+    assert out["kl"] > 0 and 0 < out["top1"] <= 1 and abs(out["sparsity"] - 0.4) < 0.1
+    r = run_cli("scripts/eval_ppl.py", "--checkpoint", ckpt, "--sparsity", "0", "--text", text, "--max-tokens", "200",
+                "--window", "128", "--stride", "64", "--json")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kl"] == 0 and out["top1"] == 1 and out["ppl"] == out["dense_ppl"]
+
+
+def test_new_sparsity_level_does_not_recompile(calibrated):
+    from torch._dynamo.utils import counters
+
+    from generate import Generator
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    apply_thresholds(model, calib, 0.5, "greedy", "weight-aware")
+    torch._dynamo.reset()
+    counters.clear()
+    gen = Generator(model, compile=True)
+    gen.setup(1, 64)
+    prompt = torch.randint(0, 300, (1, 8))
+    first, _ = gen.generate(prompt, 6)
+    frames = counters["stats"]["unique_graphs"]
+    thr = model.layers[0].attention.wqkv.threshold
+    before = thr.data_ptr()
+    for level in (0.25, 0.65, 0.0):
+        apply_thresholds(model, calib, level, "uniform", "magnitude")
+        gen.generate(prompt, 6)
+    assert counters["stats"]["unique_graphs"] == frames, "a new sparsity level recompiled"
+    assert thr.data_ptr() == before  # thresholds are updated in place
+    apply_thresholds(model, calib, 0.5, "greedy", "weight-aware")
+    again, _ = gen.generate(prompt, 6)
+    assert torch.equal(first, again)
+
+
+def test_shipped_calibration_on_held_out_text():
+    """The default model's shipped file, uniform thresholds, measured in decode mode on the evaluation plays."""
+    from checkpoint import default_checkpoint
+    from texts import default_texts, read_texts
+    ckpt = default_checkpoint()
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    tok = load_tokenizer(ckpt)
+    ids = tok.encode(read_texts(default_texts("evaluation")), bos=False)
+    step = len(ids) // 4
+    idx = torch.tensor([ids[i * step: i * step + 192] for i in range(4)])
+    for s in (0.25, 0.5):
+        apply_thresholds(model, calib, s, "uniform", "magnitude")
+        pp = per_projection(measure_sparsity(model, idx, sparse_from=32, start=32))
+        for p in PROJECTIONS:
+            assert abs(pp[p] - s) <= 0.02, (s, p, pp[p])
