@@ -266,14 +266,16 @@ def main():
     print(f"{gpu}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     models = [m for m in a.models.split(",") if m]
     kernels, e2e = [], []
+    cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if not a.skip_kernels:
         for m in models:
             kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
+        write_outputs(a.out, gpu, bw, e2e, kernels, cmd)
     if not a.skip_e2e:
-        for m in models:
+        for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
                              fuse_norm=a.fuse_norm)
-    write_outputs(a.out, gpu, bw, e2e, kernels, "python scripts/bench.py " + " ".join(sys.argv[1:]))
+            write_outputs(a.out, gpu, bw, e2e, kernels, cmd)
     if a.json:
         print(json.dumps(e2e))
 
