@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import read_config, write_safetensors
+from checkpoint import write_safetensors
 from errors import UserError, run_cli
 from generate import add_model_args, load_from_args
 from model import attention_mask
 from sparsity import (CALIB_FILE, CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, crit_key,
-                      input_hooks, interp_quantile, param_fractions)
+                      input_hooks, owners, param_fractions)
 from texts import default_texts, read_texts
 
 N_BINS, LOG2_LO, LOG2_HI = 16384, -40.0, 16.0  # bins of log2|x|: 0.24% wide in value
-SEGMENTS = {"wqkv": ("q", "k", "v"), "wo": ("o",), "w13": ("gate", "up"), "w2": ("down",)}
 
 
 def log2_hist(v: torch.Tensor) -> torch.Tensor:
@@ -41,38 +40,23 @@ def log2_hist(v: torch.Tensor) -> torch.Tensor:
 
 def hist_quantiles(h: torch.Tensor) -> torch.Tensor:
     """counts [..., N_BINS] -> values at LEVELS [..., len(LEVELS)], interpolated within a bin."""
-    cdf = h.cumsum(-1)
-    cdf = cdf / cdf[..., -1:].clamp_min(1)
+    cdf = h.reshape(-1, N_BINS).cumsum(-1)
+    cdf = (cdf / cdf[:, -1:].clamp_min(1)).contiguous()  # [R, N_BINS]
     width = (LOG2_HI - LOG2_LO) / N_BINS
     edges = LOG2_LO + width * torch.arange(1, N_BINS + 1, dtype=torch.float64)  # right edges
-    flat_cdf = cdf.reshape(-1, N_BINS)
-    out = torch.empty(flat_cdf.shape[0], len(LEVELS), dtype=torch.float64)
-    for r in range(flat_cdf.shape[0]):
-        c = flat_cdf[r]
-        i = torch.searchsorted(c, LEVELS.clamp(max=1 - 1e-12)).clamp(max=N_BINS - 1)
-        prev = torch.where(i > 0, c[(i - 1).clamp(min=0)], torch.zeros_like(LEVELS))
-        frac = ((LEVELS - prev) / (c[i] - prev).clamp_min(1e-300)).clamp(0, 1)
-        out[r] = 2.0 ** (edges[i] - width + frac * width)
+    lv = LEVELS.clamp(max=1 - 1e-12).expand(cdf.shape[0], -1).contiguous()
+    i = torch.searchsorted(cdf, lv).clamp(max=N_BINS - 1)  # [R, len(LEVELS)]
+    prev = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(lv))
+    frac = ((lv - prev) / (cdf.gather(1, i) - prev).clamp_min(1e-300)).clamp(0, 1)
+    out = 2.0 ** (edges[i] - width + frac * width)
     return out.reshape(*h.shape[:-1], len(LEVELS))
-
-
-def module_names(model):
-    """{module: (layer, SEGMENTS key)} for the TEAL model's fused projections."""
-    out = {}
-    for i, layer in enumerate(model.layers):
-        att, ff = layer.attention, layer.feed_forward
-        out.update({att.wqkv: (i, "wqkv"), att.wo: (i, "wo"), ff.w13: (i, "w13"), ff.w2: (i, "w2")})
-    return out
 
 
 def column_norms(model) -> dict:
     """{projection: [n_layer, K]} ‖W[i, :]‖ over each projection's own outputs (weights are [in, out])."""
-    out = {p: [] for p in PROJECTIONS}
-    for layer in model.layers:
-        att, ff = layer.attention, layer.feed_forward
-        for mod, key in ((att.wqkv, "wqkv"), (att.wo, "wo"), (ff.w13, "w13"), (ff.w2, "w2")):
-            for p, w in zip(SEGMENTS[key], mod.weight.split(list(mod.sizes), dim=1)):
-                out[p].append(w.float().norm(dim=1).cpu())
+    out = {p: [None] * model.args.n_layer for p in PROJECTIONS}
+    for layer, p, mod, row in model.sparse_modules():
+        out[p][layer] = mod.weight.split(list(mod.sizes), dim=1)[row].float().norm(dim=1).cpu()
     return {p: torch.stack(v) for p, v in out.items()}
 
 
@@ -82,20 +66,19 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
     L = model.args.n_layer
     hists = {c: torch.zeros(L, len(PROJECTIONS), N_BINS, dtype=torch.float64) for c in CRITERIA}
     cats = torch.zeros(L, N_BINS, dtype=torch.float64)
-    names = module_names(model)
+    owner = owners(model)
     dev = model.tok_embeddings.weight.device
     norms_dev = {p: n.to(dev) for p, n in norms.items()}
     I = model.args.intermediate_size
 
     def grab(mod, x):
-        layer, key = names[mod]
         a = x[:, skip:].float().abs().reshape(-1, x.shape[-1])  # [N, K]
-        mag = log2_hist(a)
-        for p in SEGMENTS[key]:
+        mag = log2_hist(a)  # q, k, v (and gate, up) share one input
+        for layer, p, _ in owner[mod]:
             j = PROJECTIONS.index(p)
             hists["magnitude"][layer, j] += mag
             hists["weight-aware"][layer, j] += log2_hist(a * norms_dev[p][layer])
-        if key == "w13":  # CATS statistic: |silu(gate)|
+        if owner[mod][0][1] == "gate":  # CATS statistic: |silu(gate)|
             gate = x[:, skip:].reshape(-1, x.shape[-1]) @ mod.weight[:, :I]
             cats[layer] += log2_hist(torch.nn.functional.silu(gate.float()).abs())
 
@@ -143,20 +126,15 @@ class BlockProbe:
         return (y - self.dense[layer]).pow(2).sum().item()
 
     def set_levels(self, layer: int, levels: torch.Tensor, criterion: str):
-        vals = interp_quantile(self.calib.quantiles[criterion][layer], levels)  # [7]
-        blk = self.model.layers[layer]
-        att, ff = blk.attention, blk.feed_forward
-        for mod, key in ((att.wqkv, "wqkv"), (att.wo, "wo"), (ff.w13, "w13"), (ff.w2, "w2")):
-            for row, p in enumerate(SEGMENTS[key]):
-                j = PROJECTIONS.index(p)
-                n = self.calib.norms[p][layer].to(mod.threshold.device).double()
-                t = vals[j].expand(n.shape[0]) if criterion == "magnitude" else vals[j] / n.clamp_min(1e-30)
-                mod.threshold[row].copy_(t.float())
+        thr = self.calib.layer_thresholds(layer, levels, criterion)
+        for i, p, mod, row in self.model.sparse_modules():
+            if i == layer:
+                mod.threshold[row].copy_(thr[p])
 
     def reset(self, layer: int):
-        blk = self.model.layers[layer]
-        for mod in (blk.attention.wqkv, blk.attention.wo, blk.feed_forward.w13, blk.feed_forward.w2):
-            mod.threshold.zero_()
+        for i, _, mod, _ in self.model.sparse_modules():
+            if i == layer:
+                mod.threshold.zero_()
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
@@ -263,7 +241,6 @@ def main(argv=None):
     if a.dtype == "auto":
         a.dtype = "float32"
     ckpt, model, tok, device = load_from_args(a)
-    read_config(ckpt)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()

@@ -8,7 +8,7 @@ import contextlib
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -206,10 +206,10 @@ def main(argv=None):
         torch.manual_seed(a.seed)
 
     ckpt, model, tok, device = load_from_args(a, mlp=a.mlp)
+    # --sparsity needs the calibration; --interactive loads it when there is one, for /sparsity
     calib = None
-    if a.sparsity > 0 or a.interactive:
-        calib = load_calibration(model, ckpt / CALIB_FILE) if (ckpt / CALIB_FILE).exists() or a.sparsity > 0 else None
-    if calib is not None:
+    if a.sparsity > 0 or (a.interactive and (ckpt / CALIB_FILE).exists()):
+        calib = load_calibration(model, ckpt / CALIB_FILE)
         apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     if device.type == "cuda":

@@ -68,24 +68,47 @@ def set_uniform_thresholds(model: Transformer, captured: dict, sparsity: float):
         mod.threshold.fill_(quantile(a, sparsity).item() if sparsity > 0 else 0.0)
 
 
+def owners(model: Transformer) -> dict:
+    """{module: [(layer, projection, threshold row), ...]} from model.sparse_modules()."""
+    out = {}
+    for layer, name, mod, row in model.sparse_modules():
+        out.setdefault(mod, []).append((layer, name, row))
+    return out
+
+
+class SparsityCounter:
+    """Counts, over forward passes run inside `with counter.counting(start)`, the share of each projection's
+    inputs at or below its threshold (positions >= start)."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.owner, self.zeros = model, owners(model), {}
+
+    @contextmanager
+    def counting(self, start: int = 0):
+        def count(mod, a):
+            a = a.detach()[:, start:].float().abs()
+            for layer, name, row in self.owner.get(mod, []):
+                z = self.zeros.setdefault((layer, name), [0.0, 0])
+                z[0] += (a <= mod.threshold[row]).sum().item()
+                z[1] += a.numel()
+
+        with input_hooks(self.model, count):
+            yield
+
+    def stats(self) -> dict:
+        """{(layer, projection): fraction of inputs zeroed}."""
+        return {k: z / n for k, (z, n) in self.zeros.items() if n}
+
+
 @torch.no_grad()
 def measure_sparsity(model: Transformer, idx: Tensor, sparse_from: Optional[int] = 0, start: int = 0) -> dict:
     """Forward over idx [B, T] with thresholds applied from position sparse_from; returns
     {(layer, projection): fraction of inputs zeroed} over positions >= start."""
-    owner = {}
-    for layer, name, mod, row in model.sparse_modules():
-        owner.setdefault(mod, []).append((layer, name, row))
-    stats = {}
-
-    def count(mod, a):
-        a = a.detach()[:, start:].float().abs()
-        for layer, name, row in owner.get(mod, []):
-            stats[(layer, name)] = (a <= mod.threshold[row]).float().mean().item()
-
+    counter = SparsityCounter(model)
     ensure_cache(model, *idx.shape)
-    with input_hooks(model, count):
+    with counter.counting(start):
         model(idx, torch.arange(idx.shape[1], device=idx.device), sparse_from=sparse_from)
-    return stats
+    return counter.stats()
 
 
 def parameter_weighted(model: Transformer, stats: dict) -> float:
@@ -174,16 +197,20 @@ class Calibration:
 
     def thresholds(self, levels: Tensor, criterion: str) -> dict:
         """{(layer, projection): threshold vector [K] float32} for levels [n_layer, 7]."""
-        vals = interp_quantile(self.quantiles[criterion], levels)  # [L, 7]
+        return {(layer, p): t for layer in range(levels.shape[0])
+                for p, t in self.layer_thresholds(layer, levels[layer], criterion).items()}
+
+    def layer_thresholds(self, layer: int, levels: Tensor, criterion: str) -> dict:
+        """{projection: threshold vector [K] float32} of one layer for levels [7]."""
+        vals = interp_quantile(self.quantiles[criterion][layer], levels)  # [7]
         out = {}
-        for layer in range(levels.shape[0]):
-            for j, p in enumerate(PROJECTIONS):
-                norms = self.norms[p][layer].double()
-                if criterion == "magnitude":
-                    t = vals[layer, j].expand(norms.shape[0])
-                else:  # |x_i|·n_i > τ  ⇔  |x_i| > τ / n_i
-                    t = vals[layer, j] / norms.clamp_min(1e-30)
-                out[(layer, p)] = t.float()
+        for j, p in enumerate(PROJECTIONS):
+            norms = self.norms[p][layer].double()
+            if criterion == "magnitude":
+                t = vals[j].expand(norms.shape[0])
+            else:  # |x_i|·n_i > τ  ⇔  |x_i| > τ / n_i
+                t = vals[j] / norms.clamp_min(1e-30)
+            out[p] = t.float()
         return out
 
     def cats_thresholds(self, sparsity: float) -> Tensor:

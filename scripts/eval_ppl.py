@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from errors import UserError, run_cli
 from generate import add_model_args, add_sparsity_args, load_from_args
-from sparsity import (CALIB_FILE, PROJECTIONS, apply_thresholds, ensure_cache, input_hooks, load_calibration,
+from sparsity import (CALIB_FILE, SparsityCounter, apply_thresholds, ensure_cache, load_calibration,
                       parameter_weighted, per_projection)
 from texts import default_texts, read_texts
 
@@ -38,10 +38,13 @@ class Setting:
     kl: float = 0.0
     agree: int = 0
     count: int = 0
-    zeros: dict = field(default_factory=dict)  # (layer, projection) -> [dropped, seen]
+    counter: SparsityCounter = None
+
+    def __post_init__(self):
+        self.counter = SparsityCounter(self.model)
 
     def result(self, dense_nll: float) -> dict:
-        stats = {k: z / n for k, (z, n) in self.zeros.items()}
+        stats = self.counter.stats()
         return {"name": self.name, "ppl": math.exp(self.nll / self.count), "dense_ppl": math.exp(dense_nll / self.count),
                 "kl": self.kl / self.count, "top1": self.agree / self.count,
                 "sparsity": parameter_weighted(self.model, stats) if stats else 0.0,
@@ -84,18 +87,7 @@ def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, m
         dense_nll += -logp_d.gather(-1, target[:, None]).sum().item()
         for s in settings:
             s.apply(s.model)
-            owner = {}
-            for layer, name, mod, row in s.model.sparse_modules():
-                owner.setdefault(mod, []).append((layer, name, row))
-
-            def count(mod, a, s=s, owner=owner):
-                a = a.detach()[:, max(start, dense_prefix):].float().abs()
-                for layer, name, row in owner.get(mod, []):
-                    z = s.zeros.setdefault((layer, name), [0.0, 0])
-                    z[0] += (a <= mod.threshold[row]).float().sum().item()
-                    z[1] += a.numel()
-
-            with input_hooks(s.model, count):
+            with s.counter.counting(max(start, dense_prefix)):
                 logits = s.model(idx, pos, sparse_from=dense_prefix)[0, start:-1].float()
             logp_s = torch.log_softmax(logits, -1)
             s.nll += -logp_s.gather(-1, target[:, None]).sum().item()
