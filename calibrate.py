@@ -115,7 +115,8 @@ class BlockProbe:
         self.dense = [None] * len(block_inputs)
 
     def run(self, layer: int, sparse: bool):
-        return self.model.layers[layer](self.inputs[layer], self.rope, self.mask, self.pos, sparse, self.active)
+        return self.model.layers[layer](self.inputs[layer], None, self.rope, self.mask, self.pos, sparse,
+                                        self.active)[0]
 
     @torch.no_grad()
     def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:

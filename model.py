@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import gate_up_rows, sparse_gemv
+from kernels import decode_attention, gate_up_rows, sparse_gemv
+from kernels.decode_attention import apply_rope
 
 
 @dataclass
@@ -168,7 +169,7 @@ class SparseLinear(nn.Module):
         self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
         self.fuse_norm = False
 
-    def enable_kernels(self, n_sm: int, fuse_norm: bool = False):
+    def enable_kernels(self, n_sm: int, fuse_norm: bool = True):
         self.fuse_norm = fuse_norm
         K = self.weight.shape[0]
         self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm)
@@ -178,23 +179,30 @@ class SparseLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
-                residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None) -> Tensor:
-        """x [B, S, K]; with `norm`, x is the residual stream and is RMS-normalised first (inside the kernel
-        on the decode path, saving a launch)."""
+                residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None):
+        """x [B, S, K] -> y [B, S, N]. With `norm`, x is the residual stream and is RMS-normalised first:
+        inside the kernel when `ss` holds its per-tile sums of squares (from the launch that produced it).
+        With a residual, returns (residual + y, its sums of squares [B*S, n_tiles] or None off the kernel path)."""
         B, S, K = x.shape
         if self.kernel_configs and sparse and active is None and B * S <= sparse_gemv.MAX_ROWS:
             cfg = self.kernel_configs[next_pow2(B * S)]
-            res = None if residual is None else residual.view(B * S, -1)
-            if norm is not None and not self.fuse_norm:
+            x = x.view(B * S, K)
+            if norm is not None and (ss is None or not self.fuse_norm):
                 x, norm = norm(x), None
-            y = sparse_gemv.sparse_gemv(x.view(B * S, K), self.weight, self.threshold, self.sizes, self.counters, cfg,
-                                        glu=self.glu, residual=res, norm_weight=None if norm is None else norm.weight,
-                                        eps=1e-5 if norm is None else norm.eps)
-            return y.view(B, S, -1)
+            nw, ss_in = (None, None) if norm is None else (norm.weight, ss)
+            eps = 1e-5 if norm is None else norm.eps
+            if residual is None:
+                y = sparse_gemv.sparse_gemv(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
+                                            glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
+                return y.view(B, S, -1)
+            y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
+                                                   residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps)
+            return y.view(B, S, -1), ss_out
         if norm is not None:
             x = norm(x)
-        return sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
-                                           glu=self.glu, residual=residual, active=active)
+        y = sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
+                                        glu=self.glu, residual=residual, active=active)
+        return y if residual is None else (y, None)
 
 
 class RowSparseUp(nn.Module):
@@ -243,6 +251,8 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_head, seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        # per (batch row, kv head) split counters of the decode-attention kernel; it leaves them at zero
+        self.register_buffer("counters", torch.zeros(batch * n_kv_head, dtype=torch.int32), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
         # input_pos [S]; k, v [B, H_kv, S, D]
@@ -260,13 +270,21 @@ class Attention(nn.Module):
         self.wqkv = SparseLinear(a.dim, (q, kv, kv))
         self.wo = SparseLinear(q, (a.dim,))
         self.kv_cache: Optional[KVCache] = None
+        self.window = a.sliding_window
+        self.decode_kernel = False  # one-token steps through kernels/decode_attention.py
 
-    def forward(self, x: Tensor, norm: "RMSNorm", rope: Tensor, mask: Tensor, input_pos: Tensor,
-                sparse: bool, active: Optional[Tensor]) -> Tensor:
-        """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection)."""
+    def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
+                input_pos: Tensor, sparse: bool, active: Optional[Tensor]) -> tuple:
+        """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection; ss: its sums
+        of squares, if known) -> (x + attention, its sums of squares or None)."""
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.wqkv(x, sparse, active, norm=norm)
+        qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss)
+        c = self.kv_cache
+        if self.decode_kernel and c is not None and S == 1 and active is None and B <= sparse_gemv.MAX_ROWS:
+            y = decode_attention.decode_attention(qkv.view(B, -1), rope, c.k, c.v, input_pos, c.counters, H,
+                                                  self.window)
+            return self.wo(y.view(B, S, H * D), sparse, active, residual=x)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, S, H, D), rope).transpose(1, 2)  # [B, H, S, D]
         k = apply_rope(k.view(B, S, Hkv, D), rope).transpose(1, 2)  # [B, Hkv, S, D]
@@ -286,8 +304,8 @@ class FeedForward(nn.Module):
         self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
 
-    def forward(self, h: Tensor, norm: "RMSNorm", sparse: bool, active: Optional[Tensor]) -> Tensor:
-        return self.w2(self.w13(h, sparse, active, norm=norm), sparse, active, residual=h)
+    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
+        return self.w2(self.w13(h, sparse, active, norm=norm, ss=ss), sparse, active, residual=h)
 
 
 class CatsFeedForward(nn.Module):
@@ -311,7 +329,7 @@ class CatsFeedForward(nn.Module):
             state_dict[prefix + "w3.weight"] = w13[:, self.intermediate_size:].t().contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, h: Tensor, norm: "RMSNorm", sparse: bool, active: Optional[Tensor]) -> Tensor:
+    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
         x = norm(h)
         gate = self.w1(x, sparse, active)
         up = self.w3(x, gate, sparse, active)
@@ -326,9 +344,10 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, rope, mask, input_pos, sparse, active):
-        h = self.attention(x, self.attention_norm, rope, mask, input_pos, sparse, active)
-        return self.feed_forward(h, self.ffn_norm, sparse, active)
+    def forward(self, x, ss, rope, mask, input_pos, sparse, active):
+        """-> (new residual stream, its per-tile sums of squares or None): the next norm's input."""
+        h, ss = self.attention(x, ss, self.attention_norm, rope, mask, input_pos, sparse, active)
+        return self.feed_forward(h, ss, self.ffn_norm, sparse, active)
 
 
 class Transformer(nn.Module):
@@ -360,19 +379,25 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
-    def enable_kernels(self, fuse_norm: bool = False):
-        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only. fuse_norm:
-        RMSNorm inside the q/k/v and gate/up kernels instead of its own launch (measured slower on the H100
-        so far: docs/perf-notes.md v3)."""
+    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True):
+        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only (or Triton's
+        CPU interpreter, for tests). fuse_norm: RMSNorm inside the q/k/v and gate/up kernels, from the sums
+        of squares the previous residual-add wrote; attention: RoPE, cache write and attention in one kernel."""
         device = self.tok_embeddings.weight.device
-        if device.type != "cuda":
+        if device.type == "cuda":
+            n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        elif sparse_gemv.INTERPRETED:
+            n_sm = 4
+        else:
             raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        a = self.args
         for m in self.modules():
             if isinstance(m, SparseLinear):
                 m.enable_kernels(n_sm, fuse_norm)
             elif isinstance(m, RowSparseUp):
                 m.enable_kernels(n_sm)
+            elif isinstance(m, Attention):
+                m.decode_kernel = attention and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
 
     def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,
                 all_logits: bool = True) -> Tensor:
@@ -386,8 +411,9 @@ class Transformer(nn.Module):
         rope = self.rope[input_pos]  # [S, D/2, 2]
         mask = attention_mask(input_pos, self.max_seq_len, self.args.sliding_window)
         x = self.tok_embeddings(idx)  # [B, S, dim]
+        ss = None
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, sparse, active)
+            x, ss = layer(x, ss, rope, mask, input_pos, sparse, active)
         if not all_logits:
             x = x[:, -1:]
         return self.output(self.norm(x))
@@ -436,10 +462,3 @@ def rope_table(a: ModelArgs, seq_len: int) -> Tensor:
     """[T, D/2, 2] (cos, sin) in float32."""
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(a))
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
-
-
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Half-split rotation (the Hugging Face layout). x [B, S, H, D], rope [S, D/2, 2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, S, H, D/2]
-    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)

@@ -6,9 +6,17 @@ a fused projection. Row k of a weight tile is loaded only if x[m, k] passes its 
 in some batch row m (the union over the batch); each batch row still uses only its own kept inputs.
 With glu=True the two segments are gate and up and the kernel returns silu(gate) * up.
 
+Batch 1 (the target) walks its K range with the weight rows of the next chunk already in flight while
+the current chunk is multiplied, and the inputs two chunks ahead: a masked-off row costs no memory
+traffic, so the bytes in flight per program, not a chain of dependent loads, set the speed.
+
+RMSNorm fusion: a launch with a residual can also write each row's sum of squares per column tile
+(`ss_out` [M, n_tiles]); a later launch given those partials (`ss_in`) and the norm weight normalises its
+input itself, so the norm costs no launch of its own.
+
 Split-K without a memset: each program writes its partial sums to a workspace, bumps a per-tile
 counter, and the last program of a tile sums the partials in a fixed order (deterministic), applies
-the epilogue (GLU, residual add) and resets the counter to zero for the next launch.
+the epilogue (GLU, residual add, sums of squares) and resets the counter to zero for the next launch.
 """
 import os
 from itertools import accumulate
@@ -59,14 +67,20 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
     return y
 
 
+def sum_squares_ref(y: Tensor, block_n: int) -> Tensor:
+    """y [M, N] -> [M, cdiv(N, block_n)] fp32 sums of squares over column tiles (what `ss_out` holds)."""
+    return torch.stack([c.float().pow(2).sum(-1) for c in y.split(block_n, dim=1)], dim=1)
+
+
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, nw_ptr, eps,
-    M, K, N_OUT, stride_xm, stride_wk, stride_rm, stride_ym,
+    x_ptr, w_ptr, t_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr, nw_ptr, ss_in_ptr, ss_out_ptr, idx_ptr,
+    M, K, N_OUT, stride_xm, stride_wk, stride_rm, stride_ym, N_SS_IN,
     TILE_END0, TILE_END1, COL_END0, COL_END1, K_SPLIT, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, IS_SPLIT: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    NORM: tl.constexpr, SS_BLOCK: tl.constexpr, EMIT_SS: tl.constexpr, RED_BLOCK: tl.constexpr,
+    ACC_ROWS: tl.constexpr, COMPACT: tl.constexpr, EPS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -84,71 +98,115 @@ def _sparse_gemv_kernel(
     rows = tl.arange(0, BLOCK_M)  # [BM]
     row_ok = rows < M
     t_seg = t_ptr + seg * K
-    xdt = x_ptr.dtype.element_ty
-    if NORM:  # RMSNorm fused: every program computes the rows' inverse RMS over the whole input (from L2)
-        if DOT:
-            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for n0 in range(0, K, BLOCK_K):
-                kk = n0 + tl.arange(0, BLOCK_K)
-                xn = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :],
-                             mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xn * xn, axis=1)
-            inv_rms = tl.rsqrt(ss / K + eps)  # [BM]
-        else:  # one load of the whole row: a loop would wait on L2 once per step
-            kk = tl.arange(0, NORM_BLOCK)
-            xn = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(xn * xn, axis=0) / K + eps)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_RES:  # loaded now so that the epilogue does not wait for it
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM:  # the producer's per-tile sums of squares: one small load, issued beside the first x load
+        sj = tl.arange(0, SS_BLOCK)
+        ss = tl.load(ss_in_ptr + rows[:, None] * N_SS_IN + sj[None, :],
+                     mask=row_ok[:, None] & (sj < N_SS_IN)[None, :], other=0.0)
+        inv_rms = tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)  # [BM]
 
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
     if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:  # M == 1: one FMA per weight element, reduced over k once at the end
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    k_begin = pid_k * K_SPLIT
-    k_end = tl.minimum(k_begin + K_SPLIT, K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        k_ok = ks < k_end
-        t = tl.load(t_seg + ks, mask=k_ok, other=float("inf"))  # [BK]
-        if DOT:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            k_ok = ks < k_end
             x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            if NORM:  # rounded where the reference RMSNorm rounds
+            if NORM:
                 g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) * inv_rms[:, None]).to(xdt).to(tl.float32) * g[None, :]).to(xdt)
+                x = _rms_scale(x, g[None, :], inv_rms[:, None])
+            t = tl.load(t_seg + ks, mask=k_ok, other=float("inf"))  # [BK]
             keep = tl.abs(x.to(tl.float32)) > t[None, :]
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
             w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N)
             acc = _dot(tl.where(keep, x, 0.0).to(w.dtype), w, acc, DOT_F32)
-        else:
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
-            if NORM:
-                g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                x = ((x * inv_rms).to(xdt).to(tl.float32) * g).to(xdt).to(tl.float32)
-            keep = tl.abs(x) > t
-            w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], keep, col_ok, EVEN_N)
-            acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
-        if GLU:  # the up half: columns N_OUT + cols, threshold row 1
-            t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=float("inf"))
-            if DOT:
+            if GLU:  # the up half: columns N_OUT + cols, threshold row 1
+                t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=float("inf"))
                 keep_up = tl.abs(x.to(tl.float32)) > t_up[None, :]
                 need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
                 w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok, EVEN_N)
                 acc_up = _dot(tl.where(keep_up, x, 0.0).to(w_up.dtype), w_up, acc_up, DOT_F32)
-            else:
-                keep_up = tl.abs(x) > t_up
-                w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], keep_up, col_ok, EVEN_N)
-                acc_up += tl.where(keep_up, x, 0.0)[:, None] * w_up.to(tl.float32)
-    if DOT:
         part, part_up = acc, acc_up
-    else:
+    else:  # M == 1: compact the kept inputs of this program's K range, then stream only their weight rows
+        # 1. one entry per kept input k in a per-program scratch list (int32): the input's 16 bits (fp32 inputs
+        #    go to a second list), a flag per half (gate, up) and k - k_begin; the same CTA reads it back after
+        #    a barrier
+        xdt = x_ptr.dtype.element_ty
+        X32: tl.constexpr = xdt.primitive_bitwidth == 32
+        scratch = idx_ptr + (pid_n * SPLIT_K + pid_k) * K_SPLIT * (2 if X32 else 1)
+        n_kept = 0
+        t_max = 0.0
+        for c0 in range(k_begin, k_end, COMPACT):
+            ks = c0 + tl.arange(0, COMPACT)
+            k_ok = ks < k_end
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            if NORM:  # loaded here, not in the helper: torch.compile's mutation analysis takes a pointer handed
+                # to a call whose result is stored as written
+                g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                x = _rms_scale(x, g, tl.sum(inv_rms, axis=0))
+            xf = x.to(tl.float32)
+            t = tl.load(t_seg + ks, mask=k_ok, other=0.0)
+            keep = (tl.abs(xf) > t) & k_ok
+            t_max = tl.maximum(t_max, tl.max(t, axis=0))
+            entry = (keep.to(tl.int32) << 14) | (ks - k_begin)
+            if GLU:
+                t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=0.0)
+                keep_up = (tl.abs(xf) > t_up) & k_ok
+                t_max = tl.maximum(t_max, tl.max(t_up, axis=0))
+                entry = entry | (keep_up.to(tl.int32) << 15)
+                keep = keep | keep_up
+            pos = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            if X32:
+                tl.store(scratch + K_SPLIT + pos, x.to(tl.int32, bitcast=True), mask=keep)
+            else:
+                entry = entry | (x.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
+            tl.store(scratch + pos, entry, mask=keep)
+            n_kept += tl.sum(keep.to(tl.int32), axis=0)
+        # 2. software pipeline over groups of BK rows: group a is multiplied while group b's weight rows (and
+        #    group c's list entries) are loading; rows k and k + ACC_ROWS sit in one thread, so folding the
+        #    [BK, BN] products into an [ACC_ROWS, BN] accumulator stays in registers
+        acc = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
+        w_cols = w_ptr + k_begin * stride_wk + cols[None, :]
+        if t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
+            # in order, with no list and no dependent load before the weight loads
+            xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, 0, k_end, stride_wk, N_OUT, col_ok,
+                                       BLOCK_K, EVEN_N, GLU, NORM)
+            for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
+                xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, stride_wk, N_OUT,
+                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM)
+                acc += _fold(xa[:, None] * wa.to(tl.float32), ACC_ROWS)
+                if GLU:
+                    acc_up += _fold(xa[:, None] * wua.to(tl.float32), ACC_ROWS)
+                xa, wa, wua = xb, wb, wub
+            acc += _fold(xa[:, None] * wa.to(tl.float32), ACC_ROWS)
+            if GLU:
+                acc_up += _fold(xa[:, None] * wua.to(tl.float32), ACC_ROWS)
+        else:
+            tl.debug_barrier()  # the list is complete and visible to every thread of the program
+            ea, xa = _entries(scratch, 0, n_kept, K_SPLIT, xdt, BLOCK_K)
+            eb, xb = _entries(scratch, BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
+            wa, wua = _group_rows(w_cols, ea, stride_wk, N_OUT, col_ok, EVEN_N, GLU)
+            for j in range(BLOCK_K, n_kept, BLOCK_K):
+                ec, xc = _entries(scratch, j + BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
+                wb, wub = _group_rows(w_cols, eb, stride_wk, N_OUT, col_ok, EVEN_N, GLU)
+                acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
+                ea, xa, wa, wua = eb, xb, wb, wub
+                eb, xb = ec, xc
+            acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
 
-    out_mask = row_ok[:, None] & col_ok[None, :]
     if not IS_SPLIT:
-        _epilogue(part, part_up, res_ptr, y_ptr, rows, cols, out_mask, stride_rm, stride_ym, GLU, HAS_RES)
+        _epilogue(part, part_up, res, y_ptr, ss_out_ptr, rows, row_ok, cols, out_mask, stride_rm, stride_ym,
+                  GLU, HAS_RES, EMIT_SS)
     else:
         # workspace [SPLIT_K, 2 if GLU, BLOCK_M, N_OUT] fp32
         n_halves: tl.constexpr = 2 if GLU else 1
@@ -162,13 +220,92 @@ def _sparse_gemv_kernel(
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(SPLIT_K):  # a fixed order: the sum does not depend on arrival order
-                total += tl.load(ws + s * split_stride, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if GLU:
-                    total_up += tl.load(ws + s * split_stride + BLOCK_M * N_OUT, mask=out_mask, other=0.0,
-                                        cache_modifier=".cg")
-            _epilogue(total, total_up, res_ptr, y_ptr, rows, cols, out_mask, stride_rm, stride_ym, GLU, HAS_RES)
+            if DOT:
+                for s in range(SPLIT_K):  # a fixed order: the sum does not depend on arrival order
+                    total += tl.load(ws + s * split_stride, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    if GLU:
+                        total_up += tl.load(ws + s * split_stride + BLOCK_M * N_OUT, mask=out_mask, other=0.0,
+                                            cache_modifier=".cg")
+            else:  # RED_BLOCK partials per load: one L2 round trip for up to RED_BLOCK splits
+                for s0 in range(0, SPLIT_K, RED_BLOCK):
+                    sp = s0 + tl.arange(0, RED_BLOCK)
+                    pm = (sp < SPLIT_K)[:, None] & col_ok[None, :]
+                    p = ws_ptr + sp[:, None] * split_stride + cols[None, :]
+                    total += tl.sum(tl.load(p, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)[None, :]
+                    if GLU:
+                        total_up += tl.sum(tl.load(p + N_OUT, mask=pm, other=0.0, cache_modifier=".cg"),
+                                           axis=0)[None, :]
+            _epilogue(total, total_up, res, y_ptr, ss_out_ptr, rows, row_ok, cols, out_mask, stride_rm, stride_ym,
+                      GLU, HAS_RES, EMIT_SS)
             tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _entries(scratch, j, n_kept, K_SPLIT, xdt: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Entries j .. j+BK of the kept list and their inputs (float32); 0 past its end (no flag set: nothing
+    is loaded for them)."""
+    jj = j + tl.arange(0, BLOCK_K)
+    ok = jj < n_kept
+    e = tl.load(scratch + jj, mask=ok, other=0, cache_modifier=".cg")
+    if xdt.primitive_bitwidth == 32:
+        x = tl.load(scratch + K_SPLIT + jj, mask=ok, other=0, cache_modifier=".cg").to(tl.float32, bitcast=True)
+    else:
+        x = (e >> 16).to(tl.uint16).to(xdt, bitcast=True).to(tl.float32)
+    return e, x
+
+
+@triton.jit
+def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, stride_wk, N_OUT, col_ok, BLOCK_K: tl.constexpr,
+                 EVEN_N: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
+    """Inputs k_begin+j .. +BK (float32, normalised like the list path) and their weight rows, all loaded."""
+    jj = j + tl.arange(0, BLOCK_K)
+    ks = k_begin + jj
+    ok = ks < k_end
+    x = tl.load(x_ptr + ks, mask=ok, other=0.0)
+    if NORM:
+        x = _rms_scale(x, tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32), tl.sum(inv_rms, axis=0))
+    rows = w_cols + jj[:, None] * stride_wk
+    w = _load_rows(rows, ok, col_ok, EVEN_N)
+    w_up = w
+    if GLU:
+        w_up = _load_rows(rows + N_OUT, ok, col_ok, EVEN_N)
+    return x.to(tl.float32), w, w_up
+
+
+@triton.jit
+def _group_rows(w_cols, e, stride_wk, N_OUT, col_ok, EVEN_N: tl.constexpr, GLU: tl.constexpr):
+    """The weight rows [BK, BN] of a group of entries (gate/first segment, and up with GLU)."""
+    rows = w_cols + (e & 0x3FFF)[:, None] * stride_wk
+    w = _load_rows(rows, (e & 0x4000) != 0, col_ok, EVEN_N)
+    w_up = w
+    if GLU:
+        w_up = _load_rows(rows + N_OUT, (e & 0x8000) != 0, col_ok, EVEN_N)
+    return w, w_up
+
+
+@triton.jit
+def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr):
+    acc += _fold(tl.where((e & 0x4000) != 0, x, 0.0)[:, None] * w.to(tl.float32), ACC_ROWS)
+    if GLU:
+        acc_up += _fold(tl.where((e & 0x8000) != 0, x, 0.0)[:, None] * w_up.to(tl.float32), ACC_ROWS)
+    return acc, acc_up
+
+
+@triton.jit
+def _fold(p, ROWS: tl.constexpr):
+    """[BK, BN] -> [ROWS, BN]: sums rows k, k + ROWS, k + 2 ROWS, ... (ROWS divides BK)."""
+    BK: tl.constexpr = p.shape[0]
+    BN: tl.constexpr = p.shape[1]
+    if BK == ROWS:
+        return p
+    return tl.sum(tl.reshape(p, (BK // ROWS, ROWS, BN)), axis=0)
+
+
+@triton.jit
+def _rms_scale(x, g, inv_rms):
+    # rounded where the reference RMSNorm rounds: x * inv_rms to the dtype, then times the weight g (float32)
+    xdt = x.dtype
+    return ((x.to(tl.float32) * inv_rms).to(xdt).to(tl.float32) * g).to(xdt)
 
 
 @triton.jit
@@ -190,8 +327,8 @@ def _load_rows(ptrs, keep_k, col_ok, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, acc_up, res_ptr, y_ptr, rows, cols, mask, stride_rm, stride_ym,
-              GLU: tl.constexpr, HAS_RES: tl.constexpr):
+def _epilogue(acc, acc_up, res, y_ptr, ss_ptr, rows, row_ok, cols, mask, stride_rm, stride_ym,
+              GLU: tl.constexpr, HAS_RES: tl.constexpr, EMIT_SS: tl.constexpr):
     # round where the reference rounds: each projection to the output dtype, then silu, product, sum
     dt = y_ptr.dtype.element_ty
     y = acc.to(dt).to(tl.float32)
@@ -199,9 +336,13 @@ def _epilogue(acc, acc_up, res_ptr, y_ptr, rows, cols, mask, stride_rm, stride_y
         up = acc_up.to(dt).to(tl.float32)
         y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * up
     if HAS_RES:
-        r = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0)
-        y = r.to(tl.float32) + y.to(dt).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(dt), mask=mask)
+        y = res + y.to(dt).to(tl.float32)
+    y = y.to(dt)
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y, mask=mask)
+    if EMIT_SS:  # this tile's share of each row's sum of squares, for the next RMSNorm
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        n_tiles = tl.num_programs(0)
+        tl.store(ss_ptr + rows * n_tiles + tl.program_id(0), tl.sum(yf * yf, axis=1), mask=row_ok)
 
 
 class Config(NamedTuple):
@@ -214,22 +355,24 @@ class Config(NamedTuple):
 
 
 def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
-    """A launch config from the H100 sweep (scripts/tune_gemv.py, docs/perf-notes.md): column tiles of 128
-    where the segments allow it (unmasked 16-byte loads), and split-K up to one wave of resident programs;
-    a second wave costs more than the longer K loop saves."""
+    """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md)."""
     out = sizes[:1] if glu else sizes
     block_n = next((b for b in (128, 64, 32) if all(s % b == 0 for s in out)), 64)
+    n_tiles = sum(triton.cdiv(s, block_n) for s in out)
     if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
         block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
-    elif glu:  # two accumulators (~230 registers): 2 programs per SM
-        block_k, warps, stages, dot, per_sm = 64, 4, 1, 0, 2
-    elif sum(out) >= 8192:
-        block_k, warps, stages, dot, per_sm = 64, 4, 1, 0, 4
-    else:  # narrow outputs: few column tiles, so longer K steps with 8 warps
-        block_k, warps, stages, dot, per_sm = 128, 8, 1, 0, 2
-    n_tiles = sum(triton.cdiv(s, block_n) for s in out)
-    split = max(1, min(per_sm * n_sm // n_tiles, triton.cdiv(K, block_k), 32))
-    return Config(block_n, block_k, split, warps, stages, dot)
+        split = max(1, min(per_sm * n_sm // n_tiles, triton.cdiv(K, block_k), 32))
+        return Config(block_n, block_k, split, warps, stages, dot)
+    # batch 1 (sweep of 2026-11-24, docs/perf-notes.md v5): 2-3 resident programs per SM, each streaming the
+    # kept rows of a K range of at least 512 inputs
+    block_k, per_sm = (32, 2) if glu else (64, 3)
+    split = max(1, min(round(per_sm * n_sm / n_tiles), K // 512))
+    return Config(block_n, block_k, split, 4, 1, 0)
+
+
+def acc_rows(block_n: int, num_warps: int) -> int:
+    """Rows of a [BK, BN] bf16 tile that one pass of all threads covers with 16-byte loads along a row."""
+    return max(1, num_warps * 32 * 8 // block_n)
 
 
 def counters_size(sizes, glu: bool, block_n: int) -> int:
@@ -239,49 +382,85 @@ def counters_size(sizes, glu: bool, block_n: int) -> int:
 
 def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, config,
            residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel,
-           norm_weight: Optional[Tensor] = None, eps: float = 1e-5):
-    """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero)."""
+           norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5,
+           ss_out: Optional[Tensor] = None):
+    """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero).
+    norm_weight with ss_in [M, n] (a producer's sums of squares): RMSNorm x first. ss_out [M, n_tiles]:
+    write this launch's per-tile sums of squares of `out` (needs a residual: the new residual stream)."""
     M, K = x.shape
     block_n, block_k, split, warps, stages, dot = config
     assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
-    assert norm_weight is None or dot or K <= 32768, "fused RMSNorm loads the whole row at once"
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
+    assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     out_sizes = list(sizes[:1]) if glu else list(sizes)
     n_out = sum(out_sizes)
     tiles = [triton.cdiv(s, block_n) for s in out_sizes]
     n_tiles = sum(tiles)
     assert counters.numel() >= n_tiles
+    assert ss_out is None or (residual is not None and ss_out.shape == (M, n_tiles))
     # segment ends in tiles and in columns; the last segment's end repeats for absent segments
     tile_ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
     col_ends = (list(accumulate(out_sizes)) + [n_out] * 2)[:2]
     block_m = 16 if dot else 1
     k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_split)  # no empty programs
     ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) if split > 1 else out
+    assert k_split < 1 << 14, "list entries hold k - k_begin in 14 bits"
+    lists = x.new_empty((n_tiles * split * k_split * (2 if x.element_size() == 4 else 1),), dtype=torch.int32) \
+        if not dot else counters
     res = residual if residual is not None else out
+    n_ss = ss_in.shape[1] if ss_in is not None else 1
     kernel[(n_tiles, split)](
-        x, w, t, res, out, ws, counters, norm_weight if norm_weight is not None else t, eps,
-        M, K, n_out, x.stride(0), w.stride(0), res.stride(0), out.stride(0),
+        x, w, t, res, out, ws, counters, norm_weight if norm_weight is not None else t,
+        ss_in if ss_in is not None else t, ss_out if ss_out is not None else t, lists,
+        M, K, n_out, x.stride(0), w.stride(0), res.stride(0), out.stride(0), n_ss,
         tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split, split,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=all(s % block_n == 0 for s in out_sizes),
-        DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None, IS_SPLIT=split > 1,
-        NORM=norm_weight is not None, NORM_BLOCK=triton.next_power_of_2(K), num_warps=warps, num_stages=stages,
+        DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None,
+        IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
+        EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(1024, triton.next_power_of_2(k_split)),
+        EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
+        num_warps=warps, num_stages=stages,
     )
     return out
 
 
 @triton_op("teal::sparse_gemv", mutates_args=("counters",))
 def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
-                    norm_weight: Optional[Tensor], eps: float, sizes: list[int], glu: bool,
-                    config: list[int]) -> Tensor:
+                    norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
+                    glu: bool, config: list[int]) -> Tensor:
     n_out = sizes[0] if glu else sum(sizes)
     out = x.new_empty((x.shape[0], n_out))
     return launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
-                  norm_weight=norm_weight, eps=eps)
+                  norm_weight=norm_weight, ss_in=ss_in, eps=eps)
+
+
+@triton_op("teal::sparse_gemv_ss", mutates_args=("counters",))
+def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor,
+                       norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
+                       config: list[int]) -> tuple[Tensor, Tensor]:
+    n_out = sum(sizes)
+    out = x.new_empty((x.shape[0], n_out))
+    ss_out = x.new_empty((x.shape[0], counters_size(sizes, False, config[0])), dtype=torch.float32)
+    launch(x, w, t, counters, sizes, False, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
+           norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out)
+    return out, ss_out
 
 
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,
-                residual: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+                residual: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """x [M, K] (M <= 8), w [K, N] input-major, t [len(sizes), K] float32 -> [M, N] (or [M, N/2] with glu).
-    With norm_weight, x is the un-normalised residual stream and RMSNorm is applied inside the kernel."""
-    return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, eps, list(sizes), glu, list(config))
+    With norm_weight and ss_in (sums of squares from sparse_gemv_ss), x is the un-normalised residual stream
+    and RMSNorm is applied inside the kernel."""
+    return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), glu, list(config))
+
+
+def sparse_gemv_ss(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, residual: Tensor,
+                   norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple:
+    """sparse_gemv with a residual that also returns the new residual stream's per-tile sums of squares
+    [M, n_tiles] float32, which a following sparse_gemv takes as ss_in to fuse its RMSNorm."""
+    return _sparse_gemv_ss_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), list(config))

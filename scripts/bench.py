@@ -25,7 +25,7 @@ import triton.language as tl
 
 from checkpoint import random_model
 from generate import Generator
-from kernels import sparse_gemv
+from kernels import decode_attention, sparse_gemv
 from model import ModelArgs
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
 
@@ -137,11 +137,34 @@ def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2) -> float:
     return total
 
 
+def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
+    """The decode-attention kernel (RoPE, cache write, attention) against the PyTorch path it replaces, one
+    layer's worth, at a position near the end of a cache of each length."""
+    rows = []
+    H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
+    for T in contexts:
+        qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
+        caches = [(torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
+        rope = torch.randn(1, D // 2, 2, device="cuda")
+        pos = torch.tensor([T - 2], device="cuda")
+        counters = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
+        ours = graph_time_us([lambda c=c: decode_attention.decode_attention(qkv, rope, c[0], c[1], pos, counters, H,
+                                                                            args.sliding_window) for c in caches])
+        ref = graph_time_us([lambda c=c: decode_attention.decode_attention_ref(qkv, rope, c[0], c[1], T - 2, H,
+                                                                               args.sliding_window) for c in caches])
+        rows.append({"model": name, "context": T, "us": ours, "torch_us": ref,
+                     "cache_bytes": 2 * Hkv * (T - 1) * D * 2})
+        print(f"  {name} attention T={T}: kernel {ours:.1f} us | PyTorch (rope, cache write, SDPA) {ref:.1f} us",
+              flush=True)
+    return rows
+
+
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
-              fuse_norm: bool = False) -> list:
+              fuse_norm: bool = True, attention: bool = True) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
-    model.enable_kernels(fuse_norm)
+    model.enable_kernels(fuse_norm, attention)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -170,7 +193,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, cmd: str):
+def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str):
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
@@ -199,6 +222,13 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, cmd:
             lines.append(f"| {m} | {p} | {rs[0]['K']}×{rs[0]['N']} | {rs[0]['matmul_us']:.1f} | " + " | ".join(cells) + " |")
         lines += ["", "(×: time over the roofline (1−s)·bytes/bandwidth; the target is ≤ 1.10×, and at s=0 no slower "
                   "than matmul)", ""]
+    if attention:
+        (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")
+        lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the cache end)", "",
+                  "| model | context | kernel | PyTorch (RoPE, cache write, SDPA) | cache GB/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['context']} | {r['us']:.1f} | {r['torch_us']:.1f} | "
+                  f"{r['cache_bytes'] / r['us'] / 1e3:.0f} |" for r in attention]
+        lines.append("")
     (out / f"{slug}.md").write_text("\n".join(lines))
     plot(out, slug, e2e, kernels, bw)
 
@@ -256,7 +286,10 @@ def main():
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "bench")
     p.add_argument("--json", action="store_true", help="print the end-to-end records as the last line")
-    p.add_argument("--fuse-norm", action="store_true", help="RMSNorm inside the q/k/v and gate/up kernels")
+    p.add_argument("--fuse-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="RMSNorm inside the q/k/v and gate/up kernels (default on)")
+    p.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="RoPE, cache write and attention in one kernel (default on)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -265,17 +298,18 @@ def main():
     bw = read_bandwidth()
     print(f"{gpu}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     models = [m for m in a.models.split(",") if m]
-    kernels, e2e = [], []
+    kernels, e2e, attention = [], [], []
     cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if not a.skip_kernels:
         for m in models:
             kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
-        write_outputs(a.out, gpu, bw, e2e, kernels, cmd)
+            attention += bench_attention(m, ModelArgs.from_name(m))
+        write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd)
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
-                             fuse_norm=a.fuse_norm)
-            write_outputs(a.out, gpu, bw, e2e, kernels, cmd)
+                             fuse_norm=a.fuse_norm, attention=a.attention_kernel)
+            write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd)
     if a.json:
         print(json.dumps(e2e))
 

@@ -1,0 +1,130 @@
+"""What torch.compile makes of the decode step, checked without a GPU (run by tests/test_kernels.py, in a process
+without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpreted ones).
+
+1. The one-token step of a model on the kernel path traces as one graph (no graph break) whose projections and
+   attention are the kernel ops, with no SDPA left.
+2. Which arguments each kernel launch writes: torch.compile generates each user kernel's TTIR to find the
+   pointers it stores through, and an input it cannot rule out is cloned before every call (a weight: a full
+   copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver.
+Exits 1 on any failure.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table  # noqa: E402
+
+from kernels import decode_attention, sparse_gemv  # noqa: E402
+from checkpoint import random_model  # noqa: E402
+from model import Attention, ModelArgs, SparseLinear  # noqa: E402
+
+
+class HopperTarget:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+class Recorder:
+    """Stands in for `kernel[grid]`: keeps the arguments of each launch by name."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.fn.arg_names, args))
+            named.update({k: v for k, v in kwargs.items() if k in self.fn.arg_names})
+            self.launches.append(named)
+        return launch
+
+
+def written(fn, named: dict) -> set:
+    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+    consts = {k: v for k, v in named.items() if not isinstance(v, torch.Tensor)}
+    return set(get_mutated_tensors(kernel_side_table.add_kernel(fn), kernel_side_table.add_constant_args(consts),
+                                   tensors, {}))
+
+
+def gemv_launches() -> Recorder:
+    rec = Recorder(sparse_gemv._sparse_gemv_kernel)
+    K, D = 256, 128
+    for M, dtype in ((1, torch.bfloat16), (1, torch.float32), (3, torch.bfloat16)):
+        x = torch.randn(M, K, dtype=dtype)
+        res = torch.randn(M, D, dtype=dtype)
+        g = torch.ones(K, dtype=dtype)
+        for sizes, glu in (((128, 64, 64), False), ((96, 96), True), ((D,), False)):
+            w = torch.randn(K, sum(sizes), dtype=dtype)
+            t = torch.zeros(len(sizes), K)
+            n_out = sizes[0] if glu else sum(sizes)
+            counters = torch.zeros(64, dtype=torch.int32)
+            out = torch.empty(M, n_out, dtype=dtype)
+            ss_in = torch.ones(M, 4)
+            split = sparse_gemv.Config(32, 32, 2, 4, 1, 0) if M == 1 else sparse_gemv.Config(32, 32, 2, 4, 2, 1)
+            for cfg in (sparse_gemv.default_config(M, K, sizes, glu, n_sm=8), split):
+                if sizes == (D,):  # a residual projection writing the next norm's sums of squares
+                    ss_out = torch.empty(M, sparse_gemv.counters_size(sizes, glu, cfg.block_n))
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, out, kernel=rec, ss_out=ss_out)
+                else:  # the norm fused in, and plain
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec, norm_weight=g,
+                                       ss_in=ss_in)
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec)
+    return rec
+
+
+def attention_launches() -> Recorder:
+    rec = Recorder(decode_attention._decode_attention_kernel)
+    for H, Hkv, D, window in ((4, 4, 32, None), (8, 2, 64, 16)):
+        qkv = torch.randn(2, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
+        k = torch.zeros(2, Hkv, 256, D, dtype=torch.bfloat16)
+        v = torch.zeros_like(k)
+        rope = torch.zeros(1, D // 2, 2)
+        decode_attention.launch(qkv, rope, k, v, torch.tensor([100]), torch.zeros(2 * Hkv, dtype=torch.int32), H,
+                                window, torch.empty(2, H * D, dtype=torch.bfloat16), kernel=rec)
+    return rec
+
+
+def trace_decode_step() -> bool:
+    """fullgraph tracing (fake tensors: no kernel runs) of a GQA model's decode step on the kernel path."""
+    args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
+                     max_seq_len=128, sliding_window=32)
+    model = random_model(args, "cpu", torch.bfloat16)
+    for m in model.modules():  # what enable_kernels() sets on a GPU
+        if isinstance(m, SparseLinear):
+            m.enable_kernels(n_sm=4)
+        elif isinstance(m, Attention):
+            m.decode_kernel = True
+    model.setup_caches(1, 64)
+    graph = torch._dynamo.export(lambda t, p: model(t, p), aten_graph=False)(
+        torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    want = {"teal.sparse_gemv.default": 2 * args.n_layer, "teal.sparse_gemv_ss.default": 2 * args.n_layer,
+            "teal.decode_attention.default": args.n_layer}
+    got = {k: ops.count(k) for k in want}
+    sdpa = [o for o in ops if "scaled_dot_product" in o]
+    print(f"decode step: one graph, kernel ops {got}, SDPA calls {len(sdpa)}")
+    return got == want and not sdpa
+
+
+def main():
+    ok = trace_decode_step()
+    triton.runtime.driver.set_active(HopperTarget())
+    allowed = {
+        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr"},
+        decode_attention._decode_attention_kernel: {"y_ptr", "k_ptr", "v_ptr", "ws_ml_ptr", "ws_acc_ptr", "cnt_ptr"},
+    }
+    bad = 0
+    for rec in (gemv_launches(), attention_launches()):
+        for named in rec.launches:
+            w = written(rec.fn, named)
+            extra = w - allowed[rec.fn]
+            print(f"{rec.fn.__name__}: writes {sorted(w)}" + (f"  NOT ALLOWED: {sorted(extra)}" if extra else ""))
+            bad += bool(extra) or "y_ptr" not in w
+    sys.exit(1 if bad or not ok else 0)
+
+
+if __name__ == "__main__":
+    main()
