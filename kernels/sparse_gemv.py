@@ -6,9 +6,10 @@ a fused projection. Row k of a weight tile is loaded only if x[m, k] passes its 
 in some batch row m (the union over the batch); each batch row still uses only its own kept inputs.
 With glu=True the two segments are gate and up and the kernel returns silu(gate) * up.
 
-Batch 1 (the target) walks its K range with the weight rows of the next chunk already in flight while
-the current chunk is multiplied, and the inputs two chunks ahead: a masked-off row costs no memory
-traffic, so the bytes in flight per program, not a chain of dependent loads, set the speed.
+Batch 1 (the target): each program first lists the kept inputs of its K range (a scratch list in L2), then
+streams only their weight rows, BK kept rows at a time, with the next group's rows already in flight while
+the current group is multiplied: the bytes in flight per step do not shrink as sparsity grows, the number of
+steps does. With all thresholds of the range at zero it streams the rows in order instead (exactly dense).
 
 RMSNorm fusion: a launch with a residual can also write each row's sum of squares per column tile
 (`ss_out` [M, n_tiles]); a later launch given those partials (`ss_in`) and the norm weight normalises its
