@@ -183,13 +183,13 @@ def _sparse_gemv_kernel(
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
                 xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, stride_wk, N_OUT,
                                            col_ok, BLOCK_K, EVEN_N, GLU, NORM)
-                acc += _fold(xa[:, None] * wa.to(tl.float32), ACC_ROWS)
+                acc = _fma(acc, xa, wa, ACC_ROWS)
                 if GLU:
-                    acc_up += _fold(xa[:, None] * wua.to(tl.float32), ACC_ROWS)
+                    acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
                 xa, wa, wua = xb, wb, wub
-            acc += _fold(xa[:, None] * wa.to(tl.float32), ACC_ROWS)
+            acc = _fma(acc, xa, wa, ACC_ROWS)
             if GLU:
-                acc_up += _fold(xa[:, None] * wua.to(tl.float32), ACC_ROWS)
+                acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
         else:
             tl.debug_barrier()  # the list is complete and visible to every thread of the program
             ea, xa = _entries(scratch, 0, n_kept, K_SPLIT, xdt, BLOCK_K)
@@ -286,20 +286,22 @@ def _group_rows(w_cols, e, stride_wk, N_OUT, col_ok, EVEN_N: tl.constexpr, GLU: 
 
 @triton.jit
 def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr):
-    acc += _fold(tl.where((e & 0x4000) != 0, x, 0.0)[:, None] * w.to(tl.float32), ACC_ROWS)
+    acc = _fma(acc, tl.where((e & 0x4000) != 0, x, 0.0), w, ACC_ROWS)
     if GLU:
-        acc_up += _fold(tl.where((e & 0x8000) != 0, x, 0.0)[:, None] * w_up.to(tl.float32), ACC_ROWS)
+        acc_up = _fma(acc_up, tl.where((e & 0x8000) != 0, x, 0.0), w_up, ACC_ROWS)
     return acc, acc_up
 
 
 @triton.jit
-def _fold(p, ROWS: tl.constexpr):
-    """[BK, BN] -> [ROWS, BN]: sums rows k, k + ROWS, k + 2 ROWS, ... (ROWS divides BK)."""
+def _fma(acc, x, w, ROWS: tl.constexpr):
+    """acc [ROWS, BN] + x [BK] * w [BK, BN], rows k, k + ROWS, k + 2 ROWS, ... folded into acc (ROWS divides
+    BK; those rows sit in one thread, so the fold stays in registers)."""
+    p = x[:, None] * w.to(tl.float32)
     BK: tl.constexpr = p.shape[0]
     BN: tl.constexpr = p.shape[1]
     if BK == ROWS:
-        return p
-    return tl.sum(tl.reshape(p, (BK // ROWS, ROWS, BN)), axis=0)
+        return acc + p
+    return acc + tl.sum(tl.reshape(p, (BK // ROWS, ROWS, BN)), axis=0)
 
 
 @triton.jit
@@ -428,26 +430,26 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
     return out
 
 
+def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss):
+    out = x.new_empty((x.shape[0], sizes[0] if glu else sum(sizes)))
+    ss_out = x.new_empty((x.shape[0], counters_size(sizes, glu, config[0])), dtype=torch.float32) if emit_ss else None
+    launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
+           norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out)
+    return out, ss_out
+
+
 @triton_op("teal::sparse_gemv", mutates_args=("counters",))
 def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
                     norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
                     glu: bool, config: list[int]) -> Tensor:
-    n_out = sizes[0] if glu else sum(sizes)
-    out = x.new_empty((x.shape[0], n_out))
-    return launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
-                  norm_weight=norm_weight, ss_in=ss_in, eps=eps)
+    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, False)[0]
 
 
 @triton_op("teal::sparse_gemv_ss", mutates_args=("counters",))
 def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor,
                        norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
                        config: list[int]) -> tuple[Tensor, Tensor]:
-    n_out = sum(sizes)
-    out = x.new_empty((x.shape[0], n_out))
-    ss_out = x.new_empty((x.shape[0], counters_size(sizes, False, config[0])), dtype=torch.float32)
-    launch(x, w, t, counters, sizes, False, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
-           norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out)
-    return out, ss_out
+    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config, True)
 
 
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,

@@ -96,7 +96,9 @@ def main():
         ranked = sorted(by_cfg.items(), key=lambda kv: score(kv[1]))
         print(f"{name} K={K} N={N} glu={glu}: matmul {mm:.1f} us, roofline s0 {nbytes / bw * 1e6:.1f} us "
               f"({time.time() - t0:.0f} s, {len(by_cfg)} configs)", flush=True)
-        for cfg, row in ranked[: a.top] + [(default, by_cfg.get(default, {}))]:
+        shown = ranked[: a.top] + ([] if any(c == default for c, _ in ranked[: a.top]) else
+                                   [(default, by_cfg.get(default, {}))])
+        for cfg, row in shown:
             print(f"   {'default ' if cfg == default else ''}{tuple(cfg)} "
                   + " ".join(f"s{s}:{r['us']:.1f}/{r['roofline_us']:.1f}{'' if r['ok'] else ' BAD'}"
                              for s, r in row.items()), flush=True)

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, random_model
 from errors import UserError
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
+from sparsity import capture_inputs, set_uniform_thresholds
 from tests.helpers import VARIANTS, hf_checkpoint
 
 
@@ -96,10 +99,6 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, and RoPE + cache write + attention
     in one kernel, over positions that cross a split of the attention kernel, GQA and a sliding window."""
-    import copy
-
-    from checkpoint import random_model
-    from sparsity import capture_inputs, set_uniform_thresholds
     args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
                      max_seq_len=256, sliding_window=40)
     ref_model = random_model(args, "cpu", torch.float32, seed=0)
