@@ -51,9 +51,12 @@ class Generator:
     """Holds the model and its (optionally compiled) prefill and one-token decode step."""
 
     def __init__(self, model, compile: bool = False, temperature: float = 0.0, top_k: Optional[int] = None,
-                 sparse_prefill_from: Optional[int] = None):
+                 sparse_prefill_from: Optional[int] = None, sparse: bool = True):
         self.model, self.temperature, self.top_k = model, temperature, top_k
         self.sparse_prefill_from = sparse_prefill_from  # None: dense prefill (TEAL's attention-sink rule)
+        # False: decode dense, projections through cuBLAS (a sparse kernel at zero thresholds is slower); the
+        # compiled step is specialised on it, so switching costs one more graph, not one per level
+        self.sparse = sparse
         self.device = model.tok_embeddings.weight.device
         self.prefill_step, self.decode_step = self._prefill, self._decode
         if compile:
@@ -66,7 +69,7 @@ class Generator:
         return sample(logits[:, -1], self.temperature, self.top_k)
 
     def _decode(self, cur: Tensor, input_pos: Tensor) -> Tensor:
-        logits = self.model(cur, input_pos, sparse_from=0)
+        logits = self.model(cur, input_pos, sparse_from=0 if self.sparse else None)
         return sample(logits[:, -1], self.temperature, self.top_k)
 
     def setup(self, batch: int, max_seq_len: int):
@@ -215,7 +218,7 @@ def main(argv=None):
     if device.type == "cuda":
         model.enable_kernels()
     gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k,
-                    sparse_prefill_from=a.sparse_prefill_from)
+                    sparse_prefill_from=a.sparse_prefill_from, sparse=a.sparsity > 0)
 
     if a.interactive:
         return chat_loop(gen, tok, a, calib)
@@ -285,7 +288,7 @@ def chat_loop(gen: Generator, tok, a, calib):
         if not line:
             break
         if line.startswith("/sparsity"):
-            set_level(model, calib, line, a)
+            set_level(gen, calib, line, a)
             continue
         messages.append({"role": "user", "content": line})
         ids = tok.encode_chat(messages)
@@ -310,8 +313,9 @@ def chat_loop(gen: Generator, tok, a, calib):
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
-def set_level(model, calib, line: str, a):
-    """`/sparsity S`: new thresholds are copied into the buffers; nothing is recompiled or re-captured."""
+def set_level(gen: Generator, calib, line: str, a):
+    """`/sparsity S`: new thresholds are copied into the buffers; nothing is recompiled or re-captured, except
+    once on the first move between 0 (dense decode) and a sparse level."""
     try:
         level = float(line.split()[1])
         if not 0 <= level < 1:
@@ -324,10 +328,11 @@ def set_level(model, calib, line: str, a):
               file=sys.stderr)
         return
     try:
-        apply_thresholds(model, calib, level, a.sparsity_method, a.criterion)
+        apply_thresholds(gen.model, calib, level, a.sparsity_method, a.criterion)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return
+    gen.sparse = level > 0
     a.sparsity = level
     print(f"sparsity {level:.2f} ({a.sparsity_method}, {a.criterion})", file=sys.stderr)
 

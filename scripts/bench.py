@@ -8,6 +8,7 @@
    copies (L2 cannot serve repeats), against torch.matmul and the (1-s) roofline line;
 3. end to end: a 128-token random prompt, 256 greedy decode tokens, compiled with CUDA graphs; thresholds
    set in-process from the prompt's activations; median of 3 timed runs after a warm-up; measured sparsity.
+   Sparsity 0 decodes the way generate.py does at 0: dense, projections through cuBLAS.
 Writes <out>/<gpu>.md, <gpu>.json (end-to-end records), <gpu>-kernels.json and PNG plots.
 """
 import argparse
@@ -172,7 +173,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     records = []
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
-        new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one compiles)
+        gen.sparse = s > 0  # what generate.py does: zero sparsity decodes dense (cuBLAS projections)
+        new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one of each path compiles)
         speeds = []
         for _ in range(runs):
             new, st = gen.generate(prompt, new_tokens)
@@ -184,7 +186,9 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
-               "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name()}
+               "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
+               "decode_path": "sparse kernels" if gen.sparse else "dense (cuBLAS projections)",
+               "read_gb_s": round(bw / 1e9, 1)}
         records.append(rec)
         print(f"  {name} s={s:.2f}: {tok_s:7.1f} tok/s  measured {rec['measured_sparsity']:.3f}  "
               f"{rec['gb_s']:6.0f} GB/s  {rec['roofline_frac'] * 100:5.1f}% of roofline", flush=True)
@@ -193,23 +197,37 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str):
+def gpu_slug(gpu: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+
+
+def previous_records(out: Path, gpu: str, suffix: str, drop_models: set) -> list:
+    """The records of <out>/<gpu><suffix>.json whose model is not in drop_models (for --merge)."""
+    f = out / f"{gpu_slug(gpu)}{suffix}.json"
+    return [r for r in json.loads(f.read_text()) if r["model"] not in drop_models] if f.exists() else []
+
+
+def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str,
+                  merged: bool = False):
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
+    slug = gpu_slug(gpu)
+    if e2e:
+        (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
     if kernels:
         (out / f"{slug}-kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
     lines = [f"# Decode benchmark: {gpu}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"triton {triton.__version__}. Read bandwidth (Triton streaming reduction over 4 GiB): "
-             f"**{bw / 1e9:.0f} GB/s**; rooflines use it and the measured decode sparsity.", ""]
+             f"**{bw / 1e9:.0f} GB/s**; rooflines use it and the measured decode sparsity."
+             + (" Rows of other models were kept from earlier runs (`--merge`), each against its own bandwidth "
+                "probe (`read_gb_s` in the JSON)." if merged else ""), ""]
     if e2e:
         lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
                   "| model | sparsity | measured | tok/s | GB/s | roofline | q k v o gate up down |", "|---|---|---|---|---|---|---|"]
         for r in e2e:
-            pp = " ".join(f"{r['per_projection'].get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
+            pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
             lines.append(f"| {r['model']} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | {pp} |")
-        lines.append("")
+        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does.", ""]
     if kernels:
         lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
                   "| model | proj | K×N | matmul | " + " | ".join(f"s={s}" for s in KERNEL_SPARSITIES) + " |",
@@ -286,6 +304,8 @@ def main():
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "bench")
     p.add_argument("--json", action="store_true", help="print the end-to-end records as the last line")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the records of other models already in --out (runs split by model)")
     p.add_argument("--fuse-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="RMSNorm inside the q/k/v and gate/up kernels (default on)")
     p.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
@@ -300,16 +320,21 @@ def main():
     models = [m for m in a.models.split(",") if m]
     kernels, e2e, attention = [], [], []
     cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    if a.merge:  # other models' records, and this run's models' records of the parts it skips
+        rerun_k, rerun_e = (set() if a.skip_kernels else set(models)), (set() if a.skip_e2e else set(models))
+        kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
+        attention = previous_records(a.out, gpu, "-attention", rerun_k)
+        e2e = previous_records(a.out, gpu, "", rerun_e)
     if not a.skip_kernels:
         for m in models:
             kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
             attention += bench_attention(m, ModelArgs.from_name(m))
-        write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd)
+        write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
                              fuse_norm=a.fuse_norm, attention=a.attention_kernel)
-            write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd)
+            write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))
 

@@ -98,15 +98,19 @@ def trace_decode_step() -> bool:
         elif isinstance(m, Attention):
             m.decode_kernel = True
     model.setup_caches(1, 64)
-    graph = torch._dynamo.export(lambda t, p: model(t, p), aten_graph=False)(
-        torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
-    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-    want = {"teal.sparse_gemv.default": 2 * args.n_layer, "teal.sparse_gemv_ss.default": 2 * args.n_layer,
-            "teal.decode_attention.default": args.n_layer}
-    got = {k: ops.count(k) for k in want}
-    sdpa = [o for o in ops if "scaled_dot_product" in o]
-    print(f"decode step: one graph, kernel ops {got}, SDPA calls {len(sdpa)}")
-    return got == want and not sdpa
+    ok = True
+    # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)
+    for sparse_from, n_gemv in ((0, args.n_layer), (None, 0)):
+        graph = torch._dynamo.export(lambda t, p: model(t, p, sparse_from=sparse_from), aten_graph=False)(
+            torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
+        ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        want = {"teal.sparse_gemv.default": 2 * n_gemv, "teal.sparse_gemv_ss.default": 2 * n_gemv,
+                "teal.decode_attention.default": args.n_layer}
+        got = {k: ops.count(k) for k in want}
+        sdpa = [o for o in ops if "scaled_dot_product" in o]
+        print(f"decode step (sparse_from={sparse_from}): one graph, kernel ops {got}, SDPA calls {len(sdpa)}")
+        ok &= got == want and not sdpa
+    return ok
 
 
 def main():
