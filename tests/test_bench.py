@@ -1,0 +1,47 @@
+"""scripts/bench.py's outputs (the timing itself needs a GPU): tables and JSON from records, and --merge."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from bench import gpu_slug, previous_records, write_outputs  # noqa: E402
+
+GPU = "NVIDIA Test GPU 80GB"
+
+
+def e2e(model, s, tok_s):
+    return {"model": model, "quant": "none", "dtype": "bfloat16", "sparsity": s, "tok_s": tok_s,
+            "roofline_frac": 0.6, "measured_sparsity": s, "gb_s": 1800.0, "per_projection": {"q": s, "down": s},
+            "decode_path": "sparse kernels" if s else "dense (cuBLAS projections)", "read_gb_s": 3000.0}
+
+
+def kernel(model, proj, s, us):
+    return {"model": model, "projection": proj, "K": 64, "N": 128, "sparsity": s, "measured": s, "us": us,
+            "matmul_us": 10.0, "roofline_us": (1 - s) * 8.0, "config": [128, 64, 2, 4, 1, 0], "gb_s": 1.0}
+
+
+def test_merge_keeps_other_models(tmp_path):
+    slug = gpu_slug(GPU)
+    assert slug == "nvidia-test-gpu-80gb"
+    write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.0, 100.0), e2e("a", 0.5, 150.0), e2e("b", 0.5, 120.0)],
+                  [kernel("a", "qkv", 0.0, 11.0), kernel("b", "qkv", 0.0, 12.0)], [], "first")
+    # a rerun of model a's end-to-end only: b's rows and every kernel row stay
+    kept = previous_records(tmp_path, GPU, "", {"a"})
+    assert [(r["model"], r["tok_s"]) for r in kept] == [("b", 120.0)]
+    kernels = previous_records(tmp_path, GPU, "-kernels", set())
+    assert len(kernels) == 2
+    write_outputs(tmp_path, GPU, 3e12, kept + [e2e("a", 0.0, 101.0), e2e("a", 0.5, 155.0)], kernels, [], "second",
+                  merged=True)
+    rows = json.loads((tmp_path / f"{slug}.json").read_text())
+    assert sorted((r["model"], r["sparsity"], r["tok_s"]) for r in rows) == [
+        ("a", 0.0, 101.0), ("a", 0.5, 155.0), ("b", 0.5, 120.0)]
+    for r in rows:  # the issue's record keys
+        assert {"model", "quant", "dtype", "sparsity", "tok_s", "roofline_frac"} <= set(r)
+    md = (tmp_path / f"{slug}.md").read_text()
+    assert "| a | 0.50 | 0.500 | 155.0 |" in md and "| b | 0.50 | 0.500 | 120.0 |" in md
+    assert "--merge" in md and "| a | qkv | 64×128 | 10.0 | 11.0 (1.38×) |" in md
+    # a kernels-only run without --merge does not wipe the end-to-end records
+    write_outputs(tmp_path, GPU, 3e12, [], [kernel("a", "qkv", 0.0, 9.0)], [], "third")
+    assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
+    assert previous_records(tmp_path / "missing", GPU, "", set()) == []
