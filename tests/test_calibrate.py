@@ -222,6 +222,24 @@ def test_new_sparsity_level_does_not_recompile(calibrated):
     assert torch.equal(first, again)
 
 
+def test_interactive_level_switches_decode_path(calibrated):
+    """`/sparsity S` in --interactive: a level above 0 decodes through the sparse path, 0 goes back to the dense one."""
+    import argparse
+
+    from generate import Generator, set_level
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    gen = Generator(model, sparse=False)
+    a = argparse.Namespace(sparsity=0.0, sparsity_method="uniform", criterion="magnitude", checkpoint=ckpt)
+    set_level(gen, calib, "/sparsity 0.5", a)
+    assert gen.sparse and a.sparsity == 0.5 and model.layers[0].attention.wqkv.threshold.any()
+    set_level(gen, calib, "/sparsity 0", a)
+    assert not gen.sparse and a.sparsity == 0.0
+    set_level(gen, calib, "/sparsity 1.5", a)  # refused: nothing changes
+    assert not gen.sparse and a.sparsity == 0.0
+
+
 def test_shipped_calibration_on_held_out_text():
     """The default model's shipped file, uniform thresholds, on the evaluation plays: the thresholds drop the
     target share of each projection's (dense) input to within ±2%, and decoding with them sparse (every layer
