@@ -263,8 +263,9 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in dict.fromkeys(r["model"] for r in e2e):
             rs = [r for r in e2e if r["model"] == m]
-            ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
+            line, = ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
             ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
+                    color=line.get_color(),
                     label=f"{m} roofline")
         ax.set_xlabel("measured sparsity")
         ax.set_ylabel("decode tok/s")
