@@ -360,17 +360,19 @@ class Config(NamedTuple):
 def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
     """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md)."""
     out = sizes[:1] if glu else sizes
-    block_n = next((b for b in (128, 64, 32) if all(s % b == 0 for s in out)), 64)
-    n_tiles = sum(triton.cdiv(s, block_n) for s in out)
+    fits = [b for b in (128, 64, 32) if all(s % b == 0 for s in out)] or [64]
+    tiles = lambda bn: sum(triton.cdiv(s, bn) for s in out)  # noqa: E731
+    block_n = fits[0]
     if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
         block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
-        split = max(1, min(per_sm * n_sm // n_tiles, triton.cdiv(K, block_k), 32))
+        split = max(1, min(per_sm * n_sm // tiles(block_n), triton.cdiv(K, block_k), 32))
         return Config(block_n, block_k, split, warps, stages, dot)
-    # batch 1 (sweep of 2026-11-24, docs/perf-notes.md v5): 2-3 resident programs per SM, each streaming the
-    # kept rows of a K range of at least 512 inputs
-    block_k, per_sm = (32, 2) if glu else (64, 3)
-    split = max(1, min(round(per_sm * n_sm / n_tiles), K // 512))
-    return Config(block_n, block_k, split, 4, 1, 0)
+    # batch 1 (sweeps of 2026-11-24, docs/perf-notes.md v5): each program streams the kept rows of a K range
+    if glu:  # two programs along K; the narrower tile while two per tile still fit three programs per SM
+        block_n = next((b for b in reversed(fits) if b >= 64 and 2 * tiles(b) <= 3 * n_sm), block_n)
+        return Config(block_n, 64, max(1, min(2, K // 512)), 4, 1, 0)
+    # 3 resident programs per SM, K ranges of at least 512 inputs
+    return Config(block_n, 64, max(1, min(round(3 * n_sm / tiles(block_n)), K // 512)), 4, 1, 0)
 
 
 def acc_rows(block_n: int, num_warps: int) -> int:
@@ -423,7 +425,7 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
         DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None,
         IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
         EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
-        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(1024, triton.next_power_of_2(k_split)),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
         EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
         num_warps=warps, num_stages=stages,
     )

@@ -211,6 +211,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   merged: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     slug = gpu_slug(gpu)
+    e2e = sorted(e2e, key=lambda r: (r["model"], r["sparsity"]))  # merged runs: one order whatever ran last
+    kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
+    attention = sorted(attention, key=lambda r: r["model"])
     if e2e:
         (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
     if kernels:
