@@ -24,10 +24,10 @@ C = sparse_gemv.Config
 
 def candidates(K: int, sizes, glu: bool, n_sm: int) -> list:
     """Column tiles of 64 or 128, chunks of BK kept rows, and split-K giving 1 to 6 programs per SM (the
-    v5 sweep of docs/perf-notes.md); one warp group per program."""
+    v5 and gate/up sweeps of docs/perf-notes.md); one warp group per program."""
     out = []
     tiles = sizes[:1] if glu else sizes
-    bks = (32, 16) if glu else (64, 32)
+    bks = (64, 32)
     for bn, bk, per_sm in itertools.product((64, 128), bks, (1, 2, 3, 4, 6)):
         if any(s % bn for s in tiles):
             continue
