@@ -361,18 +361,18 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
     """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md)."""
     out = sizes[:1] if glu else sizes
     fits = [b for b in (128, 64, 32) if all(s % b == 0 for s in out)] or [64]
-    tiles = lambda bn: sum(triton.cdiv(s, bn) for s in out)  # noqa: E731
     block_n = fits[0]
     if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
         block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
-        split = max(1, min(per_sm * n_sm // tiles(block_n), triton.cdiv(K, block_k), 32))
+        split = max(1, min(per_sm * n_sm // counters_size(sizes, glu, block_n), triton.cdiv(K, block_k), 32))
         return Config(block_n, block_k, split, warps, stages, dot)
     # batch 1 (sweeps of 2026-11-24, docs/perf-notes.md v5): each program streams the kept rows of a K range
     if glu:  # two programs along K; the narrower tile while two per tile still fit three programs per SM
-        block_n = next((b for b in reversed(fits) if b >= 64 and 2 * tiles(b) <= 3 * n_sm), block_n)
+        block_n = next((b for b in reversed(fits) if b >= 64 and 2 * counters_size(sizes, glu, b) <= 3 * n_sm),
+                       block_n)
         return Config(block_n, 64, max(1, min(2, K // 512)), 4, 1, 0)
     # 3 resident programs per SM, K ranges of at least 512 inputs
-    return Config(block_n, 64, max(1, min(round(3 * n_sm / tiles(block_n)), K // 512)), 4, 1, 0)
+    return Config(block_n, 64, max(1, min(round(3 * n_sm / counters_size(sizes, glu, block_n)), K // 512)), 4, 1, 0)
 
 
 def acc_rows(block_n: int, num_warps: int) -> int:

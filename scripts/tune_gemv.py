@@ -27,8 +27,7 @@ def candidates(K: int, sizes, glu: bool, n_sm: int) -> list:
     v5 and gate/up sweeps of docs/perf-notes.md); one warp group per program."""
     out = []
     tiles = sizes[:1] if glu else sizes
-    bks = (64, 32)
-    for bn, bk, per_sm in itertools.product((64, 128), bks, (1, 2, 3, 4, 6)):
+    for bn, bk, per_sm in itertools.product((64, 128), (64, 32), (1, 2, 3, 4, 6)):
         if any(s % bn for s in tiles):
             continue
         n_tiles = sum(triton.cdiv(s, bn) for s in tiles)
