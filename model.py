@@ -178,19 +178,23 @@ class SparseLinear(nn.Module):
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
 
+    def on_kernels(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
+        """Whether a call with `rows` token rows runs through the Triton kernel (else the reference path)."""
+        return bool(self.kernel_configs) and sparse and active is None and rows <= sparse_gemv.MAX_ROWS
+
     def forward(self, x: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
                 residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None):
         """x [B, S, K] -> y [B, S, N]. With `norm`, x is the residual stream and is RMS-normalised first:
         inside the kernel when `ss` holds its per-tile sums of squares (from the launch that produced it).
-        With a residual, returns (residual + y, its sums of squares [B*S, n_tiles] or None off the kernel path)."""
-        B, S, K = x.shape
-        if self.kernel_configs and sparse and active is None and B * S <= sparse_gemv.MAX_ROWS:
+        With a residual, returns (residual + y, its sums of squares [B*S, n_tiles] or None off the kernel path).
+        x may also be gate/up partials [P, 2, B*S, K] (`partial_sums` of a glu projection, kernel path only;
+        the residual gives B and S)."""
+        B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
+        K = x.shape[-1]
+        if self.on_kernels(B * S, sparse, active):
             cfg = self.kernel_configs[next_pow2(B * S)]
-            x = x.view(B * S, K)
-            if norm is not None and (ss is None or not self.fuse_norm):
-                x, norm = norm(x), None
-            nw, ss_in = (None, None) if norm is None else (norm.weight, ss)
-            eps = 1e-5 if norm is None else norm.eps
+            x = x.view(B * S, K) if x.dim() == 3 else x
+            x, nw, ss_in, eps = self._kernel_input(x, norm, ss)
             if residual is None:
                 y = sparse_gemv.sparse_gemv(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                             glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
@@ -198,11 +202,29 @@ class SparseLinear(nn.Module):
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                                    residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps)
             return y.view(B, S, -1), ss_out
+        assert x.dim() == 3, "partial sums exist only on the kernel path"
         if norm is not None:
             x = norm(x)
         y = sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
                                         glu=self.glu, residual=residual, active=active)
         return y if residual is None else (y, None)
+
+    def partial_sums(self, x: Tensor, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None) -> Tensor:
+        """Kernel path only (see on_kernels): x [B, S, K] -> the split-K partial sums [P, 2 if glu else 1, B*S, N]
+        float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
+        B, S, K = x.shape
+        x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss)
+        return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
+                                             self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
+                                             ss_in=ss_in, eps=eps)
+
+    def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor]):
+        """(x, norm weight, sums of squares, eps) for a launch: the norm runs in the kernel when it can."""
+        if norm is not None and (ss is None or not self.fuse_norm):
+            x, norm = norm(x), None
+        if norm is None:
+            return x, None, None, 1e-5
+        return x, norm.weight, ss, norm.eps
 
 
 class RowSparseUp(nn.Module):
@@ -272,6 +294,7 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
         self.decode_kernel = False  # one-token steps through kernels/decode_attention.py
+        self.defer_reduction = False  # q/k/v's split-K partials summed by the attention kernel
 
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
                 input_pos: Tensor, sparse: bool, active: Optional[Tensor]) -> tuple:
@@ -279,12 +302,16 @@ class Attention(nn.Module):
         of squares, if known) -> (x + attention, its sums of squares or None)."""
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss)
         c = self.kv_cache
         if self.decode_kernel and c is not None and S == 1 and active is None and B <= sparse_gemv.MAX_ROWS:
-            y = decode_attention.decode_attention(qkv.view(B, -1), rope, c.k, c.v, input_pos, c.counters, H,
-                                                  self.window)
+            if self.defer_reduction and self.wqkv.on_kernels(B, sparse, active):
+                # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
+                qkv = self.wqkv.partial_sums(x, norm, ss)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
+            else:
+                qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss).view(B, -1)
+            y = decode_attention.decode_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
             return self.wo(y.view(B, S, H * D), sparse, active, residual=x)
+        qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, S, H, D), rope).transpose(1, 2)  # [B, H, S, D]
         k = apply_rope(k.view(B, S, Hkv, D), rope).transpose(1, 2)  # [B, Hkv, S, D]
@@ -303,8 +330,13 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
+        self.defer_reduction = False  # gate/up's split-K partials summed (and gated) by the down kernel
 
     def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
+        rows = h.shape[0] * h.shape[1]
+        if self.defer_reduction and self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse,
+                                                                                                     active):
+            return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)
         return self.w2(self.w13(h, sparse, active, norm=norm, ss=ss), sparse, active, residual=h)
 
 
@@ -379,10 +411,12 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
-    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True):
+    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True):
         """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only (or Triton's
         CPU interpreter, for tests). fuse_norm: RMSNorm inside the q/k/v and gate/up kernels, from the sums
-        of squares the previous residual-add wrote; attention: RoPE, cache write and attention in one kernel."""
+        of squares the previous residual-add wrote; attention: RoPE, cache write and attention in one kernel;
+        defer_reduction: q/k/v and gate/up hand their split-K partials to the attention and down kernels,
+        which sum them while loading their input, instead of reducing them in a tail of their own."""
         device = self.tok_embeddings.weight.device
         if device.type == "cuda":
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count
@@ -398,6 +432,9 @@ class Transformer(nn.Module):
                 m.enable_kernels(n_sm)
             elif isinstance(m, Attention):
                 m.decode_kernel = attention and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
+                m.defer_reduction = defer_reduction
+            elif isinstance(m, FeedForward):
+                m.defer_reduction = defer_reduction
 
     def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,
                 all_logits: bool = True) -> Tensor:

@@ -48,7 +48,7 @@ def decode_attention_ref(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Te
 @triton.jit
 def _decode_attention_kernel(
     qkv_ptr, rope_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, ws_ml_ptr, ws_acc_ptr, cnt_ptr,
-    stride_qb, stride_cb, stride_ch, stride_ct, stride_yb, WINDOW, N_SPLITS,
+    stride_qb, stride_qp, stride_cb, stride_ch, stride_ct, stride_yb, WINDOW, N_SPLITS, N_PARTS: tl.constexpr,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr, COMBINE: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -74,18 +74,18 @@ def _decode_attention_kernel(
         sin = tl.load(rope_ptr + dh * 2 + 1)
         # the group's queries [G_PAD, D/2] x 2 halves, rotated and rounded as the reference rounds
         q_ptrs = qkv_ptr + b * stride_qb + (hk * G + g)[:, None] * D + dh[None, :]
-        q1 = tl.load(q_ptrs, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(q_ptrs + HALF, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q1 = _load_qkv(q_ptrs, g_ok[:, None], stride_qp, N_PARTS, dt).to(tl.float32)
+        q2 = _load_qkv(q_ptrs + HALF, g_ok[:, None], stride_qp, N_PARTS, dt).to(tl.float32)
         qr1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
         qr2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
         # the new key (rotated) and value
         kn_ptr = qkv_ptr + b * stride_qb + (H + hk) * D + dh
-        k1 = tl.load(kn_ptr).to(tl.float32)
-        k2 = tl.load(kn_ptr + HALF).to(tl.float32)
+        k1 = _load_qkv(kn_ptr, dh < HALF, stride_qp, N_PARTS, dt).to(tl.float32)
+        k2 = _load_qkv(kn_ptr + HALF, dh < HALF, stride_qp, N_PARTS, dt).to(tl.float32)
         kn1 = (k1 * cos - k2 * sin).to(dt)
         kn2 = (k2 * cos + k1 * sin).to(dt)
         dd = tl.arange(0, D)
-        vn = tl.load(qkv_ptr + b * stride_qb + (H + HKV + hk) * D + dd)
+        vn = _load_qkv(qkv_ptr + b * stride_qb + (H + HKV + hk) * D + dd, dd < D, stride_qp, N_PARTS, dt)
         cache = b * stride_cb + hk * stride_ch
         if split == last:  # the split holding `pos` writes the new entry
             tl.store(k_ptr + cache + pos * stride_ct + dh, kn1)
@@ -167,6 +167,16 @@ def _decode_attention_kernel(
 
 
 @triton.jit
+def _load_qkv(ptrs, mask, stride_p, N_PARTS: tl.constexpr, dt: tl.constexpr):
+    """q/k/v values in dt: loaded, or with N_PARTS > 0 summed over the projection's split-K partials (float32,
+    stride_p apart) in split order and rounded as the projection's own epilogue rounds."""
+    v = tl.load(ptrs, mask=mask, other=0.0)
+    for p in tl.static_range(1, N_PARTS):
+        v += tl.load(ptrs + p * stride_p, mask=mask, other=0.0)
+    return v.to(dt)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr):
     if DOT_F32:  # Triton's CPU interpreter multiplies bf16 operands wrongly; fp32 gives the same products
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -186,12 +196,15 @@ def split_size(max_seq_len: int, block_t: int = 64, max_splits: int = 16) -> int
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
            n_head: int, window: Optional[int], out: Tensor, block_t: int = 64, num_warps: int = 4,
            kernel=_decode_attention_kernel) -> Tensor:
-    """qkv [B, (H + 2 Hkv) D], rope [1, D/2, 2] float32 (row of `pos`), caches [B', Hkv, T, D] (contiguous),
-    pos [1] int, counters [>= B Hkv] int32 zeros (left zero) -> out [B, H D]."""
-    B = qkv.shape[0]
+    """qkv [B, (H + 2 Hkv) D], or the q/k/v projection's split-K partials [P, B, (H + 2 Hkv) D] float32
+    (summed here), rope [1, D/2, 2] float32 (row of `pos`), caches [B', Hkv, T, D] (contiguous), pos [1] int,
+    counters [>= B Hkv] int32 zeros (left zero) -> out [B, H D]."""
+    n_parts = qkv.shape[0] if qkv.dim() == 3 else 0
+    assert not n_parts or (qkv.is_contiguous() and qkv.dtype == torch.float32)
+    B = qkv.shape[-2]
     _, Hkv, T, D = k_cache.shape
     G = n_head // Hkv
-    assert supported(n_head, Hkv, D) and qkv.shape[1] == (n_head + 2 * Hkv) * D and qkv.stride(1) == 1
+    assert supported(n_head, Hkv, D) and qkv.shape[-1] == (n_head + 2 * Hkv) * D and qkv.stride(-1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and B <= k_cache.shape[0]
     assert counters.numel() >= B * Hkv and rope.shape[-2:] == (D // 2, 2)
     split_t = split_size(T, block_t)
@@ -202,10 +215,10 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     combine = min(triton.next_power_of_2(n_splits), max(1, 4096 // (g_p2 * D)))
     kernel[(B * Hkv, n_splits)](
         qkv, rope, k_cache, v_cache, pos, out, ws_ml, ws_acc, counters,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        window or 0, n_splits,
+        qkv.stride(-2), qkv.stride(0) if n_parts else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), window or 0, n_splits, n_parts,
         H=n_head, HKV=Hkv, G=G, G_PAD=max(16, g_p2), G_P2=g_p2, D=D, BLOCK_T=block_t, SPLIT_T=split_t,
-        COMBINE=combine, DOT_F32=INTERPRETED and qkv.dtype == torch.bfloat16, num_warps=num_warps,
+        COMBINE=combine, DOT_F32=INTERPRETED and k_cache.dtype == torch.bfloat16, num_warps=num_warps,
     )
     return out
 
@@ -213,13 +226,14 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
 @triton_op("teal::decode_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _decode_attention_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
                          counters: Tensor, n_head: int, window: int) -> Tensor:
-    out = qkv.new_empty((qkv.shape[0], n_head * k_cache.shape[3]))
+    out = qkv.new_empty((qkv.shape[-2], n_head * k_cache.shape[3]), dtype=k_cache.dtype)
     return launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out,
                   kernel=wrap_triton(_decode_attention_kernel))
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
                      counters: Tensor, n_head: int, window: Optional[int]) -> Tensor:
-    """One decode step of attention for qkv [B, (H + 2 Hkv) D] at position pos [1]; writes the new key and
-    value into the caches and returns [B, H D]."""
+    """One decode step of attention for qkv [B, (H + 2 Hkv) D] (or its partials [P, B, (H + 2 Hkv) D] float32,
+    from sparse_gemv_parts) at position pos [1]; writes the new key and value into the caches and returns
+    [B, H D] in the caches' dtype."""
     return _decode_attention_op(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or 0)

@@ -18,6 +18,9 @@ input itself, so the norm costs no launch of its own.
 Split-K without a memset: each program writes its partial sums to a workspace, bumps a per-tile
 counter, and the last program of a tile sums the partials in a fixed order (deterministic), applies
 the epilogue (GLU, residual add, sums of squares) and resets the counter to zero for the next launch.
+Deferred reduction: with partial_out a launch stores its partials and stops there, and the kernel that reads the
+result sums them while loading its input (decode attention for q/k/v; this kernel for down, given gate/up's
+partials as x [P, 2, M, K], applying silu(gate) * up as it loads): no tail where nothing needs the reduced value.
 """
 import os
 from itertools import accumulate
@@ -81,7 +84,8 @@ def _sparse_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr, HAS_RES: tl.constexpr, IS_SPLIT: tl.constexpr,
     NORM: tl.constexpr, SS_BLOCK: tl.constexpr, EMIT_SS: tl.constexpr, RED_BLOCK: tl.constexpr,
-    ACC_ROWS: tl.constexpr, COMPACT: tl.constexpr, EPS: tl.constexpr,
+    ACC_ROWS: tl.constexpr, COMPACT: tl.constexpr, EPS: tl.constexpr, X_PARTS: tl.constexpr,
+    PARTIAL_OUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,14 +116,16 @@ def _sparse_gemv_kernel(
 
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
+    # the input's dtype: gate/up partial sums (X_PARTS > 0, float32) become w's dtype once summed and gated
+    xdt = w_ptr.dtype.element_ty if X_PARTS > 0 else x_ptr.dtype.element_ty
     if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
             k_ok = ks < k_end
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            x = _load_x(x_ptr, rows[:, None] * stride_xm + ks[None, :], row_ok[:, None] & k_ok[None, :], M * K,
+                        X_PARTS, xdt)  # [BM, BK]
             if NORM:
                 g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
                 x = _rms_scale(x, g[None, :], inv_rms[:, None])
@@ -139,7 +145,6 @@ def _sparse_gemv_kernel(
         # 1. one entry per kept input k in a per-program scratch list (int32): the input's 16 bits (fp32 inputs
         #    go to a second list), a flag per half (gate, up) and k - k_begin; the same CTA reads it back after
         #    a barrier
-        xdt = x_ptr.dtype.element_ty
         X32: tl.constexpr = xdt.primitive_bitwidth == 32
         scratch = idx_ptr + (pid_n * SPLIT_K + pid_k) * K_SPLIT * (2 if X32 else 1)
         n_kept = 0
@@ -147,7 +152,17 @@ def _sparse_gemv_kernel(
         for c0 in range(k_begin, k_end, COMPACT):
             ks = c0 + tl.arange(0, COMPACT)
             k_ok = ks < k_end
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            # loaded here, not through _load_x: torch.compile's mutation analysis takes every pointer handed to a
+            # call whose result feeds a store's address (the list position depends on x) as written
+            if X_PARTS == 0:
+                x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            else:
+                gate = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+                up = tl.load(x_ptr + K + ks, mask=k_ok, other=0.0)
+                for s in tl.static_range(1, X_PARTS):
+                    gate += tl.load(x_ptr + 2 * s * K + ks, mask=k_ok, other=0.0)
+                    up += tl.load(x_ptr + (2 * s + 1) * K + ks, mask=k_ok, other=0.0)
+                x = _glu(gate, up, xdt).to(xdt)
             if NORM:  # loaded here, not in the helper: torch.compile's mutation analysis takes a pointer handed
                 # to a call whose result is stored as written
                 g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
@@ -178,11 +193,11 @@ def _sparse_gemv_kernel(
         w_cols = w_ptr + k_begin * stride_wk + cols[None, :]
         if t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
             # in order, with no list and no dependent load before the weight loads
-            xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, 0, k_end, stride_wk, N_OUT, col_ok,
-                                       BLOCK_K, EVEN_N, GLU, NORM)
+            xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
+                                       col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
-                xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, stride_wk, N_OUT,
-                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM)
+                xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
+                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
                 acc = _fma(acc, xa, wa, ACC_ROWS)
                 if GLU:
                     acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
@@ -205,7 +220,13 @@ def _sparse_gemv_kernel(
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
 
-    if not IS_SPLIT:
+    if PARTIAL_OUT:  # y [SPLIT_K, 2 if GLU, M, N_OUT] float32: the consumer sums the partials as it loads them
+        n_halves_out: tl.constexpr = 2 if GLU else 1
+        yp = y_ptr + (pid_k * n_halves_out * M + rows[:, None]) * N_OUT + cols[None, :]
+        tl.store(yp, part, mask=out_mask)
+        if GLU:
+            tl.store(yp + M * N_OUT, part_up, mask=out_mask)
+    elif not IS_SPLIT:
         _epilogue(part, part_up, res, y_ptr, ss_out_ptr, rows, row_ok, cols, out_mask, stride_rm, stride_ym,
                   GLU, HAS_RES, EMIT_SS)
     else:
@@ -256,13 +277,37 @@ def _entries(scratch, j, n_kept, K_SPLIT, xdt: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, stride_wk, N_OUT, col_ok, BLOCK_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
+def _load_x(x_ptr, offs, mask, part_stride, X_PARTS: tl.constexpr, xdt: tl.constexpr):
+    """The input at offs ([M, K] offsets): plain, or with X_PARTS > 0 silu(gate) * up from a gate/up launch's
+    split-K partials [X_PARTS, 2, M, K] (part_stride = M K), summed in split order and rounded where the GLU
+    epilogue rounds."""
+    if X_PARTS == 0:
+        return tl.load(x_ptr + offs, mask=mask, other=0.0)
+    gate = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    up = tl.load(x_ptr + part_stride + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, X_PARTS):
+        gate += tl.load(x_ptr + 2 * s * part_stride + offs, mask=mask, other=0.0)
+        up += tl.load(x_ptr + (2 * s + 1) * part_stride + offs, mask=mask, other=0.0)
+    return _glu(gate, up, xdt).to(xdt)
+
+
+@triton.jit
+def _glu(gate, up, dt: tl.constexpr):
+    """silu(gate) * up in float32 from float32 sums, rounded where the reference rounds: each projection to dt,
+    then silu, then the product (the caller rounds the product)."""
+    g = gate.to(dt).to(tl.float32)
+    return (g * tl.sigmoid(g)).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT, col_ok,
+                 BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
+                 X_PARTS: tl.constexpr, xdt: tl.constexpr):
     """Inputs k_begin+j .. +BK (float32, normalised like the list path) and their weight rows, all loaded."""
     jj = j + tl.arange(0, BLOCK_K)
     ks = k_begin + jj
     ok = ks < k_end
-    x = tl.load(x_ptr + ks, mask=ok, other=0.0)
+    x = _load_x(x_ptr, ks, ok, K, X_PARTS, xdt)
     if NORM:
         x = _rms_scale(x, tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32), tl.sum(inv_rms, axis=0))
     rows = w_cols + jj[:, None] * stride_wk
@@ -336,8 +381,7 @@ def _epilogue(acc, acc_up, res, y_ptr, ss_ptr, rows, row_ok, cols, mask, stride_
     dt = y_ptr.dtype.element_ty
     y = acc.to(dt).to(tl.float32)
     if GLU:
-        up = acc_up.to(dt).to(tl.float32)
-        y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * up
+        y = _glu(acc, acc_up, dt)
     if HAS_RES:
         y = res + y.to(dt).to(tl.float32)
     y = y.to(dt)
@@ -385,17 +429,30 @@ def counters_size(sizes, glu: bool, block_n: int) -> int:
     return sum(triton.cdiv(s, block_n) for s in out)
 
 
+def k_layout(K: int, config) -> tuple:
+    """(inputs per program along K, programs along K) for a config: no program is left empty."""
+    k_split = triton.cdiv(triton.cdiv(K, config[2]), config[1]) * config[1]
+    return k_split, triton.cdiv(K, k_split)
+
+
 def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, config,
            residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel,
            norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5,
-           ss_out: Optional[Tensor] = None):
+           ss_out: Optional[Tensor] = None, partial_out: bool = False):
     """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero).
     norm_weight with ss_in [M, n] (a producer's sums of squares): RMSNorm x first. ss_out [M, n_tiles]:
-    write this launch's per-tile sums of squares of `out` (needs a residual: the new residual stream)."""
-    M, K = x.shape
+    write this launch's per-tile sums of squares of `out` (needs a residual: the new residual stream).
+    x may also be a gate/up launch's partials [P, 2, M, K] float32: the input is then silu(sum gate) * sum up.
+    partial_out: `out` [split, 2 if glu else 1, M, N_OUT] float32 receives each split's partial sums, unreduced
+    (no epilogue: no GLU, residual or sums of squares), for a consumer that sums them as it loads them."""
+    x_parts = x.shape[0] if x.dim() == 4 else 0
+    if x_parts:
+        assert x.shape[1] == 2 and x.dtype == torch.float32 and x.is_contiguous(), "gate/up partials"
+        assert norm_weight is None, "partials feed the down projection, which has no norm"
+    M, K = x.shape[-2:]
     block_n, block_k, split, warps, stages, dot = config
     assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
-    assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(1) == 1
+    assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(-1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     out_sizes = list(sizes[:1]) if glu else list(sizes)
@@ -403,23 +460,26 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
     tiles = [triton.cdiv(s, block_n) for s in out_sizes]
     n_tiles = sum(tiles)
     assert counters.numel() >= n_tiles
-    assert ss_out is None or (residual is not None and ss_out.shape == (M, n_tiles))
+    assert ss_out is None or (residual is not None and ss_out.shape == (M, n_tiles) and not partial_out)
     # segment ends in tiles and in columns; the last segment's end repeats for absent segments
     tile_ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
     col_ends = (list(accumulate(out_sizes)) + [n_out] * 2)[:2]
     block_m = 16 if dot else 1
-    k_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
-    split = triton.cdiv(K, k_split)  # no empty programs
-    ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) if split > 1 else out
+    k_split, split = k_layout(K, config)
+    if partial_out:
+        assert residual is None and out.shape == (split, 2 if glu else 1, M, n_out) and out.dtype == torch.float32
+    ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) \
+        if split > 1 and not partial_out else out
     assert k_split < 1 << 14, "list entries hold k - k_begin in 14 bits"
-    lists = x.new_empty((n_tiles * split * k_split * (2 if x.element_size() == 4 else 1),), dtype=torch.int32) \
+    x_bytes = w.element_size() if x_parts else x.element_size()
+    lists = x.new_empty((n_tiles * split * k_split * (2 if x_bytes == 4 else 1),), dtype=torch.int32) \
         if not dot else counters
     res = residual if residual is not None else out
     n_ss = ss_in.shape[1] if ss_in is not None else 1
     kernel[(n_tiles, split)](
         x, w, t, res, out, ws, counters, norm_weight if norm_weight is not None else t,
         ss_in if ss_in is not None else t, ss_out if ss_out is not None else t, lists,
-        M, K, n_out, x.stride(0), w.stride(0), res.stride(0), out.stride(0), n_ss,
+        M, K, n_out, K if x_parts else x.stride(0), w.stride(0), res.stride(-2), out.stride(-2), n_ss,
         tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split, split,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=all(s % block_n == 0 for s in out_sizes),
         DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None,
@@ -427,14 +487,15 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
         EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
         ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
         EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
-        num_warps=warps, num_stages=stages,
+        X_PARTS=x_parts, PARTIAL_OUT=partial_out, num_warps=warps, num_stages=stages,
     )
     return out
 
 
 def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss):
-    out = x.new_empty((x.shape[0], sizes[0] if glu else sum(sizes)))
-    ss_out = x.new_empty((x.shape[0], counters_size(sizes, glu, config[0])), dtype=torch.float32) if emit_ss else None
+    M = x.shape[-2]
+    out = x.new_empty((M, sizes[0] if glu else sum(sizes)), dtype=x.dtype if x.dim() == 2 else w.dtype)
+    ss_out = x.new_empty((M, counters_size(sizes, glu, config[0])), dtype=torch.float32) if emit_ss else None
     launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
            norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out)
     return out, ss_out
@@ -454,12 +515,26 @@ def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residu
     return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config, True)
 
 
+@triton_op("teal::sparse_gemv_parts", mutates_args=())
+def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
+                          eps: float, sizes: list[int], glu: bool, config: list[int]) -> Tensor:
+    M, K = x.shape
+    out = x.new_empty((k_layout(K, config)[1], 2 if glu else 1, M, sizes[0] if glu else sum(sizes)),
+                      dtype=torch.float32)
+    n_tiles = counters_size(sizes, glu, config[0])
+    # no counters: nothing is reduced here (the kernel takes a pointer it never touches)
+    launch(x, w, t, t.new_empty((n_tiles,), dtype=torch.int32), sizes, glu, config, None, out,
+           kernel=wrap_triton(_sparse_gemv_kernel), norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True)
+    return out
+
+
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,
                 residual: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
                 ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """x [M, K] (M <= 8), w [K, N] input-major, t [len(sizes), K] float32 -> [M, N] (or [M, N/2] with glu).
     With norm_weight and ss_in (sums of squares from sparse_gemv_ss), x is the un-normalised residual stream
-    and RMSNorm is applied inside the kernel."""
+    and RMSNorm is applied inside the kernel. x may also be gate/up partials [P, 2, M, K] (sparse_gemv_parts
+    with glu): the input is then silu(gate) * up, summed and gated as it is loaded."""
     return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), glu, list(config))
 
 
@@ -469,3 +544,22 @@ def sparse_gemv_ss(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, con
     """sparse_gemv with a residual that also returns the new residual stream's per-tile sums of squares
     [M, n_tiles] float32, which a following sparse_gemv takes as ss_in to fuse its RMSNorm."""
     return _sparse_gemv_ss_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), list(config))
+
+
+def sparse_gemv_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config, glu: bool = False,
+                      norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
+                      eps: float = 1e-5) -> Tensor:
+    """sparse_gemv without its split-K reduction: the partial sums [P, 2 if glu else 1, M, N] float32 of the
+    P programs along K, for a consuming kernel that adds them up as it loads its input (decode attention takes
+    q/k/v this way, the down projection gate/up). That saves the reduction tail (store, counter, reload,
+    epilogue) of this launch; the consumer's input loads grow from one 16-bit value to P (or 2P) floats."""
+    return _sparse_gemv_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config))
+
+
+def parts_ref(parts: Tensor, glu: bool, dtype: torch.dtype) -> Tensor:
+    """What a consumer makes of partials [P, H, M, N]: the sums rounded to dtype (silu(gate) * up with glu)."""
+    total = parts.sum(0)
+    if not glu:
+        return total[0].to(dtype)
+    gate, up = total[0].to(dtype).float(), total[1].to(dtype).float()
+    return (F.silu(gate).to(dtype).float() * up).to(dtype)

@@ -92,17 +92,29 @@ def projection_shapes(args: ModelArgs) -> dict:
 
 
 def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int = 4) -> list:
+    """Each projection as the decode step launches it (`us`: q/k/v and gate/up hand their split-K partials to
+    the next kernel, down reads gate/up's partials), and on its own with its own reduction (`standalone_us`)."""
     rows = []
     dtype = torch.bfloat16
+    gu_cfg = sparse_gemv.default_config(1, args.dim, (args.intermediate_size,) * 2, True, n_sm)
     for proj, (K, sizes, glu) in projection_shapes(args).items():
         N = sum(sizes)
         ws = [(torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype) for _ in range(copies)]
         wts = [w.t().contiguous() for w in ws]  # row-major, as F.linear / gpt-fast store it
         x = torch.randn(1, K, device="cuda", dtype=dtype)
+        xin = x
+        if proj == "down":  # gate/up partials as the decode step hands them over: the input is silu(gate) * up
+            xin = torch.zeros(sparse_gemv.k_layout(args.dim, gu_cfg)[1], 2, 1, K, device="cuda")
+            xin[0] = torch.randn(2, 1, K, device="cuda") * 2
+            x = sparse_gemv.parts_ref(xin, True, dtype)
         t = torch.zeros(len(sizes), K, device="cuda")
         cfg = sparse_gemv.default_config(1, K, sizes, glu, n_sm)
         counters = torch.zeros(sparse_gemv.counters_size(sizes, glu, cfg[0]), dtype=torch.int32, device="cuda")
-        ours = [lambda w=w: sparse_gemv.sparse_gemv(x, w, t, sizes, counters, cfg, glu=glu) for w in ws]
+        alone = [lambda w=w: sparse_gemv.sparse_gemv(x, w, t, sizes, counters, cfg, glu=glu) for w in ws]
+        if proj in ("qkv", "gate_up"):
+            ours = [lambda w=w: sparse_gemv.sparse_gemv_parts(x, w, t, sizes, cfg, glu=glu) for w in ws]
+        else:
+            ours = [lambda w=w: sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, glu=glu) for w in ws]
         mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in ws])
         lin = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wts])
         nbytes = K * N * 2
@@ -112,7 +124,8 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int 
             us = graph_time_us(ours)
             roof = (1 - measured) * nbytes / bw * 1e6
             rows.append({"model": name, "projection": proj, "K": K, "N": N, "sparsity": s, "measured": measured,
-                         "us": us, "matmul_us": min(mm, lin), "roofline_us": roof, "config": list(cfg),
+                         "us": us, "standalone_us": graph_time_us(alone) if proj != "o" else us,
+                         "matmul_us": min(mm, lin), "roofline_us": roof, "config": list(cfg),
                          "gb_s": (1 - measured) * nbytes / us / 1e3})
         print(f"  {name} {proj:8s} K={K} N={N}: matmul {min(mm, lin):6.1f} us | "
               + " ".join(f"{r['sparsity']:.1f}:{r['us']:.1f}" for r in rows[-len(KERNEL_SPARSITIES):]), flush=True)
@@ -162,10 +175,10 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 
 
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
-              fuse_norm: bool = True, attention: bool = True) -> list:
+              fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
-    model.enable_kernels(fuse_norm, attention)
+    model.enable_kernels(fuse_norm, attention, defer_reduction)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -242,7 +255,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
             cells = [f"{r['us']:.1f} ({r['us'] / r['roofline_us']:.2f}×)" if r["roofline_us"] > 0 else f"{r['us']:.1f}" for r in rs]
             lines.append(f"| {m} | {p} | {rs[0]['K']}×{rs[0]['N']} | {rs[0]['matmul_us']:.1f} | " + " | ".join(cells) + " |")
         lines += ["", "(×: time over the roofline (1−s)·bytes/bandwidth; the target is ≤ 1.10×, and at s=0 no slower "
-                  "than matmul)", ""]
+                  "than matmul. Each launch as the decode step makes it: q/k/v and gate/up leave their split-K "
+                  "partials unreduced for the attention and down kernels, down reads gate/up's partials; "
+                  "`standalone_us` in the JSON has them with their own reduction.)", ""]
     if attention:
         (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")
         lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the cache end)", "",
@@ -314,6 +329,8 @@ def main():
                    help="RMSNorm inside the q/k/v and gate/up kernels (default on)")
     p.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="RoPE, cache write and attention in one kernel (default on)")
+    p.add_argument("--defer-reduction", action=argparse.BooleanOptionalAction, default=True,
+                   help="q/k/v and gate/up partials summed by the attention and down kernels (default on)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -337,7 +354,8 @@ def main():
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
-                             fuse_norm=a.fuse_norm, attention=a.attention_kernel)
+                             fuse_norm=a.fuse_norm, attention=a.attention_kernel,
+                             defer_reduction=a.defer_reduction)
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))

@@ -20,7 +20,7 @@ from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kern
 
 from kernels import decode_attention, sparse_gemv  # noqa: E402
 from checkpoint import random_model  # noqa: E402
-from model import Attention, ModelArgs, SparseLinear  # noqa: E402
+from model import Attention, FeedForward, ModelArgs, SparseLinear  # noqa: E402
 
 
 class HopperTarget:
@@ -68,10 +68,17 @@ def gemv_launches() -> Recorder:
                 if sizes == (D,):  # a residual projection writing the next norm's sums of squares
                     ss_out = torch.empty(M, sparse_gemv.counters_size(sizes, glu, cfg.block_n))
                     sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, out, kernel=rec, ss_out=ss_out)
-                else:  # the norm fused in, and plain
+                    # its input the partials of a gate/up launch
+                    parts = torch.randn(2, 2, M, K)
+                    sparse_gemv.launch(parts, w, t, counters, sizes, glu, cfg, res, out, kernel=rec, ss_out=ss_out)
+                else:  # the norm fused in, and plain; unreduced partials out
                     sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec, norm_weight=g,
                                        ss_in=ss_in)
                     sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec)
+                    P = sparse_gemv.k_layout(K, cfg)[1]
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None,
+                                       torch.empty(P, 2 if glu else 1, M, n_out), kernel=rec, norm_weight=g,
+                                       ss_in=ss_in, partial_out=True)
     return rec
 
 
@@ -82,8 +89,9 @@ def attention_launches() -> Recorder:
         k = torch.zeros(2, Hkv, 256, D, dtype=torch.bfloat16)
         v = torch.zeros_like(k)
         rope = torch.zeros(1, D // 2, 2)
-        decode_attention.launch(qkv, rope, k, v, torch.tensor([100]), torch.zeros(2 * Hkv, dtype=torch.int32), H,
-                                window, torch.empty(2, H * D, dtype=torch.bfloat16), kernel=rec)
+        for q in (qkv, torch.randn(3, 2, (H + 2 * Hkv) * D)):  # the projection's output, or its partials
+            decode_attention.launch(q, rope, k, v, torch.tensor([100]), torch.zeros(2 * Hkv, dtype=torch.int32), H,
+                                    window, torch.empty(2, H * D, dtype=torch.bfloat16), kernel=rec)
     return rec
 
 
@@ -96,7 +104,9 @@ def trace_decode_step() -> bool:
         if isinstance(m, SparseLinear):
             m.enable_kernels(n_sm=4)
         elif isinstance(m, Attention):
-            m.decode_kernel = True
+            m.decode_kernel = m.defer_reduction = True
+        elif isinstance(m, FeedForward):
+            m.defer_reduction = True
     model.setup_caches(1, 64)
     ok = True
     # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)
@@ -104,8 +114,9 @@ def trace_decode_step() -> bool:
         graph = torch._dynamo.export(lambda t, p: model(t, p, sparse_from=sparse_from), aten_graph=False)(
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-        want = {"teal.sparse_gemv.default": 2 * n_gemv, "teal.sparse_gemv_ss.default": 2 * n_gemv,
-                "teal.decode_attention.default": args.n_layer}
+        # q/k/v and gate/up hand their partials to the attention and down kernels; o and down add the residual
+        want = {"teal.sparse_gemv.default": 0, "teal.sparse_gemv_parts.default": 2 * n_gemv,
+                "teal.sparse_gemv_ss.default": 2 * n_gemv, "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
         print(f"decode step (sparse_from={sparse_from}): one graph, kernel ops {got}, SDPA calls {len(sdpa)}")

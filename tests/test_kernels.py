@@ -205,6 +205,62 @@ def test_residual_projection_feeds_the_next_norm(dtype, M):
         assert not counters.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("case", ["qkv", "gate_up"])
+def test_sparse_gemv_partial_sums(case, sparsity, M, dtype):
+    """partial_out: one unreduced float32 partial per program along K, which add up to the projection (gate
+    and up before the GLU); every partial is written."""
+    K, sizes, glu, _ = CASES[case]
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    w = (torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5).to(dtype)
+    t = thresholds_for(x, len(sizes), sparsity, per_channel=True)
+    n_out = sizes[0] if glu else sum(sizes)
+    halves = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes).view(M, -1, n_out).transpose(0, 1)
+    for config in configs_for(M, K, sizes, glu):
+        P = sparse_gemv.k_layout(K, config)[1]
+        parts = poisoned((P, 2 if glu else 1, M, n_out), torch.float32)
+        counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+        sparse_gemv.launch(x, w, t, counters, sizes, glu, config, None, parts, partial_out=True)
+        assert not parts.isnan().any(), f"unwritten partials with {config}"
+        assert rel_err(parts.sum(0), halves) < 1e-5, config  # float32 sums of the same products
+        # the op returns the same partials
+        op = sparse_gemv.sparse_gemv_parts(x, w, t, sizes, config, glu=glu)
+        assert op.shape == parts.shape and rel_err(op, parts) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+def test_down_projection_from_gate_up_partials(sparsity, M, dtype):
+    """The down kernel fed gate/up partials [P, 2, M, K] sums them and applies the GLU as it loads its input:
+    the result is the down projection (with residual and sums of squares) of silu(gate) * up."""
+    if sparse_gemv.INTERPRETED and dtype == torch.bfloat16 and sparsity > 0:
+        pytest.skip("Triton's interpreter truncates bf16 casts (GPUs round), which moves the gated inputs across "
+                    "thresholds; scripts/gpu_check.py covers this case on the GPU")
+    K, N = 131, 45
+    parts = torch.randn(3, 2, M, K, device=DEVICE) * 2
+    h = sparse_gemv.parts_ref(parts, True, dtype)  # [M, K]: what the kernel sees, rounded as the GLU rounds
+    v = h.abs().float().flatten().sort().values  # thresholds halfway between two inputs (see the norm test)
+    i = max(1, int(sparsity * v.numel()))
+    t = torch.full((1, K), float((v[i - 1] + v[i]) / 2) if sparsity else 0.0, device=DEVICE)
+    w = (torch.randn(K, N, device=DEVICE) / K ** 0.5).to(dtype)
+    res = torch.randn(M, N, dtype=dtype, device=DEVICE)
+    ref = sparse_gemv.sparse_gemv_ref(h.float(), w.float(), t, (N,), residual=res.float())
+    for config in configs_for(M, K, (N,), False):
+        n_tiles = sparse_gemv.counters_size((N,), False, config.block_n)
+        out, ss = poisoned((M, N), dtype), torch.full((M, n_tiles), float("nan"), device=DEVICE)
+        counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+        sparse_gemv.launch(parts, w, t, counters, (N,), False, config, res, out, ss_out=ss)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL.get(dtype, 1e-5), config
+        assert rel_err(ss, sparse_gemv.sum_squares_ref(out, config.block_n)) < 1e-5, config
+        assert not counters.any()
+    y, _ = sparse_gemv.sparse_gemv_ss(parts, w, t, (N,), counters, configs_for(M, K, (N,), False)[-1], res)
+    assert y.dtype == dtype and rel_err(y, ref) < TOL.get(dtype, 1e-5)
+
+
 ATTENTION = {  # name: (n_head, n_kv_head, head_dim, cache length, window)
     "mha": (4, 4, 32, 40, None),
     "gqa": (6, 2, 32, 100, None),
@@ -242,6 +298,34 @@ def test_decode_attention_matches_reference(case, B, dtype):
         others[pos] = False
         assert torch.equal(k[:, :, others].double(), k_ref[:, :, others]), "only the new position is written"
         assert torch.equal(k[B:].double(), k_ref[B:]), "only the batch's rows are written"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_attention_from_qkv_partials(B, dtype):
+    """q/k/v as the projection's unreduced partials [P, B, N] float32: summed in the kernel, rounded to the
+    cache dtype, then the same attention and cache writes as from the reduced projection."""
+    H, Hkv, D, T, window = ATTENTION["gqa"]
+    angles = torch.rand(D // 2, device=DEVICE) * 6
+    rope = torch.stack([angles.cos(), angles.sin()], -1)[None].float()
+    parts = torch.randn(3, B, (H + 2 * Hkv) * D, device=DEVICE) * 0.6  # sums of unit scale, like the other cases
+    qkv = sparse_gemv.parts_ref(parts[:, None], False, dtype)
+    k = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE)
+    v = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE)
+    for pos in (0, 50, T - 1):
+        k_ref, v_ref = k.double(), v.double()
+        ref = decode_attention.decode_attention_ref(qkv.double(), rope.double(), k_ref, v_ref, pos, H, window)
+        counters = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
+        out = poisoned((B, H * D), dtype)
+        decode_attention.launch(parts, rope, k, v, torch.tensor([pos], device=DEVICE), counters, H, window, out,
+                                block_t=16)
+        assert not out.isnan().any() and not counters.any()
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}[dtype]  # the interpreter truncates bf16 casts
+        assert rel_err(out, ref) < tol, pos
+        assert rel_err(v[:, :, pos], v_ref[:, :, pos]) < tol and rel_err(k[:, :, pos], k_ref[:, :, pos]) < tol
+    y = decode_attention.decode_attention(parts, rope, k, v, torch.tensor([T - 1], device=DEVICE),
+                                          torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE), H, window)
+    assert y.dtype == dtype and y.shape == (B, H * D)
 
 
 def test_decode_attention_op():

@@ -94,17 +94,18 @@ def test_meta_model_has_kernel_layout():
     assert tuple(m.layers[0].feed_forward.w13.weight.shape) == (4096, 2 * 14336)
 
 
-@pytest.mark.parametrize("fuse_norm,attention", [(True, True), (False, False)])
-def test_kernel_path_matches_reference_decode(fuse_norm, attention):
+@pytest.mark.parametrize("fuse_norm,attention,defer", [(True, True, True), (True, True, False), (False, False, True)])
+def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
-    projections, RMSNorm fused from the residual kernels' sums of squares, and RoPE + cache write + attention
-    in one kernel, over positions that cross a split of the attention kernel, GQA and a sliding window."""
+    projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
+    in one kernel, and q/k/v and gate/up partials summed by the kernels that read them (defer), over positions
+    that cross a split of the attention kernel, GQA and a sliding window."""
     args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
                      max_seq_len=256, sliding_window=40)
     ref_model = random_model(args, "cpu", torch.float32, seed=0)
     set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
     model = copy.deepcopy(ref_model)
-    model.enable_kernels(fuse_norm=fuse_norm, attention=attention)
+    model.enable_kernels(fuse_norm=fuse_norm, attention=attention, defer_reduction=defer)
     prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
     with torch.no_grad():
         for m in (ref_model, model):
