@@ -119,3 +119,21 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
     for layer in range(args.n_layer):  # the kernel wrote the same keys and values into its cache
         a, b = model.layers[layer].attention.kv_cache, ref_model.layers[layer].attention.kv_cache
         assert rel_err(a.k, b.k) < 1e-6 and rel_err(a.v, b.v) < 1e-6
+
+
+def test_kernel_path_matches_reference_decode_batch():
+    """Three sequences at once (tensor-core GEMV path, mask = union over the batch; partials handed over per row)."""
+    args = ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
+                     max_seq_len=128)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0)
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    model = copy.deepcopy(ref_model)
+    model.enable_kernels()
+    prompt, steps = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 3))
+    with torch.no_grad():
+        for m in (ref_model, model):
+            m.setup_caches(3, 64)
+            m(prompt, torch.arange(20), sparse_from=None)
+        for i in range(steps.shape[1]):
+            pos = torch.tensor([20 + i])
+            assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
