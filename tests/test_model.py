@@ -6,7 +6,7 @@ import torch
 from checkpoint import load_model, random_model
 from errors import UserError
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
-from sparsity import capture_inputs, set_uniform_thresholds
+from sparsity import SparsityCounter, capture_inputs, set_uniform_thresholds
 from tests.helpers import VARIANTS, hf_checkpoint
 
 
@@ -137,3 +137,25 @@ def test_kernel_path_matches_reference_decode_batch():
         for i in range(steps.shape[1]):
             pos = torch.tensor([20 + i])
             assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
+
+
+def test_sparsity_counted_on_the_kernel_path():
+    """Measuring sparsity over a decode step on the kernel path (deferred reduction on) sees every projection's
+    input, as on the reference path, and leaves the deferral on afterwards."""
+    args = ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
+                     max_seq_len=128)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0)
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    model = copy.deepcopy(ref_model)
+    model.enable_kernels()
+    stats, prompt = [], torch.randint(0, 101, (1, 20))
+    for m in (ref_model, model):
+        m.setup_caches(1, 64)
+        m(prompt, torch.arange(20), sparse_from=None)
+        counter = SparsityCounter(m)
+        with torch.no_grad(), counter.counting():
+            m(torch.tensor([[7]]), torch.tensor([20]))  # one decode step: the kernel path on `model`
+        stats.append(counter.stats())
+    assert set(stats[1]) == {(0, p) for p in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert all(abs(stats[0][k] - stats[1][k]) < 1e-6 for k in stats[0])
+    assert model.layers[0].feed_forward.defer_reduction and model.layers[0].attention.defer_reduction
