@@ -435,11 +435,12 @@ def k_layout(K: int, config) -> tuple:
     return k_split, triton.cdiv(K, k_split)
 
 
-def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, config,
+def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, glu: bool, config,
            residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel,
            norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5,
            ss_out: Optional[Tensor] = None, partial_out: bool = False):
-    """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero).
+    """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero); None with
+    partial_out, which reduces nothing.
     norm_weight with ss_in [M, n] (a producer's sums of squares): RMSNorm x first. ss_out [M, n_tiles]:
     write this launch's per-tile sums of squares of `out` (needs a residual: the new residual stream).
     x may also be a gate/up launch's partials [P, 2, M, K] float32: the input is then silu(sum gate) * sum up.
@@ -459,7 +460,9 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, sizes, glu: bool, 
     n_out = sum(out_sizes)
     tiles = [triton.cdiv(s, block_n) for s in out_sizes]
     n_tiles = sum(tiles)
-    assert counters.numel() >= n_tiles
+    assert (counters is None) == partial_out and (partial_out or counters.numel() >= n_tiles)
+    if partial_out:  # nothing to count: the kernel is handed a pointer it never touches
+        counters = t
     assert ss_out is None or (residual is not None and ss_out.shape == (M, n_tiles) and not partial_out)
     # segment ends in tiles and in columns; the last segment's end repeats for absent segments
     tile_ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
@@ -521,10 +524,8 @@ def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional
     M, K = x.shape
     out = x.new_empty((k_layout(K, config)[1], 2 if glu else 1, M, sizes[0] if glu else sum(sizes)),
                       dtype=torch.float32)
-    n_tiles = counters_size(sizes, glu, config[0])
-    # no counters: nothing is reduced here (the kernel takes a pointer it never touches)
-    launch(x, w, t, t.new_empty((n_tiles,), dtype=torch.int32), sizes, glu, config, None, out,
-           kernel=wrap_triton(_sparse_gemv_kernel), norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True)
+    launch(x, w, t, None, sizes, glu, config, None, out, kernel=wrap_triton(_sparse_gemv_kernel),
+           norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True)
     return out
 
 

@@ -76,7 +76,7 @@ def check_kernels(n_sm: int) -> list:
             if not has_res:  # the same projection handing over unreduced partials
                 parts = torch.full((sparse_gemv.k_layout(K, cfg)[1], 2 if glu else 1, M, n_out), float("nan"),
                                    device="cuda")
-                sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, parts, norm_weight=g, ss_in=ss_in,
+                sparse_gemv.launch(x, w, t, None, sizes, glu, cfg, None, parts, norm_weight=g, ss_in=ss_in,
                                    eps=1e-5, partial_out=True)
                 parts_err = rel_err(sparse_gemv.parts_ref(parts, glu, dtype), ref)
             torch.cuda.synchronize()

@@ -76,7 +76,7 @@ def gemv_launches() -> Recorder:
                                        ss_in=ss_in)
                     sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec)
                     P = sparse_gemv.k_layout(K, cfg)[1]
-                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None,
+                    sparse_gemv.launch(x, w, t, None, sizes, glu, cfg, None,
                                        torch.empty(P, 2 if glu else 1, M, n_out), kernel=rec, norm_weight=g,
                                        ss_in=ss_in, partial_out=True)
     return rec

@@ -94,18 +94,25 @@ def test_meta_model_has_kernel_layout():
     assert tuple(m.layers[0].feed_forward.w13.weight.shape) == (4096, 2 * 14336)
 
 
+def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window=None, **kernel_options):
+    """A small fp32 GQA model with 50% thresholds (reference path) and a copy on the kernel path."""
+    args = ModelArgs(dim=128, n_layer=n_layer, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
+                     max_seq_len=max_seq_len, sliding_window=window)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0)
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    model = copy.deepcopy(ref_model)
+    model.enable_kernels(**kernel_options)
+    return ref_model, model
+
+
 @pytest.mark.parametrize("fuse_norm,attention,defer", [(True, True, True), (True, True, False), (False, False, True)])
 def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
     in one kernel, and q/k/v and gate/up partials summed by the kernels that read them (defer), over positions
     that cross a split of the attention kernel, GQA and a sliding window."""
-    args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
-                     max_seq_len=256, sliding_window=40)
-    ref_model = random_model(args, "cpu", torch.float32, seed=0)
-    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
-    model = copy.deepcopy(ref_model)
-    model.enable_kernels(fuse_norm=fuse_norm, attention=attention, defer_reduction=defer)
+    ref_model, model = reference_and_kernel_models(2, 256, 40, fuse_norm=fuse_norm, attention=attention,
+                                                   defer_reduction=defer)
     prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
     with torch.no_grad():
         for m in (ref_model, model):
@@ -116,19 +123,14 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
             ref = ref_model(steps[:, i:i + 1], pos)
             out = model(steps[:, i:i + 1], pos)
             assert rel_err(out, ref) < 1e-5, i
-    for layer in range(args.n_layer):  # the kernel wrote the same keys and values into its cache
+    for layer in range(len(model.layers)):  # the kernel wrote the same keys and values into its cache
         a, b = model.layers[layer].attention.kv_cache, ref_model.layers[layer].attention.kv_cache
         assert rel_err(a.k, b.k) < 1e-6 and rel_err(a.v, b.v) < 1e-6
 
 
 def test_kernel_path_matches_reference_decode_batch():
     """Three sequences at once (tensor-core GEMV path, mask = union over the batch; partials handed over per row)."""
-    args = ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
-                     max_seq_len=128)
-    ref_model = random_model(args, "cpu", torch.float32, seed=0)
-    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
-    model = copy.deepcopy(ref_model)
-    model.enable_kernels()
+    ref_model, model = reference_and_kernel_models()
     prompt, steps = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 3))
     with torch.no_grad():
         for m in (ref_model, model):
@@ -142,12 +144,7 @@ def test_kernel_path_matches_reference_decode_batch():
 def test_sparsity_counted_on_the_kernel_path():
     """Measuring sparsity over a decode step on the kernel path (deferred reduction on) sees every projection's
     input, as on the reference path, and leaves the deferral on afterwards."""
-    args = ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
-                     max_seq_len=128)
-    ref_model = random_model(args, "cpu", torch.float32, seed=0)
-    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
-    model = copy.deepcopy(ref_model)
-    model.enable_kernels()
+    ref_model, model = reference_and_kernel_models()
     stats, prompt = [], torch.randint(0, 101, (1, 20))
     for m in (ref_model, model):
         m.setup_caches(1, 64)
