@@ -236,6 +236,12 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
              f"**{bw / 1e9:.0f} GB/s**; rooflines use it and the measured decode sparsity."
              + (" Rows of other models were kept from earlier runs (`--merge`), each against its own bandwidth "
                 "probe (`read_gb_s` in the JSON)." if merged else ""), ""]
+    runs = {}  # which command produced which models' rows (merged files mix runs)
+    for r in e2e + kernels + attention:
+        runs.setdefault(f"`{r['cmd']}` on {r['date']}" if "cmd" in r else "an earlier run (command not recorded)",
+                        set()).add(r["model"])
+    if len(runs) > 1:
+        lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
     if e2e:
         lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
                   "| model | sparsity | measured | tok/s | GB/s | roofline | q k v o gate up down |", "|---|---|---|---|---|---|---|"]
@@ -346,16 +352,17 @@ def main():
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e)
+    run = {"cmd": cmd, "date": time.strftime("%Y-%m-%d")}
+    levels = [float(s) for s in a.sparsities.split(",")]
     if not a.skip_kernels:
         for m in models:
-            kernels += bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)
-            attention += bench_attention(m, ModelArgs.from_name(m))
+            kernels += [dict(r, **run) for r in bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)]
+            attention += [dict(r, **run) for r in bench_attention(m, ModelArgs.from_name(m))]
         write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
-            e2e += bench_e2e(m, ModelArgs.from_name(m), [float(s) for s in a.sparsities.split(",")], bw,
-                             fuse_norm=a.fuse_norm, attention=a.attention_kernel,
-                             defer_reduction=a.defer_reduction)
+            e2e += [dict(r, **run) for r in bench_e2e(m, ModelArgs.from_name(m), levels, bw, fuse_norm=a.fuse_norm,
+                                                      attention=a.attention_kernel, defer_reduction=a.defer_reduction)]
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))

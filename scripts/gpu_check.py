@@ -148,9 +148,10 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
     # eager reference decode (plain PyTorch path)
     ref_gen = Generator(model, compile=False)
     ref_tokens, _ = ref_gen.generate(prompt, steps)
-    margin = move_thresholds_into_gaps(model, prompt, ref_tokens) if sparsity > 0 and dtype == torch.float32 \
-        else None
-    ref_logits = decode_logits(model, prompt, ref_tokens)
+    if sparsity > 0 and dtype == torch.float32:  # the decode that finds the gaps gives the reference logits too
+        margin, ref_logits = move_thresholds_into_gaps(model, prompt, ref_tokens)
+    else:
+        margin, ref_logits = None, decode_logits(model, prompt, ref_tokens)
     # compiled decode with the Triton kernels, fed the reference tokens
     model.enable_kernels()
     gen = Generator(model, compile=True, sparse=sparse)
@@ -165,12 +166,13 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
 
 
 @torch.no_grad()
-def move_thresholds_into_gaps(model, prompt, tokens) -> float:
+def move_thresholds_into_gaps(model, prompt, tokens) -> tuple:
     """Moves each (uniform) threshold to the middle of the gap between the two inputs on either side of it over
     the eager decode of `tokens`, which keeps every mask of that decode as it was. Different but equally valid
     roundings (inductor's fused RMSNorm against eager's) then cannot flip an input across its threshold unless
     they move it by the gap; a quantile alone sits within ~1e-7 of some input about once per run in fp32, and
-    such a flip moves the logits by several percent. Returns the smallest gap margin, relative to the threshold."""
+    such a flip moves the logits by several percent. Returns the smallest gap margin, relative to the threshold,
+    and the decode's logits, which the moved thresholds leave as they are (no mask changes)."""
     seen = {}
 
     def grab(mod, a):
@@ -178,7 +180,7 @@ def move_thresholds_into_gaps(model, prompt, tokens) -> float:
             seen.setdefault(mod, []).append(a.float().abs().flatten())
 
     with input_hooks(model, grab):
-        decode_logits(model, prompt, tokens)
+        logits = decode_logits(model, prompt, tokens)
     margin = float("inf")
     for mod, vals in seen.items():
         v = torch.cat(vals).sort().values
@@ -189,7 +191,7 @@ def move_thresholds_into_gaps(model, prompt, tokens) -> float:
             new = (v[i - 1] + v[i]) / 2
             mod.threshold.fill_(new.item())
             margin = min(margin, ((v[i] - v[i - 1]) / 2 / new).item())
-    return margin
+    return margin, logits
 
 
 def decode_logits(model, prompt, tokens, step=None) -> list:

@@ -31,8 +31,11 @@ def test_merge_keeps_other_models(tmp_path):
     assert [(r["model"], r["tok_s"]) for r in kept] == [("b", 120.0)]
     kernels = previous_records(tmp_path, GPU, "-kernels", set())
     assert len(kernels) == 2
-    write_outputs(tmp_path, GPU, 3e12, kept + [e2e("a", 0.0, 101.0), e2e("a", 0.5, 155.0)], kernels, [], "second",
-                  merged=True)
+    runs = [{"cmd": "python scripts/bench.py --models b", "date": "2026-11-23"},
+            {"cmd": "python scripts/bench.py --models a --merge", "date": "2026-11-24"}]
+    kept = [dict(r, **runs[0]) for r in kept]
+    rerun = [dict(e2e("a", 0.0, 101.0), **runs[1]), dict(e2e("a", 0.5, 155.0), **runs[1])]
+    write_outputs(tmp_path, GPU, 3e12, kept + rerun, kernels, [], "second", merged=True)
     rows = json.loads((tmp_path / f"{slug}.json").read_text())
     assert sorted((r["model"], r["sparsity"], r["tok_s"]) for r in rows) == [
         ("a", 0.0, 101.0), ("a", 0.5, 155.0), ("b", 0.5, 120.0)]
@@ -41,6 +44,10 @@ def test_merge_keeps_other_models(tmp_path):
     md = (tmp_path / f"{slug}.md").read_text()
     assert "| a | 0.50 | 0.500 | 155.0 |" in md and "| b | 0.50 | 0.500 | 120.0 |" in md
     assert "--merge" in md and "| a | qkv | 64×128 | 10.0 | 11.0 (1.38×) |" in md
+    # a merged file says which command produced which models' rows
+    assert "- `python scripts/bench.py --models b` on 2026-11-23: b" in md
+    assert "- `python scripts/bench.py --models a --merge` on 2026-11-24: a" in md
+    assert "- an earlier run (command not recorded): a, b" in md  # the kernel rows carry no command
     # a kernels-only run without --merge does not wipe the end-to-end records
     write_outputs(tmp_path, GPU, 3e12, [], [kernel("a", "qkv", 0.0, 9.0)], [], "third")
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
