@@ -4,8 +4,8 @@
                             [--skip-kernels] [--skip-e2e] [--out docs/bench] [--json]
 
 1. read bandwidth: a Triton streaming reduction over 4 GiB; every roofline below uses this number;
-2. kernels: every projection of each model at sparsity 0 ... 0.9, replayed in a CUDA graph over 4 weight
-   copies (L2 cannot serve repeats), against torch.matmul and the (1-s) roofline line;
+2. kernels: every projection of each model at sparsity 0 ... 0.9, replayed in a CUDA graph over >= 4 weight
+   copies, 4x the L2 together (L2 cannot serve repeats), against torch.matmul and the (1-s) roofline line;
 3. end to end: a 128-token random prompt, 256 greedy decode tokens, compiled with CUDA graphs; thresholds
    set in-process from the prompt's activations; median of 3 timed runs after a warm-up; measured sparsity.
    Sparsity 0 decodes the way generate.py does at 0: dense, projections through cuBLAS.
@@ -91,14 +91,24 @@ def projection_shapes(args: ModelArgs) -> dict:
             "gate_up": (args.dim, (args.intermediate_size,) * 2, True), "down": (args.intermediate_size, (args.dim,), False)}
 
 
-def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int = 4) -> list:
+def weight_copies(nbytes: int, l2_bytes: int) -> int:
+    """Copies of a weight to rotate through so that a launch never finds its weight in L2: at least 4, and together
+    4x the L2. Streaming loads marked evict_first would not need the second rule; anything with normal priority
+    (a prefetch, say) survives 4 copies of a small weight (docs/perf-notes.md, session 4)."""
+    return max(4, -(-4 * l2_bytes // nbytes))
+
+
+def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     """Each projection as the decode step launches it (`us`: q/k/v and gate/up hand their split-K partials to
     the next kernel, down reads gate/up's partials), and on its own with its own reduction (`standalone_us`)."""
     rows = []
     dtype = torch.bfloat16
     gu_cfg = sparse_gemv.default_config(1, args.dim, (args.intermediate_size,) * 2, True, n_sm)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for proj, (K, sizes, glu) in projection_shapes(args).items():
         N = sum(sizes)
+        nbytes = K * N * 2
+        copies = weight_copies(nbytes, l2)
         ws = [(torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype) for _ in range(copies)]
         wts = [w.t().contiguous() for w in ws]  # row-major, as F.linear / gpt-fast store it
         x = torch.randn(1, K, device="cuda", dtype=dtype)
@@ -117,7 +127,6 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int 
             ours = [lambda w=w: sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, glu=glu) for w in ws]
         mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in ws])
         lin = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in wts])
-        nbytes = K * N * 2
         for s in KERNEL_SPARSITIES:
             t.fill_(sparse_threshold(x, s))
             measured = (x.abs().float() <= t[0]).float().mean().item()
@@ -125,7 +134,7 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int, copies: int 
             roof = (1 - measured) * nbytes / bw * 1e6
             rows.append({"model": name, "projection": proj, "K": K, "N": N, "sparsity": s, "measured": measured,
                          "us": us, "standalone_us": graph_time_us(alone) if proj != "o" else us,
-                         "matmul_us": min(mm, lin), "roofline_us": roof, "config": list(cfg),
+                         "matmul_us": min(mm, lin), "roofline_us": roof, "config": list(cfg), "weight_copies": copies,
                          "gb_s": (1 - measured) * nbytes / us / 1e3})
         print(f"  {name} {proj:8s} K={K} N={N}: matmul {min(mm, lin):6.1f} us | "
               + " ".join(f"{r['sparsity']:.1f}:{r['us']:.1f}" for r in rows[-len(KERNEL_SPARSITIES):]), flush=True)

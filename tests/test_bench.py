@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench import gpu_slug, previous_records, write_outputs  # noqa: E402
+from bench import gpu_slug, previous_records, weight_copies, write_outputs  # noqa: E402
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -52,3 +52,10 @@ def test_merge_keeps_other_models(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [], [kernel("a", "qkv", 0.0, 9.0)], [], "third")
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
     assert previous_records(tmp_path / "missing", GPU, "", set()) == []
+
+
+def test_weight_copies_outgrow_l2():
+    l2 = 50 * 2 ** 20
+    assert weight_copies(180 * 2 ** 20, l2) == 4  # a big weight: 4 copies are 14x the L2
+    assert weight_copies(32 * 2 ** 20, l2) == 7  # Llama-2's o: 4 copies would be 2.6x the L2
+    assert weight_copies(1000, l2) * 1000 >= 4 * l2
