@@ -27,7 +27,7 @@ import triton.language as tl
 from checkpoint import random_model
 from generate import Generator
 from kernels import decode_attention, sparse_gemv
-from model import ModelArgs
+from model import CONFIGS, ModelArgs
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
@@ -229,6 +229,14 @@ def previous_records(out: Path, gpu: str, suffix: str, drop_models: set) -> list
     return [r for r in json.loads(f.read_text()) if r["model"] not in drop_models] if f.exists() else []
 
 
+def fixed_us_per_layer(r: dict):
+    """Token time minus the time to read its weight bytes at the read bandwidth, per layer (µs); None for a record
+    without the fields or of an unknown model."""
+    if not {"tok_s", "bytes_per_token", "read_gb_s"} <= set(r) or r["model"] not in CONFIGS:
+        return None
+    return (1e6 / r["tok_s"] - r["bytes_per_token"] / (r["read_gb_s"] * 1e3)) / ModelArgs.from_name(r["model"]).n_layer
+
+
 def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str,
                   merged: bool = False):
     out.mkdir(parents=True, exist_ok=True)
@@ -253,12 +261,18 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
     if e2e:
         lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
-                  "| model | sparsity | measured | tok/s | GB/s | roofline | q k v o gate up down |", "|---|---|---|---|---|---|---|"]
+                  "| model | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | q k v o gate up down |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
+            fixed = fixed_us_per_layer(r)
             lines.append(f"| {r['model']} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
-                         f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | {pp} |")
-        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does.", ""]
+                         f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
+                         f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
+        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does. "
+                  "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not explain, per layer "
+                  "(launch boundaries, each kernel's dependent loads before it streams, split-K tails, attention, the "
+                  "LM head's own excess); docs/perf-notes.md measures it per layer of launches.", ""]
     if kernels:
         lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
                   "| model | proj | K×N | matmul | " + " | ".join(f"s={s}" for s in KERNEL_SPARSITIES) + " |",

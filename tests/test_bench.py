@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench import gpu_slug, previous_records, weight_copies, write_outputs  # noqa: E402
+from bench import fixed_us_per_layer, gpu_slug, previous_records, weight_copies, write_outputs  # noqa: E402
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -59,3 +59,14 @@ def test_weight_copies_outgrow_l2():
     assert weight_copies(180 * 2 ** 20, l2) == 4  # a big weight: 4 copies are 14x the L2
     assert weight_copies(32 * 2 ** 20, l2) == 7  # Llama-2's o: 4 copies would be 2.6x the L2
     assert weight_copies(1000, l2) * 1000 >= 4 * l2
+
+
+def test_fixed_time_per_layer(tmp_path):
+    # 4000 us per token, of which 6.4 GB at 3200 GB/s take 2000: 2000 us over 32 layers
+    r = dict(e2e("llama-2-7b", 0.5, 250.0), bytes_per_token=6.4e9, read_gb_s=3200.0)
+    assert abs(fixed_us_per_layer(r) - 62.5) < 1e-9
+    assert fixed_us_per_layer(e2e("a", 0.5, 150.0)) is None  # an unknown model, no byte count
+    write_outputs(tmp_path, GPU, 3.2e12, [r, e2e("a", 0.5, 150.0)], [], [], "run")
+    md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
+    assert "| llama-2-7b | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
+    assert "| a | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
