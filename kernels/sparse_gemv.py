@@ -107,18 +107,19 @@ def _sparse_gemv_kernel(
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_RES:  # loaded now so that the epilogue does not wait for it
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    inv_rms = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM:  # the producer's per-tile sums of squares: one small load, issued beside the first x load
+    ss = tl.zeros((BLOCK_M, SS_BLOCK), dtype=tl.float32)
+    if NORM:  # the producer's per-tile sums of squares: one small load, summed only once the first inputs' loads
+        # are issued too (summing here would make them wait for it: two L2 round trips in a row)
         sj = tl.arange(0, SS_BLOCK)
         ss = tl.load(ss_in_ptr + rows[:, None] * N_SS_IN + sj[None, :],
                      mask=row_ok[:, None] & (sj < N_SS_IN)[None, :], other=0.0)
-        inv_rms = tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)  # [BM]
 
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     # the input's dtype: gate/up partial sums (X_PARTS > 0, float32) become w's dtype once summed and gated
     xdt = w_ptr.dtype.element_ty if X_PARTS > 0 else x_ptr.dtype.element_ty
     if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
+        inv_rms = _inv_rms(ss, K, EPS)  # [BM]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
@@ -152,6 +153,7 @@ def _sparse_gemv_kernel(
         for c0 in range(k_begin, k_end, COMPACT):
             ks = c0 + tl.arange(0, COMPACT)
             k_ok = ks < k_end
+            # every load of the chunk first, so that they are all in flight before anything waits on one
             # loaded here, not through _load_x: torch.compile's mutation analysis takes every pointer handed to a
             # call whose result feeds a store's address (the list position depends on x) as written
             if X_PARTS == 0:
@@ -162,18 +164,25 @@ def _sparse_gemv_kernel(
                 for s in tl.static_range(1, X_PARTS):
                     gate += tl.load(x_ptr + 2 * s * K + ks, mask=k_ok, other=0.0)
                     up += tl.load(x_ptr + (2 * s + 1) * K + ks, mask=k_ok, other=0.0)
-                x = _glu(gate, up, xdt).to(xdt)
+            t = tl.load(t_seg + ks, mask=k_ok, other=0.0)
+            t_up = t
+            if GLU:
+                t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=0.0)
             if NORM:  # loaded here, not in the helper: torch.compile's mutation analysis takes a pointer handed
                 # to a call whose result is stored as written
                 g = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-                x = _rms_scale(x, g, tl.sum(inv_rms, axis=0))
+                # the sums of squares made chunk-dependent (c0 >= 0 always): the compiler would otherwise hoist their
+                # sum above the loop, in front of this chunk's loads, and wait for ss before issuing them
+                inv = tl.sum(_inv_rms(tl.where(c0 >= 0, ss, 0.0), K, EPS), axis=0)
+            if X_PARTS > 0:
+                x = _glu(gate, up, xdt).to(xdt)
+            if NORM:
+                x = _rms_scale(x, g, inv)
             xf = x.to(tl.float32)
-            t = tl.load(t_seg + ks, mask=k_ok, other=0.0)
             keep = (tl.abs(xf) > t) & k_ok
             t_max = tl.maximum(t_max, tl.max(t, axis=0))
             entry = (keep.to(tl.int32) << 14) | (ks - k_begin)
             if GLU:
-                t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=0.0)
                 keep_up = (tl.abs(xf) > t_up) & k_ok
                 t_max = tl.maximum(t_max, tl.max(t_up, axis=0))
                 entry = entry | (keep_up.to(tl.int32) << 15)
@@ -193,11 +202,11 @@ def _sparse_gemv_kernel(
         w_cols = w_ptr + k_begin * stride_wk + cols[None, :]
         if t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
             # in order, with no list and no dependent load before the weight loads
-            xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
-                                       col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
+            xa, wa, wua = _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
+                                       col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt, EPS)
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
-                xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
-                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
+                xb, wb, wub = _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
+                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt, EPS)
                 acc = _fma(acc, xa, wa, ACC_ROWS)
                 if GLU:
                     acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
@@ -300,16 +309,17 @@ def _glu(gate, up, dt: tl.constexpr):
 
 
 @triton.jit
-def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT, col_ok,
+def _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT, col_ok,
                  BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                 X_PARTS: tl.constexpr, xdt: tl.constexpr):
+                 X_PARTS: tl.constexpr, xdt: tl.constexpr, EPS: tl.constexpr):
     """Inputs k_begin+j .. +BK (float32, normalised like the list path) and their weight rows, all loaded."""
     jj = j + tl.arange(0, BLOCK_K)
     ks = k_begin + jj
     ok = ks < k_end
     x = _load_x(x_ptr, ks, ok, K, X_PARTS, xdt)
     if NORM:
-        x = _rms_scale(x, tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32), tl.sum(inv_rms, axis=0))
+        g = tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32)
+        x = _rms_scale(x, g, tl.sum(_inv_rms(ss, K, EPS), axis=0))
     rows = w_cols + jj[:, None] * stride_wk
     w = _load_rows(rows, ok, col_ok, EVEN_N)
     w_up = w
@@ -347,6 +357,12 @@ def _fma(acc, x, w, ROWS: tl.constexpr):
     if BK == ROWS:
         return acc + p
     return acc + tl.sum(tl.reshape(p, (BK // ROWS, ROWS, BN)), axis=0)
+
+
+@triton.jit
+def _inv_rms(ss, K, EPS: tl.constexpr):
+    """1 / RMS of each row [BM] from its per-tile sums of squares [BM, tiles] over K inputs."""
+    return tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)
 
 
 @triton.jit
