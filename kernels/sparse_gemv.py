@@ -150,6 +150,7 @@ def _sparse_gemv_kernel(
         scratch = idx_ptr + (pid_n * SPLIT_K + pid_k) * K_SPLIT * (2 if X32 else 1)
         n_kept = 0
         t_max = 0.0
+        inv = 0.0  # 1 / RMS of the input row with NORM, kept for the dense branch
         for c0 in range(k_begin, k_end, COMPACT):
             ks = c0 + tl.arange(0, COMPACT)
             k_ok = ks < k_end
@@ -202,11 +203,11 @@ def _sparse_gemv_kernel(
         w_cols = w_ptr + k_begin * stride_wk + cols[None, :]
         if t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
             # in order, with no list and no dependent load before the weight loads
-            xa, wa, wua = _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
-                                       col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt, EPS)
+            xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
+                                       col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
-                xb, wb, wub = _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
-                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt, EPS)
+                xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
+                                           col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
                 acc = _fma(acc, xa, wa, ACC_ROWS)
                 if GLU:
                     acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
@@ -309,17 +310,16 @@ def _glu(gate, up, dt: tl.constexpr):
 
 
 @triton.jit
-def _dense_group(x_ptr, nw_ptr, ss, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT, col_ok,
+def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT, col_ok,
                  BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr,
-                 X_PARTS: tl.constexpr, xdt: tl.constexpr, EPS: tl.constexpr):
+                 X_PARTS: tl.constexpr, xdt: tl.constexpr):
     """Inputs k_begin+j .. +BK (float32, normalised like the list path) and their weight rows, all loaded."""
     jj = j + tl.arange(0, BLOCK_K)
     ks = k_begin + jj
     ok = ks < k_end
     x = _load_x(x_ptr, ks, ok, K, X_PARTS, xdt)
     if NORM:
-        g = tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32)
-        x = _rms_scale(x, g, tl.sum(_inv_rms(ss, K, EPS), axis=0))
+        x = _rms_scale(x, tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32), inv_rms)
     rows = w_cols + jj[:, None] * stride_wk
     w = _load_rows(rows, ok, col_ok, EVEN_N)
     w_up = w

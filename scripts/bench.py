@@ -234,7 +234,8 @@ def fixed_us_per_layer(r: dict):
     without the fields or of an unknown model."""
     if not {"tok_s", "bytes_per_token", "read_gb_s"} <= set(r) or r["model"] not in CONFIGS:
         return None
-    return (1e6 / r["tok_s"] - r["bytes_per_token"] / (r["read_gb_s"] * 1e3)) / ModelArgs.from_name(r["model"]).n_layer
+    n_layer = ModelArgs.from_name(r["model"]).n_layer
+    return (1e6 / r["tok_s"] - r["bytes_per_token"] / (r["read_gb_s"] * 1e3)) / n_layer
 
 
 def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str,
@@ -270,8 +271,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
         lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does. "
-                  "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not explain, per layer "
-                  "(launch boundaries, each kernel's dependent loads before it streams, split-K tails, attention, the "
+                  "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
+                  "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K tails, attention, the "
                   "LM head's own excess); docs/perf-notes.md measures it per layer of launches.", ""]
     if kernels:
         lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
