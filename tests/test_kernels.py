@@ -90,6 +90,24 @@ def check_sparse_gemv(case, sparsity, M, dtype):
             assert not counters.any(), "the tile counters must be left at zero"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_sparse_gemv_k_range_over_several_compaction_chunks(sparsity, glu, dtype):
+    """A K range longer than one compaction chunk (2048 inputs, e.g. Llama-2-70B's gate/up): the kept list and
+    its positions carry over from chunk to chunk."""
+    K, sizes = 2100, ((16, 16) if glu else (16,))
+    x = torch.randn(1, K, dtype=dtype, device=DEVICE)
+    w = (torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5).to(dtype)
+    t = thresholds_for(x, len(sizes), sparsity, True)
+    ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu)
+    config = C(16, 64, 1, 4, 1, 0)
+    assert sparse_gemv.k_layout(K, config)[0] > 2048
+    out = poisoned(tuple(ref.shape), dtype)
+    sparse_gemv.launch(x, w, t, torch.zeros(4, dtype=torch.int32, device=DEVICE), sizes, glu, config, None, out)
+    assert rel_err(out, ref) < TOL.get(dtype, 1e-5)
+
+
 @pytest.mark.parametrize("M", [1, 2])
 def test_sparse_gemv_skips_masked_rows(M):
     """Rows whose input is below threshold in every batch row must not be read: poison them."""
