@@ -59,8 +59,8 @@ def read_bandwidth(gib: float = 4.0) -> float:
     return n * 2 / (ms * 1e-3)
 
 
-def graph_time_us(fns: list, launches: int = 40, replays: int = 20) -> float:
-    """Median time per launch of `launches` calls (cycling through fns) replayed in a CUDA graph."""
+def capture_graph(fns: list, launches: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `launches` calls cycling through fns (each called once on a side stream first), replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -73,6 +73,11 @@ def graph_time_us(fns: list, launches: int = 40, replays: int = 20) -> float:
             fns[i % len(fns)]()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def replay_time_us(g: torch.cuda.CUDAGraph, launches: int, replays: int = 20) -> float:
+    """Median time per launch over `replays` replays of a graph holding `launches` calls."""
     times = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -82,6 +87,11 @@ def graph_time_us(fns: list, launches: int = 40, replays: int = 20) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / launches)
     return statistics.median(times)
+
+
+def graph_time_us(fns: list, launches: int = 40, replays: int = 20) -> float:
+    """Median time per launch of `launches` calls (cycling through fns) replayed in a CUDA graph."""
+    return replay_time_us(capture_graph(fns, launches), launches, replays)
 
 
 def projection_shapes(args: ModelArgs) -> dict:
@@ -272,8 +282,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
         lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does. "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
-                  "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K tails, attention, the "
-                  "LM head's own excess); docs/perf-notes.md measures it per layer of launches.", ""]
+                  "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
+                  "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches.",
+                  ""]
     if kernels:
         lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
                   "| model | proj | K×N | matmul | " + " | ".join(f"s={s}" for s in KERNEL_SPARSITIES) + " |",

@@ -26,7 +26,7 @@ from pathlib import Path
 import _path  # noqa: F401
 import torch
 
-from bench import graph_time_us, sparse_threshold
+from bench import capture_graph, graph_time_us, replay_time_us, sparse_threshold
 from kernels import decode_attention, sparse_gemv
 from kernels.sparse_gemv import rms_norm_ref
 from errors import UserError
@@ -222,17 +222,8 @@ def main():
         if not all(torch.equal(x, y) for x, y in zip(layer(0, False), layer(0, True))):
             sys.exit("error: the instrumented kernels do not reproduce the kernels' outputs")
         plain = graph_time_us([lambda: [layer(i, False) for i in range(L)]], launches=10) / L
-        stamped = graph_time_us([lambda: [layer(i, True) for i in range(L)]], launches=1, replays=30) / L
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            [layer(i, True) for i in range(L)]
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            [layer(i, True) for i in range(L)]
-        for _ in range(5):
-            graph.replay()
+        graph = capture_graph([lambda: [layer(i, True) for i in range(L)]], 1)
+        stamped = replay_time_us(graph, L, replays=30)
         for b in bufs.values():
             b.zero_()
         graph.replay()
