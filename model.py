@@ -331,12 +331,28 @@ class FeedForward(nn.Module):
         self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
         self.defer_reduction = False  # gate/up's split-K partials summed (and gated) by the down kernel
+        self.fuse_mlp = False  # batch 1: gate/up and down in one launch (sparse_gemv.sparse_mlp)
+        self.down_config = None
+
+    def enable_kernels(self, defer_reduction: bool, fuse_mlp: bool):
+        """After w13 and w2 have theirs (SparseLinear.enable_kernels)."""
+        self.defer_reduction, self.fuse_mlp = defer_reduction, fuse_mlp
+        cfg = self.w13.kernel_configs[1]
+        I, D = self.w2.weight.shape
+        self.down_config = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, cfg.block_n))
+        self.register_buffer("counters", torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32,
+                                                     device=self.w2.weight.device), persistent=False)
 
     def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
         rows = h.shape[0] * h.shape[1]
-        if self.defer_reduction and self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse,
-                                                                                                     active):
-            return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)
+        if self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse, active):
+            if self.fuse_mlp and rows == 1 and ss is not None and self.w13.fuse_norm:
+                y, ss_out = sparse_gemv.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
+                                                   self.w2.threshold, self.counters, self.w13.kernel_configs[1],
+                                                   self.down_config, norm.weight, ss, norm.eps)
+                return y.view_as(h), ss_out
+            if self.defer_reduction:
+                return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)
         return self.w2(self.w13(h, sparse, active, norm=norm, ss=ss), sparse, active, residual=h)
 
 
@@ -411,12 +427,14 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
-    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True):
+    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
+                       fuse_mlp: bool = True):
         """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only (or Triton's
         CPU interpreter, for tests). fuse_norm: RMSNorm inside the q/k/v and gate/up kernels, from the sums
         of squares the previous residual-add wrote; attention: RoPE, cache write and attention in one kernel;
         defer_reduction: q/k/v and gate/up hand their split-K partials to the attention and down kernels,
-        which sum them while loading their input, instead of reducing them in a tail of their own."""
+        which sum them while loading their input, instead of reducing them in a tail of their own; fuse_mlp: at
+        batch 1 (with the norm fused), gate/up and down in one launch (sparse_gemv.launch_mlp)."""
         device = self.tok_embeddings.weight.device
         if device.type == "cuda":
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count
@@ -433,8 +451,9 @@ class Transformer(nn.Module):
             elif isinstance(m, Attention):
                 m.decode_kernel = attention and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
                 m.defer_reduction = defer_reduction
-            elif isinstance(m, FeedForward):
-                m.defer_reduction = defer_reduction
+        for m in self.modules():  # after their projections
+            if isinstance(m, FeedForward):
+                m.enable_kernels(defer_reduction, fuse_mlp)
 
     def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,
                 all_logits: bool = True) -> Tensor:

@@ -71,6 +71,16 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
     return y
 
 
+def sparse_mlp_ref(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor,
+                   norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """x + down(silu(gate) * up) of the (RMS-normalised) input, all three projections input-sparse: what
+    sparse_mlp computes. x [.., D], w [D, 2I], t [2, D], w_down [I, D], t_down [1, I]."""
+    I = w_down.shape[0]
+    xn = rms_norm_ref(x, norm_weight, eps) if norm_weight is not None else x
+    h = sparse_gemv_ref(xn, w, t, (I, I), glu=True)
+    return sparse_gemv_ref(h, w_down, t_down, (w_down.shape[1],), residual=x)
+
+
 def sum_squares_ref(y: Tensor, block_n: int) -> Tensor:
     """y [M, N] -> [M, cdiv(N, block_n)] fp32 sums of squares over column tiles (what `ss_out` holds)."""
     return torch.stack([c.float().pow(2).sum(-1) for c in y.split(block_n, dim=1)], dim=1)
@@ -86,9 +96,13 @@ def _sparse_gemv_kernel(
     NORM: tl.constexpr, SS_BLOCK: tl.constexpr, EMIT_SS: tl.constexpr, RED_BLOCK: tl.constexpr,
     ACC_ROWS: tl.constexpr, COMPACT: tl.constexpr, EPS: tl.constexpr, X_PARTS: tl.constexpr,
     PARTIAL_OUT: tl.constexpr,
+    wd_ptr, td_ptr, dp_ptr, D_OUT, FUSE_DOWN: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_D: tl.constexpr,
+    N_RED: tl.constexpr, RED_D: tl.constexpr, ACC_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if FUSE_DOWN:  # count this program in: see _mlp_down
+        tl.atomic_add(cnt_ptr + 2 * tl.num_programs(0), 1, sem="relaxed", scope="gpu")
     # which segment this tile of columns belongs to (tiles never straddle two segments)
     seg = (pid_n >= TILE_END0).to(tl.int32) + (pid_n >= TILE_END1).to(tl.int32)
     tile0 = tl.where(seg == 0, 0, tl.where(seg == 1, TILE_END0, TILE_END1))
@@ -230,7 +244,12 @@ def _sparse_gemv_kernel(
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
 
-    if PARTIAL_OUT:  # y [SPLIT_K, 2 if GLU, M, N_OUT] float32: the consumer sums the partials as it loads them
+    if FUSE_DOWN:  # gate/up, then down in the same launch (see _mlp_down)
+        _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, idx_ptr + tl.num_programs(0) * SPLIT_K * K_SPLIT *
+                  (2 if X32 else 1), wd_ptr, td_ptr, dp_ptr, res_ptr, y_ptr, ss_out_ptr, N_OUT, D_OUT,
+                  tl.num_programs(0), tl.num_programs(0) * SPLIT_K, IS_SPLIT, SPLIT_K, BLOCK_N, BLOCK_D, ROWS_D,
+                  ACC_D, EVEN_D, N_RED, RED_D, RED_BLOCK)
+    elif PARTIAL_OUT:  # y [SPLIT_K, 2 if GLU, M, N_OUT] float32: the consumer sums the partials as it loads them
         n_halves_out: tl.constexpr = 2 if GLU else 1
         yp = y_ptr + (pid_k * n_halves_out * M + rows[:, None]) * N_OUT + cols[None, :]
         tl.store(yp, part, mask=out_mask)
@@ -270,6 +289,130 @@ def _sparse_gemv_kernel(
             _epilogue(total, total_up, res, y_ptr, ss_out_ptr, rows, row_ok, cols, out_mask, stride_rm, stride_ym,
                       GLU, HAS_RES, EMIT_SS)
             tl.store(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, lst_ptr, wd_ptr, td_ptr, dp_ptr, res_ptr, y_ptr,
+              ss_ptr, I, D, P, GRID, IS_SPLIT: tl.constexpr, SPLIT_K, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              ROWS_D: tl.constexpr, ACC: tl.constexpr, EVEN_D: tl.constexpr, N_RED: tl.constexpr, RED_D: tl.constexpr,
+              RED_P: tl.constexpr):
+    """The fused MLP's second half, batch 1 (see launch_mlp). Column tile p of gate/up is the row range
+    [p BN, +BN) of the down projection's input h = silu(gate) * up.
+    1. The program that completes tile p (the last of its programs along K) lists h's kept rows of the tile (row
+       and value, in the format of the kept-input lists) and appends p to a queue of finished tiles.
+    2. Every program, once its gate/up share is done, takes work units from a shared counter: unit u is column
+       block u % C of the u // C-th finished tile (it waits for that tile if it is not finished yet), and stores
+       the unit's [BLOCK_D] partial sums at [p, block]. So the down rows are streamed by all programs as tiles
+       finish, and no program is left with a whole tile's rows at the end.
+    3. The N_RED units after the last work unit each sum one slice of the output over the P partials, in tile
+       order (deterministic), once every work unit is done, and write residual + down and the slice's sum of
+       squares.
+    Waiting is safe: a program takes units only after every program of the grid has started (a counter), so
+    whatever it waits for is being computed by a running program; the CPU interpreter, which runs programs one
+    after another, leaves every unit to the last one. The last program to leave resets the counters.
+    cnt_ptr: [P] tile counters, [P] queue, then started, taken, finished tiles, units done, left."""
+    dt = y_ptr.dtype.element_ty
+    xdt: tl.constexpr = dt
+    X32: tl.constexpr = xdt.primitive_bitwidth == 32
+    queue = cnt_ptr + P
+    ctr = cnt_ptr + 2 * P
+    # 1. this tile's share of gate/up into the workspace [SPLIT_K, 2, I], read back below (also with one program
+    #    along K: the list's store address must depend on loaded values only, or torch.compile's mutation analysis
+    #    takes the weights for written)
+    r_ok = cols < I
+    ws = ws_ptr + pid_k * 2 * I + cols
+    tl.store(ws, tl.sum(part, axis=0), mask=r_ok)
+    tl.store(ws + I, tl.sum(part_up, axis=0), mask=r_ok)
+    tl.debug_barrier()
+    last = True
+    if IS_SPLIT:
+        last = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    if last:
+        gate = tl.load(ws_ptr + cols, mask=r_ok, other=0.0, cache_modifier=".cg")
+        up = tl.load(ws_ptr + I + cols, mask=r_ok, other=0.0, cache_modifier=".cg")
+        for s in range(1, SPLIT_K):
+            gate += tl.load(ws_ptr + s * 2 * I + cols, mask=r_ok, other=0.0, cache_modifier=".cg")
+            up += tl.load(ws_ptr + s * 2 * I + I + cols, mask=r_ok, other=0.0, cache_modifier=".cg")
+        if IS_SPLIT:
+            tl.store(cnt_ptr + pid_n, 0)  # zero again for the next launch
+        h = _glu(gate, up, dt).to(dt)  # [BN], rounded as down's input is
+        keep = (tl.abs(h.to(tl.float32)) > tl.load(td_ptr + cols, mask=r_ok, other=float("inf"))) & r_ok
+        n_kept = tl.sum(keep.to(tl.int32), axis=0)
+        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        lst = lst_ptr + pid_n * BLOCK_N * (2 if X32 else 1)
+        entry = (1 << 14) | (cols - pid_n * BLOCK_N)
+        if X32:
+            tl.store(lst + BLOCK_N + pos, h.to(tl.int32, bitcast=True), mask=keep)
+        else:
+            entry = entry | (h.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
+        tl.store(lst + pos, entry, mask=keep)
+        tl.debug_barrier()  # the list is stored before the tile is announced
+        slot = tl.atomic_add(ctr + 2, 1, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(queue + slot, pid_n * 256 + n_kept + 1, sem="release", scope="gpu")
+    # 2. and 3. work units, then reduction units
+    C = tl.cdiv(D, BLOCK_D)
+    NU = P * C
+    dcols = tl.arange(0, BLOCK_D)
+    u = NU + N_RED
+    if tl.atomic_add(ctr, 0, sem="relaxed", scope="gpu") == GRID:
+        u = tl.atomic_add(ctr + 1, 1, sem="relaxed", scope="gpu")
+    while u < NU + N_RED:
+        if u < NU:
+            v = tl.atomic_add(queue + u // C, 0, sem="acquire", scope="gpu")
+            while v == 0:
+                v = tl.atomic_add(queue + u // C, 0, sem="acquire", scope="gpu")
+            p = (v - 1) >> 8
+            nk = (v - 1) & 255
+            dc = (u % C) * BLOCK_D + dcols
+            d_ok = dc < D
+            lst = lst_ptr + p * BLOCK_N * (2 if X32 else 1)
+            w_cols = wd_ptr + p * BLOCK_N * D + dc[None, :]
+            # the kept rows in groups of ROWS_D, the next group's rows (and the one after's entries) in flight
+            acc = tl.zeros((ACC, BLOCK_D), dtype=tl.float32)
+            ea, xa = _entries(lst, 0, nk, BLOCK_N, xdt, ROWS_D)
+            eb, xb = _entries(lst, ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
+            wa, wu = _group_rows(w_cols, ea, D, 0, d_ok, EVEN_D, False)
+            for j in range(ROWS_D, nk, ROWS_D):
+                ec, xc = _entries(lst, j + ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
+                wb, wu = _group_rows(w_cols, eb, D, 0, d_ok, EVEN_D, False)
+                acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
+                ea, xa, wa = eb, xb, wb
+                eb, xb = ec, xc
+            acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
+            tl.store(dp_ptr + p * D + dc, tl.sum(acc, axis=0), mask=d_ok)
+            tl.debug_barrier()
+            tl.atomic_add(ctr + 3, 1, sem="release", scope="gpu")
+        else:
+            done = tl.atomic_add(ctr + 3, 0, sem="acquire", scope="gpu")
+            while done < NU:
+                done = tl.atomic_add(ctr + 3, 0, sem="acquire", scope="gpu")
+            _reduce_slice(u - NU, dp_ptr, res_ptr, y_ptr, ss_ptr, D, P, RED_D, RED_P)
+        u = tl.atomic_add(ctr + 1, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    if tl.atomic_add(ctr + 4, 1, sem="acq_rel", scope="gpu") == GRID - 1:  # the last to leave: all is done
+        for q0 in range(0, P, BLOCK_N):
+            q = q0 + tl.arange(0, BLOCK_N)
+            tl.store(queue + q, 0, mask=q < P)
+        c5 = tl.arange(0, 8)
+        tl.store(ctr + c5, 0, mask=c5 < 5)
+
+
+@triton.jit
+def _reduce_slice(r, dp_ptr, res_ptr, y_ptr, ss_ptr, D, P, RED_D: tl.constexpr, RED_P: tl.constexpr):
+    """Slice r of the down projection's output: its P partials summed in tile order, the residual added, stored,
+    and the slice's sum of squares (for the next RMSNorm). One load: RED_P >= P."""
+    dt = y_ptr.dtype.element_ty
+    cols = r * RED_D + tl.arange(0, RED_D)
+    ok = cols < D
+    sp = tl.arange(0, RED_P)
+    p = tl.load(dp_ptr + sp[:, None] * D + cols[None, :], mask=(sp < P)[:, None] & ok[None, :], other=0.0,
+                cache_modifier=".cg")
+    total = tl.sum(p, axis=0)
+    res = tl.load(res_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    y = (res + total.to(dt).to(tl.float32)).to(dt)
+    tl.store(y_ptr + cols, y, mask=ok)
+    yf = tl.where(ok, y.to(tl.float32), 0.0)
+    tl.store(ss_ptr + r, tl.sum(yf * yf, axis=0))
 
 
 @triton.jit
@@ -518,9 +661,72 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
         EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
         ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
         EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
-        X_PARTS=x_parts, PARTIAL_OUT=partial_out, num_warps=warps, num_stages=stages,
+        X_PARTS=x_parts, PARTIAL_OUT=partial_out,
+        # the fused MLP's down phase (launch_mlp) is off: its pointers are never touched
+        wd_ptr=t, td_ptr=t, dp_ptr=t, D_OUT=0, FUSE_DOWN=False, BLOCK_D=1, ROWS_D=1, N_RED=1, RED_D=1, ACC_D=1,
+        EVEN_D=False, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+class DownConfig(NamedTuple):
+    block_d: int  # columns of W_down per work unit
+    rows: int  # kept rows per step of a unit
+    n_red: int  # reduction units at the end, one slice of the output each
+
+
+def default_down_config(D: int, P: int) -> DownConfig:
+    """P: gate/up's column tiles. A reduction unit loads all P partials of its slice at once, 4096 floats."""
+    red_d = max(1, 4096 // triton.next_power_of_2(P))
+    return DownConfig(min(1024, triton.next_power_of_2(D)), 8, triton.cdiv(D, red_d))
+
+
+def mlp_counters_size(I: int, config) -> int:
+    return 2 * triton.cdiv(I, config[0]) + 5
+
+
+def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,
+               down_config, out: Tensor, ss_out: Tensor, norm_weight: Optional[Tensor] = None,
+               ss_in: Optional[Tensor] = None, eps: float = 1e-5, kernel=_sparse_gemv_kernel):
+    """The whole MLP of one token in one launch: out [1, D] = x + down(silu(gate) * up) of the (normalised) input
+    x [1, D], all three projections input-sparse (see _mlp_down); ss_out [1, n_red] receives out's sums of
+    squares by slice of cdiv(D, n_red) rounded up to a power of two. w [D, 2I] (gate | up), t [2, D], w_down
+    [I, D], t_down [1, I]; counters [>= mlp_counters_size] int32, zero (left zero). `config` is gate/up's Config
+    (dot 0), `down_config` a DownConfig."""
+    M, D = x.shape
+    I = w_down.shape[0]
+    block_n, block_k, split, warps, stages, dot = config
+    block_d, rows_d, n_red = down_config
+    assert M == 1 and not dot, "the fused MLP serves batch 1"
+    assert w.shape == (D, 2 * I) and w_down.shape == (I, D) and t.shape == (2, D) and t_down.shape == (1, I)
+    assert w.stride(1) == 1 and w_down.is_contiguous() and x.is_contiguous() and block_n < 256
+    assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
+    n_tiles = triton.cdiv(I, block_n)
+    k_split, split = k_layout(D, config)
+    red_d = triton.next_power_of_2(triton.cdiv(D, n_red))
+    assert counters.numel() >= mlp_counters_size(I, config) and triton.cdiv(D, red_d) == n_red
+    assert out.shape == (1, D) and ss_out.shape == (1, n_red) and k_split < 1 << 14
+    ws = x.new_empty((split, 2, I), dtype=torch.float32)
+    parts = x.new_empty((n_tiles, D), dtype=torch.float32)
+    per = 2 if x.element_size() == 4 else 1
+    lists = x.new_empty(((n_tiles * split * k_split + n_tiles * block_n) * per,), dtype=torch.int32)
+    n_ss = ss_in.shape[1] if ss_in is not None else 1
+    kernel[(n_tiles, split)](
+        x, w, t, x, out, ws, counters, norm_weight if norm_weight is not None else t,
+        ss_in if ss_in is not None else t, ss_out, lists,
+        1, D, I, x.stride(0), w.stride(0), D, D, n_ss,
+        n_tiles, n_tiles, I, I, k_split, split,
+        BLOCK_M=1, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=I % block_n == 0,
+        DOT=False, DOT_F32=False, GLU=True, HAS_RES=False,
+        IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
+        EMIT_SS=False, RED_BLOCK=triton.next_power_of_2(n_tiles),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
+        EPS=eps, X_PARTS=0, PARTIAL_OUT=False,
+        wd_ptr=w_down, td_ptr=t_down, dp_ptr=parts, D_OUT=D, FUSE_DOWN=True, BLOCK_D=block_d, ROWS_D=rows_d,
+        N_RED=n_red, RED_D=red_d, ACC_D=min(rows_d, acc_rows(block_d, warps)), EVEN_D=D % block_d == 0,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, ss_out
 
 
 def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss):
@@ -555,6 +761,26 @@ def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional
     launch(x, w, t, None, sizes, glu, config, None, out, kernel=wrap_triton(_sparse_gemv_kernel),
            norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True)
     return out
+
+
+@triton_op("teal::sparse_mlp", mutates_args=("counters",))
+def _sparse_mlp_op(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor,
+                   norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, config: list[int],
+                   down_config: list[int]) -> tuple[Tensor, Tensor]:
+    out = x.new_empty(x.shape)
+    ss_out = x.new_empty((1, down_config[2]), dtype=torch.float32)
+    return launch_mlp(x, w, t, w_down, t_down, counters, config, down_config, out, ss_out, norm_weight, ss_in, eps,
+                      kernel=wrap_triton(_sparse_gemv_kernel))
+
+
+def sparse_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,
+               down_config, norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
+               eps: float = 1e-5) -> tuple:
+    """One token's whole MLP in one launch (see launch_mlp): x [1, D] the residual stream (RMS-normalised inside
+    with norm_weight and ss_in) -> (x + down(silu(gate) * up) [1, D], its sums of squares [1, n_red] for the next
+    fused norm)."""
+    return _sparse_mlp_op(x, w, t, w_down, t_down, counters, norm_weight, ss_in, eps, list(config),
+                          list(down_config))
 
 
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,

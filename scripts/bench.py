@@ -194,10 +194,11 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 
 
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
-              fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True) -> list:
+              fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
+              fuse_mlp: bool = True) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
-    model.enable_kernels(fuse_norm, attention, defer_reduction)
+    model.enable_kernels(fuse_norm, attention, defer_reduction, fuse_mlp)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -372,6 +373,8 @@ def main():
                    help="RoPE, cache write and attention in one kernel (default on)")
     p.add_argument("--defer-reduction", action=argparse.BooleanOptionalAction, default=True,
                    help="q/k/v and gate/up partials summed by the attention and down kernels (default on)")
+    p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch 1: gate/up and down in one launch (default on)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: bench.py needs a CUDA GPU")
@@ -397,7 +400,8 @@ def main():
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += [dict(r, **run) for r in bench_e2e(m, ModelArgs.from_name(m), levels, bw, fuse_norm=a.fuse_norm,
-                                                      attention=a.attention_kernel, defer_reduction=a.defer_reduction)]
+                                                      attention=a.attention_kernel, defer_reduction=a.defer_reduction,
+                                                      fuse_mlp=a.fuse_mlp)]
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import _path  # noqa: F401
 import torch
+import triton
 
 from checkpoint import random_model
 from generate import Generator
@@ -106,6 +107,45 @@ def check_kernels(n_sm: int) -> list:
                 rows += 1
                 if not (err < BOUND[dtype]) or out.isnan().any():
                     failures.append(f"gate_up_rows {dtype} M={M} s={s}: err {err:.2e}")
+    for (D, I), dtype, s in itertools.product(((4096, 11008), (4096, 14336), (777, 301)),
+                                              (torch.float16, torch.bfloat16), (0.0, 0.5, 0.95)):
+        # the whole MLP in one launch against the two launches it replaces (the same roundings; only the order
+        # of the float32 sums differs), three times over: its work units are handed out at run time, yet the
+        # result must not change by a bit
+        x = torch.randn(1, D, device="cuda", dtype=dtype) * 3
+        g = (torch.rand(D, device="cuda") + 0.5).to(dtype)
+        ss_in = sparse_gemv.sum_squares_ref(x, 128)
+        w = (torch.randn(D, 2 * I, device="cuda") / D ** 0.5).to(dtype)
+        wd = (torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype)
+        xn = sparse_gemv.rms_norm_ref(x, g, 1e-5)
+        t = torch.quantile(xn.abs().float().flatten(), s).expand(2, D).contiguous()
+        t = t * (torch.rand_like(t) * 0.4 + 0.8)
+        cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
+        parts = sparse_gemv.sparse_gemv_parts(x, w, t, (I, I), cfg, glu=True, norm_weight=g, ss_in=ss_in)
+        h = sparse_gemv.parts_ref(parts, True, dtype)
+        td = torch.quantile(h.abs().float().flatten(), s).expand(1, I).contiguous()
+        td = td * (torch.rand_like(td) * 0.4 + 0.8)
+        pair = sparse_gemv.launch(parts, wd, td, torch.zeros(4096, dtype=torch.int32, device="cuda"), (D,), False,
+                                  sparse_gemv.default_config(1, I, (D,), False, n_sm), x,
+                                  torch.full((1, D), float("nan"), device="cuda", dtype=dtype))
+        n_tiles = sparse_gemv.counters_size((I, I), True, cfg.block_n)
+        dcfg = sparse_gemv.default_down_config(D, n_tiles)
+        counters = torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32, device="cuda")
+        outs = []
+        for _ in range(3):
+            out = torch.full((1, D), float("nan"), device="cuda", dtype=dtype)
+            ss = torch.full((1, dcfg.n_red), float("nan"), device="cuda")
+            sparse_gemv.launch_mlp(x, w, t, wd, td, counters, cfg, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
+            outs.append((out, ss))
+        torch.cuda.synchronize()
+        out, ss = outs[0]
+        red_d = triton.next_power_of_2(triton.cdiv(D, dcfg.n_red))
+        err, ss_err = rel_err(out, pair), rel_err(ss, sparse_gemv.sum_squares_ref(out, red_d))
+        same = all(torch.equal(o, out) and torch.equal(q, ss) for o, q in outs[1:])
+        rows += 1
+        if not (err < BOUND[dtype] / 10 and ss_err < 1e-5 and same) or out.isnan().any() or counters.any():
+            failures.append(f"sparse_mlp D={D} I={I} {dtype} s={s}: err against the two launches {err:.2e}, sums of "
+                            f"squares {ss_err:.2e}, repeatable {same}, counters left zero {not counters.any()}")
     for (H, Hkv, D), T, window, dtype, B in itertools.product(
             ((32, 32, 128), (32, 8, 128), (9, 3, 64)), (384, 4096), (None, 100), (torch.float16, torch.bfloat16),
             (1, 3)):

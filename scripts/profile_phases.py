@@ -5,7 +5,8 @@ Needs a CUDA GPU.
     python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
-down) run in a CUDA graph over 4 layer copies, as the decode step makes them. Per launch it prints the gap after the
+down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
+(`enable_kernels(fuse_mlp=False)`; the fused MLP launch is not instrumented). Per launch it prints the gap after the
 previous launch, the median time of each phase over the launch's programs, the skew (last program's end minus the
 median program's end) and the span. GEMV phases: input loads in, list positions known (scan), list stored, first
 entries reloaded, weights streamed, partials reduced in registers, split-K counter, tail. Attention: q/k/v in, cache

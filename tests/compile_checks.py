@@ -79,6 +79,14 @@ def gemv_launches() -> Recorder:
                     sparse_gemv.launch(x, w, t, None, sizes, glu, cfg, None,
                                        torch.empty(P, 2 if glu else 1, M, n_out), kernel=rec, norm_weight=g,
                                        ss_in=ss_in, partial_out=True)
+                if glu and M == 1:  # the whole MLP in one launch, one or two programs along K
+                    wd = torch.randn(sizes[0], K, dtype=dtype)
+                    n_tiles = sparse_gemv.counters_size(sizes, glu, cfg.block_n)
+                    dcfg = sparse_gemv.default_down_config(K, n_tiles)
+                    sparse_gemv.launch_mlp(x, w, t, wd, torch.zeros(1, sizes[0]),
+                                           torch.zeros(sparse_gemv.mlp_counters_size(sizes[0], cfg), dtype=torch.int32),
+                                           cfg, dcfg, torch.empty(1, K, dtype=dtype), torch.empty(1, dcfg.n_red),
+                                           norm_weight=g, ss_in=ss_in, kernel=rec)
     return rec
 
 
@@ -105,8 +113,9 @@ def trace_decode_step() -> bool:
             m.enable_kernels(n_sm=4)
         elif isinstance(m, Attention):
             m.decode_kernel = m.defer_reduction = True
-        elif isinstance(m, FeedForward):
-            m.defer_reduction = True
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
     model.setup_caches(1, 64)
     ok = True
     # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)
@@ -114,9 +123,10 @@ def trace_decode_step() -> bool:
         graph = torch._dynamo.export(lambda t, p: model(t, p, sparse_from=sparse_from), aten_graph=False)(
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-        # q/k/v and gate/up hand their partials to the attention and down kernels; o and down add the residual
-        want = {"teal.sparse_gemv.default": 0, "teal.sparse_gemv_parts.default": 2 * n_gemv,
-                "teal.sparse_gemv_ss.default": 2 * n_gemv, "teal.decode_attention.default": args.n_layer}
+        # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
+        want = {"teal.sparse_gemv.default": 0, "teal.sparse_gemv_parts.default": n_gemv,
+                "teal.sparse_gemv_ss.default": n_gemv, "teal.sparse_mlp.default": n_gemv,
+                "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
         print(f"decode step (sparse_from={sparse_from}): one graph, kernel ops {got}, SDPA calls {len(sdpa)}")
@@ -128,7 +138,7 @@ def main():
     ok = trace_decode_step()
     triton.runtime.driver.set_active(HopperTarget())
     allowed = {
-        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr"},
+        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
         decode_attention._decode_attention_kernel: {"y_ptr", "k_ptr", "v_ptr", "ws_ml_ptr", "ws_acc_ptr", "cnt_ptr"},
     }
     bad = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from kernels import decode_attention, gate_up_rows, sparse_gemv
 
@@ -284,6 +285,68 @@ ATTENTION = {  # name: (n_head, n_kv_head, head_dim, cache length, window)
     "gqa-d64": (4, 1, 64, 300, None),
     "window": (8, 2, 32, 64, 5),
 }
+
+
+def halfway_thresholds(a, sparsity):
+    """[1, K] thresholds giving about `sparsity` zeros on a [1, K], each halfway between two of its values: a
+    rounding difference between kernel and reference then never flips an input across its threshold."""
+    v = a.abs().float().flatten().sort().values
+    i = max(1, int(sparsity * v.numel()))
+    return torch.full((1, a.shape[-1]), float((v[i - 1] + v[i]) / 2) if sparsity else 0.0, device=a.device)
+
+
+MLP_CONFIGS = [C(32, 16, 1, 4, 1, 0), C(32, 32, 3, 4, 1, 0), C(16, 64, 2, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("D,I", [(72, 96), (130, 200)])
+def test_sparse_mlp_matches_reference(D, I, sparsity, dtype):
+    """The whole MLP in one launch (batch 1, norm fused) against the reference, and against the two launches it
+    replaces (gate/up partials, then down from them), which round where it rounds: odd sizes (the last gate/up
+    tile and the last output slice partial), one to three programs along K, fp32 lists of kept rows."""
+    interpreted_bf16 = sparse_gemv.INTERPRETED and dtype == torch.bfloat16
+    x = torch.randn(1, D, device=DEVICE).to(dtype) * 3
+    g = (torch.rand(D, device=DEVICE) + 0.5).to(dtype)
+    ss_in = sparse_gemv.sum_squares_ref(x, 16)
+    w = (torch.randn(D, 2 * I, device=DEVICE) / D ** 0.5).to(dtype)
+    wd = (torch.randn(I, D, device=DEVICE) / I ** 0.5).to(dtype)
+    t = halfway_thresholds(sparse_gemv.rms_norm_ref(x, g, 1e-5), sparsity).expand(2, D).contiguous()
+    t[1] *= 0.9  # gate and up keep different inputs
+    h = sparse_gemv.sparse_gemv_ref(sparse_gemv.rms_norm_ref(x, g, 1e-5), w, t, (I, I), glu=True)
+    td = halfway_thresholds(h, sparsity)
+    ref = sparse_gemv.sparse_mlp_ref(x, w, t, wd, td, g, 1e-5)
+    for config in MLP_CONFIGS + [sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)]:
+        n_tiles = sparse_gemv.counters_size((I, I), True, config.block_n)
+        for dcfg in (sparse_gemv.default_down_config(D, n_tiles), sparse_gemv.DownConfig(32, 4, 3)):
+            out, ss = poisoned((1, D), dtype), torch.full((1, dcfg.n_red), float("nan"), device=DEVICE)
+            counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config) + 8, dtype=torch.int32, device=DEVICE)
+            sparse_gemv.launch_mlp(x, w, t, wd, td, counters, config, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
+            assert not out.isnan().any() and not counters.any(), (config, dcfg)
+            red_d = triton.next_power_of_2(triton.cdiv(D, dcfg.n_red))
+            assert rel_err(ss, sparse_gemv.sum_squares_ref(out, red_d)) < 1e-5, (config, dcfg)
+            # the two launches of the deferred path, with the same kernel code (and the interpreter's roundings)
+            parts = sparse_gemv.sparse_gemv_parts(x, w, t, (I, I), config, glu=True, norm_weight=g, ss_in=ss_in)
+            pair = sparse_gemv.launch(parts, wd, td, torch.zeros(64, dtype=torch.int32, device=DEVICE), (D,), False,
+                                      C(32, 16, 2, 4, 1, 0), x, poisoned((1, D), dtype))
+            assert rel_err(out, pair) < TOL.get(dtype, 1e-5) / 10, (config, dcfg)
+            if not interpreted_bf16 or sparsity == 0:  # the interpreter truncates bf16 casts where GPUs round
+                assert rel_err(out, ref) < (5e-2 if interpreted_bf16 else TOL.get(dtype, 1e-5)), (config, dcfg)
+    config = sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)
+    dcfg = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, config.block_n))
+    counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
+    y, ss = sparse_gemv.sparse_mlp(x, w, t, wd, td, counters, config, dcfg, g, ss_in)
+    assert y.dtype == dtype and ss.shape == (1, dcfg.n_red) and rel_err(y, out) < 1e-6 and not counters.any()
+
+
+def test_sparse_mlp_rejects_what_it_does_not_serve():
+    x, w, wd = torch.randn(2, 64), torch.randn(64, 64), torch.randn(32, 64)
+    cfg, dcfg = sparse_gemv.default_config(1, 64, (32, 32), True, n_sm=4), sparse_gemv.DownConfig(64, 8, 4)
+    counters = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(AssertionError, match="batch 1"):
+        sparse_gemv.launch_mlp(x, w, torch.zeros(2, 64), wd, torch.zeros(1, 32), counters, cfg, dcfg,
+                               torch.empty(2, 64), torch.empty(1, 4))
+
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from checkpoint import load_model, random_model
+from kernels import sparse_gemv
 from errors import UserError
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
 from sparsity import SparsityCounter, capture_inputs, set_uniform_thresholds
@@ -105,15 +106,20 @@ def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window
     return ref_model, model
 
 
-@pytest.mark.parametrize("fuse_norm,attention,defer", [(True, True, True), (True, True, False), (False, False, True)])
-def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
+@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp", [(True, True, True, True), (True, True, True, False),
+                                                                 (True, True, False, False), (False, False, True, True)])
+def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, monkeypatch):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
-    in one kernel, and q/k/v and gate/up partials summed by the kernels that read them (defer), over positions
-    that cross a split of the attention kernel, GQA and a sliding window."""
+    in one kernel, q/k/v and gate/up partials summed by the kernels that read them (defer), and the whole MLP
+    in one launch (fuse_mlp; with the norm fused only), over positions that cross a split of the attention
+    kernel, GQA and a sliding window."""
     ref_model, model = reference_and_kernel_models(2, 256, 40, fuse_norm=fuse_norm, attention=attention,
-                                                   defer_reduction=defer)
+                                                   defer_reduction=defer, fuse_mlp=fuse_mlp)
     prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
+    fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
+    launch_mlp = sparse_gemv.sparse_mlp
+    monkeypatch.setattr(sparse_gemv, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))
     with torch.no_grad():
         for m in (ref_model, model):
             m.setup_caches(1, 128)  # attention splits of 64 positions: the steps cross position 64
@@ -123,6 +129,7 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer):
             ref = ref_model(steps[:, i:i + 1], pos)
             out = model(steps[:, i:i + 1], pos)
             assert rel_err(out, ref) < 1e-5, i
+    assert len(fused) == (len(model.layers) * steps.shape[1] if fuse_mlp and fuse_norm else 0)
     for layer in range(len(model.layers)):  # the kernel wrote the same keys and values into its cache
         a, b = model.layers[layer].attention.kv_cache, ref_model.layers[layer].attention.kv_cache
         assert rel_err(a.k, b.k) < 1e-6 and rel_err(a.v, b.v) < 1e-6
@@ -155,4 +162,5 @@ def test_sparsity_counted_on_the_kernel_path():
         stats.append(counter.stats())
     assert set(stats[1]) == {(0, p) for p in ("q", "k", "v", "o", "gate", "up", "down")}
     assert all(abs(stats[0][k] - stats[1][k]) < 1e-6 for k in stats[0])
-    assert model.layers[0].feed_forward.defer_reduction and model.layers[0].attention.defer_reduction
+    ff = model.layers[0].feed_forward
+    assert ff.defer_reduction and ff.fuse_mlp and model.layers[0].attention.defer_reduction
