@@ -149,6 +149,54 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
         print(f"  {name} {proj:8s} K={K} N={N}: matmul {min(mm, lin):6.1f} us | "
               + " ".join(f"{r['sparsity']:.1f}:{r['us']:.1f}" for r in rows[-len(KERNEL_SPARSITIES):]), flush=True)
         del ws, wts
+    return rows + bench_mlp(name, args, bw, n_sm)
+
+
+def bench_mlp(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
+    """The batch-1 MLP launch (norm fused, gate/up then down, residual added; `us`) against the two launches it
+    replaces (gate/up partials, then down from them: `standalone_us`) and the three matmuls (`matmul_us`). Both
+    stages at sparsity s: gate/up's thresholds from the normalised input, down's from gate/up's output."""
+    dtype, D, I = torch.bfloat16, args.dim, args.intermediate_size
+    gu_bytes, d_bytes = D * 2 * I * 2, I * D * 2
+    copies = weight_copies(gu_bytes + d_bytes, torch.cuda.get_device_properties(0).L2_cache_size)
+    wg = [(torch.randn(D, 2 * I, device="cuda") / D ** 0.5).to(dtype) for _ in range(copies)]
+    wd = [(torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype) for _ in range(copies)]
+    x = torch.randn(1, D, device="cuda", dtype=dtype)
+    g = torch.ones(D, device="cuda", dtype=dtype)
+    ss_in = sparse_gemv.sum_squares_ref(x, 128)
+    xn = sparse_gemv.rms_norm_ref(x, g, 1e-5)
+    t, td = torch.zeros(2, D, device="cuda"), torch.zeros(1, I, device="cuda")
+    gu_cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
+    d_cfg = sparse_gemv.default_config(1, I, (D,), False, n_sm)
+    dcfg = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, gu_cfg.block_n))
+    counters = torch.zeros(sparse_gemv.mlp_counters_size(I, gu_cfg), dtype=torch.int32, device="cuda")
+    d_counters = torch.zeros(sparse_gemv.counters_size((D,), False, d_cfg.block_n), dtype=torch.int32, device="cuda")
+
+    def two(i):
+        parts = sparse_gemv.sparse_gemv_parts(x, wg[i], t, (I, I), gu_cfg, glu=True, norm_weight=g, ss_in=ss_in)
+        return sparse_gemv.sparse_gemv_ss(parts, wd[i], td, (D,), d_counters, d_cfg, x)
+
+    ours = [lambda i=i: sparse_gemv.sparse_mlp(x, wg[i], t, wd[i], td, counters, gu_cfg, dcfg, g, ss_in)
+            for i in range(copies)]
+    pair = [lambda i=i: two(i) for i in range(copies)]
+    h = torch.randn(1, I, device="cuda", dtype=dtype)
+    mm = graph_time_us([lambda i=i: (torch.matmul(xn, wg[i]), torch.matmul(h, wd[i])) for i in range(copies)])
+    rows = []
+    for s in KERNEL_SPARSITIES:
+        t.fill_(sparse_threshold(xn, s))
+        h = sparse_gemv.parts_ref(sparse_gemv.sparse_gemv_parts(x, wg[0], t, (I, I), gu_cfg, glu=True, norm_weight=g,
+                                                                ss_in=ss_in), True, dtype)
+        td.fill_(sparse_threshold(h, s))
+        m_gu = (xn.abs().float() <= t[0]).float().mean().item()
+        m_d = (h.abs().float() <= td[0]).float().mean().item()
+        nbytes = (1 - m_gu) * gu_bytes + (1 - m_d) * d_bytes
+        us = graph_time_us(ours)
+        rows.append({"model": name, "projection": "mlp", "K": D, "N": 3 * I, "sparsity": s,
+                     "measured": 1 - nbytes / (gu_bytes + d_bytes), "us": us, "standalone_us": graph_time_us(pair),
+                     "matmul_us": mm, "roofline_us": nbytes / bw * 1e6, "config": list(gu_cfg) + list(dcfg),
+                     "weight_copies": copies, "gb_s": nbytes / us / 1e3})
+    print(f"  {name} mlp      D={D} I={I}: matmul {mm:6.1f} us | "
+          + " ".join(f"{r['sparsity']:.1f}:{r['us']:.1f}/{r['standalone_us']:.1f}" for r in rows), flush=True)
     return rows
 
 
@@ -299,7 +347,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["", "(×: time over the roofline (1−s)·bytes/bandwidth; the target is ≤ 1.10×, and at s=0 no slower "
                   "than matmul. Each launch as the decode step makes it: q/k/v and gate/up leave their split-K "
                   "partials unreduced for the attention and down kernels, down reads gate/up's partials; "
-                  "`standalone_us` in the JSON has them with their own reduction.)", ""]
+                  "`standalone_us` in the JSON has them with their own reduction. mlp: the batch-1 step's one MLP "
+                  "launch, norm fused, gate/up then down (K×N: dim × 3·intermediate), against the three matmuls; "
+                  "its `standalone_us` is the two launches it replaces.)", ""]
     if attention:
         (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")
         lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the cache end)", "",
