@@ -21,6 +21,9 @@ the epilogue (GLU, residual add, sums of squares) and resets the counter to zero
 Deferred reduction: with partial_out a launch stores its partials and stops there, and the kernel that reads the
 result sums them while loading its input (decode attention for q/k/v; this kernel for down, given gate/up's
 partials as x [P, 2, M, K], applying silu(gate) * up as it loads): no tail where nothing needs the reduced value.
+
+The whole MLP in one launch (batch 1, launch_mlp / sparse_mlp): gate/up as above, then the down projection in the
+same programs, handed out as work units once gate/up's column tiles finish (see _mlp_down).
 """
 import os
 from itertools import accumulate
@@ -245,8 +248,9 @@ def _sparse_gemv_kernel(
         part_up = tl.sum(acc_up, axis=0)[None, :]
 
     if FUSE_DOWN:  # gate/up, then down in the same launch (see _mlp_down)
-        _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, idx_ptr + tl.num_programs(0) * SPLIT_K * K_SPLIT *
-                  (2 if X32 else 1), wd_ptr, td_ptr, dp_ptr, res_ptr, y_ptr, ss_out_ptr, N_OUT, D_OUT,
+        tile_lists = idx_ptr + tl.num_programs(0) * SPLIT_K * K_SPLIT * (2 if X32 else 1)  # after the K-range lists
+        _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, tile_lists, wd_ptr, td_ptr, dp_ptr, res_ptr,
+                  y_ptr, ss_out_ptr, N_OUT, D_OUT,
                   tl.num_programs(0), tl.num_programs(0) * SPLIT_K, IS_SPLIT, SPLIT_K, BLOCK_N, BLOCK_D, ROWS_D,
                   ACC_D, EVEN_D, N_RED, RED_D, RED_BLOCK)
     elif PARTIAL_OUT:  # y [SPLIT_K, 2 if GLU, M, N_OUT] float32: the consumer sums the partials as it loads them
@@ -371,7 +375,7 @@ def _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, lst_ptr, wd_pt
             acc = tl.zeros((ACC, BLOCK_D), dtype=tl.float32)
             ea, xa = _entries(lst, 0, nk, BLOCK_N, xdt, ROWS_D)
             eb, xb = _entries(lst, ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
-            wa, wu = _group_rows(w_cols, ea, D, 0, d_ok, EVEN_D, False)
+            wa, wu = _group_rows(w_cols, ea, D, 0, d_ok, EVEN_D, False)  # (wu, au: the unused up halves)
             for j in range(ROWS_D, nk, ROWS_D):
                 ec, xc = _entries(lst, j + ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
                 wb, wu = _group_rows(w_cols, eb, D, 0, d_ok, EVEN_D, False)

@@ -4,7 +4,8 @@
    reference: relative error within dtype bounds, every output written, tile counters left at zero; the GEMV
    also with its RMSNorm fused (sums of squares in) and with the sums of squares it emits (out); decode
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
-   reduction: q/k/v and gate/up partials summed by the attention and down kernels;
+   reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
+   the two launches it replaces, bit-identical over three runs;
 2. a random Llama-2-7B-shaped model (few layers): compiled sparse decode (fullgraph, CUDA graphs, Triton
    kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie flips one,
    logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the thresholds moved

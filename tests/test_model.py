@@ -106,8 +106,8 @@ def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window
     return ref_model, model
 
 
-@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp", [(True, True, True, True), (True, True, True, False),
-                                                                 (True, True, False, False), (False, False, True, True)])
+@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp", [
+    (True, True, True, True), (True, True, True, False), (True, True, False, False), (False, False, True, True)])
 def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, monkeypatch):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
