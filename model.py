@@ -339,7 +339,7 @@ class FeedForward(nn.Module):
         self.defer_reduction, self.fuse_mlp = defer_reduction, fuse_mlp
         cfg = self.w13.kernel_configs[1]
         I, D = self.w2.weight.shape
-        self.down_config = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, cfg.block_n))
+        self.down_config = sparse_gemv.default_down_config(D, I, cfg)
         self.register_buffer("counters", torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32,
                                                      device=self.w2.weight.device), persistent=False)
 

@@ -679,14 +679,16 @@ class DownConfig(NamedTuple):
     n_red: int  # reduction units at the end, one slice of the output each
 
 
-def default_down_config(D: int, P: int) -> DownConfig:
-    """P: gate/up's column tiles. A reduction unit loads all P partials of its slice at once, 4096 floats."""
-    red_d = max(1, 4096 // triton.next_power_of_2(P))
+def default_down_config(D: int, I: int, config) -> DownConfig:
+    """For gate/up's Config `config` (its column tiles are the P partials): a reduction unit loads all P partials
+    of its slice at once, 4096 floats."""
+    red_d = max(1, 4096 // triton.next_power_of_2(counters_size((I, I), True, config[0])))
     return DownConfig(min(1024, triton.next_power_of_2(D)), 8, triton.cdiv(D, red_d))
 
 
 def mlp_counters_size(I: int, config) -> int:
-    return 2 * triton.cdiv(I, config[0]) + 5
+    """Per gate/up column tile a split-K counter and a queue slot, then five shared counters (see _mlp_down)."""
+    return 2 * counters_size((I, I), True, config[0]) + 5
 
 
 def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,
@@ -705,7 +707,7 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
     assert w.shape == (D, 2 * I) and w_down.shape == (I, D) and t.shape == (2, D) and t_down.shape == (1, I)
     assert w.stride(1) == 1 and w_down.is_contiguous() and x.is_contiguous() and block_n < 256
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
-    n_tiles = triton.cdiv(I, block_n)
+    n_tiles = counters_size((I, I), True, block_n)
     k_split, split = k_layout(D, config)
     red_d = triton.next_power_of_2(triton.cdiv(D, n_red))
     assert counters.numel() >= mlp_counters_size(I, config) and triton.cdiv(D, red_d) == n_red

@@ -154,7 +154,7 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
 
 def bench_mlp(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     """The batch-1 MLP launch (norm fused, gate/up then down, residual added; `us`) against the two launches it
-    replaces (gate/up partials, then down from them: `standalone_us`) and the three matmuls (`matmul_us`). Both
+    replaces (gate/up partials, then down from them: `standalone_us`) and cuBLAS (`matmul_us`: gate|up, then down). Both
     stages at sparsity s: gate/up's thresholds from the normalised input, down's from gate/up's output."""
     dtype, D, I = torch.bfloat16, args.dim, args.intermediate_size
     gu_bytes, d_bytes = D * 2 * I * 2, I * D * 2
@@ -168,7 +168,7 @@ def bench_mlp(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     t, td = torch.zeros(2, D, device="cuda"), torch.zeros(1, I, device="cuda")
     gu_cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
     d_cfg = sparse_gemv.default_config(1, I, (D,), False, n_sm)
-    dcfg = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, gu_cfg.block_n))
+    dcfg = sparse_gemv.default_down_config(D, I, gu_cfg)
     counters = torch.zeros(sparse_gemv.mlp_counters_size(I, gu_cfg), dtype=torch.int32, device="cuda")
     d_counters = torch.zeros(sparse_gemv.counters_size((D,), False, d_cfg.block_n), dtype=torch.int32, device="cuda")
 
@@ -348,7 +348,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   "than matmul. Each launch as the decode step makes it: q/k/v and gate/up leave their split-K "
                   "partials unreduced for the attention and down kernels, down reads gate/up's partials; "
                   "`standalone_us` in the JSON has them with their own reduction. mlp: the batch-1 step's one MLP "
-                  "launch, norm fused, gate/up then down (K×N: dim × 3·intermediate), against the three matmuls; "
+                  "launch, norm fused, gate/up then down (K×N: dim × 3·intermediate), against matmuls of gate|up and down; "
                   "its `standalone_us` is the two launches it replaces.)", ""]
     if attention:
         (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")

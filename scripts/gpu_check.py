@@ -129,8 +129,7 @@ def check_kernels(n_sm: int) -> list:
         pair = sparse_gemv.launch(parts, wd, td, torch.zeros(4096, dtype=torch.int32, device="cuda"), (D,), False,
                                   sparse_gemv.default_config(1, I, (D,), False, n_sm), x,
                                   torch.full((1, D), float("nan"), device="cuda", dtype=dtype))
-        n_tiles = sparse_gemv.counters_size((I, I), True, cfg.block_n)
-        dcfg = sparse_gemv.default_down_config(D, n_tiles)
+        dcfg = sparse_gemv.default_down_config(D, I, cfg)
         counters = torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32, device="cuda")
         outs = []
         for _ in range(3):

@@ -81,8 +81,7 @@ def gemv_launches() -> Recorder:
                                        ss_in=ss_in, partial_out=True)
                 if glu and M == 1:  # the whole MLP in one launch, one or two programs along K
                     wd = torch.randn(sizes[0], K, dtype=dtype)
-                    n_tiles = sparse_gemv.counters_size(sizes, glu, cfg.block_n)
-                    dcfg = sparse_gemv.default_down_config(K, n_tiles)
+                    dcfg = sparse_gemv.default_down_config(K, sizes[0], cfg)
                     sparse_gemv.launch_mlp(x, w, t, wd, torch.zeros(1, sizes[0]),
                                            torch.zeros(sparse_gemv.mlp_counters_size(sizes[0], cfg), dtype=torch.int32),
                                            cfg, dcfg, torch.empty(1, K, dtype=dtype), torch.empty(1, dcfg.n_red),

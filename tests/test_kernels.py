@@ -317,8 +317,7 @@ def test_sparse_mlp_matches_reference(D, I, sparsity, dtype):
     td = halfway_thresholds(h, sparsity)
     ref = sparse_gemv.sparse_mlp_ref(x, w, t, wd, td, g, 1e-5)
     for config in MLP_CONFIGS + [sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)]:
-        n_tiles = sparse_gemv.counters_size((I, I), True, config.block_n)
-        for dcfg in (sparse_gemv.default_down_config(D, n_tiles), sparse_gemv.DownConfig(32, 4, 3)):
+        for dcfg in (sparse_gemv.default_down_config(D, I, config), sparse_gemv.DownConfig(32, 4, 3)):
             out, ss = poisoned((1, D), dtype), torch.full((1, dcfg.n_red), float("nan"), device=DEVICE)
             counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config) + 8, dtype=torch.int32, device=DEVICE)
             sparse_gemv.launch_mlp(x, w, t, wd, td, counters, config, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
@@ -333,7 +332,7 @@ def test_sparse_mlp_matches_reference(D, I, sparsity, dtype):
             if not interpreted_bf16 or sparsity == 0:  # the interpreter truncates bf16 casts where GPUs round
                 assert rel_err(out, ref) < (5e-2 if interpreted_bf16 else TOL.get(dtype, 1e-5)), (config, dcfg)
     config = sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)
-    dcfg = sparse_gemv.default_down_config(D, sparse_gemv.counters_size((I, I), True, config.block_n))
+    dcfg = sparse_gemv.default_down_config(D, I, config)
     counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
     y, ss = sparse_gemv.sparse_mlp(x, w, t, wd, td, counters, config, dcfg, g, ss_in)
     assert y.dtype == dtype and ss.shape == (1, dcfg.n_red) and rel_err(y, out) < 1e-6 and not counters.any()
