@@ -16,3 +16,14 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def sparsity_list(text: str, flag: str) -> list:
+    """A flag's comma-separated sparsity levels, each in [0, 1)."""
+    try:
+        levels = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not levels or not all(0 <= s < 1 for s in levels):
+        raise UserError(f"{flag} levels must lie in [0, 1), got {text!r}")
+    return levels

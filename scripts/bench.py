@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from checkpoint import random_model
+from errors import UserError, run_cli, sparsity_list
 from generate import Generator
 from kernels import decode_attention, sparse_gemv
 from model import CONFIGS, ModelArgs
@@ -426,13 +427,15 @@ def main():
     p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
                    help="batch 1: gate/up and down in one launch (default on)")
     a = p.parse_args()
+    models = [m for m in a.models.split(",") if m]
+    configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
+    levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available():
-        sys.exit("error: bench.py needs a CUDA GPU")
+        raise UserError("bench.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     bw = read_bandwidth()
     print(f"{gpu}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    models = [m for m in a.models.split(",") if m]
     kernels, e2e, attention = [], [], []
     cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
@@ -441,15 +444,14 @@ def main():
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e)
     run = {"cmd": cmd, "date": time.strftime("%Y-%m-%d")}
-    levels = [float(s) for s in a.sparsities.split(",")]
     if not a.skip_kernels:
         for m in models:
-            kernels += [dict(r, **run) for r in bench_kernels(m, ModelArgs.from_name(m), bw, n_sm)]
-            attention += [dict(r, **run) for r in bench_attention(m, ModelArgs.from_name(m))]
+            kernels += [dict(r, **run) for r in bench_kernels(m, configs[m], bw, n_sm)]
+            attention += [dict(r, **run) for r in bench_attention(m, configs[m])]
         write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
-            e2e += [dict(r, **run) for r in bench_e2e(m, ModelArgs.from_name(m), levels, bw, fuse_norm=a.fuse_norm,
+            e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp)]
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
@@ -458,4 +460,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -4,13 +4,13 @@ profiler sees each launch), grouped by name, with time per step. Needs a CUDA GP
     python scripts/profile_decode.py [--config llama-2-7b] [--sparsity 0.5] [--layers N]
 """
 import argparse
-import sys
 
 import _path  # noqa: F401
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from checkpoint import random_model
+from errors import UserError, run_cli, sparsity_list
 from model import ModelArgs
 from sparsity import capture_inputs, set_uniform_thresholds
 
@@ -22,9 +22,12 @@ def main():
     p.add_argument("--layers", type=int, default=0, help="0: all of the config's layers")
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("error: profile_decode.py needs a CUDA GPU")
     args = ModelArgs.from_name(a.config)
+    sparsity_list(str(a.sparsity), "--sparsity")
+    if a.layers < 0 or a.steps < 1:
+        raise UserError("--layers must be >= 0 and --steps >= 1")
+    if not torch.cuda.is_available():
+        raise UserError("profile_decode.py needs a CUDA GPU")
     if a.layers:
         args.n_layer = a.layers
     model = random_model(args, "cuda", torch.bfloat16)
@@ -56,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from bench import capture_graph, graph_time_us, replay_time_us, sparse_threshold
 from kernels import decode_attention, sparse_gemv
 from kernels.sparse_gemv import rms_norm_ref
-from errors import UserError
+from errors import UserError, run_cli
 from model import ModelArgs
 
 SLOTS = 32  # int64 words per program: (globaltimer, clock64) pairs at even slots, counts at 12-14
@@ -158,18 +157,18 @@ def main():
     p.add_argument("--context", type=int, default=384, help="cache positions the attention reads")
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json")
     a = p.parse_args()
-    try:
-        args = ModelArgs.from_name(a.model)
-        sparsities = [float(s) for s in a.sparsities.split(",")]
-    except (UserError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    args = ModelArgs.from_name(a.model)
+    sparsities = [s for s in a.sparsities.split(",") if s.strip()]
+    try:  # up to 1: the phases with nothing to stream
+        sparsities = [float(s) for s in sparsities]
+    except ValueError:
+        raise UserError(f"--sparsities takes comma-separated numbers, got {a.sparsities!r}") from None
+    if not sparsities or not all(0 <= s <= 1 for s in sparsities):
+        raise UserError(f"--sparsities levels must lie in [0, 1], got {a.sparsities!r}")
     if not torch.cuda.is_available():
-        sys.exit("error: profile_phases.py needs a CUDA GPU")
+        raise UserError("profile_phases.py needs a CUDA GPU")
     tmp = Path(tempfile.mkdtemp(prefix="teal-phases-"))
-    try:
-        sg_p, att_p = load_instrumented(tmp)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    sg_p, att_p = load_instrumented(tmp)
 
     dev, dt, L = "cuda", torch.bfloat16, 4
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -221,7 +220,7 @@ def main():
         tg.fill_(sparse_threshold(rms_norm_ref(layer(0, False)[2], g2, 1e-5), s))
         td.fill_(sparse_threshold(sparse_gemv.parts_ref(layer(0, False)[3], True, dt), s))
         if not all(torch.equal(x, y) for x, y in zip(layer(0, False), layer(0, True))):
-            sys.exit("error: the instrumented kernels do not reproduce the kernels' outputs")
+            raise UserError("the instrumented kernels do not reproduce the kernels' outputs")
         plain = graph_time_us([lambda: [layer(i, False) for i in range(L)]], launches=10) / L
         graph = capture_graph([lambda: [layer(i, True) for i in range(L)]], 1)
         stamped = replay_time_us(graph, L, replays=30)
@@ -248,4 +247,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import _path  # noqa: F401
-import torch
 
 from errors import run_cli
 from eval_ppl import Setting, evaluate, load_eval_text

@@ -7,7 +7,6 @@ Prints the best configs per shape and writes every timing to --out (JSON) so heu
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import triton
 
 from bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold
+from errors import UserError, run_cli, sparsity_list
 from kernels import sparse_gemv
 from model import ModelArgs
 
@@ -43,15 +43,16 @@ def main():
     p.add_argument("--out", type=Path, default=Path("tune.json"))
     p.add_argument("--top", type=int, default=5)
     a = p.parse_args()
+    configs = [ModelArgs.from_name(m) for m in a.models.split(",") if m]
+    levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available():
-        sys.exit("error: tune_gemv.py needs a CUDA GPU")
+        raise UserError("tune_gemv.py needs a CUDA GPU")
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     bw = read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    levels = [float(s) for s in a.sparsities.split(",")]
     shapes = {}
-    for m in a.models.split(","):
-        for proj, (K, sizes, glu) in projection_shapes(ModelArgs.from_name(m)).items():
+    for m, args in zip([m for m in a.models.split(",") if m], configs):
+        for proj, (K, sizes, glu) in projection_shapes(args).items():
             shapes.setdefault((K, sizes, glu), f"{m}:{proj}")
     records = []
     dtype = torch.bfloat16
@@ -109,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

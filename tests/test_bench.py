@@ -1,7 +1,10 @@
 """scripts/bench.py's outputs (the timing itself needs a GPU): tables and JSON from records, and --merge."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
@@ -70,3 +73,20 @@ def test_fixed_time_per_layer(tmp_path):
     md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
     assert "| llama-2-7b | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
     assert "| a | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("bench.py", ["--models", "llama-2-7b,mistral-7b"], "unknown model config 'mistral-7b'"),
+    ("bench.py", ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers"),
+    ("bench.py", ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)"),
+    ("tune_gemv.py", ["--models", "llama-9"], "unknown model config 'llama-9'"),
+    ("profile_decode.py", ["--config", "llama-9"], "unknown model config 'llama-9'"),
+    ("profile_phases.py", ["--sparsities", "x"], "--sparsities takes comma-separated numbers"),
+])
+def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
+    """A bad model name or level ends the GPU scripts with one line on stderr, before any GPU work (so also here,
+    without a GPU), not with a traceback."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
+                       cwd=root, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
