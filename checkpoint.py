@@ -125,6 +125,10 @@ def read_metadata(ckpt: Path) -> dict:
     path = Path(ckpt) / WEIGHTS
     if not path.exists():
         raise UserError(f"{ckpt} has no {WEIGHTS}: convert a model into it with scripts/convert_hf_checkpoint.py")
+    return _read_metadata(path)
+
+
+def _read_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}
@@ -132,31 +136,48 @@ def read_metadata(ckpt: Path) -> dict:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None, mlp: str = "teal"):
-    """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored)."""
+def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None, mlp: str = "teal",
+               quant: Optional[str] = None):
+    """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored). quant "int8": the sparse
+    linears in int8 (quantize.py), from CKPT/model-int8.safetensors, or quantized here when there is none."""
+    import quantize
+
     args = read_config(ckpt)
     meta = read_metadata(ckpt)
     if meta.get("format") != FORMAT:
         raise UserError(f"{Path(ckpt) / WEIGHTS} was not written by our converter (format {meta.get('format')!r})")
+    if quant is not None and quant not in quantize.SCHEMES:
+        raise UserError(f"unknown quantization {quant!r}; choose one of {', '.join(quantize.SCHEMES)}")
+    path = Path(ckpt) / WEIGHTS
+    stored = Path(ckpt) / quantize.quant_file(quant) if quant else None
+    if stored is not None and stored.exists():
+        qmeta = _read_metadata(stored)
+        if qmeta.get("quantization") != quantize.SCHEMES[quant] or qmeta.get("fingerprint") != meta.get("fingerprint"):
+            raise UserError(f"{stored} does not hold {quant} weights of this checkpoint's {WEIGHTS} (re-run quantize.py)")
+        path = stored
     with torch.device("meta"):
         model = Transformer(args, mlp)
+    if path == stored:
+        quantize.int8_structure(model)
     try:
-        with safe_open(str(Path(ckpt) / WEIGHTS), "pt", device=str(device)) as f:
+        with safe_open(str(path), "pt", device=str(device)) as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"could not read {Path(ckpt) / WEIGHTS}: {e}") from None
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+        raise UserError(f"could not read {path}: {e}") from None
+    if dtype is not None:  # int8 weights and their float32 scales stay as they are
+        sd = {k: v if v.dtype == torch.int8 or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}
     if args.tie_embeddings and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise UserError(f"{Path(ckpt) / WEIGHTS} does not match its config.json: {first}") from None
+        raise UserError(f"{path} does not match its config.json: {first}") from None
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     _materialize_buffers(model, device)
+    if quant and path != stored:
+        quantize.quantize_model(model)
     model.fingerprint = meta.get("fingerprint", "")
     return model.eval().requires_grad_(False)
 

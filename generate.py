@@ -17,6 +17,7 @@ from torch import Tensor
 
 from checkpoint import default_checkpoint, load_model, parse_dtype
 from errors import UserError, run_cli
+from quantize import SCHEMES
 from sparsity import (CALIB_FILE, CRITERIA, METHODS, PROJECTIONS, apply_thresholds, load_calibration,
                       measure_sparsity, parameter_weighted, per_projection)
 from tokenizer import StreamDecoder, load_tokenizer
@@ -173,17 +174,23 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16, float32")
 
 
+def add_quant_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
+                   help="weight-only quantization of the sparse linears (quantize.py; RTN, per output channel)")
+
+
 def load_from_args(args, mlp: str = "teal"):
     device = pick_device(args.device)
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else parse_dtype(args.dtype)
     ckpt = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    model = load_model(ckpt, device, dtype, mlp=mlp)
+    model = load_model(ckpt, device, dtype, mlp=mlp, quant=getattr(args, "quant", None))
     return ckpt, model, load_tokenizer(ckpt), device
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_quant_arg(p)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt for --chat and --interactive")
@@ -217,8 +224,9 @@ def main(argv=None):
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     if device.type == "cuda":
         model.enable_kernels()
+    # dense 16-bit weights decode through cuBLAS; int8 ones through the kernels, whose zero thresholds are dense
     gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k,
-                    sparse_prefill_from=a.sparse_prefill_from, sparse=a.sparsity > 0)
+                    sparse_prefill_from=a.sparse_prefill_from, sparse=a.sparsity > 0 or a.quant is not None)
 
     if a.interactive:
         return chat_loop(gen, tok, a, calib)
@@ -332,7 +340,7 @@ def set_level(gen: Generator, calib, line: str, a):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return
-    gen.sparse = level > 0
+    gen.sparse = level > 0 or a.quant is not None
     a.sparsity = level
     print(f"sparsity {level:.2f} ({a.sparsity_method}, {a.criterion})", file=sys.stderr)
 

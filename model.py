@@ -166,8 +166,15 @@ class SparseLinear(nn.Module):
         self.sizes, self.glu = tuple(sizes), glu
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
+        self.register_buffer("scale", None)  # int8 weights: a float32 scale per output column (set_int8)
         self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
         self.fuse_norm = False
+
+    def set_int8(self, q: Tensor, scale: Tensor):
+        """Hold int8 weights q [in, out] (w = q * scale); the scales become part of the state dict."""
+        assert q.dtype == torch.int8 and q.shape == self.weight.shape and scale.shape == (q.shape[1],)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("scale", scale.float())
 
     def enable_kernels(self, n_sm: int, fuse_norm: bool = True):
         self.fuse_norm = fuse_norm
@@ -197,16 +204,17 @@ class SparseLinear(nn.Module):
             x, nw, ss_in, eps = self._kernel_input(x, norm, ss)
             if residual is None:
                 y = sparse_gemv.sparse_gemv(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
-                                            glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
+                                            glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps, scale=self.scale)
                 return y.view(B, S, -1)
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
-                                                   residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps)
+                                                   residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
+                                                   scale=self.scale)
             return y.view(B, S, -1), ss_out
         assert x.dim() == 3, "partial sums exist only on the kernel path"
         if norm is not None:
             x = norm(x)
         y = sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
-                                        glu=self.glu, residual=residual, active=active)
+                                        glu=self.glu, residual=residual, active=active, scale=self.scale)
         return y if residual is None else (y, None)
 
     def partial_sums(self, x: Tensor, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None) -> Tensor:
@@ -216,7 +224,7 @@ class SparseLinear(nn.Module):
         x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss)
         return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
                                              self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
-                                             ss_in=ss_in, eps=eps)
+                                             ss_in=ss_in, eps=eps, scale=self.scale)
 
     def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor]):
         """(x, norm weight, sums of squares, eps) for a launch: the norm runs in the kernel when it can."""
@@ -346,10 +354,12 @@ class FeedForward(nn.Module):
     def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
         rows = h.shape[0] * h.shape[1]
         if self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse, active):
-            if self.fuse_mlp and rows == 1 and ss is not None and self.w13.fuse_norm:
+            # int8 weights take the two launches: the one-launch MLP runs slower on them (docs/perf-notes.md)
+            if self.fuse_mlp and rows == 1 and ss is not None and self.w13.fuse_norm and self.w13.scale is None:
                 y, ss_out = sparse_gemv.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
                                                    self.w2.threshold, self.counters, self.w13.kernel_configs[1],
-                                                   self.down_config, norm.weight, ss, norm.eps)
+                                                   self.down_config, norm.weight, ss, norm.eps, self.w13.scale,
+                                                   self.w2.scale)
                 return y.view_as(h), ss_out
             if self.defer_reduction:
                 return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)

@@ -54,18 +54,27 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def matmul_ref(x: Tensor, w: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """x @ w; int8 weights: (x @ w) * scale, summed in float32 and rounded once, as the kernel does."""
+    if scale is None:
+        return x @ w
+    return ((x.float() @ w.float()) * scale).to(x.dtype)
+
+
 def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool = False,
                     residual: Optional[Tensor] = None, active: Optional[Tensor] = None,
-                    norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+                    norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
+                    scale: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch reference. x [..., K], w [K, N], t [len(sizes), K] or None (dense); with norm_weight
-    the input is RMS-normalised first."""
+    the input is RMS-normalised first. int8 weights come with scale [N] float32."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     if t is None:
-        y = x @ w
+        y = matmul_ref(x, w, scale)
     else:
         parts = w.split(list(sizes), dim=1)
-        y = torch.cat([sparsify(x, t[j], active) @ p for j, p in enumerate(parts)], dim=-1)
+        scales = scale.split(list(sizes)) if scale is not None else [None] * len(parts)
+        y = torch.cat([matmul_ref(sparsify(x, t[j], active), p, scales[j]) for j, p in enumerate(parts)], dim=-1)
     if glu:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
@@ -75,13 +84,14 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
 
 
 def sparse_mlp_ref(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor,
-                   norm_weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+                   norm_weight: Optional[Tensor] = None, eps: float = 1e-5, scale: Optional[Tensor] = None,
+                   scale_down: Optional[Tensor] = None) -> Tensor:
     """x + down(silu(gate) * up) of the (RMS-normalised) input, all three projections input-sparse: what
     sparse_mlp computes. x [.., D], w [D, 2I], t [2, D], w_down [I, D], t_down [1, I]."""
     I = w_down.shape[0]
     xn = rms_norm_ref(x, norm_weight, eps) if norm_weight is not None else x
-    h = sparse_gemv_ref(xn, w, t, (I, I), glu=True)
-    return sparse_gemv_ref(h, w_down, t_down, (w_down.shape[1],), residual=x)
+    h = sparse_gemv_ref(xn, w, t, (I, I), glu=True, scale=scale)
+    return sparse_gemv_ref(h, w_down, t_down, (w_down.shape[1],), residual=x, scale=scale_down)
 
 
 def sum_squares_ref(y: Tensor, block_n: int) -> Tensor:
@@ -101,6 +111,7 @@ def _sparse_gemv_kernel(
     PARTIAL_OUT: tl.constexpr,
     wd_ptr, td_ptr, dp_ptr, D_OUT, FUSE_DOWN: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_D: tl.constexpr,
     N_RED: tl.constexpr, RED_D: tl.constexpr, ACC_D: tl.constexpr, EVEN_D: tl.constexpr,
+    s_ptr, sd_ptr, QUANT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -124,6 +135,12 @@ def _sparse_gemv_kernel(
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_RES:  # loaded now so that the epilogue does not wait for it
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    scale_up = scale
+    if QUANT:  # int8 weights: per output column scales, applied to the sums (loaded now, like the residual)
+        scale = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+        if GLU:
+            scale_up = tl.load(s_ptr + N_OUT + cols, mask=col_ok, other=0.0)
     ss = tl.zeros((BLOCK_M, SS_BLOCK), dtype=tl.float32)
     if NORM:  # the producer's per-tile sums of squares: one small load, summed only once the first inputs' loads
         # are issued too (summing here would make them wait for it: two L2 round trips in a row)
@@ -133,8 +150,8 @@ def _sparse_gemv_kernel(
 
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
-    # the input's dtype: gate/up partial sums (X_PARTS > 0, float32) become w's dtype once summed and gated
-    xdt = w_ptr.dtype.element_ty if X_PARTS > 0 else x_ptr.dtype.element_ty
+    # the input's dtype: gate/up partial sums (X_PARTS > 0, float32) become the output's once summed and gated
+    xdt = y_ptr.dtype.element_ty if X_PARTS > 0 else x_ptr.dtype.element_ty
     if DOT:  # tensor cores on a [BM >= 16, BK] x [BK, BN] product, for batches
         inv_rms = _inv_rms(ss, K, EPS)  # [BM]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -151,13 +168,13 @@ def _sparse_gemv_kernel(
             keep = tl.abs(x.to(tl.float32)) > t[None, :]
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
             w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N)
-            acc = _dot(tl.where(keep, x, 0.0).to(w.dtype), w, acc, DOT_F32)
+            acc = _dot(tl.where(keep, x, 0.0).to(xdt), _as(w, xdt), acc, DOT_F32)
             if GLU:  # the up half: columns N_OUT + cols, threshold row 1
                 t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=float("inf"))
                 keep_up = tl.abs(x.to(tl.float32)) > t_up[None, :]
                 need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
                 w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok, EVEN_N)
-                acc_up = _dot(tl.where(keep_up, x, 0.0).to(w_up.dtype), w_up, acc_up, DOT_F32)
+                acc_up = _dot(tl.where(keep_up, x, 0.0).to(xdt), _as(w_up, xdt), acc_up, DOT_F32)
         part, part_up = acc, acc_up
     else:  # M == 1: compact the kept inputs of this program's K range, then stream only their weight rows
         # 1. one entry per kept input k in a per-program scratch list (int32): the input's 16 bits (fp32 inputs
@@ -225,13 +242,13 @@ def _sparse_gemv_kernel(
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
                 xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
                                            col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
-                acc = _fma(acc, xa, wa, ACC_ROWS)
+                acc = _fma(acc, xa, wa, ACC_ROWS, not FUSE_DOWN)
                 if GLU:
-                    acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
+                    acc_up = _fma(acc_up, xa, wua, ACC_ROWS, not FUSE_DOWN)
                 xa, wa, wua = xb, wb, wub
-            acc = _fma(acc, xa, wa, ACC_ROWS)
+            acc = _fma(acc, xa, wa, ACC_ROWS, not FUSE_DOWN)
             if GLU:
-                acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
+                acc_up = _fma(acc_up, xa, wua, ACC_ROWS, not FUSE_DOWN)
         else:
             tl.debug_barrier()  # the list is complete and visible to every thread of the program
             ea, xa = _entries(scratch, 0, n_kept, K_SPLIT, xdt, BLOCK_K)
@@ -240,19 +257,21 @@ def _sparse_gemv_kernel(
             for j in range(BLOCK_K, n_kept, BLOCK_K):
                 ec, xc = _entries(scratch, j + BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
                 wb, wub = _group_rows(w_cols, eb, stride_wk, N_OUT, col_ok, EVEN_N, GLU)
-                acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
+                acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU, not FUSE_DOWN)
                 ea, xa, wa, wua = eb, xb, wb, wub
                 eb, xb = ec, xc
-            acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
+            acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU, not FUSE_DOWN)
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
+    part = part * scale[None, :]  # (a split's partial sums too: the scale is linear)
+    part_up = part_up * scale_up[None, :]
 
     if FUSE_DOWN:  # gate/up, then down in the same launch (see _mlp_down)
         tile_lists = idx_ptr + tl.num_programs(0) * SPLIT_K * K_SPLIT * (2 if X32 else 1)  # after the K-range lists
         _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, tile_lists, wd_ptr, td_ptr, dp_ptr, res_ptr,
-                  y_ptr, ss_out_ptr, N_OUT, D_OUT,
+                  y_ptr, ss_out_ptr, sd_ptr, N_OUT, D_OUT,
                   tl.num_programs(0), tl.num_programs(0) * SPLIT_K, IS_SPLIT, SPLIT_K, BLOCK_N, BLOCK_D, ROWS_D,
-                  ACC_D, EVEN_D, N_RED, RED_D, RED_BLOCK)
+                  ACC_D, EVEN_D, N_RED, RED_D, RED_BLOCK, QUANT)
     elif PARTIAL_OUT:  # y [SPLIT_K, 2 if GLU, M, N_OUT] float32: the consumer sums the partials as it loads them
         n_halves_out: tl.constexpr = 2 if GLU else 1
         yp = y_ptr + (pid_k * n_halves_out * M + rows[:, None]) * N_OUT + cols[None, :]
@@ -297,9 +316,9 @@ def _sparse_gemv_kernel(
 
 @triton.jit
 def _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, lst_ptr, wd_ptr, td_ptr, dp_ptr, res_ptr, y_ptr,
-              ss_ptr, I, D, P, GRID, IS_SPLIT: tl.constexpr, SPLIT_K, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              ROWS_D: tl.constexpr, ACC: tl.constexpr, EVEN_D: tl.constexpr, N_RED: tl.constexpr, RED_D: tl.constexpr,
-              RED_P: tl.constexpr):
+              ss_ptr, sd_ptr, I, D, P, GRID, IS_SPLIT: tl.constexpr, SPLIT_K, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, ROWS_D: tl.constexpr, ACC: tl.constexpr, EVEN_D: tl.constexpr,
+              N_RED: tl.constexpr, RED_D: tl.constexpr, RED_P: tl.constexpr, QUANT: tl.constexpr):
     """The fused MLP's second half, batch 1 (see launch_mlp). Column tile p of gate/up is the row range
     [p BN, +BN) of the down projection's input h = silu(gate) * up.
     1. The program that completes tile p (the last of its programs along K) lists h's kept rows of the tile (row
@@ -379,11 +398,14 @@ def _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, lst_ptr, wd_pt
             for j in range(ROWS_D, nk, ROWS_D):
                 ec, xc = _entries(lst, j + ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
                 wb, wu = _group_rows(w_cols, eb, D, 0, d_ok, EVEN_D, False)
-                acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
+                acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False, False)
                 ea, xa, wa = eb, xb, wb
                 eb, xb = ec, xc
-            acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
-            tl.store(dp_ptr + p * D + dc, tl.sum(acc, axis=0), mask=d_ok)
+            acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False, False)
+            unit = tl.sum(acc, axis=0)
+            if QUANT:  # int8 down weights: its per column scales
+                unit *= tl.load(sd_ptr + dc, mask=d_ok, other=0.0)
+            tl.store(dp_ptr + p * D + dc, unit, mask=d_ok)
             tl.debug_barrier()
             tl.atomic_add(ctr + 3, 1, sem="release", scope="gpu")
         else:
@@ -499,18 +521,25 @@ def _group_rows(w_cols, e, stride_wk, N_OUT, col_ok, EVEN_N: tl.constexpr, GLU: 
 
 
 @triton.jit
-def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr):
-    acc = _fma(acc, tl.where((e & 0x4000) != 0, x, 0.0), w, ACC_ROWS)
+def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr, MAGIC: tl.constexpr):
+    acc = _fma(acc, tl.where((e & 0x4000) != 0, x, 0.0), w, ACC_ROWS, MAGIC)
     if GLU:
-        acc_up = _fma(acc_up, tl.where((e & 0x8000) != 0, x, 0.0), w_up, ACC_ROWS)
+        acc_up = _fma(acc_up, tl.where((e & 0x8000) != 0, x, 0.0), w_up, ACC_ROWS, MAGIC)
     return acc, acc_up
 
 
 @triton.jit
-def _fma(acc, x, w, ROWS: tl.constexpr):
+def _fma(acc, x, w, ROWS: tl.constexpr, MAGIC: tl.constexpr):
     """acc [ROWS, BN] + x [BK] * w [BK, BN], rows k, k + ROWS, k + 2 ROWS, ... folded into acc (ROWS divides
-    BK; those rows sit in one thread, so the fold stays in registers)."""
-    p = x[:, None] * w.to(tl.float32)
+    BK; those rows sit in one thread, so the fold stays in registers). int8 w with MAGIC: widened by a magic number
+    (the float 2^23 + 128 + w, less 2^23 + 128, exact), an integer and a float add where the int8 -> float
+    conversion runs at a quarter of their rate: the streaming loop is compute-bound on int8 rows. Not in the fused
+    MLP, whose registers it overflows (docs/perf-notes.md)."""
+    if (w.dtype == tl.int8) & MAGIC:
+        wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        wf = w.to(tl.float32)
+    p = x[:, None] * wf
     BK: tl.constexpr = p.shape[0]
     BN: tl.constexpr = p.shape[1]
     if BK == ROWS:
@@ -529,6 +558,15 @@ def _rms_scale(x, g, inv_rms):
     # rounded where the reference RMSNorm rounds: x * inv_rms to the dtype, then times the weight g (float32)
     xdt = x.dtype
     return ((x.to(tl.float32) * inv_rms).to(xdt).to(tl.float32) * g).to(xdt)
+
+
+@triton.jit
+def _as(w, xdt: tl.constexpr):
+    """Weights in the inputs' dtype for tl.dot: int8 values are exact in 16-bit floats (widened through float32:
+    Triton's CPU interpreter converts int8 to bf16 wrongly)."""
+    if w.dtype == tl.int8:
+        return w.to(tl.float32).to(xdt)
+    return w.to(xdt)
 
 
 @triton.jit
@@ -594,9 +632,10 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
     return Config(block_n, 64, max(1, min(round(3 * n_sm / counters_size(sizes, glu, block_n)), K // 512)), 4, 1, 0)
 
 
-def acc_rows(block_n: int, num_warps: int) -> int:
-    """Rows of a [BK, BN] bf16 tile that one pass of all threads covers with 16-byte loads along a row."""
-    return max(1, num_warps * 32 * 8 // block_n)
+def acc_rows(block_n: int, num_warps: int, int8: bool = False) -> int:
+    """Rows of a [BK, BN] weight tile that one pass of all threads covers with 16-byte loads along a row (the
+    16-bit count also serves float32 weights: their summation order stays as it was measured)."""
+    return max(1, num_warps * 32 * (16 if int8 else 8) // block_n)
 
 
 def counters_size(sizes, glu: bool, block_n: int) -> int:
@@ -613,14 +652,15 @@ def k_layout(K: int, config) -> tuple:
 def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, glu: bool, config,
            residual: Optional[Tensor], out: Tensor, kernel=_sparse_gemv_kernel,
            norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5,
-           ss_out: Optional[Tensor] = None, partial_out: bool = False):
+           ss_out: Optional[Tensor] = None, partial_out: bool = False, scale: Optional[Tensor] = None):
     """Run the kernel into `out` [M, N_OUT]. counters [>= n_tiles] int32 must be zero (it is left zero); None with
     partial_out, which reduces nothing.
     norm_weight with ss_in [M, n] (a producer's sums of squares): RMSNorm x first. ss_out [M, n_tiles]:
     write this launch's per-tile sums of squares of `out` (needs a residual: the new residual stream).
     x may also be a gate/up launch's partials [P, 2, M, K] float32: the input is then silu(sum gate) * sum up.
     partial_out: `out` [split, 2 if glu else 1, M, N_OUT] float32 receives each split's partial sums, unreduced
-    (no epilogue: no GLU, residual or sums of squares), for a consumer that sums them as it loads them."""
+    (no epilogue: no GLU, residual or sums of squares), for a consumer that sums them as it loads them.
+    int8 weights (w int8) come with scale [N] float32, one per output column: y = (x @ w) * scale."""
     x_parts = x.shape[0] if x.dim() == 4 else 0
     if x_parts:
         assert x.shape[1] == 2 and x.dtype == torch.float32 and x.is_contiguous(), "gate/up partials"
@@ -631,6 +671,7 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(-1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
+    _check_scale(w, scale)
     out_sizes = list(sizes[:1]) if glu else list(sizes)
     n_out = sum(out_sizes)
     tiles = [triton.cdiv(s, block_n) for s in out_sizes]
@@ -649,7 +690,7 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) \
         if split > 1 and not partial_out else out
     assert k_split < 1 << 14, "list entries hold k - k_begin in 14 bits"
-    x_bytes = w.element_size() if x_parts else x.element_size()
+    x_bytes = out.element_size() if x_parts else x.element_size()
     lists = x.new_empty((n_tiles * split * k_split * (2 if x_bytes == 4 else 1),), dtype=torch.int32) \
         if not dot else counters
     res = residual if residual is not None else out
@@ -660,17 +701,25 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
         M, K, n_out, K if x_parts else x.stride(0), w.stride(0), res.stride(-2), out.stride(-2), n_ss,
         tile_ends[0], tile_ends[1], col_ends[0], col_ends[1], k_split, split,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, EVEN_N=all(s % block_n == 0 for s in out_sizes),
-        DOT=bool(dot), DOT_F32=INTERPRETED and w.dtype == torch.bfloat16, GLU=glu, HAS_RES=residual is not None,
+        DOT=bool(dot), DOT_F32=INTERPRETED and torch.bfloat16 in (w.dtype, out.dtype, x.dtype), GLU=glu,
+        HAS_RES=residual is not None,
         IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
         EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
-        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps, w.dtype == torch.int8)),
+        COMPACT=min(2048, triton.next_power_of_2(k_split)),
         EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
         X_PARTS=x_parts, PARTIAL_OUT=partial_out,
         # the fused MLP's down phase (launch_mlp) is off: its pointers are never touched
         wd_ptr=t, td_ptr=t, dp_ptr=t, D_OUT=0, FUSE_DOWN=False, BLOCK_D=1, ROWS_D=1, N_RED=1, RED_D=1, ACC_D=1,
-        EVEN_D=False, num_warps=warps, num_stages=stages,
+        EVEN_D=False, s_ptr=scale if scale is not None else t, sd_ptr=t, QUANT=scale is not None,
+        num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _check_scale(w: Tensor, scale: Optional[Tensor]):
+    assert (w.dtype == torch.int8) == (scale is not None), "int8 weights, and only they, come with scales"
+    assert scale is None or (scale.shape == (w.shape[1],) and scale.dtype == torch.float32 and scale.is_contiguous())
 
 
 class DownConfig(NamedTuple):
@@ -693,12 +742,14 @@ def mlp_counters_size(I: int, config) -> int:
 
 def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,
                down_config, out: Tensor, ss_out: Tensor, norm_weight: Optional[Tensor] = None,
-               ss_in: Optional[Tensor] = None, eps: float = 1e-5, kernel=_sparse_gemv_kernel):
+               ss_in: Optional[Tensor] = None, eps: float = 1e-5, kernel=_sparse_gemv_kernel,
+               scale: Optional[Tensor] = None, scale_down: Optional[Tensor] = None):
     """The whole MLP of one token in one launch: out [1, D] = x + down(silu(gate) * up) of the (normalised) input
     x [1, D], all three projections input-sparse (see _mlp_down); ss_out [1, n_red] receives out's sums of
     squares by slice of cdiv(D, n_red) rounded up to a power of two. w [D, 2I] (gate | up), t [2, D], w_down
     [I, D], t_down [1, I]; counters [>= mlp_counters_size] int32, zero (left zero). `config` is gate/up's Config
-    (dot 0), `down_config` a DownConfig."""
+    (dot 0), `down_config` a DownConfig. int8 weights come with their per column scales (scale [2I],
+    scale_down [D] float32)."""
     M, D = x.shape
     I = w_down.shape[0]
     block_n, block_k, split, warps, stages, dot = config
@@ -707,6 +758,9 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
     assert w.shape == (D, 2 * I) and w_down.shape == (I, D) and t.shape == (2, D) and t_down.shape == (1, I)
     assert w.stride(1) == 1 and w_down.is_contiguous() and x.is_contiguous() and block_n < 256
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
+    _check_scale(w, scale)
+    _check_scale(w_down, scale_down)
+    assert (scale is None) == (scale_down is None), "gate/up and down are both int8 or neither"
     n_tiles = counters_size((I, I), True, block_n)
     k_split, split = k_layout(D, config)
     red_d = triton.next_power_of_2(triton.cdiv(D, n_red))
@@ -726,95 +780,106 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
         DOT=False, DOT_F32=False, GLU=True, HAS_RES=False,
         IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
         EMIT_SS=False, RED_BLOCK=triton.next_power_of_2(n_tiles),
-        ACC_ROWS=min(block_k, acc_rows(block_n, warps)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
-        EPS=eps, X_PARTS=0, PARTIAL_OUT=False,
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps, w.dtype == torch.int8)),
+        COMPACT=min(2048, triton.next_power_of_2(k_split)), EPS=eps, X_PARTS=0, PARTIAL_OUT=False,
         wd_ptr=w_down, td_ptr=t_down, dp_ptr=parts, D_OUT=D, FUSE_DOWN=True, BLOCK_D=block_d, ROWS_D=rows_d,
-        N_RED=n_red, RED_D=red_d, ACC_D=min(rows_d, acc_rows(block_d, warps)), EVEN_D=D % block_d == 0,
+        N_RED=n_red, RED_D=red_d, ACC_D=min(rows_d, acc_rows(block_d, warps, w_down.dtype == torch.int8)),
+        EVEN_D=D % block_d == 0, s_ptr=scale if scale is not None else t,
+        sd_ptr=scale_down if scale_down is not None else t, QUANT=scale is not None,
         num_warps=warps, num_stages=stages,
     )
     return out, ss_out
 
 
-def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss):
+def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss, scale):
     M = x.shape[-2]
-    out = x.new_empty((M, sizes[0] if glu else sum(sizes)), dtype=x.dtype if x.dim() == 2 else w.dtype)
+    # from gate/up partials (4-D x) the output takes the residual stream's dtype
+    dtype = x.dtype if x.dim() == 2 else residual.dtype if residual is not None else w.dtype
+    out = x.new_empty((M, sizes[0] if glu else sum(sizes)), dtype=dtype)
     ss_out = x.new_empty((M, counters_size(sizes, glu, config[0])), dtype=torch.float32) if emit_ss else None
     launch(x, w, t, counters, sizes, glu, config, residual, out, kernel=wrap_triton(_sparse_gemv_kernel),
-           norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out)
+           norm_weight=norm_weight, ss_in=ss_in, eps=eps, ss_out=ss_out, scale=scale)
     return out, ss_out
 
 
 @triton_op("teal::sparse_gemv", mutates_args=("counters",))
 def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
                     norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
-                    glu: bool, config: list[int]) -> Tensor:
-    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, False)[0]
+                    glu: bool, config: list[int], scale: Optional[Tensor]) -> Tensor:
+    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, False,
+                                scale)[0]
 
 
 @triton_op("teal::sparse_gemv_ss", mutates_args=("counters",))
 def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor,
                        norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
-                       config: list[int]) -> tuple[Tensor, Tensor]:
-    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config, True)
+                       config: list[int], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config, True,
+                                scale)
 
 
 @triton_op("teal::sparse_gemv_parts", mutates_args=())
 def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
-                          eps: float, sizes: list[int], glu: bool, config: list[int]) -> Tensor:
+                          eps: float, sizes: list[int], glu: bool, config: list[int],
+                          scale: Optional[Tensor]) -> Tensor:
     M, K = x.shape
     out = x.new_empty((k_layout(K, config)[1], 2 if glu else 1, M, sizes[0] if glu else sum(sizes)),
                       dtype=torch.float32)
     launch(x, w, t, None, sizes, glu, config, None, out, kernel=wrap_triton(_sparse_gemv_kernel),
-           norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True)
+           norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True, scale=scale)
     return out
 
 
 @triton_op("teal::sparse_mlp", mutates_args=("counters",))
 def _sparse_mlp_op(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor,
                    norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, config: list[int],
-                   down_config: list[int]) -> tuple[Tensor, Tensor]:
+                   down_config: list[int], scale: Optional[Tensor],
+                   scale_down: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     out = x.new_empty(x.shape)
     ss_out = x.new_empty((1, down_config[2]), dtype=torch.float32)
     return launch_mlp(x, w, t, w_down, t_down, counters, config, down_config, out, ss_out, norm_weight, ss_in, eps,
-                      kernel=wrap_triton(_sparse_gemv_kernel))
+                      kernel=wrap_triton(_sparse_gemv_kernel), scale=scale, scale_down=scale_down)
 
 
 def sparse_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,
                down_config, norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
-               eps: float = 1e-5) -> tuple:
+               eps: float = 1e-5, scale: Optional[Tensor] = None, scale_down: Optional[Tensor] = None) -> tuple:
     """One token's whole MLP in one launch (see launch_mlp): x [1, D] the residual stream (RMS-normalised inside
     with norm_weight and ss_in) -> (x + down(silu(gate) * up) [1, D], its sums of squares [1, n_red] for the next
-    fused norm)."""
+    fused norm). int8 weights come with scale and scale_down."""
     return _sparse_mlp_op(x, w, t, w_down, t_down, counters, norm_weight, ss_in, eps, list(config),
-                          list(down_config))
+                          list(down_config), scale, scale_down)
 
 
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,
                 residual: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
-                ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+                ss_in: Optional[Tensor] = None, eps: float = 1e-5, scale: Optional[Tensor] = None) -> Tensor:
     """x [M, K] (M <= 8), w [K, N] input-major, t [len(sizes), K] float32 -> [M, N] (or [M, N/2] with glu).
     With norm_weight and ss_in (sums of squares from sparse_gemv_ss), x is the un-normalised residual stream
     and RMSNorm is applied inside the kernel. x may also be gate/up partials [P, 2, M, K] (sparse_gemv_parts
-    with glu): the input is then silu(gate) * up, summed and gated as it is loaded."""
-    return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), glu, list(config))
+    with glu): the input is then silu(gate) * up, summed and gated as it is loaded. int8 weights come with
+    scale [N] float32 (per output column)."""
+    return _sparse_gemv_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), glu, list(config),
+                           scale)
 
 
 def sparse_gemv_ss(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, residual: Tensor,
                    norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
-                   eps: float = 1e-5) -> tuple:
+                   eps: float = 1e-5, scale: Optional[Tensor] = None) -> tuple:
     """sparse_gemv with a residual that also returns the new residual stream's per-tile sums of squares
     [M, n_tiles] float32, which a following sparse_gemv takes as ss_in to fuse its RMSNorm."""
-    return _sparse_gemv_ss_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), list(config))
+    return _sparse_gemv_ss_op(x, w, t, counters, residual, norm_weight, ss_in, eps, list(sizes), list(config),
+                              scale)
 
 
 def sparse_gemv_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config, glu: bool = False,
                       norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None,
-                      eps: float = 1e-5) -> Tensor:
+                      eps: float = 1e-5, scale: Optional[Tensor] = None) -> Tensor:
     """sparse_gemv without its split-K reduction: the partial sums [P, 2 if glu else 1, M, N] float32 of the
     P programs along K, for a consuming kernel that adds them up as it loads its input (decode attention takes
     q/k/v this way, the down projection gate/up). That saves the reduction tail (store, counter, reload,
     epilogue) of this launch; the consumer's input loads grow from one 16-bit value to P (or 2P) floats."""
-    return _sparse_gemv_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config))
+    return _sparse_gemv_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
 
 
 def parts_ref(parts: Tensor, glu: bool, dtype: torch.dtype) -> Tensor:

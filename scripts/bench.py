@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import _path  # noqa: F401
 import torch
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from checkpoint import random_model
+from quantize import SCHEMES, quantize_model
 from errors import UserError, run_cli, sparsity_list
 from generate import Generator
 from kernels import decode_attention, sparse_gemv
@@ -208,13 +210,14 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
     return a.kthvalue(max(1, int(round(s * a.numel())))).values.item()
 
 
-def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2) -> float:
-    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity."""
+def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, linear_elem: int = 0) -> float:
+    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity. linear_elem: bytes
+    per weight of the sparse linears when they differ from the rest (int8: 1, plus a float32 scale per column)."""
     shapes = args.linear_shapes()
     total = 0.0
     for layer in range(args.n_layer):
         for proj, (k, n) in shapes.items():
-            total += (1 - stats.get((layer, proj), 0.0)) * k * n * elem
+            total += (1 - stats.get((layer, proj), 0.0)) * k * n * (linear_elem or elem) + (4 * n if linear_elem else 0)
     total += (args.vocab_size * args.dim + (2 * args.n_layer + 1) * args.dim) * elem  # head and norms
     return total
 
@@ -244,9 +247,11 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
-              fuse_mlp: bool = True) -> list:
+              fuse_mlp: bool = True, quant: Optional[str] = None) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
+    if quant:
+        quantize_model(model)
     model.enable_kernels(fuse_norm, attention, defer_reduction, fuse_mlp)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
@@ -255,7 +260,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     records = []
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
-        gen.sparse = s > 0  # what generate.py does: zero sparsity decodes dense (cuBLAS projections)
+        # what generate.py does: zero sparsity decodes dense 16-bit weights with cuBLAS, int8 ones with the kernels
+        gen.sparse = s > 0 or quant is not None
         new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one of each path compiles)
         speeds = []
         for _ in range(runs):
@@ -263,8 +269,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
             speeds.append(st.decode_tok_s)
         tok_s = statistics.median(speeds)
         stats = measure_sparsity(model, torch.cat([prompt, new], 1), sparse_from=prompt_len, start=prompt_len)
-        nbytes = bytes_per_token(args, stats)
-        rec = {"model": name, "quant": "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
+        nbytes = bytes_per_token(args, stats, linear_elem=1 if quant else 0)
+        rec = {"model": name, "quant": quant or "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
                "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
@@ -283,10 +289,13 @@ def gpu_slug(gpu: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
-def previous_records(out: Path, gpu: str, suffix: str, drop_models: set) -> list:
-    """The records of <out>/<gpu><suffix>.json whose model is not in drop_models (for --merge)."""
+def previous_records(out: Path, gpu: str, suffix: str, drop: set) -> list:
+    """The records of <out>/<gpu><suffix>.json except those of `drop`'s models, or of its (model, quant) pairs
+    (for --merge)."""
     f = out / f"{gpu_slug(gpu)}{suffix}.json"
-    return [r for r in json.loads(f.read_text()) if r["model"] not in drop_models] if f.exists() else []
+    if not f.exists():
+        return []
+    return [r for r in json.loads(f.read_text()) if r["model"] not in drop and (r["model"], r.get("quant")) not in drop]
 
 
 def fixed_us_per_layer(r: dict):
@@ -302,7 +311,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   merged: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     slug = gpu_slug(gpu)
-    e2e = sorted(e2e, key=lambda r: (r["model"], r["sparsity"]))  # merged runs: one order whatever ran last
+    # merged runs: one order whatever ran last
+    e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r["sparsity"]))
     kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
     attention = sorted(attention, key=lambda r: r["model"])
     if e2e:
@@ -322,15 +332,18 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
     if e2e:
         lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
-                  "| model | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | q k v o gate up down |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | weights | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | "
+                  "q k v o gate up down |", "|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
             fixed = fixed_us_per_layer(r)
-            lines.append(f"| {r['model']} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
+            weights = "bf16" if r.get("quant", "none") == "none" else r["quant"]
+            lines.append(f"| {r['model']} | {weights} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | "
+                         f"{r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
-        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does. "
+        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does (int8 "
+                  "weights: through the kernels, thresholds zero; their LM head stays bf16). "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
                   "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches.",
@@ -372,8 +385,9 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
         return
     if e2e:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in dict.fromkeys(r["model"] for r in e2e):
-            rs = [r for r in e2e if r["model"] == m]
+        for key in dict.fromkeys((r["model"], r.get("quant", "none")) for r in e2e):
+            rs = [r for r in e2e if (r["model"], r.get("quant", "none")) == key]
+            m = key[0] if key[1] == "none" else f"{key[0]} {key[1]}"
             line, = ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
             ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
                     color=line.get_color(),
@@ -426,6 +440,8 @@ def main():
                    help="q/k/v and gate/up partials summed by the attention and down kernels (default on)")
     p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
                    help="batch 1: gate/up and down in one launch (default on)")
+    p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
+                   help="end to end with the sparse linears quantized (quantize.py); the kernel table stays bf16")
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]
     configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
@@ -439,7 +455,8 @@ def main():
     kernels, e2e, attention = [], [], []
     cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
-        rerun_k, rerun_e = (set() if a.skip_kernels else set(models)), (set() if a.skip_e2e else set(models))
+        rerun_k = set() if a.skip_kernels else set(models)
+        rerun_e = set() if a.skip_e2e else {(m, a.quant or "none") for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e)
@@ -453,7 +470,7 @@ def main():
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
             e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
-                                                      fuse_mlp=a.fuse_mlp)]
+                                                      fuse_mlp=a.fuse_mlp, quant=a.quant)]
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))

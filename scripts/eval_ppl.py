@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from errors import UserError, run_cli
-from generate import add_model_args, add_sparsity_args, load_from_args
+from generate import add_model_args, add_quant_arg, add_sparsity_args, load_from_args
 from sparsity import (CALIB_FILE, SparsityCounter, apply_thresholds, ensure_cache, load_calibration,
                       parameter_weighted, per_projection)
 from texts import default_texts, read_texts
@@ -104,6 +104,7 @@ def load_eval_text(tok, files) -> list:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    add_quant_arg(p)
     p.add_argument("--sparsity", type=float, required=True)
     add_sparsity_args(p)
     p.add_argument("--text", nargs="+", type=Path, default=None)

@@ -6,13 +6,13 @@
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
    the two launches it replaces, bit-identical over three runs;
-2. a random Llama-2-7B-shaped model (few layers): compiled sparse decode (fullgraph, CUDA graphs, Triton
-   kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie flips one,
+2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
+   CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie flips one,
    logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the thresholds moved
    into gaps between the inputs of the reference decode, so that rounding differences cannot flip a mask;
 3. a new sparsity level (a copy_ into the threshold buffers) neither recompiles nor re-records graphs.
 
-    python scripts/gpu_check.py [--layers 4] [--out DIR]
+    python scripts/gpu_check.py [--layers 4] [--out DIR] [--kernels-only | --models-only]
 """
 import argparse
 import itertools
@@ -28,6 +28,7 @@ from checkpoint import random_model
 from generate import Generator
 from kernels import decode_attention, gate_up_rows, sparse_gemv
 from model import ModelArgs
+from quantize import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
 BOUND = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
@@ -174,11 +175,15 @@ def check_kernels(n_sm: int) -> list:
     return failures
 
 
-def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True) -> tuple:
-    """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0)."""
+def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
+                int8: bool = False) -> tuple:
+    """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); int8: the
+    sparse linears quantized (quantize.py), both decodes on the same int8 weights."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
+    if int8:
+        quantize_model(model)
     prompt = torch.randint(0, args.vocab_size, (1, 64), device="cuda")
     # thresholds from other text: quantiles of the decoded prompt's own activations would sit exactly on some
     # of them (layer 0's input depends on the token alone), and any rounding difference would flip those
@@ -254,12 +259,13 @@ def main():
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
+    p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = check_kernels(n_sm)
+    failures = [] if a.models_only else check_kernels(n_sm)
     if a.kernels_only:
         print("\n".join(failures) if failures else "ALL KERNEL CHECKS PASSED")
         sys.exit(1 if failures else 0)
@@ -267,20 +273,26 @@ def main():
     # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
     # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, with the thresholds moved into gaps
     # between the reference decode's inputs (move_thresholds_into_gaps): no input then sits within rounding of one.
-    for level, dtype, bound, sparse in ((0.0, torch.bfloat16, 3e-2, False), (0.0, torch.bfloat16, 3e-2, True),
-                                        (a.sparsity, torch.float32, 1e-3, True),
-                                        (a.sparsity, torch.bfloat16, None, True)):
+    for level, dtype, bound, sparse, int8 in ((0.0, torch.bfloat16, 3e-2, False, False),
+                                              (0.0, torch.bfloat16, 3e-2, True, False),
+                                              (a.sparsity, torch.float32, 1e-3, True, False),
+                                              (a.sparsity, torch.bfloat16, None, True, False),
+                                              (0.0, torch.bfloat16, 3e-2, True, True),
+                                              (a.sparsity, torch.float32, 1e-3, True, True),
+                                              (a.sparsity, torch.bfloat16, None, True, True)):
         torch._dynamo.reset()
-        errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse)
+        errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
+                                                                       int8=int8)
         worst = max(errs)
-        print(f"model {dtype} at {level} ({'sparse kernels' if sparse else 'dense path'}): compiled vs eager decode: "
+        print(f"model {dtype}{' int8 weights' if int8 else ''} at {level} "
+              f"({'sparse kernels' if sparse else 'dense path'}): compiled vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"
               + ("" if margin is None else f"; thresholds moved into gaps, smallest margin {margin:.1e}")
               + ("" if bound else " (reported only: near-tie flips)"))
         # greedy tokens may part at a near-tie of the top logits; teacher-forced logits must stay within bounds
         if bound is not None and worst > bound:
-            failures.append(f"compiled decode differs from eager at sparsity {level} {dtype}: "
+            failures.append(f"compiled decode differs from eager at sparsity {level} {dtype} int8={int8}: "
                             f"{same} same tokens, logits err {worst:.2e}")
 
     from torch._dynamo.utils import counters

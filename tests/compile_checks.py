@@ -21,6 +21,7 @@ from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kern
 from kernels import decode_attention, sparse_gemv  # noqa: E402
 from checkpoint import random_model  # noqa: E402
 from model import Attention, FeedForward, ModelArgs, SparseLinear  # noqa: E402
+from quantize import quantize_model  # noqa: E402
 
 
 class HopperTarget:
@@ -86,6 +87,26 @@ def gemv_launches() -> Recorder:
                                            torch.zeros(sparse_gemv.mlp_counters_size(sizes[0], cfg), dtype=torch.int32),
                                            cfg, dcfg, torch.empty(1, K, dtype=dtype), torch.empty(1, dcfg.n_red),
                                            norm_weight=g, ss_in=ss_in, kernel=rec)
+    # int8 weights with their scales: plain, residual with sums of squares, partials out, from partials, the MLP
+    x, g, ss_in = torch.randn(1, K, dtype=torch.bfloat16), torch.ones(K, dtype=torch.bfloat16), torch.ones(1, 4)
+    q, q2 = torch.zeros(K, 192, dtype=torch.int8), torch.zeros(96, K, dtype=torch.int8)
+    s, s2, t = torch.ones(192), torch.ones(K), torch.zeros(2, K)
+    cfg = sparse_gemv.default_config(1, K, (96, 96), True, n_sm=8)
+    counters = torch.zeros(64, dtype=torch.int32)
+    sparse_gemv.launch(x, q, t, counters, (96, 96), True, cfg, None, torch.empty(1, 96, dtype=torch.bfloat16),
+                       kernel=rec, norm_weight=g, ss_in=ss_in, scale=s)
+    P = sparse_gemv.k_layout(K, cfg)[1]
+    sparse_gemv.launch(x, q, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), kernel=rec,
+                       partial_out=True, scale=s)
+    cfg_d = sparse_gemv.default_config(1, 96, (K,), False, n_sm=8)
+    sparse_gemv.launch(torch.randn(P, 2, 1, 96), torch.zeros(96, K, dtype=torch.int8), torch.zeros(1, 96), counters,
+                       (K,), False, cfg_d, torch.randn(1, K, dtype=torch.bfloat16),
+                       torch.empty(1, K, dtype=torch.bfloat16), kernel=rec,
+                       ss_out=torch.empty(1, sparse_gemv.counters_size((K,), False, cfg_d.block_n)), scale=s2)
+    dcfg = sparse_gemv.default_down_config(K, 96, cfg)
+    sparse_gemv.launch_mlp(x, q, t, q2, torch.zeros(1, 96), torch.zeros(sparse_gemv.mlp_counters_size(96, cfg),
+                           dtype=torch.int32), cfg, dcfg, torch.empty(1, K, dtype=torch.bfloat16),
+                           torch.empty(1, dcfg.n_red), norm_weight=g, ss_in=ss_in, kernel=rec, scale=s, scale_down=s2)
     return rec
 
 
@@ -102,11 +123,13 @@ def attention_launches() -> Recorder:
     return rec
 
 
-def trace_decode_step() -> bool:
+def trace_decode_step(int8: bool) -> bool:
     """fullgraph tracing (fake tensors: no kernel runs) of a GQA model's decode step on the kernel path."""
     args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
                      max_seq_len=128, sliding_window=32)
     model = random_model(args, "cpu", torch.bfloat16)
+    if int8:
+        quantize_model(model)
     for m in model.modules():  # what enable_kernels() sets on a GPU
         if isinstance(m, SparseLinear):
             m.enable_kernels(n_sm=4)
@@ -123,18 +146,20 @@ def trace_decode_step() -> bool:
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
         # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
-        want = {"teal.sparse_gemv.default": 0, "teal.sparse_gemv_parts.default": n_gemv,
-                "teal.sparse_gemv_ss.default": n_gemv, "teal.sparse_mlp.default": n_gemv,
-                "teal.decode_attention.default": args.n_layer}
+        # (int8 weights: the MLP as two launches, gate/up partials then down)
+        want = {"teal.sparse_gemv.default": 0, "teal.sparse_gemv_parts.default": n_gemv * (2 if int8 else 1),
+                "teal.sparse_gemv_ss.default": n_gemv * (2 if int8 else 1),
+                "teal.sparse_mlp.default": 0 if int8 else n_gemv, "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
-        print(f"decode step (sparse_from={sparse_from}): one graph, kernel ops {got}, SDPA calls {len(sdpa)}")
+        print(f"decode step (sparse_from={sparse_from}, int8={int8}): one graph, kernel ops {got}, "
+              f"SDPA calls {len(sdpa)}")
         ok &= got == want and not sdpa
     return ok
 
 
 def main():
-    ok = trace_decode_step()
+    ok = trace_decode_step(False) and trace_decode_step(True)
     triton.runtime.driver.set_active(HopperTarget())
     allowed = {
         sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},

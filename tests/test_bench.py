@@ -45,7 +45,7 @@ def test_merge_keeps_other_models(tmp_path):
     for r in rows:  # the issue's record keys
         assert {"model", "quant", "dtype", "sparsity", "tok_s", "roofline_frac"} <= set(r)
     md = (tmp_path / f"{slug}.md").read_text()
-    assert "| a | 0.50 | 0.500 | 155.0 |" in md and "| b | 0.50 | 0.500 | 120.0 |" in md
+    assert "| a | bf16 | 0.50 | 0.500 | 155.0 |" in md and "| b | bf16 | 0.50 | 0.500 | 120.0 |" in md
     assert "--merge" in md and "| a | qkv | 64×128 | 10.0 | 11.0 (1.38×) |" in md
     # a merged file says which command produced which models' rows
     assert "- `python scripts/bench.py --models b` on 2026-11-23: b" in md
@@ -55,6 +55,11 @@ def test_merge_keeps_other_models(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [], [kernel("a", "qkv", 0.0, 9.0)], [], "third")
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
     assert previous_records(tmp_path / "missing", GPU, "", set()) == []
+    # an int8 run of model a (`--quant int8 --merge`) keeps a's bf16 rows, and is kept by a later bf16 run of a
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8")})) == 3
+    write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 300.0), quant="int8")], [], [], "fourth")
+    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none")})) == [120.0, 300.0]
+    assert "| a | int8 | 0.50 | 0.500 | 300.0 |" in (tmp_path / f"{slug}.md").read_text()
 
 
 def test_weight_copies_outgrow_l2():
@@ -71,8 +76,8 @@ def test_fixed_time_per_layer(tmp_path):
     assert fixed_us_per_layer(e2e("a", 0.5, 150.0)) is None  # an unknown model, no byte count
     write_outputs(tmp_path, GPU, 3.2e12, [r, e2e("a", 0.5, 150.0)], [], [], "run")
     md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
-    assert "| llama-2-7b | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
-    assert "| a | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
+    assert "| llama-2-7b | bf16 | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
+    assert "| a | bf16 | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
 
 
 @pytest.mark.parametrize("script,args,message", [

@@ -231,13 +231,17 @@ def test_interactive_level_switches_decode_path(calibrated):
     model = load_model(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
     gen = Generator(model, sparse=False)
-    a = argparse.Namespace(sparsity=0.0, sparsity_method="uniform", criterion="magnitude", checkpoint=ckpt)
+    a = argparse.Namespace(sparsity=0.0, sparsity_method="uniform", criterion="magnitude", checkpoint=ckpt,
+                           quant=None)
     set_level(gen, calib, "/sparsity 0.5", a)
     assert gen.sparse and a.sparsity == 0.5 and model.layers[0].attention.wqkv.threshold.any()
     set_level(gen, calib, "/sparsity 0", a)
     assert not gen.sparse and a.sparsity == 0.0
     set_level(gen, calib, "/sparsity 1.5", a)  # refused: nothing changes
     assert not gen.sparse and a.sparsity == 0.0
+    a.quant = "int8"  # int8 weights decode through the kernels at 0 too (zero thresholds)
+    set_level(gen, calib, "/sparsity 0", a)
+    assert gen.sparse and a.sparsity == 0.0
 
 
 def test_shipped_calibration_on_held_out_text():

@@ -1,0 +1,106 @@
+"""quantize.py: RTN int8 with a scale per output channel, the model-int8.safetensors file, and loading int8 weights
+(from that file, or quantized on load): the same weights either way, logits close to the 16-bit model's."""
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import load_model, random_model, random_tensors, read_metadata, save_checkpoint
+from errors import UserError
+from model import ModelArgs, SparseLinear
+from quantize import int8_structure, quant_file, quantize_model, rtn_int8, save_int8
+from sparsity import capture_inputs, set_uniform_thresholds
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(arch="llama", dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
+            max_seq_len=128)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture()
+def ckpt(tmp_path):
+    args = ModelArgs(**TINY)
+    save_checkpoint(tmp_path, args, random_tensors(args, torch.float32, "cpu", 0), torch.float32)
+    return tmp_path
+
+
+def test_rtn_int8_rounds_to_nearest_per_output_channel():
+    w = torch.randn(50, 30) * torch.rand(30) * 3  # columns of different scales
+    w[:, 7] = 0  # an all-zero column stays zero
+    q, scale = rtn_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (30,) and scale.dtype == torch.float32
+    assert q.abs().max() <= 127 and (q.abs().amax(0)[torch.arange(30) != 7] == 127).all()
+    assert ((q.float() * scale - w).abs() <= scale / 2 * (1 + 1e-6)).all()
+    assert not q[:, 7].any()
+
+
+def test_int8_file_and_quantize_on_load_agree(ckpt):
+    """quantize.py's file and quantizing while loading give the same weights; both keep the source's fingerprint
+    (so its calibration applies); logits stay close to the float32 model's."""
+    ref = load_model(ckpt)
+    on_load = load_model(ckpt, quant="int8")
+    assert not (ckpt / quant_file("int8")).exists()
+    path = save_int8(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt))
+    from_file = load_model(ckpt, quant="int8")
+    for a, b in zip(on_load.state_dict().items(), from_file.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    w = from_file.layers[0].attention.wqkv
+    assert w.weight.dtype == torch.int8 and w.scale.dtype == torch.float32
+    assert from_file.fingerprint == ref.fingerprint and path.stat().st_size < (ckpt / "model.safetensors").stat().st_size
+    idx = torch.randint(0, 300, (1, 12))
+    for m in (ref, from_file):
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        assert rel_err(from_file(idx, torch.arange(12)), ref(idx, torch.arange(12))) < 3e-2
+
+
+def test_int8_model_keeps_sparsity_semantics(ckpt):
+    """Thresholds apply to the inputs as before: an int8 model at 50% equals its dense self with the same inputs
+    zeroed, i.e. the reference path multiplies the sparsified input by q and then by the scale."""
+    model = load_model(ckpt, quant="int8")
+    set_uniform_thresholds(model, capture_inputs(model, torch.randint(0, 300, (1, 20))), 0.5)
+    lin = model.layers[1].feed_forward.w2
+    x = torch.randn(1, 3, lin.weight.shape[0])
+    keep = x.abs() > lin.threshold[0]
+    y = lin(x, sparse=True)
+    assert torch.allclose(y, ((x * keep) @ lin.weight.float()) * lin.scale, atol=1e-5)
+
+
+def test_bad_int8_inputs(ckpt, tmp_path):
+    with pytest.raises(UserError, match="unknown quantization"):
+        load_model(ckpt, quant="int3")
+    with pytest.raises(UserError, match="TEAL MLP"):
+        load_model(ckpt, quant="int8", mlp="cats")
+    other = tmp_path / "other"
+    args = ModelArgs(**TINY)
+    save_checkpoint(other, args, random_tensors(args, torch.float32, "cpu", 1), torch.float32)
+    save_int8(quantize_model(load_model(other)), ckpt, read_metadata(other))  # another model's int8 file
+    with pytest.raises(UserError, match="re-run quantize.py"):
+        load_model(ckpt, quant="int8")
+    r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(tmp_path / "missing")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_quantize_cli_writes_the_file(ckpt):
+    r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(ckpt)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (ckpt / quant_file("int8")).exists() and "wrote" in r.stdout
+
+
+def test_int8_structure_matches_quantized_state_dict():
+    model = random_model(ModelArgs(**TINY), "cpu", torch.float32)
+    q = quantize_model(copy.deepcopy(model))
+    with torch.device("meta"):
+        shell = type(model)(model.args)
+    int8_structure(shell)
+    assert {k: (v.shape, v.dtype) for k, v in shell.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in q.state_dict().items()}
+    assert all(m.scale is not None for m in q.modules() if isinstance(m, SparseLinear))
