@@ -18,12 +18,12 @@ def run_cli(main):
         sys.exit(130)
 
 
-def sparsity_list(text: str, flag: str) -> list:
-    """A flag's comma-separated sparsity levels, each in [0, 1)."""
+def sparsity_list(text: str, flag: str, up_to_one: bool = False) -> list:
+    """A flag's comma-separated sparsity levels, each in [0, 1) (or [0, 1])."""
     try:
         levels = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not levels or not all(0 <= s < 1 for s in levels):
-        raise UserError(f"{flag} levels must lie in [0, 1), got {text!r}")
+    if not levels or not all(0 <= s < 1 or (up_to_one and s == 1) for s in levels):
+        raise UserError(f"{flag} levels must lie in [0, 1{']' if up_to_one else ')'}, got {text!r}")
     return levels

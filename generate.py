@@ -174,6 +174,12 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16, float32")
 
 
+def kernel_step(sparsity: float, quant: Optional[str]) -> bool:
+    """Whether decode steps take the sparse kernels (Generator.sparse): dense 16-bit weights decode through cuBLAS,
+    int8 ones through the kernels, whose zero thresholds are dense."""
+    return sparsity > 0 or quant is not None
+
+
 def add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
                    help="weight-only quantization of the sparse linears (quantize.py; RTN, per output channel)")
@@ -224,9 +230,8 @@ def main(argv=None):
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     if device.type == "cuda":
         model.enable_kernels()
-    # dense 16-bit weights decode through cuBLAS; int8 ones through the kernels, whose zero thresholds are dense
     gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k,
-                    sparse_prefill_from=a.sparse_prefill_from, sparse=a.sparsity > 0 or a.quant is not None)
+                    sparse_prefill_from=a.sparse_prefill_from, sparse=kernel_step(a.sparsity, a.quant))
 
     if a.interactive:
         return chat_loop(gen, tok, a, calib)
@@ -340,7 +345,7 @@ def set_level(gen: Generator, calib, line: str, a):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return
-    gen.sparse = level > 0 or a.quant is not None
+    gen.sparse = kernel_step(level, a.quant)
     a.sparsity = level
     print(f"sparsity {level:.2f} ({a.sparsity_method}, {a.criterion})", file=sys.stderr)
 

@@ -135,10 +135,9 @@ def _sparse_gemv_kernel(
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_RES:  # loaded now so that the epilogue does not wait for it
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-    scale_up = scale
     if QUANT:  # int8 weights: per output column scales, applied to the sums (loaded now, like the residual)
         scale = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+        scale_up = scale
         if GLU:
             scale_up = tl.load(s_ptr + N_OUT + cols, mask=col_ok, other=0.0)
     ss = tl.zeros((BLOCK_M, SS_BLOCK), dtype=tl.float32)
@@ -263,8 +262,9 @@ def _sparse_gemv_kernel(
             acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU, not FUSE_DOWN)
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
-    part = part * scale[None, :]  # (a split's partial sums too: the scale is linear)
-    part_up = part_up * scale_up[None, :]
+    if QUANT:  # (a split's partial sums too: the scale is linear)
+        part = part * scale[None, :]
+        part_up = part_up * scale_up[None, :]
 
     if FUSE_DOWN:  # gate/up, then down in the same launch (see _mlp_down)
         tile_lists = idx_ptr + tl.num_programs(0) * SPLIT_K * K_SPLIT * (2 if X32 else 1)  # after the K-range lists

@@ -28,7 +28,7 @@ import triton.language as tl
 from checkpoint import random_model
 from quantize import SCHEMES, quantize_model
 from errors import UserError, run_cli, sparsity_list
-from generate import Generator
+from generate import Generator, kernel_step
 from kernels import decode_attention, sparse_gemv
 from model import CONFIGS, ModelArgs
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
@@ -260,8 +260,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     records = []
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
-        # what generate.py does: zero sparsity decodes dense 16-bit weights with cuBLAS, int8 ones with the kernels
-        gen.sparse = s > 0 or quant is not None
+        gen.sparse = kernel_step(s, quant)  # what generate.py does
         new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one of each path compiles)
         speeds = []
         for _ in range(runs):

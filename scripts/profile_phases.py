@@ -29,7 +29,7 @@ import torch
 from bench import capture_graph, graph_time_us, replay_time_us, sparse_threshold
 from kernels import decode_attention, sparse_gemv
 from kernels.sparse_gemv import rms_norm_ref
-from errors import UserError, run_cli
+from errors import UserError, run_cli, sparsity_list
 from model import ModelArgs
 
 SLOTS = 32  # int64 words per program: (globaltimer, clock64) pairs at even slots, counts at 12-14
@@ -158,13 +158,7 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json")
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
-    sparsities = [s for s in a.sparsities.split(",") if s.strip()]
-    try:  # up to 1: the phases with nothing to stream
-        sparsities = [float(s) for s in sparsities]
-    except ValueError:
-        raise UserError(f"--sparsities takes comma-separated numbers, got {a.sparsities!r}") from None
-    if not sparsities or not all(0 <= s <= 1 for s in sparsities):
-        raise UserError(f"--sparsities levels must lie in [0, 1], got {a.sparsities!r}")
+    sparsities = sparsity_list(a.sparsities, "--sparsities", up_to_one=True)  # 1: the phases with nothing to stream
     if not torch.cuda.is_available():
         raise UserError("profile_phases.py needs a CUDA GPU")
     tmp = Path(tempfile.mkdtemp(prefix="teal-phases-"))

@@ -43,7 +43,7 @@ def main():
     p.add_argument("--out", type=Path, default=Path("tune.json"))
     p.add_argument("--top", type=int, default=5)
     a = p.parse_args()
-    configs = [ModelArgs.from_name(m) for m in a.models.split(",") if m]
+    configs = {m: ModelArgs.from_name(m) for m in a.models.split(",") if m}
     levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available():
         raise UserError("tune_gemv.py needs a CUDA GPU")
@@ -51,7 +51,7 @@ def main():
     bw = read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     shapes = {}
-    for m, args in zip([m for m in a.models.split(",") if m], configs):
+    for m, args in configs.items():
         for proj, (K, sizes, glu) in projection_shapes(args).items():
             shapes.setdefault((K, sizes, glu), f"{m}:{proj}")
     records = []
