@@ -6,9 +6,16 @@ without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpret
 2. Which arguments each kernel launch writes: torch.compile generates each user kernel's TTIR to find the
    pointers it stores through, and an input it cannot rule out is cloned before every call (a weight: a full
    copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver.
+3. Every kernel launch that a Llama-2-7B- and a Llama-3-8B-shaped layer's decode step makes on an H100 (132 SMs:
+   the real configs) compiles down to a cubin for sm_90, ptxas included: bf16/fp16/fp32 and int8 weights, the
+   CATS MLP too, batch 1 and 3, sparse and dense. Triton's CPU interpreter runs code the compiler refuses (a jit
+   function returning a different dtype from each branch of a constexpr `if`, say), so the interpreted kernel
+   tests alone would pass a kernel that cannot build on the GPU.
 Exits 1 on any failure.
 """
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -16,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table  # noqa: E402
 
 from kernels import decode_attention, sparse_gemv  # noqa: E402
 from checkpoint import random_model  # noqa: E402
-from model import Attention, FeedForward, ModelArgs, SparseLinear  # noqa: E402
+from model import CONFIGS, Attention, FeedForward, ModelArgs, RowSparseUp, SparseLinear  # noqa: E402
 from quantize import quantize_model  # noqa: E402
 
 
@@ -158,8 +167,91 @@ def trace_decode_step(int8: bool) -> bool:
     return ok
 
 
+def enable_kernels_as_on_gpu(model, n_sm: int = 132):
+    """What model.enable_kernels() sets on an H100 (which refuses a CPU model outside the interpreter)."""
+    for m in model.modules():
+        if isinstance(m, (SparseLinear, RowSparseUp)):
+            m.enable_kernels(n_sm)
+        elif isinstance(m, Attention):
+            m.decode_kernel = m.defer_reduction = True
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
+
+
+def decode_step_launches() -> list:
+    """(kernel, launch arguments by name, options) of every launch in one-layer decode steps of real shapes
+    (the vocabulary cut down: the LM head is no kernel). The launches are recorded, not run."""
+    seen = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        named = dict(zip(self.arg_names, args))
+        named.update(kwargs)
+        opts = {k: named.pop(k) for k in list(named) if k not in self.arg_names}
+        seen.append((self, named, opts))
+
+    real_run = JITFunction.run
+    JITFunction.run = record
+    try:
+        for name in ("llama-2-7b", "llama-3-8b"):
+            args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "vocab_size": 64, "max_seq_len": 256})
+            for dtype, int8, mlp in ((torch.bfloat16, False, "teal"), (torch.bfloat16, True, "teal"),
+                                     (torch.float16, False, "teal"), (torch.float32, False, "teal"),
+                                     (torch.bfloat16, False, "cats")):
+                model = random_model(args, "cpu", dtype, mlp=mlp)
+                if int8:
+                    quantize_model(model)
+                enable_kernels_as_on_gpu(model)
+                model.setup_caches(3, 256)
+                for B in (1, 3):  # the sparse step (thresholds are data: any value makes the same launches), the
+                    for sparse_from in (0, None):  # dense one (cuBLAS projections, the attention kernel)
+                        model(torch.zeros(B, 1, dtype=torch.long), torch.tensor([100]), sparse_from=sparse_from)
+                del model
+    finally:
+        JITFunction.run = real_run
+    return seen
+
+
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+         torch.int8: "*i8", torch.int64: "*i64"}
+
+
+def compile_for_hopper(launches) -> tuple:
+    """Compiles each distinct (kernel, argument types, constexprs, options) to a cubin; returns (count, errors)."""
+    jobs = {}
+    for fn, named, opts in launches:
+        sig, consts = {}, {}
+        for p in fn.params:
+            v = named[p.name]
+            if p.is_constexpr:
+                sig[p.name], consts[p.name] = "constexpr", v
+            else:
+                sig[p.name] = TYPES[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+        key = (fn.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in consts.items()),
+               tuple(sorted(opts.items())))
+        jobs.setdefault(key, (fn, sig, consts, opts))
+
+    def build(job):
+        fn, sig, consts, opts = job
+        try:
+            triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
+        except Exception as e:  # noqa: BLE001  (reported with the launch that failed)
+            while (e.__cause__ or e.__context__) is not None:  # a CompilationError points at the call site;
+                e = e.__cause__ or e.__context__  # the innermost exception says why
+            return f"{fn.__name__} {consts} {opts}: {type(e).__name__}: {str(e).strip()[:300]}"
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # ptxas runs as a process of its own
+        errors = [e for e in pool.map(build, jobs.values()) if e]
+    return len(jobs), errors
+
+
 def main():
     ok = trace_decode_step(False) and trace_decode_step(True)
+    n, errors = compile_for_hopper(decode_step_launches())
+    print(f"sm_90 builds of the decode step's launches: {n} distinct, {len(errors)} failed")
+    for e in errors:
+        print("  " + e)
+    ok &= n > 0 and not errors
     triton.runtime.driver.set_active(HopperTarget())
     allowed = {
         sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
