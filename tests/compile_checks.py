@@ -34,8 +34,16 @@ from quantize import quantize_model  # noqa: E402
 
 
 class HopperTarget:
+    """Stands in for the CUDA driver: what Triton asks of it to bind and compile, not to launch."""
+
     def get_current_target(self):
         return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
 
 
 class Recorder:
@@ -180,15 +188,17 @@ def enable_kernels_as_on_gpu(model, n_sm: int = 132):
 
 
 def decode_step_launches() -> list:
-    """(kernel, launch arguments by name, options) of every launch in one-layer decode steps of real shapes
-    (the vocabulary cut down: the LM head is no kernel). The launches are recorded, not run."""
+    """(kernel, signature, constexprs, attrs, options) of every launch in one-layer decode steps of real shapes
+    (the vocabulary cut down: the LM head is no kernel), specialised by Triton's own binder as a launch would be
+    (16-byte aligned pointers and multiples of 16 marked as such). The launches are recorded, not run; needs
+    HopperTarget active."""
     seen = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        named = dict(zip(self.arg_names, args))
-        named.update(kwargs)
-        opts = {k: named.pop(k) for k in list(named) if k not in self.arg_names}
-        seen.append((self, named, opts))
+        backend, binder = self.device_caches[0][3:]
+        bound, specialization, options = binder(*args, **kwargs)
+        seen.append((self, *self._pack_args(backend, kwargs, bound, specialization, options)[1:],
+                     backend.parse_options(kwargs)))
 
     real_run = JITFunction.run
     JITFunction.run = record
@@ -212,33 +222,22 @@ def decode_step_launches() -> list:
     return seen
 
 
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-         torch.int8: "*i8", torch.int64: "*i64"}
-
-
 def compile_for_hopper(launches) -> tuple:
-    """Compiles each distinct (kernel, argument types, constexprs, options) to a cubin; returns (count, errors)."""
+    """Compiles each distinct launch to a cubin for sm_90; returns (count, errors)."""
     jobs = {}
-    for fn, named, opts in launches:
-        sig, consts = {}, {}
-        for p in fn.params:
-            v = named[p.name]
-            if p.is_constexpr:
-                sig[p.name], consts[p.name] = "constexpr", v
-            else:
-                sig[p.name] = TYPES[v.dtype] if isinstance(v, torch.Tensor) else "i32"
-        key = (fn.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in consts.items()),
-               tuple(sorted(opts.items())))
-        jobs.setdefault(key, (fn, sig, consts, opts))
+    for fn, sig, consts, attrs, opts in launches:
+        jobs.setdefault((fn.__name__, repr(sig), repr(consts), repr(attrs), repr(opts)), (fn, sig, consts, attrs, opts))
 
     def build(job):
-        fn, sig, consts, opts = job
+        fn, sig, consts, attrs, opts = job
         try:
-            triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
+            triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=opts.__dict__)
         except Exception as e:  # noqa: BLE001  (reported with the launch that failed)
             while (e.__cause__ or e.__context__) is not None:  # a CompilationError points at the call site;
                 e = e.__cause__ or e.__context__  # the innermost exception says why
-            return f"{fn.__name__} {consts} {opts}: {type(e).__name__}: {str(e).strip()[:300]}"
+            named = {fn.arg_names[k[0]]: v for k, v in consts.items()}
+            return f"{fn.__name__} {named} num_warps={opts.num_warps}: {type(e).__name__}: {str(e).strip()[:300]}"
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # ptxas runs as a process of its own
         errors = [e for e in pool.map(build, jobs.values()) if e]
@@ -247,6 +246,7 @@ def compile_for_hopper(launches) -> tuple:
 
 def main():
     ok = trace_decode_step(False) and trace_decode_step(True)
+    triton.runtime.driver.set_active(HopperTarget())
     n, errors = compile_for_hopper(decode_step_launches())
     print(f"sm_90 builds of the decode step's launches: {n} distinct, {len(errors)} failed")
     for e in errors:
