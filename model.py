@@ -179,8 +179,8 @@ class SparseLinear(nn.Module):
     def enable_kernels(self, n_sm: int, fuse_norm: bool = True):
         self.fuse_norm = fuse_norm
         K = self.weight.shape[0]
-        self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm)
-                               for m in (1, 2, 4, 8)}
+        self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm,
+                                                             self.weight.dtype == torch.int8) for m in (1, 2, 4, 8)}
         n = max(sparse_gemv.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)

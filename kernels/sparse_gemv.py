@@ -614,8 +614,8 @@ class Config(NamedTuple):
     dot: int  # 1: tensor-core tl.dot over batch rows padded to 16; 0: FMA path (needs M == 1)
 
 
-def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
-    """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md)."""
+def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool = False) -> Config:
+    """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md). int8: for int8 weights."""
     out = sizes[:1] if glu else sizes
     fits = [b for b in (128, 64, 32) if all(s % b == 0 for s in out)] or [64]
     block_n = fits[0]
@@ -624,6 +624,14 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132) -> Config:
         split = max(1, min(per_sm * n_sm // counters_size(sizes, glu, block_n), triton.cdiv(K, block_k), 32))
         return Config(block_n, block_k, split, warps, stages, dot)
     # batch 1 (sweeps of 2026-11-24, docs/perf-notes.md v5): each program streams the kept rows of a K range
+    if int8 and glu:  # half the bytes per row: 128 columns, four K ranges where they stay within three programs
+        # per SM (int8 sweep, 2026-11-25 session 8: Llama-2's gate/up; Llama-3's, with four, went 5% slower end to end)
+        split = 4 if 4 * counters_size(sizes, glu, block_n) <= 3 * n_sm else 2
+        return Config(block_n, 64, max(1, min(split, K // 1024)), 4, 1, 0)
+    if int8 and len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns, 128-row groups, K ranges of >= 1024 inputs
+        block_n = next((b for b in reversed(fits) if b >= 64), block_n)
+        return Config(block_n, 128, max(1, min(round(3 * n_sm / counters_size(sizes, glu, block_n)), K // 1024)),
+                      4, 1, 0)
     if glu:  # two programs along K; the narrower tile while two per tile still fit three programs per SM
         block_n = next((b for b in reversed(fits) if b >= 64 and 2 * counters_size(sizes, glu, b) <= 3 * n_sm),
                        block_n)

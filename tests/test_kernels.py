@@ -52,11 +52,15 @@ CASES = {  # name: (K, sizes, glu, residual)
 C = sparse_gemv.Config
 
 
-def configs_for(M, K, sizes, glu):
+def configs_for(M, K, sizes, glu, int8=False):
     # batch 1: one program per column tile, split-K with a K range of several chunks, one warp (the list
-    # compaction then spans several passes of the warp), and the default
+    # compaction then spans several passes of the warp), and the default (int8 weights have their own)
     fma = [C(16, 16, 1, 4, 1, 0), C(16, 32, 3, 4, 1, 0), C(32, 16, 2, 1, 1, 0)] if M == 1 else []
-    return fma + [C(16, 16, 1, 4, 1, 1), C(32, 32, 4, 4, 2, 1), sparse_gemv.default_config(M, K, sizes, glu, n_sm=4)]
+    if int8 and M == 1:  # what Llama-2-7B's int8 o and gate/up launch with on an H100 (128-row groups for o)
+        fma += [sparse_gemv.default_config(1, 4096, (4096,), False, int8=True),
+                sparse_gemv.default_config(1, 4096, (11008, 11008), True, int8=True)]
+    return fma + [C(16, 16, 1, 4, 1, 1), C(32, 32, 4, 4, 2, 1),
+                  sparse_gemv.default_config(M, K, sizes, glu, n_sm=4, int8=int8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -107,7 +111,7 @@ def test_sparse_gemv_int8(case, sparsity, M):
     res = torch.randn(M, sizes[0] if glu else sum(sizes), dtype=dtype, device=DEVICE) if has_res else None
     t = thresholds_for(x, len(sizes), sparsity, True)
     ref = sparse_gemv.sparse_gemv_ref(x, q, t, sizes, glu=glu, residual=res, scale=scale)
-    for config in configs_for(M, K, sizes, glu):
+    for config in configs_for(M, K, sizes, glu, int8=True):
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(tuple(ref.shape), dtype)
         sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, scale=scale)
@@ -124,7 +128,7 @@ def test_sparse_gemv_int8(case, sparsity, M):
         td = halfway_thresholds(h, sparsity)
         r = torch.randn(M, 40, dtype=dtype, device=DEVICE)
         y = sparse_gemv.sparse_gemv(parts, qd, td, (40,), torch.zeros(64, dtype=torch.int32, device=DEVICE),
-                                    configs_for(M, sizes[0], (40,), False)[-1], residual=r, scale=sd)
+                                    configs_for(M, sizes[0], (40,), False, int8=True)[-1], residual=r, scale=sd)
         assert y.dtype == dtype  # (the interpreter truncates bf16 casts where GPUs round: h differs by an ulp)
         tol = 5e-2 if sparse_gemv.INTERPRETED else 2e-2
         assert rel_err(y, sparse_gemv.sparse_gemv_ref(h, qd, td, (40,), residual=r, scale=sd)) < tol
