@@ -5,7 +5,8 @@ without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpret
    attention are the kernel ops, with no SDPA left.
 2. Which arguments each kernel launch writes: torch.compile generates each user kernel's TTIR to find the
    pointers it stores through, and an input it cannot rule out is cloned before every call (a weight: a full
-   copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver.
+   copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver
+   (scripts/sm90.py).
 3. Every kernel launch that a Llama-2-7B- and a Llama-3-8B-shaped layer's decode step makes on an H100 (132 SMs:
    the real configs) compiles down to a cubin for sm_90, ptxas included: bf16/fp16/fp32 and int8 weights, the
    CATS MLP too, batch 1 and 3, sparse and dense. Triton's CPU interpreter runs code the compiler refuses (a jit
@@ -13,37 +14,21 @@ without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpret
    tests alone would pass a kernel that cannot build on the GPU.
 Exits 1 on any failure.
 """
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table  # noqa: E402
 
 from kernels import decode_attention, sparse_gemv  # noqa: E402
 from checkpoint import random_model  # noqa: E402
-from model import CONFIGS, Attention, FeedForward, ModelArgs, RowSparseUp, SparseLinear  # noqa: E402
+from model import Attention, FeedForward, ModelArgs, SparseLinear  # noqa: E402
 from quantize import quantize_model  # noqa: E402
-
-
-class HopperTarget:
-    """Stands in for the CUDA driver: what Triton asks of it to bind and compile, not to launch."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
+import sm90  # noqa: E402
 
 
 class Recorder:
@@ -175,84 +160,26 @@ def trace_decode_step(int8: bool) -> bool:
     return ok
 
 
-def enable_kernels_as_on_gpu(model, n_sm: int = 132):
-    """What model.enable_kernels() sets on an H100 (which refuses a CPU model outside the interpreter)."""
-    for m in model.modules():
-        if isinstance(m, (SparseLinear, RowSparseUp)):
-            m.enable_kernels(n_sm)
-        elif isinstance(m, Attention):
-            m.decode_kernel = m.defer_reduction = True
-    for m in model.modules():
-        if isinstance(m, FeedForward):
-            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
-
-
 def decode_step_launches() -> list:
-    """(kernel, signature, constexprs, attrs, options) of every launch in one-layer decode steps of real shapes
-    (the vocabulary cut down: the LM head is no kernel), specialised by Triton's own binder as a launch would be
-    (16-byte aligned pointers and multiples of 16 marked as such). The launches are recorded, not run; needs
-    HopperTarget active."""
+    """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
+    16/32-bit activations and int8 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
     seen = []
-
-    def record(self, *args, grid, warmup, **kwargs):
-        backend, binder = self.device_caches[0][3:]
-        bound, specialization, options = binder(*args, **kwargs)
-        seen.append((self, *self._pack_args(backend, kwargs, bound, specialization, options)[1:],
-                     backend.parse_options(kwargs)))
-
-    real_run = JITFunction.run
-    JITFunction.run = record
-    try:
-        for name in ("llama-2-7b", "llama-3-8b"):
-            args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "vocab_size": 64, "max_seq_len": 256})
-            for dtype, int8, mlp in ((torch.bfloat16, False, "teal"), (torch.bfloat16, True, "teal"),
-                                     (torch.float16, False, "teal"), (torch.float32, False, "teal"),
-                                     (torch.bfloat16, False, "cats")):
-                model = random_model(args, "cpu", dtype, mlp=mlp)
-                if int8:
-                    quantize_model(model)
-                enable_kernels_as_on_gpu(model)
-                model.setup_caches(3, 256)
-                for B in (1, 3):  # the sparse step (thresholds are data: any value makes the same launches), the
-                    for sparse_from in (0, None):  # dense one (cuBLAS projections, the attention kernel)
-                        model(torch.zeros(B, 1, dtype=torch.long), torch.tensor([100]), sparse_from=sparse_from)
-                del model
-    finally:
-        JITFunction.run = real_run
+    for name in ("llama-2-7b", "llama-3-8b"):
+        for dtype, int8, mlp in ((torch.bfloat16, False, "teal"), (torch.bfloat16, True, "teal"),
+                                 (torch.float16, False, "teal"), (torch.float32, False, "teal"),
+                                 (torch.bfloat16, False, "cats")):
+            seen += sm90.decode_step_launches(name, dtype, int8, mlp, batches=(1, 3), sparse_froms=(0, None))
     return seen
-
-
-def compile_for_hopper(launches) -> tuple:
-    """Compiles each distinct launch to a cubin for sm_90; returns (count, errors)."""
-    jobs = {}
-    for fn, sig, consts, attrs, opts in launches:
-        jobs.setdefault((fn.__name__, repr(sig), repr(consts), repr(attrs), repr(opts)), (fn, sig, consts, attrs, opts))
-
-    def build(job):
-        fn, sig, consts, attrs, opts = job
-        try:
-            triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                           options=opts.__dict__)
-        except Exception as e:  # noqa: BLE001  (reported with the launch that failed)
-            while (e.__cause__ or e.__context__) is not None:  # a CompilationError points at the call site;
-                e = e.__cause__ or e.__context__  # the innermost exception says why
-            named = {fn.arg_names[k[0]]: v for k, v in consts.items()}
-            return f"{fn.__name__} {named} num_warps={opts.num_warps}: {type(e).__name__}: {str(e).strip()[:300]}"
-
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # ptxas runs as a process of its own
-        errors = [e for e in pool.map(build, jobs.values()) if e]
-    return len(jobs), errors
 
 
 def main():
     ok = trace_decode_step(False) and trace_decode_step(True)
-    triton.runtime.driver.set_active(HopperTarget())
-    n, errors = compile_for_hopper(decode_step_launches())
+    triton.runtime.driver.set_active(sm90.HopperTarget())
+    n, errors = sm90.compile_for_hopper(decode_step_launches())
     print(f"sm_90 builds of the decode step's launches: {n} distinct, {len(errors)} failed")
     for e in errors:
         print("  " + e)
     ok &= n > 0 and not errors
-    triton.runtime.driver.set_active(HopperTarget())
     allowed = {
         sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
         decode_attention._decode_attention_kernel: {"y_ptr", "k_ptr", "v_ptr", "ws_ml_ptr", "ws_acc_ptr", "cnt_ptr"},

@@ -1,0 +1,209 @@
+"""Build the decode step's kernel launches for the H100 (sm_90) on a machine without a GPU, and read what came out:
+registers, local memory (spills) and the instruction mix of each innermost loop, from the cuobjdump and nvdisasm
+that ship with Triton. A change to a kernel's loop can then be read as instructions before device time is spent on
+timing it (docs/perf-notes.md, session 8). tests/compile_checks.py builds the same launches to catch what only the
+GPU compiler refuses.
+
+    python scripts/sm90.py [--model llama-2-7b] [--quant int8] [--dtype bfloat16] [--batch 1] [--dense]
+
+One layer of the model at its real shapes, launch configs as an H100 (132 SMs) gets them; the launches are
+recorded (Triton's own binder specialises them as a launch would: aligned pointers, multiples of 16, ones as
+constants), not run. Must run without TRITON_INTERPRET.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import _path  # noqa: F401
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from checkpoint import random_model
+from errors import UserError, run_cli
+from model import CONFIGS, Attention, FeedForward, ModelArgs, RowSparseUp, SparseLinear
+from quantize import quantize_model
+
+TARGET = GPUTarget("cuda", 90, 32)
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class HopperTarget:
+    """Stands in for the CUDA driver (triton.runtime.driver.set_active): what Triton asks of it to bind and
+    compile a launch, not to run one."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+
+@contextmanager
+def recorded_launches():
+    """Within: every Triton launch is bound and recorded as (kernel, signature, constexprs, attrs, options)
+    instead of run. Needs HopperTarget active."""
+    seen = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        backend, binder = self.device_caches[0][3:]
+        bound, specialization, options = binder(*args, **kwargs)
+        seen.append((self, *self._pack_args(backend, kwargs, bound, specialization, options)[1:],
+                     backend.parse_options(kwargs)))
+
+    real_run = JITFunction.run
+    JITFunction.run = record
+    try:
+        yield seen
+    finally:
+        JITFunction.run = real_run
+
+
+def enable_kernels_as_on_gpu(model, n_sm: int = 132):
+    """What model.enable_kernels() sets on an H100 (it refuses a CPU model outside the interpreter)."""
+    for m in model.modules():
+        if isinstance(m, (SparseLinear, RowSparseUp)):
+            m.enable_kernels(n_sm)
+        elif isinstance(m, Attention):
+            m.decode_kernel = m.defer_reduction = True
+    for m in model.modules():
+        if isinstance(m, FeedForward):
+            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
+
+
+def decode_step_launches(name: str, dtype: torch.dtype, int8: bool = False, mlp: str = "teal", batches=(1,),
+                         sparse_froms=(0,)) -> list:
+    """The launches of one-layer decode steps of model `name` (vocabulary cut down: the LM head is no kernel).
+    sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention kernel)."""
+    args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "vocab_size": 64, "max_seq_len": 256})
+    model = random_model(args, "cpu", dtype, mlp=mlp)
+    if int8:
+        quantize_model(model)
+    enable_kernels_as_on_gpu(model)
+    model.setup_caches(max(batches), args.max_seq_len)
+    with recorded_launches() as seen:
+        for B in batches:
+            for sparse_from in sparse_froms:  # thresholds are data: any value makes the same launches
+                model(torch.zeros(B, 1, dtype=torch.long), torch.tensor([100]), sparse_from=sparse_from)
+    return seen
+
+
+def distinct(launches) -> list:
+    jobs = {}
+    for fn, sig, consts, attrs, opts in launches:
+        jobs.setdefault((fn.__name__, repr(sig), repr(consts), repr(attrs), repr(opts)), (fn, sig, consts, attrs, opts))
+    return list(jobs.values())
+
+
+def build(launch):
+    fn, sig, consts, attrs, opts = launch
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=opts.__dict__)
+
+
+def compile_for_hopper(launches) -> tuple:
+    """Compiles each distinct launch to a cubin for sm_90 (ptxas included); returns (count, errors)."""
+    def attempt(launch):
+        try:
+            build(launch)
+        except Exception as e:  # noqa: BLE001  (reported with the launch that failed)
+            while (e.__cause__ or e.__context__) is not None:  # a CompilationError points at the call site;
+                e = e.__cause__ or e.__context__  # the innermost exception says why
+            return f"{describe(launch)}: {type(e).__name__}: {str(e).strip()[:300]}"
+
+    jobs = distinct(launches)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # ptxas runs as a process of its own
+        errors = [e for e in pool.map(attempt, jobs) if e]
+    return len(jobs), errors
+
+
+def describe(launch) -> str:
+    fn, sig, consts, attrs, opts = launch
+    named = {fn.arg_names[k[0]]: v for k, v in consts.items()}
+    shown = {k: v for k, v in named.items()  # the flags that are on, and the sizes that are not 1
+             if k.isupper() and v is not False and v is not None and (v != 1 or k in ("M", "BLOCK_M"))}
+    return f"{fn.__name__} num_warps={opts.num_warps} {shown}"
+
+
+def resources(cubin: bytes) -> dict:
+    """{"REG": .., "LOCAL": .., "SHARED": ..} of the cubin's kernel (cuobjdump -res-usage)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out)}
+
+
+def loops(cubin: bytes) -> list:
+    """Innermost loops of the SASS (a backward branch to a label, with no other such loop inside; not the
+    branch-to-itself after the exit):
+    [(first label, instruction count, Counter of opcodes)]."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    code, labels = [], {}  # [(label or None, instruction)], label -> index of its first instruction
+    for line in sass.splitlines():
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(code)
+        elif re.search(r"/\*[0-9a-f]{4}\*/", line):
+            code.append(line.split("*/", 1)[1].strip().rstrip(" ;"))
+    spans = []
+    for i, ins in enumerate(code):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            spans.append((labels[m.group(1)], i, m.group(1)))
+    out = []
+    for lo, hi, label in spans:
+        if hi == lo or any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans):
+            continue  # not innermost
+        ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", s).split()[0] for s in code[lo:hi + 1])
+        out.append((label, hi + 1 - lo, ops))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-2-7b", help=f"one of {', '.join(CONFIGS)}")
+    p.add_argument("--quant", choices=["int8"], default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dense", action="store_true", help="the dense step (generate.py --sparsity 0) instead")
+    p.add_argument("--top", type=int, default=8, help="opcodes shown per loop")
+    a = p.parse_args()
+    if a.model not in CONFIGS:
+        raise UserError(f"unknown model {a.model!r}; choose one of {', '.join(CONFIGS)}")
+    if not 1 <= a.batch <= 8:
+        raise UserError(f"--batch must lie in 1..8 (the kernels' batch sizes), got {a.batch}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise UserError("unset TRITON_INTERPRET: the interpreter builds nothing")
+    triton.runtime.driver.set_active(HopperTarget())
+    launches = distinct(decode_step_launches(a.model, DTYPES[a.dtype], a.quant == "int8", batches=(a.batch,),
+                                             sparse_froms=(None if a.dense else 0,)))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        built = list(pool.map(build, launches))
+    for launch, k in zip(launches, built):
+        r = resources(k.asm["cubin"])
+        print(f"{describe(launch)}\n  registers {r.get('REG')}, local (spill) bytes {r.get('LOCAL')}, "
+              f"shared bytes {r.get('SHARED')}")
+        for label, n, ops in loops(k.asm["cubin"]):
+            print(f"  loop at {label}: {n} instructions: "
+                  + ", ".join(f"{op} {c}" for op, c in ops.most_common(a.top)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

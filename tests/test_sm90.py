@@ -1,0 +1,39 @@
+"""scripts/sm90.py: the decode step's launches built for sm_90 on the CPU, and what it reports of them."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sm90(*args, interpret: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "sm90.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_reports_registers_and_loops_of_every_launch():
+    r = sm90("--model", "llama-2-7b", "--quant", "int8", interpret=False)
+    assert r.returncode == 0, r.stderr
+    kernels = re.findall(r"^(_\w+_kernel) num_warps=\d+ ", r.stdout, re.M)
+    # int8 batch 1: q/k/v partials, attention, o, gate/up partials, down from them
+    assert kernels.count("_sparse_gemv_kernel") == 4 and kernels.count("_decode_attention_kernel") == 1, r.stdout
+    regs = [int(n) for n in re.findall(r"registers (\d+), local \(spill\) bytes 0", r.stdout)]
+    assert len(regs) == 5 and all(0 < n <= 255 for n in regs), r.stdout
+    # every GEMV streams its weight rows in a loop of FMAs; int8 rows are widened by the magic number (no I2F)
+    loops = re.findall(r"loop at \.L_x_\d+: (\d+) instructions: (.*)", r.stdout)
+    fma_loops = [ops for n, ops in loops if "FFMA" in ops]
+    assert len(fma_loops) >= 8 and not any("I2F" in ops for ops in fma_loops), r.stdout
+
+
+def test_bad_input_is_one_line():
+    for args, msg in ((("--model", "llama-9"), "unknown model 'llama-9'"), (("--batch", "9"), "--batch must lie"),
+                      ((), "unset TRITON_INTERPRET")):
+        r = sm90(*args, interpret=True)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error: " + msg) and "Traceback" not in r.stderr, \
+            r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
