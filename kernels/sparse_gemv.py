@@ -533,8 +533,8 @@ def _fma(acc, x, w, ROWS: tl.constexpr, MAGIC: tl.constexpr):
     """acc [ROWS, BN] + x [BK] * w [BK, BN], rows k, k + ROWS, k + 2 ROWS, ... folded into acc (ROWS divides
     BK; those rows sit in one thread, so the fold stays in registers). int8 w with MAGIC: widened by a magic number
     (the float 2^23 + 128 + w, less 2^23 + 128, exact), an integer and a float add where the int8 -> float
-    conversion runs at a quarter of their rate: the streaming loop is compute-bound on int8 rows. Not in the fused
-    MLP, whose registers it overflows (docs/perf-notes.md)."""
+    conversion (I2F) issues at a quarter of their rate. Not in the fused MLP, which spills either way
+    (docs/perf-notes.md, sessions 7 and 8)."""
     if (w.dtype == tl.int8) & MAGIC:
         wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from checkpoint import random_model
-from quantize import SCHEMES, quantize_model
+from quantize import quantize_model
 from errors import UserError, run_cli, sparsity_list
-from generate import Generator, kernel_step
+from generate import Generator, add_quant_arg, kernel_step
 from kernels import decode_attention, sparse_gemv
 from model import CONFIGS, ModelArgs
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
@@ -439,8 +439,7 @@ def main():
                    help="q/k/v and gate/up partials summed by the attention and down kernels (default on)")
     p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
                    help="batch 1: gate/up and down in one launch (default on)")
-    p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
-                   help="end to end with the sparse linears quantized (quantize.py); the kernel table stays bf16")
+    add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]
     configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work

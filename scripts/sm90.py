@@ -112,20 +112,25 @@ def build(launch):
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=opts.__dict__)
 
 
-def compile_for_hopper(launches) -> tuple:
-    """Compiles each distinct launch to a cubin for sm_90 (ptxas included); returns (count, errors)."""
+def build_all(launches) -> list:
+    """[(launch, compiled kernel or None, error line or None)] for each distinct launch, built for sm_90 (ptxas
+    included) in parallel."""
     def attempt(launch):
         try:
-            build(launch)
+            return launch, build(launch), None
         except Exception as e:  # noqa: BLE001  (reported with the launch that failed)
             while (e.__cause__ or e.__context__) is not None:  # a CompilationError points at the call site;
                 e = e.__cause__ or e.__context__  # the innermost exception says why
-            return f"{describe(launch)}: {type(e).__name__}: {str(e).strip()[:300]}"
+            return launch, None, f"{describe(launch)}: {type(e).__name__}: {str(e).strip()[:300]}"
 
-    jobs = distinct(launches)
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # ptxas runs as a process of its own
-        errors = [e for e in pool.map(attempt, jobs) if e]
-    return len(jobs), errors
+        return list(pool.map(attempt, distinct(launches)))
+
+
+def compile_for_hopper(launches) -> tuple:
+    """Builds each distinct launch for sm_90; returns (count, error lines)."""
+    built = build_all(launches)
+    return len(built), [e for _, _, e in built if e]
 
 
 def describe(launch) -> str:
@@ -136,26 +141,22 @@ def describe(launch) -> str:
     return f"{fn.__name__} num_warps={opts.num_warps} {shown}"
 
 
-def resources(cubin: bytes) -> dict:
-    """{"REG": .., "LOCAL": .., "SHARED": ..} of the cubin's kernel (cuobjdump -res-usage)."""
+def inspect(cubin: bytes) -> tuple:
+    """(resources, loops) of a kernel's cubin: {"REG", "STACK", "LOCAL", "SHARED": ...} from cuobjdump -res-usage
+    (spilled registers live in the STACK frame), and its innermost loops (see loops)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", out)}
+        usage, sass = (subprocess.run([os.path.join(TOOLS, tool), *flags, f.name], capture_output=True, text=True,
+                                      check=True).stdout
+                       for tool, flags in (("cuobjdump", ["-res-usage"]), ("nvdisasm", ["-c"])))
+    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}, loops(sass)
 
 
-def loops(cubin: bytes) -> list:
-    """Innermost loops of the SASS (a backward branch to a label, with no other such loop inside; not the
-    branch-to-itself after the exit):
-    [(first label, instruction count, Counter of opcodes)]."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    code, labels = [], {}  # [(label or None, instruction)], label -> index of its first instruction
+def loops(sass: str) -> list:
+    """Innermost loops of nvdisasm's SASS (a backward branch to a label, with no other such loop inside; not the
+    branch-to-itself after the exit): [(first label, instruction count, Counter of opcodes)]."""
+    code, labels = [], {}  # instructions, and label -> index of its first instruction
     for line in sass.splitlines():
         m = re.match(r"^\s*(\.L_x_\d+):", line)
         if m:
@@ -192,18 +193,19 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("unset TRITON_INTERPRET: the interpreter builds nothing")
     triton.runtime.driver.set_active(HopperTarget())
-    launches = distinct(decode_step_launches(a.model, DTYPES[a.dtype], a.quant == "int8", batches=(a.batch,),
-                                             sparse_froms=(None if a.dense else 0,)))
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        built = list(pool.map(build, launches))
-    for launch, k in zip(launches, built):
-        r = resources(k.asm["cubin"])
-        print(f"{describe(launch)}\n  registers {r.get('REG')}, local (spill) bytes {r.get('LOCAL')}, "
-              f"shared bytes {r.get('SHARED')}")
-        for label, n, ops in loops(k.asm["cubin"]):
+    built = build_all(decode_step_launches(a.model, DTYPES[a.dtype], a.quant == "int8", batches=(a.batch,),
+                                           sparse_froms=(None if a.dense else 0,)))
+    for launch, k, error in built:
+        if error:
+            print(error)
+            continue
+        r, found = inspect(k.asm["cubin"])
+        print(f"{describe(launch)}\n  registers {r.get('REG')}, stack frame (spills) {r.get('STACK')} bytes, "
+              f"local {r.get('LOCAL')} bytes, shared {r.get('SHARED')} bytes")
+        for label, n, ops in found:
             print(f"  loop at {label}: {n} instructions: "
                   + ", ".join(f"{op} {c}" for op, c in ops.most_common(a.top)))
-
+    return 1 if any(e for _, _, e in built) else 0
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

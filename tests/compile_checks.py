@@ -26,7 +26,7 @@ from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kern
 
 from kernels import decode_attention, sparse_gemv  # noqa: E402
 from checkpoint import random_model  # noqa: E402
-from model import Attention, FeedForward, ModelArgs, SparseLinear  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from quantize import quantize_model  # noqa: E402
 import sm90  # noqa: E402
 
@@ -132,14 +132,7 @@ def trace_decode_step(int8: bool) -> bool:
     model = random_model(args, "cpu", torch.bfloat16)
     if int8:
         quantize_model(model)
-    for m in model.modules():  # what enable_kernels() sets on a GPU
-        if isinstance(m, SparseLinear):
-            m.enable_kernels(n_sm=4)
-        elif isinstance(m, Attention):
-            m.decode_kernel = m.defer_reduction = True
-    for m in model.modules():
-        if isinstance(m, FeedForward):
-            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
+    sm90.enable_kernels_as_on_gpu(model, n_sm=4)
     model.setup_caches(1, 64)
     ok = True
     # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)

@@ -22,7 +22,7 @@ def test_reports_registers_and_loops_of_every_launch():
     kernels = re.findall(r"^(_\w+_kernel) num_warps=\d+ ", r.stdout, re.M)
     # int8 batch 1: q/k/v partials, attention, o, gate/up partials, down from them
     assert kernels.count("_sparse_gemv_kernel") == 4 and kernels.count("_decode_attention_kernel") == 1, r.stdout
-    regs = [int(n) for n in re.findall(r"registers (\d+), local \(spill\) bytes 0", r.stdout)]
+    regs = [int(n) for n in re.findall(r"registers (\d+), stack frame \(spills\) 0 bytes", r.stdout)]
     assert len(regs) == 5 and all(0 < n <= 255 for n in regs), r.stdout
     # every GEMV streams its weight rows in a loop of FMAs; int8 rows are widened by the magic number (no I2F)
     loops = re.findall(r"loop at \.L_x_\d+: (\d+) instructions: (.*)", r.stdout)
