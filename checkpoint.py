@@ -166,14 +166,15 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
         raise UserError(f"could not read {path}: {e}") from None
     if dtype is not None:  # int8 weights and their float32 scales stay as they are
         sd = {k: v if v.dtype == torch.int8 or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}
-    if args.tie_embeddings and "tok_embeddings.weight" in sd:
+    tied = args.tie_embeddings and path != stored  # an int8 file holds the head's own int8 copy
+    if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise UserError(f"{path} does not match its config.json: {first}") from None
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     _materialize_buffers(model, device)
     if quant and path != stored:

@@ -143,10 +143,12 @@ class Generator:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights one decode step reads when dense (everything but the embedding table)."""
+    """Bytes of the weights one decode step reads when dense: every parameter and int8 scale, but not the embedding
+    table (one row of it is read) unless it doubles as the LM head."""
     emb = model.tok_embeddings.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total - (0 if model.args.tie_embeddings else emb.numel() * emb.element_size())
+    scales = [b for n, b in model.named_buffers() if n.endswith(".scale")]
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *scales))
+    return total - (0 if model.output.weight is emb else emb.numel() * emb.element_size())
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -182,7 +184,8 @@ def kernel_step(sparsity: float, quant: Optional[str]) -> bool:
 
 def add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
-                   help="weight-only quantization of the sparse linears (quantize.py; RTN, per output channel)")
+                   help="weight-only quantization of the sparse linears and the LM head (quantize.py; RTN, per "
+                        "output channel)")
 
 
 def load_from_args(args, mlp: str = "teal"):

@@ -160,10 +160,11 @@ class SparseLinear(nn.Module):
     output segment. With glu=True there are two equal segments and the result is silu(gate) * up.
     """
 
-    def __init__(self, in_features: int, sizes: tuple, glu: bool = False):
+    def __init__(self, in_features: int, sizes: tuple, glu: bool = False, head: bool = False):
         super().__init__()
         assert not glu or (len(sizes) == 2 and sizes[0] == sizes[1])
         self.sizes, self.glu = tuple(sizes), glu
+        self.head = head  # the int8 LM head (quantize.py): never thresholded, so the kernel streams every row
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
         self.register_buffer("scale", None)  # int8 weights: a float32 scale per output column (set_int8)
@@ -180,7 +181,8 @@ class SparseLinear(nn.Module):
         self.fuse_norm = fuse_norm
         K = self.weight.shape[0]
         self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm,
-                                                             self.weight.dtype == torch.int8) for m in (1, 2, 4, 8)}
+                                                             self.weight.dtype == torch.int8, self.head)
+                               for m in (1, 2, 4, 8)}
         n = max(sparse_gemv.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
@@ -480,8 +482,10 @@ class Transformer(nn.Module):
         ss = None
         for layer in self.layers:
             x, ss = layer(x, ss, rope, mask, input_pos, sparse, active)
-        if not all_logits:
-            x = x[:, -1:]
+        if not all_logits and x.shape[1] > 1:
+            x, ss = x[:, -1:], None
+        if isinstance(self.output, SparseLinear):  # int8 head (quantize.py): the final norm fused on the kernel path
+            return self.output(x, norm=self.norm, ss=ss)
         return self.output(self.norm(x))
 
     def sparse_modules(self):

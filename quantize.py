@@ -1,6 +1,8 @@
 """Weight-only int8 quantization of a checkpoint's sparse linears: round to nearest (RTN), one symmetric scale per
 output channel, w ≈ q * scale with q in [-127, 127]. The activation-sparse kernels read the int8 rows (half the bytes
-of bf16) and apply the scales to their sums; embeddings, norms and the LM head keep their dtype.
+of bf16) and apply the scales to their sums. The LM head is quantized the same way (one scale per vocabulary entry)
+and streamed by the same kernel, never thresholded; a head tied to the embedding gets its own int8 copy, since the
+embedding lookup keeps the 16-bit table. Norms keep their dtype.
 
     python quantize.py --checkpoint CKPT        ->  CKPT/model-int8.safetensors
     python generate.py --checkpoint CKPT --quant int8 --sparsity 0.5
@@ -20,7 +22,8 @@ from checkpoint import FORMAT, WEIGHTS, load_model, read_metadata, write_safeten
 from errors import UserError, run_cli
 from model import SparseLinear, Transformer
 
-SCHEMES = {"int8": "int8-rtn-channel"}  # --quant name -> the scheme recorded in the file's metadata
+# --quant name -> the scheme recorded in the file's metadata (files of an earlier scheme are refused: re-quantize)
+SCHEMES = {"int8": "int8-rtn-channel-head"}
 
 
 def quant_file(scheme: str) -> str:
@@ -35,28 +38,46 @@ def rtn_int8(w: Tensor) -> tuple:
 
 
 def quantize_model(model: Transformer, progress: bool = False) -> Transformer:
-    """Every sparse linear to int8 (in place). CATS's row-major up projection has no int8 kernel."""
+    """Every sparse linear and the LM head to int8 (in place). CATS's row-major up projection has no int8 kernel."""
     if model.mlp != "teal":
         raise UserError("int8 weights serve the TEAL MLP; --mlp cats needs 16-bit weights")
-    linears = [m for m in model.modules() if isinstance(m, SparseLinear) and m.scale is None]
-    for m in tqdm(linears, desc="int8", unit="linear", disable=not progress):
-        m.set_int8(*rtn_int8(m.weight))
+    todo = [m for m in model.modules() if isinstance(m, SparseLinear) and m.scale is None]
+    if not isinstance(model.output, SparseLinear):  # the 16-bit head, an nn.Linear [vocab, dim]
+        todo.append(model.output)
+    for m in tqdm(todo, desc="int8", unit="linear", disable=not progress):
+        if isinstance(m, SparseLinear):
+            m.set_int8(*rtn_int8(m.weight))
+        else:  # in slices of the vocabulary (one scale per entry): no float32 copy of the whole table
+            q, scale = zip(*(rtn_int8(rows.t()) for rows in m.weight.split(8192)))
+            model.output = int8_head(model, torch.cat(q, dim=1), torch.cat(scale))
     return model
 
 
+def int8_head(model: Transformer, q: Tensor, scale: Tensor) -> SparseLinear:
+    """The LM head as an int8 SparseLinear: q [dim, vocab] input-major, its thresholds zero."""
+    with torch.device("meta"):
+        head = SparseLinear(model.args.dim, (model.args.vocab_size,), head=True)
+    head.set_int8(q, scale)
+    head.register_buffer("threshold", torch.zeros(head.threshold.shape, device=q.device), persistent=False)
+    return head
+
+
 def int8_structure(model: Transformer):
-    """Make every sparse linear int8-shaped (int8 weights, a scale buffer) so that a quantized state dict loads."""
+    """Make every sparse linear and the head int8-shaped (int8 weights, a scale buffer) so that a quantized state
+    dict loads."""
     for m in model.modules():
         if isinstance(m, SparseLinear):
             m.set_int8(torch.empty(m.weight.shape, dtype=torch.int8, device=m.weight.device),
                        torch.empty(m.weight.shape[1], device=m.weight.device))
+    a, device = model.args, model.tok_embeddings.weight.device
+    model.output = int8_head(model, torch.empty(a.dim, a.vocab_size, dtype=torch.int8, device=device),
+                             torch.empty(a.vocab_size, device=device))
 
 
 def save_int8(model: Transformer, ckpt: Path, source_meta: dict) -> Path:
-    """CKPT/model-int8.safetensors from a quantized model (tied LM head stored once, as in model.safetensors)."""
+    """CKPT/model-int8.safetensors from a quantized model (the int8 head is stored even when the source ties it to
+    the embedding)."""
     sd = model.state_dict()
-    if model.args.tie_embeddings:
-        sd.pop("output.weight")
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
     meta = {"format": FORMAT, "layout": "input-major", "dtype": source_meta.get("dtype", ""),
             "quantization": SCHEMES["int8"], "fingerprint": source_meta.get("fingerprint", "")}

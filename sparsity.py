@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from errors import UserError
-from model import RowSparseUp, SparseLinear, Transformer
+from model import SparseLinear, Transformer
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -28,8 +28,8 @@ def input_hooks(model: Transformer, fn):
             fn(mod, torch.nn.functional.silu(args[1].float()))
 
     switched = [(m, a) for m in model.modules() for a in ("defer_reduction", "fuse_mlp") if getattr(m, a, False)]
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in model.modules()
-               if isinstance(m, (SparseLinear, RowSparseUp))]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True)
+               for m in {mod: None for _, _, mod, _ in model.sparse_modules()}]  # not the (int8) LM head
     for m, a in switched:
         setattr(m, a, False)
     try:

@@ -614,11 +614,18 @@ class Config(NamedTuple):
     dot: int  # 1: tensor-core tl.dot over batch rows padded to 16; 0: FMA path (needs M == 1)
 
 
-def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool = False) -> Config:
-    """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md). int8: for int8 weights."""
+def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool = False,
+                   head: bool = False) -> Config:
+    """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md). int8: for int8 weights;
+    head: the LM head (a vocabulary of columns, never thresholded)."""
     out = sizes[:1] if glu else sizes
     fits = [b for b in (128, 64, 32) if all(s % b == 0 for s in out)] or [64]
     block_n = fits[0]
+    if head and M == 1:  # 256-column tiles, a second K range while both fit three programs per SM (head sweep,
+        # 2026-11-25 session 9: int8 Llama-2 / Llama-3 heads 53 / 188 µs, against 78 / 295 with o's config)
+        block_n = 256 if sizes[0] % 256 == 0 else block_n
+        tiles = counters_size(sizes, glu, block_n)
+        return Config(block_n, 128, 2 if 2 * tiles <= 3 * n_sm and K >= 1024 else 1, 4, 1, 0)
     if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
         block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
         split = max(1, min(per_sm * n_sm // counters_size(sizes, glu, block_n), triton.cdiv(K, block_k), 32))

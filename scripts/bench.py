@@ -212,13 +212,15 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
 
 def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, linear_elem: int = 0) -> float:
     """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity. linear_elem: bytes
-    per weight of the sparse linears when they differ from the rest (int8: 1, plus a float32 scale per column)."""
+    per weight of the sparse linears and the LM head when they differ from the rest (int8: 1, plus a float32 scale
+    per column)."""
     shapes = args.linear_shapes()
     total = 0.0
     for layer in range(args.n_layer):
         for proj, (k, n) in shapes.items():
             total += (1 - stats.get((layer, proj), 0.0)) * k * n * (linear_elem or elem) + (4 * n if linear_elem else 0)
-    total += (args.vocab_size * args.dim + (2 * args.n_layer + 1) * args.dim) * elem  # head and norms
+    total += args.vocab_size * (args.dim * (linear_elem or elem) + (4 if linear_elem else 0))  # the LM head
+    total += (2 * args.n_layer + 1) * args.dim * elem  # norms
     return total
 
 
@@ -342,7 +344,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
         lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does (int8 "
-                  "weights: through the kernels, thresholds zero; their LM head stays bf16). "
+                  "weights: through the kernels, thresholds zero, the LM head int8 too). "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
                   "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches.",

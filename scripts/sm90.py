@@ -85,9 +85,10 @@ def enable_kernels_as_on_gpu(model, n_sm: int = 132):
 
 def decode_step_launches(name: str, dtype: torch.dtype, int8: bool = False, mlp: str = "teal", batches=(1,),
                          sparse_froms=(0,)) -> list:
-    """The launches of one-layer decode steps of model `name` (vocabulary cut down: the LM head is no kernel).
-    sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention kernel)."""
-    args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "vocab_size": 64, "max_seq_len": 256})
+    """The launches of one-layer decode steps of model `name` (the vocabulary cut down unless int8: only the int8
+    LM head is a kernel). sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention
+    kernel)."""
+    args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if int8 else {"vocab_size": 64})})
     model = random_model(args, "cpu", dtype, mlp=mlp)
     if int8:
         quantize_model(model)

@@ -8,7 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench import fixed_us_per_layer, gpu_slug, previous_records, weight_copies, write_outputs  # noqa: E402
+from bench import (bytes_per_token, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,  # noqa: E402
+                   write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -95,3 +96,21 @@ def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
     r = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
                        cwd=root, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
+    """The roofline's bytes: at zero sparsity, the bytes of the model's weights generate.py reports, 16-bit and int8
+    (int8 linears and LM head with their scales; a tied embedding table is read only while it is the head)."""
+    import torch
+
+    from checkpoint import random_model
+    from generate import weight_bytes
+    from model import ModelArgs
+    from quantize import quantize_model
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
+                     tie_embeddings=tied)
+    model = random_model(args, "cpu", torch.bfloat16)
+    assert bytes_per_token(args, {}) == weight_bytes(model)
+    assert bytes_per_token(args, {}, linear_elem=1) == weight_bytes(quantize_model(model))
+    assert bytes_per_token(args, {(0, "q"): 0.5}) < bytes_per_token(args, {})

@@ -134,6 +134,30 @@ def test_sparse_gemv_int8(case, sparsity, M):
         assert rel_err(y, sparse_gemv.sparse_gemv_ref(h, qd, td, (40,), residual=r, scale=sd)) < tol
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("V", [512, 600], ids=["even", "odd"])
+def test_int8_lm_head(V, M):
+    """The int8 LM head as the decode step runs it: zero thresholds (every row streamed), the final RMSNorm fused
+    from the last layer's sums of squares, the head's own launch config (256-column tiles; two K ranges and one)
+    and a small one, against the reference on the same int8 weights."""
+    K, dtype = 200, torch.bfloat16
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE) * 3
+    g = (torch.rand(K, device=DEVICE) + 0.5).to(dtype)
+    q, scale = rtn_int8(torch.randn(K, V, device=DEVICE) / K ** 0.5)
+    t = torch.zeros(1, K, device=DEVICE)
+    ref = sparse_gemv.sparse_gemv_ref(sparse_gemv.rms_norm_ref(x, g, 1e-5), q, t, (V,), scale=scale)
+    head = sparse_gemv.default_config(M, K, (V,), False, n_sm=4, int8=True, head=True)
+    configs = [head, head._replace(split_k=2), C(64, 32, 1, 4, 1, 0)] if M == 1 else [head]
+    assert M > 1 or head.block_n == (256 if V % 256 == 0 else 64)
+    for config in configs:
+        counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+        out = poisoned(tuple(ref.shape), dtype)
+        sparse_gemv.launch(x, q, t, counters, (V,), False, config, None, out, norm_weight=g,
+                           ss_in=sparse_gemv.sum_squares_ref(x, 32), eps=1e-5, scale=scale)
+        assert not out.isnan().any() and not counters.any(), config
+        assert rel_err(out, ref) < 2e-2, config
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "glu"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])

@@ -60,6 +60,45 @@ def test_int8_file_and_quantize_on_load_agree(ckpt):
         assert rel_err(from_file(idx, torch.arange(12)), ref(idx, torch.arange(12))) < 3e-2
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_int8_lm_head(tmp_path, tied):
+    """The LM head is quantized too: an int8 SparseLinear [dim, vocab] with one scale per vocabulary entry and zero
+    thresholds (in slices of the vocabulary: the same as quantizing it whole). A head tied to the embedding gets
+    its own int8 copy and the lookup keeps the float table; the file holds that copy and loads back the same."""
+    args = ModelArgs(**{**TINY, "vocab_size": 8192 + 300, "tie_embeddings": tied})
+    save_checkpoint(tmp_path, args, random_tensors(args, torch.float32, "cpu", 0), torch.float32)
+    ref = load_model(tmp_path)
+    on_load = load_model(tmp_path, quant="int8")
+    head = on_load.output
+    assert isinstance(head, SparseLinear) and head.head and head.weight.dtype == torch.int8
+    assert head.weight.shape == (64, 8192 + 300) and head.weight.is_contiguous() and not head.threshold.any()
+    q, scale = rtn_int8(ref.output.weight.t())
+    assert torch.equal(head.weight, q) and torch.equal(head.scale, scale)
+    assert torch.equal(on_load.tok_embeddings.weight, ref.tok_embeddings.weight)  # the lookup stays float
+    save_int8(quantize_model(load_model(tmp_path)), tmp_path, read_metadata(tmp_path))
+    from_file = load_model(tmp_path, quant="int8")
+    for a, b in zip(on_load.state_dict().items(), from_file.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    assert torch.equal(from_file.tok_embeddings.weight, ref.tok_embeddings.weight)
+    x = torch.randn(2, 3, 64)
+    assert rel_err(from_file.output(x), ref.output(x)) < 1e-2
+    idx = torch.randint(0, args.vocab_size, (1, 12))
+    for m in (ref, from_file):
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        assert rel_err(from_file(idx, torch.arange(12)), ref(idx, torch.arange(12))) < 3e-2
+
+
+def test_int8_file_of_an_earlier_scheme_is_refused(ckpt, monkeypatch):
+    """An int8 file without the quantized head (the scheme before it) asks for re-quantizing, not a wrong load."""
+    import quantize
+    monkeypatch.setitem(quantize.SCHEMES, "int8", "int8-rtn-channel")
+    save_int8(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="re-run quantize.py"):
+        load_model(ckpt, quant="int8")
+
+
 def test_int8_model_keeps_sparsity_semantics(ckpt):
     """Thresholds apply to the inputs as before: an int8 model at 50% equals its dense self with the same inputs
     zeroed, i.e. the reference path multiplies the sparsified input by q and then by the scale."""
