@@ -241,13 +241,13 @@ def _sparse_gemv_kernel(
             for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
                 xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT,
                                            col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
-                acc = _fma(acc, xa, wa, ACC_ROWS, not FUSE_DOWN)
+                acc = _fma(acc, xa, wa, ACC_ROWS)
                 if GLU:
-                    acc_up = _fma(acc_up, xa, wua, ACC_ROWS, not FUSE_DOWN)
+                    acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
                 xa, wa, wua = xb, wb, wub
-            acc = _fma(acc, xa, wa, ACC_ROWS, not FUSE_DOWN)
+            acc = _fma(acc, xa, wa, ACC_ROWS)
             if GLU:
-                acc_up = _fma(acc_up, xa, wua, ACC_ROWS, not FUSE_DOWN)
+                acc_up = _fma(acc_up, xa, wua, ACC_ROWS)
         else:
             tl.debug_barrier()  # the list is complete and visible to every thread of the program
             ea, xa = _entries(scratch, 0, n_kept, K_SPLIT, xdt, BLOCK_K)
@@ -256,10 +256,10 @@ def _sparse_gemv_kernel(
             for j in range(BLOCK_K, n_kept, BLOCK_K):
                 ec, xc = _entries(scratch, j + BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
                 wb, wub = _group_rows(w_cols, eb, stride_wk, N_OUT, col_ok, EVEN_N, GLU)
-                acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU, not FUSE_DOWN)
+                acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
                 ea, xa, wa, wua = eb, xb, wb, wub
                 eb, xb = ec, xc
-            acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU, not FUSE_DOWN)
+            acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
     if QUANT:  # (a split's partial sums too: the scale is linear)
@@ -398,10 +398,10 @@ def _mlp_down(part, part_up, pid_n, pid_k, cols, ws_ptr, cnt_ptr, lst_ptr, wd_pt
             for j in range(ROWS_D, nk, ROWS_D):
                 ec, xc = _entries(lst, j + ROWS_D, nk, BLOCK_N, xdt, ROWS_D)
                 wb, wu = _group_rows(w_cols, eb, D, 0, d_ok, EVEN_D, False)
-                acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False, False)
+                acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
                 ea, xa, wa = eb, xb, wb
                 eb, xb = ec, xc
-            acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False, False)
+            acc, au = _group_fma(acc, acc, ea, xa, wa, wa, ACC, False)
             unit = tl.sum(acc, axis=0)
             if QUANT:  # int8 down weights: its per column scales
                 unit *= tl.load(sd_ptr + dc, mask=d_ok, other=0.0)
@@ -521,21 +521,20 @@ def _group_rows(w_cols, e, stride_wk, N_OUT, col_ok, EVEN_N: tl.constexpr, GLU: 
 
 
 @triton.jit
-def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr, MAGIC: tl.constexpr):
-    acc = _fma(acc, tl.where((e & 0x4000) != 0, x, 0.0), w, ACC_ROWS, MAGIC)
+def _group_fma(acc, acc_up, e, x, w, w_up, ACC_ROWS: tl.constexpr, GLU: tl.constexpr):
+    acc = _fma(acc, tl.where((e & 0x4000) != 0, x, 0.0), w, ACC_ROWS)
     if GLU:
-        acc_up = _fma(acc_up, tl.where((e & 0x8000) != 0, x, 0.0), w_up, ACC_ROWS, MAGIC)
+        acc_up = _fma(acc_up, tl.where((e & 0x8000) != 0, x, 0.0), w_up, ACC_ROWS)
     return acc, acc_up
 
 
 @triton.jit
-def _fma(acc, x, w, ROWS: tl.constexpr, MAGIC: tl.constexpr):
+def _fma(acc, x, w, ROWS: tl.constexpr):
     """acc [ROWS, BN] + x [BK] * w [BK, BN], rows k, k + ROWS, k + 2 ROWS, ... folded into acc (ROWS divides
-    BK; those rows sit in one thread, so the fold stays in registers). int8 w with MAGIC: widened by a magic number
-    (the float 2^23 + 128 + w, less 2^23 + 128, exact), an integer and a float add where the int8 -> float
-    conversion (I2F) issues at a quarter of their rate. Not in the fused MLP, which spills either way
-    (docs/perf-notes.md, sessions 7 and 8)."""
-    if (w.dtype == tl.int8) & MAGIC:
+    BK; those rows sit in one thread, so the fold stays in registers). int8 w is widened by a magic number (the
+    float 2^23 + 128 + w, less 2^23 + 128, exact): an integer and a float add where the int8 -> float conversion
+    (I2F) issues at a quarter of their rate (docs/perf-notes.md, sessions 7 and 8)."""
+    if w.dtype == tl.int8:
         wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         wf = w.to(tl.float32)

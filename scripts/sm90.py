@@ -1,5 +1,5 @@
 """Build the decode step's kernel launches for the H100 (sm_90) on a machine without a GPU, and read what came out:
-registers, local memory (spills) and the instruction mix of each innermost loop, from the cuobjdump and nvdisasm
+registers, stack frame (spills) and the instruction mix of each innermost loop, from the cuobjdump and nvdisasm
 that ship with Triton. A change to a kernel's loop can then be read as instructions before device time is spent on
 timing it (docs/perf-notes.md, session 8). tests/compile_checks.py builds the same launches to catch what only the
 GPU compiler refuses.
