@@ -290,13 +290,22 @@ def gpu_slug(gpu: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
-def previous_records(out: Path, gpu: str, suffix: str, drop: set) -> list:
-    """The records of <out>/<gpu><suffix>.json except those of `drop`'s models, or of its (model, quant) pairs
-    (for --merge)."""
+def e2e_key(r: dict) -> tuple:
+    """What an end-to-end rerun replaces: the records of one model with one weight quantization."""
+    return r["model"], r.get("quant", "none")
+
+
+def kernel_key(r: dict) -> str:
+    """What a kernel (or attention) rerun replaces: the records of one model (the kernel table is bf16 only)."""
+    return r["model"]
+
+
+def previous_records(out: Path, gpu: str, suffix: str, drop: set, key=kernel_key) -> list:
+    """The records of <out>/<gpu><suffix>.json whose key(record) is not in `drop` (for --merge)."""
     f = out / f"{gpu_slug(gpu)}{suffix}.json"
     if not f.exists():
         return []
-    return [r for r in json.loads(f.read_text()) if r["model"] not in drop and (r["model"], r.get("quant")) not in drop]
+    return [r for r in json.loads(f.read_text()) if key(r) not in drop]
 
 
 def fixed_us_per_layer(r: dict):
@@ -459,7 +468,7 @@ def main():
         rerun_e = set() if a.skip_e2e else {(m, a.quant or "none") for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
-        e2e = previous_records(a.out, gpu, "", rerun_e)
+        e2e = previous_records(a.out, gpu, "", rerun_e, e2e_key)
     run = {"cmd": cmd, "date": time.strftime("%Y-%m-%d")}
     if not a.skip_kernels:
         for m in models:

@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from bench import (bytes_per_token, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,  # noqa: E402
-                   write_outputs)
+from bench import (bytes_per_token, e2e_key, fixed_us_per_layer, gpu_slug, previous_records,  # noqa: E402
+                   weight_copies, write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -31,7 +31,7 @@ def test_merge_keeps_other_models(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.0, 100.0), e2e("a", 0.5, 150.0), e2e("b", 0.5, 120.0)],
                   [kernel("a", "qkv", 0.0, 11.0), kernel("b", "qkv", 0.0, 12.0)], [], "first")
     # a rerun of model a's end-to-end only: b's rows and every kernel row stay
-    kept = previous_records(tmp_path, GPU, "", {"a"})
+    kept = previous_records(tmp_path, GPU, "", {("a", "none")}, e2e_key)
     assert [(r["model"], r["tok_s"]) for r in kept] == [("b", 120.0)]
     kernels = previous_records(tmp_path, GPU, "-kernels", set())
     assert len(kernels) == 2
@@ -55,11 +55,11 @@ def test_merge_keeps_other_models(tmp_path):
     # a kernels-only run without --merge does not wipe the end-to-end records
     write_outputs(tmp_path, GPU, 3e12, [], [kernel("a", "qkv", 0.0, 9.0)], [], "third")
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
-    assert previous_records(tmp_path / "missing", GPU, "", set()) == []
+    assert previous_records(tmp_path / "missing", GPU, "", set(), e2e_key) == []
     # an int8 run of model a (`--quant int8 --merge`) keeps a's bf16 rows, and is kept by a later bf16 run of a
-    assert len(previous_records(tmp_path, GPU, "", {("a", "int8")})) == 3
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8")}, e2e_key)) == 3
     write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 300.0), quant="int8")], [], [], "fourth")
-    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none")})) == [120.0, 300.0]
+    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none")}, e2e_key)) == [120.0, 300.0]
     assert "| a | int8 | 0.50 | 0.500 | 300.0 |" in (tmp_path / f"{slug}.md").read_text()
 
 
