@@ -5,7 +5,8 @@
    also with its RMSNorm fused (sums of squares in) and with the sums of squares it emits (out); decode
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
-   the two launches it replaces, bit-identical over three runs;
+   the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
+   configs the model uses, the int8 LM head included (check_int8_kernels);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
@@ -29,7 +30,7 @@ from checkpoint import random_model
 from generate import Generator
 from kernels import decode_attention, gate_up_rows, sparse_gemv
 from model import ModelArgs
-from quantize import quantize_model
+from quantize import quantize_model, rtn_int8
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
 BOUND = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
@@ -176,6 +177,49 @@ def check_kernels(n_sm: int) -> list:
     return failures
 
 
+INT8_SHAPES = {  # K, sizes, glu, residual, LM head
+    "l2-qkv": (4096, (4096, 4096, 4096), False, False, False), "o": (4096, (4096,), False, True, False),
+    "l2-gate_up": (4096, (11008, 11008), True, False, False), "l3-gate_up": (4096, (14336, 14336), True, False, False),
+    "l2-down": (11008, (4096,), False, True, False), "l2-head": (4096, (32000,), False, False, True),
+    "l3-head": (4096, (128256,), False, False, True), "odd-head": (777, (3001,), False, False, True),
+}
+
+
+def check_int8_kernels(n_sm: int, shapes=INT8_SHAPES, levels=(0.0, 0.5, 0.95), device="cuda",
+                       bound: float = BOUND[torch.bfloat16]) -> list:
+    """int8 weights (quantize.rtn_int8) under bf16 activations with the configs the model launches them with: the
+    projections at each sparsity (zero thresholds at 0: the dense branch), the LM head with zero thresholds only;
+    q/k/v, gate/up and the head with the RMSNorm fused. Against the reference on the dequantized weights."""
+    failures, rows, dtype = [], 0, torch.bfloat16
+    for name, (K, sizes, glu, has_res, head) in shapes.items():
+        q, scale = rtn_int8(torch.randn(K, sum(sizes), device=device) / K ** 0.5)
+        w = q.double() * scale.double()
+        n_out = sizes[0] if glu else sum(sizes)
+        for M, s in itertools.product((1, 3), levels[:1] if head else levels):
+            norm = not has_res
+            x = torch.randn(M, K, device=device, dtype=dtype) * 3
+            g = (torch.rand(K, device=device) + 0.5).to(dtype) if norm else None
+            ss_in = sparse_gemv.sum_squares_ref(x, 128) if norm else None
+            xin = sparse_gemv.rms_norm_ref(x, g, 1e-5) if norm else x
+            t = torch.zeros(len(sizes), K, device=device)
+            if s > 0:
+                t += torch.quantile(xin.abs().float().flatten(), s) * (torch.rand_like(t) * 0.4 + 0.8)
+            res = torch.randn(M, n_out, device=device, dtype=dtype) if has_res else None
+            ref = sparse_gemv.sparse_gemv_ref(xin.double(), w, t.double(), sizes, glu=glu,
+                                              residual=None if res is None else res.double())
+            cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm, int8=True, head=head)
+            counters = torch.zeros(4096, dtype=torch.int32, device=device)
+            out = torch.full((M, n_out), float("nan"), device=device, dtype=dtype)
+            sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, norm_weight=g, ss_in=ss_in, eps=1e-5,
+                               scale=scale)
+            err = rel_err(out, ref)
+            rows += 1
+            if not err < bound or out.isnan().any() or counters.any():
+                failures.append(f"sparse_gemv int8 {name} M={M} s={s} cfg={cfg}: err {err:.2e}")
+    print(f"int8 kernels: {rows} cases, {len(failures)} failures")
+    return failures
+
+
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
                 int8: bool = False) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); int8: the
@@ -278,7 +322,7 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else check_kernels(n_sm)
+    failures = [] if a.models_only else check_kernels(n_sm) + check_int8_kernels(n_sm)
     if a.kernels_only:
         print("\n".join(failures) if failures else "ALL KERNEL CHECKS PASSED")
         sys.exit(1 if failures else 0)
