@@ -142,7 +142,8 @@ def trace_decode_step(int8: bool) -> bool:
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
         # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
         # (int8 weights: the MLP as two launches, gate/up partials then down, and the LM head streamed by the GEMV)
-        want = {"teal.sparse_gemv.default": 1 if int8 else 0, "teal.sparse_gemv_parts.default": n_gemv * (2 if int8 else 1),
+        want = {"teal.sparse_gemv.default": 1 if int8 else 0,
+                "teal.sparse_gemv_parts.default": n_gemv * (2 if int8 else 1),
                 "teal.sparse_gemv_ss.default": n_gemv * (2 if int8 else 1),
                 "teal.sparse_mlp.default": 0 if int8 else n_gemv, "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
