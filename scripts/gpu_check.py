@@ -40,6 +40,22 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def projection_input(M: int, K: int, dtype: torch.dtype, norm: bool, device="cuda") -> tuple:
+    """(x [M, K], norm weight, the producer's sums of squares, what the projection sees): with norm, x is a residual
+    stream (scaled up) that the launch normalises from the sums of squares, as a producer's epilogue writes them."""
+    x = torch.randn(M, K, device=device, dtype=dtype) * (3 if norm else 1)
+    if not norm:
+        return x, None, None, x
+    g = (torch.rand(K, device=device) + 0.5).to(dtype)
+    return x, g, sparse_gemv.sum_squares_ref(x, 128), sparse_gemv.rms_norm_ref(x, g, 1e-5)
+
+
+def spread_thresholds(xin: torch.Tensor, n_seg: int, s: float) -> torch.Tensor:
+    """[n_seg, K] thresholds at about sparsity s of xin, varied by ±20% per channel and per segment."""
+    t = torch.quantile(xin.abs().float().flatten()[:100000], s).expand(n_seg, xin.shape[-1]).contiguous()
+    return t * (torch.rand_like(t) * 0.4 + 0.8)
+
+
 def check_kernels(n_sm: int) -> list:
     failures, rows = [], 0
     shapes = {  # K, sizes, glu, residual
@@ -55,19 +71,15 @@ def check_kernels(n_sm: int) -> list:
         for dtype, M, s, var in itertools.product((torch.float16, torch.bfloat16), (1, 3, 8), (0.0, 0.5, 0.95),
                                                   variants):
             norm = var == "norm"
-            x = torch.randn(M, K, device="cuda", dtype=dtype) * (3 if norm else 1)
             if var == "parts":  # what a gate/up launch with two programs along K hands over
                 x = torch.randn(2, 2, M, K, device="cuda") * 2
-            g = (torch.rand(K, device="cuda") + 0.5).to(dtype) if norm else None
-            ss_in = sparse_gemv.sum_squares_ref(x, 128) if norm else None  # as a producer's epilogue writes them
-            # what the projection sees
-            xin = sparse_gemv.rms_norm_ref(x, g, 1e-5) if norm else sparse_gemv.parts_ref(x, True, dtype) \
-                if var == "parts" else x
+                g, ss_in, xin = None, None, sparse_gemv.parts_ref(x, True, dtype)
+            else:
+                x, g, ss_in, xin = projection_input(M, K, dtype, norm)
             w = (torch.randn(K, sum(sizes), device="cuda") / K ** 0.5).to(dtype)
             n_out = sizes[0] if glu else sum(sizes)
             res = torch.randn(M, n_out, device="cuda", dtype=dtype) if has_res else None
-            t = torch.quantile(xin.abs().float().flatten()[:100000], s).expand(len(sizes), K).contiguous()
-            t = t * (torch.rand_like(t) * 0.4 + 0.8)  # per-channel and per-segment
+            t = spread_thresholds(xin, len(sizes), s)
             ref = sparse_gemv.sparse_gemv_ref(xin.double(), w.double(), t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
             cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm)
@@ -116,19 +128,14 @@ def check_kernels(n_sm: int) -> list:
         # the whole MLP in one launch against the two launches it replaces (the same roundings; only the order
         # of the float32 sums differs), three times over: its work units are handed out at run time, yet the
         # result must not change by a bit
-        x = torch.randn(1, D, device="cuda", dtype=dtype) * 3
-        g = (torch.rand(D, device="cuda") + 0.5).to(dtype)
-        ss_in = sparse_gemv.sum_squares_ref(x, 128)
+        x, g, ss_in, xn = projection_input(1, D, dtype, norm=True)
         w = (torch.randn(D, 2 * I, device="cuda") / D ** 0.5).to(dtype)
         wd = (torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype)
-        xn = sparse_gemv.rms_norm_ref(x, g, 1e-5)
-        t = torch.quantile(xn.abs().float().flatten(), s).expand(2, D).contiguous()
-        t = t * (torch.rand_like(t) * 0.4 + 0.8)
+        t = spread_thresholds(xn, 2, s)
         cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
         parts = sparse_gemv.sparse_gemv_parts(x, w, t, (I, I), cfg, glu=True, norm_weight=g, ss_in=ss_in)
         h = sparse_gemv.parts_ref(parts, True, dtype)
-        td = torch.quantile(h.abs().float().flatten(), s).expand(1, I).contiguous()
-        td = td * (torch.rand_like(td) * 0.4 + 0.8)
+        td = spread_thresholds(h, 1, s)
         pair = sparse_gemv.launch(parts, wd, td, torch.zeros(4096, dtype=torch.int32, device="cuda"), (D,), False,
                                   sparse_gemv.default_config(1, I, (D,), False, n_sm), x,
                                   torch.full((1, D), float("nan"), device="cuda", dtype=dtype))
@@ -196,14 +203,8 @@ def check_int8_kernels(n_sm: int, shapes=INT8_SHAPES, levels=(0.0, 0.5, 0.95), d
         w = q.double() * scale.double()
         n_out = sizes[0] if glu else sum(sizes)
         for M, s in itertools.product((1, 3), levels[:1] if head else levels):
-            norm = not has_res
-            x = torch.randn(M, K, device=device, dtype=dtype) * 3
-            g = (torch.rand(K, device=device) + 0.5).to(dtype) if norm else None
-            ss_in = sparse_gemv.sum_squares_ref(x, 128) if norm else None
-            xin = sparse_gemv.rms_norm_ref(x, g, 1e-5) if norm else x
-            t = torch.zeros(len(sizes), K, device=device)
-            if s > 0:
-                t += torch.quantile(xin.abs().float().flatten(), s) * (torch.rand_like(t) * 0.4 + 0.8)
+            x, g, ss_in, xin = projection_input(M, K, dtype, norm=not has_res, device=device)
+            t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device=device)
             res = torch.randn(M, n_out, device=device, dtype=dtype) if has_res else None
             ref = sparse_gemv.sparse_gemv_ref(xin.double(), w, t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
