@@ -138,8 +138,9 @@ def _read_metadata(path: Path) -> dict:
 
 def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None, mlp: str = "teal",
                quant: Optional[str] = None):
-    """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored). quant "int8": the sparse
-    linears in int8 (quantize.py), from CKPT/model-int8.safetensors, or quantized here when there is none."""
+    """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored). quant "int8" or "int4":
+    the sparse linears quantized (quantize.py), from CKPT/model-<quant>.safetensors, or quantized here when there is
+    none."""
     import quantize
 
     args = read_config(ckpt)
@@ -158,15 +159,16 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
     with torch.device("meta"):
         model = Transformer(args, mlp)
     if path == stored:
-        quantize.int8_structure(model)
+        quantize.quant_structure(model, quant)
     try:
         with safe_open(str(path), "pt", device=str(device)) as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"could not read {path}: {e}") from None
-    if dtype is not None:  # int8 weights and their float32 scales stay as they are
-        sd = {k: v if v.dtype == torch.int8 or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}
-    tied = args.tie_embeddings and path != stored  # an int8 file holds the head's own int8 copy
+    if dtype is not None:  # quantized weights and their scales stay as they are
+        sd = {k: v if v.dtype in (torch.int8, torch.int32) or k.endswith(".scale") else v.to(dtype)
+              for k, v in sd.items()}
+    tied = args.tie_embeddings and path != stored  # a quantized file holds the head's own int8 copy
     if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     try:
@@ -178,7 +180,7 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
         model.output.weight = model.tok_embeddings.weight
     _materialize_buffers(model, device)
     if quant and path != stored:
-        quantize.quantize_model(model)
+        quantize.quantize_model(model, quant)
     model.fingerprint = meta.get("fingerprint", "")
     return model.eval().requires_grad_(False)
 

@@ -143,8 +143,8 @@ class Generator:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights one decode step reads when dense: every parameter and int8 scale, but not the embedding
-    table (one row of it is read) unless it doubles as the LM head."""
+    """Bytes of the weights one decode step reads when dense: every parameter and quantization scale, but not the
+    embedding table (one row of it is read) unless it doubles as the LM head."""
     emb = model.tok_embeddings.weight
     scales = [b for n, b in model.named_buffers() if n.endswith(".scale")]
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *scales))
@@ -178,14 +178,14 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def kernel_step(sparsity: float, quant: Optional[str]) -> bool:
     """Whether decode steps take the sparse kernels (Generator.sparse): dense 16-bit weights decode through cuBLAS,
-    int8 ones through the kernels, whose zero thresholds are dense."""
+    quantized ones through the kernels, whose zero thresholds are dense."""
     return sparsity > 0 or quant is not None
 
 
 def add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=sorted(SCHEMES), default=None,
-                   help="weight-only quantization of the sparse linears and the LM head (quantize.py; RTN, per "
-                        "output channel)")
+                   help="weight-only quantization of the sparse linears (quantize.py, RTN: int8 per output "
+                        "channel, int4 per group of 128 inputs) and the LM head (int8)")
 
 
 def load_from_args(args, mlp: str = "teal"):

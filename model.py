@@ -167,7 +167,7 @@ class SparseLinear(nn.Module):
         self.head = head  # the int8 LM head (quantize.py): never thresholded, so the kernel streams every row
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
-        self.register_buffer("scale", None)  # int8 weights: a float32 scale per output column (set_int8)
+        self.register_buffer("scale", None)  # quantized weights' scales (set_int8, set_int4)
         self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
         self.fuse_norm = False
 
@@ -177,11 +177,21 @@ class SparseLinear(nn.Module):
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale.float())
 
+    def set_int4(self, q: Tensor, scale: Tensor):
+        """Hold int4 weights q int32 [in, out/8] (eight per word) with scale float16 [2, in/group, out]: w = q *
+        scale[0] + scale[1] per group of inputs (quantize.rtn_int4, sparse_gemv.dequantize_int4)."""
+        K, N = self.weight.shape
+        assert q.dtype == torch.int32 and q.shape == (K, N // 8) and scale.dtype == torch.float16
+        assert scale.dim() == 3 and scale.shape[0] == 2 and scale.shape[2] == N and K % scale.shape[1] == 0
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("scale", scale)
+
     def enable_kernels(self, n_sm: int, fuse_norm: bool = True):
         self.fuse_norm = fuse_norm
         K = self.weight.shape[0]
+        group = sparse_gemv.group_size(self.weight, self.scale)
         self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm,
-                                                             self.weight.dtype == torch.int8, self.head)
+                                                             self.weight.dtype == torch.int8, self.head, group)
                                for m in (1, 2, 4, 8)}
         n = max(sparse_gemv.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
@@ -348,7 +358,7 @@ class FeedForward(nn.Module):
         """After w13 and w2 have theirs (SparseLinear.enable_kernels)."""
         self.defer_reduction, self.fuse_mlp = defer_reduction, fuse_mlp
         cfg = self.w13.kernel_configs[1]
-        I, D = self.w2.weight.shape
+        I, D = self.w2.weight.shape[0], sum(self.w2.sizes)
         self.down_config = sparse_gemv.default_down_config(D, I, cfg)
         self.register_buffer("counters", torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32,
                                                      device=self.w2.weight.device), persistent=False)
@@ -356,12 +366,11 @@ class FeedForward(nn.Module):
     def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
         rows = h.shape[0] * h.shape[1]
         if self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse, active):
-            # int8 weights take the two launches: the one-launch MLP runs slower on them (docs/perf-notes.md)
+            # quantized weights take the two launches: int8's one-launch MLP runs slower (docs/perf-notes.md)
             if self.fuse_mlp and rows == 1 and ss is not None and self.w13.fuse_norm and self.w13.scale is None:
                 y, ss_out = sparse_gemv.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
                                                    self.w2.threshold, self.counters, self.w13.kernel_configs[1],
-                                                   self.down_config, norm.weight, ss, norm.eps, self.w13.scale,
-                                                   self.w2.scale)
+                                                   self.down_config, norm.weight, ss, norm.eps)
                 return y.view_as(h), ss_out
             if self.defer_reduction:
                 return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)

@@ -54,10 +54,22 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def dequantize_int4(w: Tensor, scale: Tensor) -> Tensor:
+    """int4 weights w int32 [K, N/8] (bits 4i..4i+3 of word c: column 8c + i, unsigned) with scale [2, K/g, N]
+    -> float32 [K, N]: q * scale[0] + scale[1] of each weight's group of g inputs."""
+    K = w.shape[0]
+    q = (w[:, :, None] >> torch.arange(0, 32, 4, device=w.device, dtype=torch.int32)) & 0xF  # [K, N/8, 8]
+    s, m = scale.float().repeat_interleave(K // scale.shape[1], dim=1)
+    return q.reshape(K, -1).float() * s + m
+
+
 def matmul_ref(x: Tensor, w: Tensor, scale: Optional[Tensor] = None) -> Tensor:
-    """x @ w; int8 weights: (x @ w) * scale, summed in float32 and rounded once, as the kernel does."""
+    """x @ w; int8 weights: (x @ w) * scale, int4 weights: x @ dequantize_int4(w, scale), summed in float32 and
+    rounded once, as the kernel does."""
     if scale is None:
         return x @ w
+    if w.dtype == torch.int32:
+        return (x.float() @ dequantize_int4(w, scale)).to(x.dtype)
     return ((x.float() @ w.float()) * scale).to(x.dtype)
 
 
@@ -66,14 +78,16 @@ def sparse_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, glu: bool 
                     norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
                     scale: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch reference. x [..., K], w [K, N], t [len(sizes), K] or None (dense); with norm_weight
-    the input is RMS-normalised first. int8 weights come with scale [N] float32."""
+    the input is RMS-normalised first. int8 weights come with scale [N] float32, int4 ones with scale [2, K/g, N]
+    (see dequantize_int4)."""
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, eps)
     if t is None:
         y = matmul_ref(x, w, scale)
     else:
-        parts = w.split(list(sizes), dim=1)
-        scales = scale.split(list(sizes)) if scale is not None else [None] * len(parts)
+        per_word = 8 if w.dtype == torch.int32 else 1  # int4: eight columns per word
+        parts = w.split([s // per_word for s in sizes], dim=1)
+        scales = scale.split(list(sizes), dim=-1) if scale is not None else [None] * len(parts)
         y = torch.cat([matmul_ref(sparsify(x, t[j], active), p, scales[j]) for j, p in enumerate(parts)], dim=-1)
     if glu:
         gate, up = y.chunk(2, dim=-1)
@@ -111,7 +125,7 @@ def _sparse_gemv_kernel(
     PARTIAL_OUT: tl.constexpr,
     wd_ptr, td_ptr, dp_ptr, D_OUT, FUSE_DOWN: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_D: tl.constexpr,
     N_RED: tl.constexpr, RED_D: tl.constexpr, ACC_D: tl.constexpr, EVEN_D: tl.constexpr,
-    s_ptr, sd_ptr, QUANT: tl.constexpr,
+    s_ptr, sd_ptr, QUANT: tl.constexpr, GS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -135,7 +149,16 @@ def _sparse_gemv_kernel(
     res = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_RES:  # loaded now so that the epilogue does not wait for it
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    if QUANT:  # int8 weights: per output column scales, applied to the sums (loaded now, like the residual)
+    if QUANT == 2:  # int4 weights: 8 columns per int32 word, scales per group of GS inputs (see _unpack4)
+        wcols = (col0 + (pid_n - tile0) * BLOCK_N) // 8 + tl.arange(0, BLOCK_N // 8)  # [BN/8]
+        if EVEN_N:
+            wcols = tl.max_contiguous(tl.multiple_of(wcols, BLOCK_N // 8), BLOCK_N // 8)
+        wcol_ok = wcols * 8 < col_end
+        n_tot = N_OUT * (2 if GLU else 1)  # columns of the scales [2, K / GS, n_tot]
+        cols3 = wcols[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BN/8, 8]: word, nibble
+        s_cols3 = s_ptr + cols3
+        col_ok3 = cols3 < col_end
+    if QUANT == 1:  # int8 weights: per output column scales, applied to the sums (loaded now, like the residual)
         scale = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
         scale_up = scale
         if GLU:
@@ -166,14 +189,24 @@ def _sparse_gemv_kernel(
             t = tl.load(t_seg + ks, mask=k_ok, other=float("inf"))  # [BK]
             keep = tl.abs(x.to(tl.float32)) > t[None, :]
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
-            w = _load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N)
-            acc = _dot(tl.where(keep, x, 0.0).to(xdt), _as(w, xdt), acc, DOT_F32)
+            if QUANT == 2:  # BK divides GS: the step's rows share one group's scales
+                w = _load_rows(w_ptr + ks[:, None] * stride_wk + wcols[None, :], need, wcol_ok, EVEN_N)
+                w = _dequant4(w, s_cols3, k0 // GS, n_tot, K // GS, col_ok3, xdt)
+            else:
+                w = _as(_load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N), xdt)
+            acc = _dot(tl.where(keep, x, 0.0).to(xdt), w, acc, DOT_F32)
             if GLU:  # the up half: columns N_OUT + cols, threshold row 1
                 t_up = tl.load(t_ptr + K + ks, mask=k_ok, other=float("inf"))
                 keep_up = tl.abs(x.to(tl.float32)) > t_up[None, :]
                 need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
-                w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok, EVEN_N)
-                acc_up = _dot(tl.where(keep_up, x, 0.0).to(xdt), _as(w_up, xdt), acc_up, DOT_F32)
+                if QUANT == 2:
+                    w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (wcols + N_OUT // 8)[None, :], need_up,
+                                      wcol_ok, EVEN_N)
+                    w_up = _dequant4(w_up, s_cols3 + N_OUT, k0 // GS, n_tot, K // GS, col_ok3, xdt)
+                else:
+                    w_up = _as(_load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok,
+                                          EVEN_N), xdt)
+                acc_up = _dot(tl.where(keep_up, x, 0.0).to(xdt), w_up, acc_up, DOT_F32)
         part, part_up = acc, acc_up
     else:  # M == 1: compact the kept inputs of this program's K range, then stream only their weight rows
         # 1. one entry per kept input k in a per-program scratch list (int32): the input's 16 bits (fp32 inputs
@@ -221,20 +254,42 @@ def _sparse_gemv_kernel(
                 t_max = tl.maximum(t_max, tl.max(t_up, axis=0))
                 entry = entry | (keep_up.to(tl.int32) << 15)
                 keep = keep | keep_up
-            pos = n_kept + _inclusive_count(keep.to(tl.int32), COMPACT, 8) - 1
+            if QUANT == 2:  # int4: each group of GS inputs starts a new step of BK entries, so that one group's
+                # scales serve a whole step; a group's last step is filled up with flagless entries into the group
+                NG: tl.constexpr = COMPACT // GS
+                kg = tl.reshape(keep.to(tl.int32), (NG, GS))
+                cnt = tl.sum(kg, axis=1)  # [NG]
+                padded = (cnt + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+                base = n_kept + tl.cumsum(padded, axis=0) - padded
+                pos = tl.reshape(base[:, None] + tl.cumsum(kg, axis=1) - 1, (COMPACT,))
+                jf = tl.arange(0, BLOCK_K)
+                fill = base[:, None] + cnt[:, None] + jf[None, :]  # [NG, BK]
+                fill_ok = jf[None, :] < (padded - cnt)[:, None]
+                first = c0 - k_begin + tl.arange(0, NG) * GS
+                tl.store(scratch + fill, first[:, None] + 0 * jf[None, :], mask=fill_ok)
+                if X32:
+                    tl.store(scratch + K_SPLIT + fill, 0 * fill, mask=fill_ok)
+                n_kept += tl.sum(padded, axis=0)
+            else:
+                pos = n_kept + _inclusive_count(keep.to(tl.int32), COMPACT, 8) - 1
+                n_kept += tl.sum(keep.to(tl.int32), axis=0)
             if X32:
                 tl.store(scratch + K_SPLIT + pos, x.to(tl.int32, bitcast=True), mask=keep)
             else:
                 entry = entry | (x.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
             tl.store(scratch + pos, entry, mask=keep)
-            n_kept += tl.sum(keep.to(tl.int32), axis=0)
         # 2. software pipeline over groups of BK rows: group a is multiplied while group b's weight rows (and
         #    group c's list entries) are loading; rows k and k + ACC_ROWS sit in one thread, so folding the
         #    [BK, BN] products into an [ACC_ROWS, BN] accumulator stays in registers
         acc = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((ACC_ROWS, BLOCK_N), dtype=tl.float32)
         w_cols = w_ptr + k_begin * stride_wk + cols[None, :]
-        if t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
+        if QUANT == 2:
+            part4, part4_up = _stream4(x_ptr, nw_ptr, inv, w_ptr + k_begin * stride_wk + wcols[None, :], wcol_ok,
+                                       s_cols3, col_ok3, scratch, n_kept, t_max, k_begin, k_end, K, K_SPLIT,
+                                       stride_wk, N_OUT, n_tot, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt,
+                                       ACC_ROWS, GS)
+        elif t_max == 0:  # zero thresholds (dense): every row counts (a zero input adds zero), so stream the rows
             # in order, with no list and no dependent load before the weight loads
             xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT,
                                        col_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
@@ -262,7 +317,9 @@ def _sparse_gemv_kernel(
             acc, acc_up = _group_fma(acc, acc_up, ea, xa, wa, wua, ACC_ROWS, GLU)
         part = tl.sum(acc, axis=0)[None, :]  # [1, BN]
         part_up = tl.sum(acc_up, axis=0)[None, :]
-    if QUANT:  # (a split's partial sums too: the scale is linear)
+        if QUANT == 2:
+            part, part_up = part4[None, :], part4_up[None, :]
+    if QUANT == 1:  # (a split's partial sums too: the scale is linear)
         part = part * scale[None, :]
         part_up = part_up * scale_up[None, :]
 
@@ -547,6 +604,129 @@ def _fma(acc, x, w, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _stream4(x_ptr, nw_ptr, inv, w_cols, wcol_ok, s_cols, col_ok, scratch, n_kept, t_max, k_begin, k_end, K,
+             K_SPLIT, stride_wk, N_OUT, n_tot, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr,
+             NORM: tl.constexpr, X_PARTS: tl.constexpr, xdt: tl.constexpr, ACC_ROWS: tl.constexpr,
+             GS: tl.constexpr):
+    """The batch-1 stream over int4 rows (w_cols: int32 words [1, BN/8]) -> the sums [BN] (and up's), pipelined
+    like the 16-bit and int8 stream: steps of BK rows in order when every threshold is zero, else steps of BK list
+    entries (one group's each, see the compaction). Each step loads its group's scales (s_cols [BN/8, 8]) with its
+    rows. Tiles stay [rows, BN/8, 8] (word, nibble) until the end: joining nibbles into columns per step would
+    go through shared memory."""
+    G = K // GS
+    W: tl.constexpr = w_cols.shape[1]
+    acc = tl.zeros((ACC_ROWS, W, 8), dtype=tl.float32)
+    acc_up = tl.zeros((ACC_ROWS, W, 8), dtype=tl.float32)
+    if t_max == 0:
+        xa, wa, wua = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, 0, k_end, K, stride_wk, N_OUT // 8,
+                                   wcol_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
+        sa, ma, sua, mua = _scales4(s_cols, k_begin // GS, n_tot, G, N_OUT, col_ok, GLU)
+        for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
+            xb, wb, wub = _dense_group(x_ptr, nw_ptr, inv, w_cols, k_begin, j, k_end, K, stride_wk, N_OUT // 8,
+                                       wcol_ok, BLOCK_K, EVEN_N, GLU, NORM, X_PARTS, xdt)
+            sb, mb, sub, mub = _scales4(s_cols, (k_begin + j) // GS, n_tot, G, N_OUT, col_ok, GLU)
+            acc = _fma4(acc, xa, wa, sa, ma, ACC_ROWS)
+            if GLU:
+                acc_up = _fma4(acc_up, xa, wua, sua, mua, ACC_ROWS)
+            xa, wa, wua, sa, ma, sua, mua = xb, wb, wub, sb, mb, sub, mub
+        acc = _fma4(acc, xa, wa, sa, ma, ACC_ROWS)
+        if GLU:
+            acc_up = _fma4(acc_up, xa, wua, sua, mua, ACC_ROWS)
+    else:
+        tl.debug_barrier()  # the list is complete and visible to every thread of the program
+        ea, xa = _entries(scratch, 0, n_kept, K_SPLIT, xdt, BLOCK_K)
+        eb, xb = _entries(scratch, BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
+        ga = _step_group(scratch, 0, n_kept, k_begin, GS)
+        gb = _step_group(scratch, BLOCK_K, n_kept, k_begin, GS)
+        wa, wua = _group_rows(w_cols, ea, stride_wk, N_OUT // 8, wcol_ok, EVEN_N, GLU)
+        sa, ma, sua, mua = _scales4(s_cols, ga, n_tot, G, N_OUT, col_ok, GLU)
+        for j in range(BLOCK_K, n_kept, BLOCK_K):
+            ec, xc = _entries(scratch, j + BLOCK_K, n_kept, K_SPLIT, xdt, BLOCK_K)
+            gc = _step_group(scratch, j + BLOCK_K, n_kept, k_begin, GS)
+            wb, wub = _group_rows(w_cols, eb, stride_wk, N_OUT // 8, wcol_ok, EVEN_N, GLU)
+            sb, mb, sub, mub = _scales4(s_cols, gb, n_tot, G, N_OUT, col_ok, GLU)
+            acc = _fma4(acc, tl.where((ea & 0x4000) != 0, xa, 0.0), wa, sa, ma, ACC_ROWS)
+            if GLU:
+                acc_up = _fma4(acc_up, tl.where((ea & 0x8000) != 0, xa, 0.0), wua, sua, mua, ACC_ROWS)
+            ea, xa, wa, wua, sa, ma, sua, mua = eb, xb, wb, wub, sb, mb, sub, mub
+            eb, xb, gb = ec, xc, gc
+        acc = _fma4(acc, tl.where((ea & 0x4000) != 0, xa, 0.0), wa, sa, ma, ACC_ROWS)
+        if GLU:
+            acc_up = _fma4(acc_up, tl.where((ea & 0x8000) != 0, xa, 0.0), wua, sua, mua, ACC_ROWS)
+    return tl.reshape(tl.sum(acc, axis=0), (W * 8,)), tl.reshape(tl.sum(acc_up, axis=0), (W * 8,))
+
+
+@triton.jit
+def _step_group(scratch, j, n_kept, k_begin, GS: tl.constexpr):
+    """The group of list entries j .. j+BK (one group per step): that of its first entry."""
+    e0 = tl.load(scratch + j, mask=j < n_kept, other=0, cache_modifier=".cg")
+    return (k_begin + (e0 & 0x3FFF)) // GS
+
+
+@triton.jit
+def _scales4(s_cols, grp, n_tot, G, N_OUT, col_ok, GLU: tl.constexpr):
+    """Group grp's scales s and offsets m (w = q s + m) of the tile's columns s_cols [BN/8, 8], float32; with GLU
+    also up's."""
+    s = tl.load(s_cols + grp * n_tot, mask=col_ok, other=0.0).to(tl.float32)
+    m = tl.load(s_cols + (G + grp) * n_tot, mask=col_ok, other=0.0).to(tl.float32)
+    s_up, m_up = s, m
+    if GLU:
+        s_up = tl.load(s_cols + grp * n_tot + N_OUT, mask=col_ok, other=0.0).to(tl.float32)
+        m_up = tl.load(s_cols + (G + grp) * n_tot + N_OUT, mask=col_ok, other=0.0).to(tl.float32)
+    return s, m, s_up, m_up
+
+
+@triton.jit
+def _nibble(w, i: tl.constexpr):
+    """Nibble i of int32 words w as the float32 1 + q/16: shifted to the top of the mantissa, the exponent of 1
+    or-ed in (a shift and a LOP3), so there is no int -> float conversion."""
+    if 4 * i <= 19:
+        v = w << (19 - 4 * i)
+    else:
+        v = w >> (4 * i - 19)
+    return ((v & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unpack4(words):
+    """int32 words [R, W], 8 unsigned 4-bit weights each (bits 4i..4i+3 of word c: column 8c + i) -> [R, W, 8]
+    float32 1 + q/16 (_nibble). Built by joins, which keep a word's nibbles in the thread that loaded it."""
+    a = tl.join(tl.join(_nibble(words, 0), _nibble(words, 4)), tl.join(_nibble(words, 2), _nibble(words, 6)))
+    b = tl.join(tl.join(_nibble(words, 1), _nibble(words, 5)), tl.join(_nibble(words, 3), _nibble(words, 7)))
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    return tl.reshape(tl.join(a, b), (R, W, 8))  # [.., i & 1, (i >> 1) & 1, i >> 2] flattened in that order
+
+
+@triton.jit
+def _fma4(acc, x, words, s, m, ROWS: tl.constexpr):
+    """acc [ROWS, W, 8] + x [BK] @ (q s + m) over one group's rows (words [BK, W], s, m [W, 8]). With f = 1 + q/16
+    (_unpack4): sum_k x_k (q_k s + m) = 16 s sum_k x_k f_k + (m - 16 s) sum_k x_k, so the scales apply once per
+    step, to the step's sums folded to ROWS rows as in _fma."""
+    f = _unpack4(words)
+    BK: tl.constexpr = f.shape[0]
+    W: tl.constexpr = f.shape[1]
+    p = x[:, None, None] * f
+    xs = x
+    if BK != ROWS:
+        p = tl.sum(tl.reshape(p, (BK // ROWS, ROWS, W, 8)), axis=0)
+        xs = tl.sum(tl.reshape(x, (BK // ROWS, ROWS)), axis=0)
+    s16 = 16.0 * s
+    return acc + p * s16[None, :, :] + xs[:, None, None] * (m - s16)[None, :, :]
+
+
+@triton.jit
+def _dequant4(words, s_cols, grp, n_tot, G, col_ok, xdt: tl.constexpr):
+    """int4 rows [BK, BN/8] of group grp, dequantized to xdt [BK, BN] for tl.dot: q s + m."""
+    f = _unpack4(words)
+    R: tl.constexpr = f.shape[0]
+    W: tl.constexpr = f.shape[1]
+    s = tl.load(s_cols + grp * n_tot, mask=col_ok, other=0.0).to(tl.float32)
+    m = tl.load(s_cols + (G + grp) * n_tot, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.reshape((f - 1.0) * (16.0 * s)[None, :, :] + m[None, :, :], (R, W * 8)).to(xdt)
+
+
+@triton.jit
 def _inv_rms(ss, K, EPS: tl.constexpr):
     """1 / RMS of each row [BM] from its per-tile sums of squares [BM, tiles] over K inputs."""
     return tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)
@@ -614,9 +794,10 @@ class Config(NamedTuple):
 
 
 def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool = False,
-                   head: bool = False) -> Config:
+                   head: bool = False, group: int = 0) -> Config:
     """A launch config from the H100 sweeps (scripts/tune_gemv.py, docs/perf-notes.md). int8: for int8 weights;
-    head: the LM head (a vocabulary of columns, never thresholded)."""
+    head: the LM head (a vocabulary of columns, never thresholded); group: for int4 weights with scale groups of
+    that many inputs (group_size)."""
     out = sizes[:1] if glu else sizes
     fits = [b for b in (128, 64, 32) if all(s % b == 0 for s in out)] or [64]
     block_n = fits[0]
@@ -626,10 +807,20 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool
         tiles = counters_size(sizes, glu, block_n)
         return Config(block_n, 128, 2 if 2 * tiles <= 3 * n_sm and K >= 1024 else 1, 4, 1, 0)
     if M > 1:  # tensor cores over the batch padded to 16 rows (~110 registers: 4 programs per SM)
-        block_k, warps, stages, dot, per_sm = 64, 4, 3, 1, 4
+        block_k, warps, stages, dot, per_sm = min(64, group or 64), 4, 3, 1, 4
         split = max(1, min(per_sm * n_sm // counters_size(sizes, glu, block_n), triton.cdiv(K, block_k), 32))
         return Config(block_n, block_k, split, warps, stages, dot)
     # batch 1 (sweeps of 2026-11-24, docs/perf-notes.md v5): each program streams the kept rows of a K range
+    if group:  # int4 (sweep of 2026-11-25 session 10, .exp-style driver in docs/perf-notes.md): steps of BK rows
+        # within one scale group; 256-column tiles, but gate/up (twice the registers) 128 columns, 32-row steps and
+        # three programs per SM: 32.5 against 37.2 µs at 50% for Llama-2, 40.9 against 44.0 for Llama-3
+        if glu:
+            block_n = next((b for b in fits if b <= 128), block_n)
+            split = max(1, min(3 * n_sm // counters_size(sizes, glu, block_n), K // 512))
+            return Config(block_n, min(32, group), split, 4, 1, 0)
+        block_n = 256 if all(s % 256 == 0 for s in out) else block_n
+        split = max(1, min(round(3 * n_sm / counters_size(sizes, glu, block_n)), K // 512))
+        return Config(block_n, min(64, group), split, 4, 1, 0)
     if int8 and glu:  # half the bytes per row: 128 columns, four K ranges where they stay within three programs
         # per SM (int8 sweep, 2026-11-25 session 8: Llama-2's gate/up; Llama-3's, with four, went 5% slower end to end)
         split = 4 if 4 * counters_size(sizes, glu, block_n) <= 3 * n_sm else 2
@@ -646,10 +837,21 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, int8: bool
     return Config(block_n, 64, max(1, min(round(3 * n_sm / counters_size(sizes, glu, block_n)), K // 512)), 4, 1, 0)
 
 
-def acc_rows(block_n: int, num_warps: int, int8: bool = False) -> int:
-    """Rows of a [BK, BN] weight tile that one pass of all threads covers with 16-byte loads along a row (the
-    16-bit count also serves float32 weights: their summation order stays as it was measured)."""
-    return max(1, num_warps * 32 * (16 if int8 else 8) // block_n)
+def acc_rows(block_n: int, num_warps: int, bits: int = 16) -> int:
+    """Rows of a [BK, BN] weight tile that one pass of all threads covers with 16-byte loads along a row, for
+    weights of `bits` (weight_bits; the 16-bit count also serves float32 weights: their summation order stays as
+    it was measured)."""
+    return max(1, num_warps * 32 * (128 // bits) // block_n)
+
+
+def weight_bits(w: Tensor) -> int:
+    """Bits per weight: int8, int4 (packed eight to an int32 word, quantize.rtn_int4) or 16 (also for float32)."""
+    return {torch.int8: 8, torch.int32: 4}.get(w.dtype, 16)
+
+
+def group_size(w: Tensor, scale: Optional[Tensor]) -> int:
+    """Inputs per scale group of int4 weights (scale [2, K / group, N]); 0 for other weights."""
+    return w.shape[0] // scale.shape[1] if w.dtype == torch.int32 else 0
 
 
 def counters_size(sizes, glu: bool, block_n: int) -> int:
@@ -657,9 +859,11 @@ def counters_size(sizes, glu: bool, block_n: int) -> int:
     return sum(triton.cdiv(s, block_n) for s in out)
 
 
-def k_layout(K: int, config) -> tuple:
-    """(inputs per program along K, programs along K) for a config: no program is left empty."""
-    k_split = triton.cdiv(triton.cdiv(K, config[2]), config[1]) * config[1]
+def k_layout(K: int, config, group: int = 0) -> tuple:
+    """(inputs per program along K, programs along K) for a config: no program is left empty. int4 weights
+    (group = group_size > 0): K ranges of whole scale groups."""
+    align = max(config[1], group)
+    k_split = triton.cdiv(triton.cdiv(K, config[2]), align) * align
     return k_split, triton.cdiv(K, k_split)
 
 
@@ -674,7 +878,9 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     x may also be a gate/up launch's partials [P, 2, M, K] float32: the input is then silu(sum gate) * sum up.
     partial_out: `out` [split, 2 if glu else 1, M, N_OUT] float32 receives each split's partial sums, unreduced
     (no epilogue: no GLU, residual or sums of squares), for a consumer that sums them as it loads them.
-    int8 weights (w int8) come with scale [N] float32, one per output column: y = (x @ w) * scale."""
+    int8 weights (w int8) come with scale [N] float32, one per output column: y = (x @ w) * scale. int4 weights
+    (w int32 [K, N/8], quantize.rtn_int4) come with scale [2, K / group, N] float16: w = q * scale[0] + scale[1]
+    per group of inputs; BK must divide the group."""
     x_parts = x.shape[0] if x.dim() == 4 else 0
     if x_parts:
         assert x.shape[1] == 2 and x.dtype == torch.float32 and x.is_contiguous(), "gate/up partials"
@@ -683,7 +889,8 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     block_n, block_k, split, warps, stages, dot = config
     assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(-1) == 1
-    assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] and t.shape == (len(sizes), K)
+    bits = weight_bits(w)
+    assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] * (8 if bits == 4 else 1) and t.shape == (len(sizes), K)
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     _check_scale(w, scale)
     out_sizes = list(sizes[:1]) if glu else list(sizes)
@@ -698,7 +905,10 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     tile_ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
     col_ends = (list(accumulate(out_sizes)) + [n_out] * 2)[:2]
     block_m = 16 if dot else 1
-    k_split, split = k_layout(K, config)
+    group = group_size(w, scale)
+    assert not group or (group % block_k == 0 and block_n % 8 == 0 and all(s % 8 == 0 for s in sizes)), \
+        "int4: BK divides the scale group, segments and column tiles are whole int32 words"
+    k_split, split = k_layout(K, config, group)
     if partial_out:
         assert residual is None and out.shape == (split, 2 if glu else 1, M, n_out) and out.dtype == torch.float32
     ws = x.new_empty((split, 2 if glu else 1, block_m, n_out), dtype=torch.float32) \
@@ -719,21 +929,26 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
         HAS_RES=residual is not None,
         IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
         EMIT_SS=ss_out is not None, RED_BLOCK=min(32, triton.next_power_of_2(split)),
-        ACC_ROWS=min(block_k, acc_rows(block_n, warps, w.dtype == torch.int8)),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps, bits)),
         COMPACT=min(2048, triton.next_power_of_2(k_split)),
         EPS=eps,  # a constant: a float argument would arrive as fp64 from torch.compile's launcher
         X_PARTS=x_parts, PARTIAL_OUT=partial_out,
         # the fused MLP's down phase (launch_mlp) is off: its pointers are never touched
         wd_ptr=t, td_ptr=t, dp_ptr=t, D_OUT=0, FUSE_DOWN=False, BLOCK_D=1, ROWS_D=1, N_RED=1, RED_D=1, ACC_D=1,
-        EVEN_D=False, s_ptr=scale if scale is not None else t, sd_ptr=t, QUANT=scale is not None,
+        EVEN_D=False, s_ptr=scale if scale is not None else t, sd_ptr=t, QUANT={16: 0, 8: 1, 4: 2}[bits],
+        GS=max(group, 1),
         num_warps=warps, num_stages=stages,
     )
     return out
 
 
 def _check_scale(w: Tensor, scale: Optional[Tensor]):
-    assert (w.dtype == torch.int8) == (scale is not None), "int8 weights, and only they, come with scales"
-    assert scale is None or (scale.shape == (w.shape[1],) and scale.dtype == torch.float32 and scale.is_contiguous())
+    assert (w.dtype in (torch.int8, torch.int32)) == (scale is not None), "quantized weights (only) have scales"
+    if w.dtype == torch.int8:
+        assert scale.shape == (w.shape[1],) and scale.dtype == torch.float32 and scale.is_contiguous()
+    elif w.dtype == torch.int32:
+        assert scale.dim() == 3 and scale.shape[0] == 2 and scale.shape[2] == w.shape[1] * 8
+        assert w.shape[0] % scale.shape[1] == 0 and scale.dtype == torch.float16 and scale.is_contiguous()
 
 
 class DownConfig(NamedTuple):
@@ -774,6 +989,7 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     _check_scale(w, scale)
     _check_scale(w_down, scale_down)
+    assert w.dtype != torch.int32 and w_down.dtype != torch.int32, "int4 weights take the two-launch MLP"
     assert (scale is None) == (scale_down is None), "gate/up and down are both int8 or neither"
     n_tiles = counters_size((I, I), True, block_n)
     k_split, split = k_layout(D, config)
@@ -794,12 +1010,12 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
         DOT=False, DOT_F32=False, GLU=True, HAS_RES=False,
         IS_SPLIT=split > 1, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss),
         EMIT_SS=False, RED_BLOCK=triton.next_power_of_2(n_tiles),
-        ACC_ROWS=min(block_k, acc_rows(block_n, warps, w.dtype == torch.int8)),
+        ACC_ROWS=min(block_k, acc_rows(block_n, warps, weight_bits(w))),
         COMPACT=min(2048, triton.next_power_of_2(k_split)), EPS=eps, X_PARTS=0, PARTIAL_OUT=False,
         wd_ptr=w_down, td_ptr=t_down, dp_ptr=parts, D_OUT=D, FUSE_DOWN=True, BLOCK_D=block_d, ROWS_D=rows_d,
-        N_RED=n_red, RED_D=red_d, ACC_D=min(rows_d, acc_rows(block_d, warps, w_down.dtype == torch.int8)),
+        N_RED=n_red, RED_D=red_d, ACC_D=min(rows_d, acc_rows(block_d, warps, weight_bits(w_down))),
         EVEN_D=D % block_d == 0, s_ptr=scale if scale is not None else t,
-        sd_ptr=scale_down if scale_down is not None else t, QUANT=scale is not None,
+        sd_ptr=scale_down if scale_down is not None else t, QUANT=int(scale is not None), GS=1,
         num_warps=warps, num_stages=stages,
     )
     return out, ss_out
@@ -837,8 +1053,8 @@ def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional
                           eps: float, sizes: list[int], glu: bool, config: list[int],
                           scale: Optional[Tensor]) -> Tensor:
     M, K = x.shape
-    out = x.new_empty((k_layout(K, config)[1], 2 if glu else 1, M, sizes[0] if glu else sum(sizes)),
-                      dtype=torch.float32)
+    P = k_layout(K, config, group_size(w, scale))[1]
+    out = x.new_empty((P, 2 if glu else 1, M, sizes[0] if glu else sum(sizes)), dtype=torch.float32)
     launch(x, w, t, None, sizes, glu, config, None, out, kernel=wrap_triton(_sparse_gemv_kernel),
            norm_weight=norm_weight, ss_in=ss_in, eps=eps, partial_out=True, scale=scale)
     return out

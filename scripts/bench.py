@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from checkpoint import random_model
-from quantize import quantize_model
+from quantize import int4_group, quantize_model
 from errors import UserError, run_cli, sparsity_list
 from generate import Generator, add_quant_arg, kernel_step
 from kernels import decode_attention, sparse_gemv
@@ -210,16 +210,22 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
     return a.kthvalue(max(1, int(round(s * a.numel())))).values.item()
 
 
-def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, linear_elem: int = 0) -> float:
-    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity. linear_elem: bytes
-    per weight of the sparse linears and the LM head when they differ from the rest (int8: 1, plus a float32 scale
-    per column)."""
-    shapes = args.linear_shapes()
+def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, quant: Optional[str] = None) -> float:
+    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity. quant "int8": the
+    sparse linears and the LM head one byte per weight plus a float32 scale per column; "int4": the linears half a
+    byte per weight plus two float16 per group and column (every group is read at the sparsities measured), the
+    head int8."""
     total = 0.0
     for layer in range(args.n_layer):
-        for proj, (k, n) in shapes.items():
-            total += (1 - stats.get((layer, proj), 0.0)) * k * n * (linear_elem or elem) + (4 * n if linear_elem else 0)
-    total += args.vocab_size * (args.dim * (linear_elem or elem) + (4 if linear_elem else 0))  # the LM head
+        for proj, (k, n) in args.linear_shapes().items():
+            kept = 1 - stats.get((layer, proj), 0.0)
+            if quant == "int4":
+                total += kept * k * n / 2 + 4 * n * (k // int4_group(k))
+            elif quant == "int8":
+                total += kept * k * n + 4 * n
+            else:
+                total += kept * k * n * elem
+    total += args.vocab_size * (args.dim + 4 if quant else args.dim * elem)  # the LM head
     total += (2 * args.n_layer + 1) * args.dim * elem  # norms
     return total
 
@@ -253,7 +259,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
     if quant:
-        quantize_model(model)
+        quantize_model(model, quant)
     model.enable_kernels(fuse_norm, attention, defer_reduction, fuse_mlp)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
@@ -270,7 +276,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
             speeds.append(st.decode_tok_s)
         tok_s = statistics.median(speeds)
         stats = measure_sparsity(model, torch.cat([prompt, new], 1), sparse_from=prompt_len, start=prompt_len)
-        nbytes = bytes_per_token(args, stats, linear_elem=1 if quant else 0)
+        nbytes = bytes_per_token(args, stats, quant=quant)
         rec = {"model": name, "quant": quant or "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
                "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},

@@ -6,7 +6,7 @@
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
    the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
-   configs the model uses, the int8 LM head included (check_int8_kernels);
+   configs the model uses, the int8 LM head included (check_quant_kernels);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import sys
+from typing import Optional
 from pathlib import Path
 
 import _path  # noqa: F401
@@ -30,7 +31,7 @@ from checkpoint import random_model
 from generate import Generator
 from kernels import decode_attention, gate_up_rows, sparse_gemv
 from model import ModelArgs
-from quantize import quantize_model, rtn_int8
+from quantize import int4_group, quantize_model, rtn_int4, rtn_int8
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
 BOUND = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
@@ -184,23 +185,34 @@ def check_kernels(n_sm: int) -> list:
     return failures
 
 
-INT8_SHAPES = {  # K, sizes, glu, residual, LM head
+QUANT_SHAPES = {  # K, sizes, glu, residual, LM head
     "l2-qkv": (4096, (4096, 4096, 4096), False, False, False), "o": (4096, (4096,), False, True, False),
+    "l3-qkv": (4096, (4096, 1024, 1024), False, False, False),
     "l2-gate_up": (4096, (11008, 11008), True, False, False), "l3-gate_up": (4096, (14336, 14336), True, False, False),
     "l2-down": (11008, (4096,), False, True, False), "l2-head": (4096, (32000,), False, False, True),
     "l3-head": (4096, (128256,), False, False, True), "odd-head": (777, (3001,), False, False, True),
 }
 
 
-def check_int8_kernels(n_sm: int, shapes=INT8_SHAPES, levels=(0.0, 0.5, 0.95), device="cuda",
-                       bound: float = BOUND[torch.bfloat16]) -> list:
-    """int8 weights (quantize.rtn_int8) under bf16 activations with the configs the model launches them with: the
+def check_quant_kernels(n_sm: int, shapes=QUANT_SHAPES, levels=(0.0, 0.5, 0.95), device="cuda",
+                       bound: float = BOUND[torch.bfloat16], quant: str = "int8") -> list:
+    """int8 weights (quantize.rtn_int8), or int4 ones (quant "int4", quantize.rtn_int4; their LM head is int8, so
+    head shapes are skipped) under bf16 activations with the configs the model launches them with: the
     projections at each sparsity (zero thresholds at 0: the dense branch), the LM head with zero thresholds only;
     q/k/v, gate/up and the head with the RMSNorm fused. Against the reference on the dequantized weights."""
     failures, rows, dtype = [], 0, torch.bfloat16
     for name, (K, sizes, glu, has_res, head) in shapes.items():
-        q, scale = rtn_int8(torch.randn(K, sum(sizes), device=device) / K ** 0.5)
-        w = q.double() * scale.double()
+        w = torch.randn(K, sum(sizes), device=device) / K ** 0.5
+        if quant == "int4":
+            if head:
+                continue
+            group = int4_group(K)
+            q, scale = rtn_int4(w, group)
+            w = sparse_gemv.dequantize_int4(q, scale).double()
+        else:
+            group = 0
+            q, scale = rtn_int8(w)
+            w = q.double() * scale.double()
         n_out = sizes[0] if glu else sum(sizes)
         for M, s in itertools.product((1, 3), levels[:1] if head else levels):
             x, g, ss_in, xin = projection_input(M, K, dtype, norm=not has_res, device=device)
@@ -208,7 +220,7 @@ def check_int8_kernels(n_sm: int, shapes=INT8_SHAPES, levels=(0.0, 0.5, 0.95), d
             res = torch.randn(M, n_out, device=device, dtype=dtype) if has_res else None
             ref = sparse_gemv.sparse_gemv_ref(xin.double(), w, t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
-            cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm, int8=True, head=head)
+            cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm, int8=quant == "int8", head=head, group=group)
             counters = torch.zeros(4096, dtype=torch.int32, device=device)
             out = torch.full((M, n_out), float("nan"), device=device, dtype=dtype)
             sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, norm_weight=g, ss_in=ss_in, eps=1e-5,
@@ -216,20 +228,20 @@ def check_int8_kernels(n_sm: int, shapes=INT8_SHAPES, levels=(0.0, 0.5, 0.95), d
             err = rel_err(out, ref)
             rows += 1
             if not err < bound or out.isnan().any() or counters.any():
-                failures.append(f"sparse_gemv int8 {name} M={M} s={s} cfg={cfg}: err {err:.2e}")
-    print(f"int8 kernels: {rows} cases, {len(failures)} failures")
+                failures.append(f"sparse_gemv {quant} {name} M={M} s={s} cfg={cfg}: err {err:.2e}")
+    print(f"{quant} kernels: {rows} cases, {len(failures)} failures")
     return failures
 
 
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
-                int8: bool = False) -> tuple:
-    """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); int8: the
-    sparse linears quantized (quantize.py), both decodes on the same int8 weights."""
+                quant: Optional[str] = None) -> tuple:
+    """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
+    sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
-    if int8:
-        quantize_model(model)
+    if quant:
+        quantize_model(model, quant)
     prompt = torch.randint(0, args.vocab_size, (1, 64), device="cuda")
     # thresholds from other text: quantiles of the decoded prompt's own activations would sit exactly on some
     # of them (layer 0's input depends on the token alone), and any rounding difference would flip those
@@ -323,7 +335,8 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else check_kernels(n_sm) + check_int8_kernels(n_sm)
+    failures = [] if a.models_only else (check_kernels(n_sm) + check_quant_kernels(n_sm)
+                                         + check_quant_kernels(n_sm, quant="int4"))
     if a.kernels_only:
         print("\n".join(failures) if failures else "ALL KERNEL CHECKS PASSED")
         sys.exit(1 if failures else 0)
@@ -331,18 +344,20 @@ def main():
     # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
     # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, with the thresholds moved into gaps
     # between the reference decode's inputs (move_thresholds_into_gaps): no input then sits within rounding of one.
-    for level, dtype, bound, sparse, int8 in ((0.0, torch.bfloat16, 3e-2, False, False),
-                                              (0.0, torch.bfloat16, 3e-2, True, False),
-                                              (a.sparsity, torch.float32, 1e-3, True, False),
-                                              (a.sparsity, torch.bfloat16, None, True, False),
-                                              (0.0, torch.bfloat16, 3e-2, True, True),
-                                              (a.sparsity, torch.float32, 1e-3, True, True),
-                                              (a.sparsity, torch.bfloat16, None, True, True)):
+    for level, dtype, bound, sparse, quant in ((0.0, torch.bfloat16, 3e-2, False, None),
+                                               (0.0, torch.bfloat16, 3e-2, True, None),
+                                               (a.sparsity, torch.float32, 1e-3, True, None),
+                                               (a.sparsity, torch.bfloat16, None, True, None),
+                                               (0.0, torch.bfloat16, 3e-2, True, "int8"),
+                                               (a.sparsity, torch.float32, 1e-3, True, "int8"),
+                                               (a.sparsity, torch.bfloat16, None, True, "int8"),
+                                               (0.0, torch.bfloat16, 3e-2, True, "int4"),
+                                               (a.sparsity, torch.float32, 1e-3, True, "int4")):
         torch._dynamo.reset()
         errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
-                                                                       int8=int8)
+                                                                       quant=quant)
         worst = max(errs)
-        print(f"model {dtype}{' int8 weights' if int8 else ''} at {level} "
+        print(f"model {dtype}{f' {quant} weights' if quant else ''} at {level} "
               f"({'sparse kernels' if sparse else 'dense path'}): compiled vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"
@@ -350,7 +365,7 @@ def main():
               + ("" if bound else " (reported only: near-tie flips)"))
         # greedy tokens may part at a near-tie of the top logits; teacher-forced logits must stay within bounds
         if bound is not None and worst > bound:
-            failures.append(f"compiled decode differs from eager at sparsity {level} {dtype} int8={int8}: "
+            failures.append(f"compiled decode differs from eager at sparsity {level} {dtype} quant={quant}: "
                             f"{same} same tokens, logits err {worst:.2e}")
 
     from torch._dynamo.utils import counters

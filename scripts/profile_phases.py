@@ -73,7 +73,7 @@ GEMV_PATCHES = [  # kernels/sparse_gemv.py; slots: 0 start, 16 inputs in, 18 pos
     _after("    pid_k = tl.program_id(1)\n", f"prof = prof_ptr + (pid_n * SPLIT_K + pid_k) * {SLOTS}",
            "_stamp(prof, 0, pid_n)", "tl.store(prof + 14, _smid(pid_n).to(tl.int64))"),
     _after("            xf = x.to(tl.float32)\n", "_stamp(prof, 16, (tl.max(xf, axis=0) > 1e30).to(tl.int32))"),
-    _after("            pos = n_kept + _inclusive_count(keep.to(tl.int32), COMPACT, 8) - 1\n",
+    _after("                pos = n_kept + _inclusive_count(keep.to(tl.int32), COMPACT, 8) - 1\n",
            "_stamp(prof, 18, tl.max(pos, axis=0))"),
     _before("        # 2. software pipeline over groups", "_stamp(prof, 2, n_kept)",
             "tl.store(prof + 12, n_kept.to(tl.int64))"),

@@ -4,7 +4,7 @@ that ship with Triton. A change to a kernel's loop can then be read as instructi
 timing it (docs/perf-notes.md, session 8). tests/compile_checks.py builds the same launches to catch what only the
 GPU compiler refuses.
 
-    python scripts/sm90.py [--model llama-2-7b] [--quant int8] [--dtype bfloat16] [--batch 1] [--dense]
+    python scripts/sm90.py [--model llama-2-7b] [--quant int8|int4] [--dtype bfloat16] [--batch 1] [--dense]
 
 One layer of the model at its real shapes, launch configs as an H100 (132 SMs) gets them; the launches are
 recorded (Triton's own binder specialises them as a launch would: aligned pointers, multiples of 16, ones as
@@ -19,6 +19,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Optional
 
 import _path  # noqa: F401
 import torch
@@ -30,7 +31,7 @@ from triton.runtime.jit import JITFunction
 from checkpoint import random_model
 from errors import UserError, run_cli
 from model import CONFIGS, Attention, FeedForward, ModelArgs, RowSparseUp, SparseLinear
-from quantize import quantize_model
+from quantize import SCHEMES, quantize_model
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -83,15 +84,15 @@ def enable_kernels_as_on_gpu(model, n_sm: int = 132):
             m.enable_kernels(defer_reduction=True, fuse_mlp=True)
 
 
-def decode_step_launches(name: str, dtype: torch.dtype, int8: bool = False, mlp: str = "teal", batches=(1,),
-                         sparse_froms=(0,)) -> list:
-    """The launches of one-layer decode steps of model `name` (the vocabulary cut down unless int8: only the int8
-    LM head is a kernel). sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention
-    kernel)."""
-    args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if int8 else {"vocab_size": 64})})
+def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal",
+                         batches=(1,), sparse_froms=(0,)) -> list:
+    """The launches of one-layer decode steps of model `name`, its weights quantized with `quant` (quantize.py) or
+    not (the vocabulary cut down then: only the quantized LM head is a kernel). sparse_from 0: the sparse step;
+    None: the dense one (cuBLAS projections, the attention kernel)."""
+    args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if quant else {"vocab_size": 64})})
     model = random_model(args, "cpu", dtype, mlp=mlp)
-    if int8:
-        quantize_model(model)
+    if quant:
+        quantize_model(model, quant)
     enable_kernels_as_on_gpu(model)
     model.setup_caches(max(batches), args.max_seq_len)
     with recorded_launches() as seen:
@@ -181,7 +182,7 @@ def loops(sass: str) -> list:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-2-7b", help=f"one of {', '.join(CONFIGS)}")
-    p.add_argument("--quant", choices=["int8"], default=None)
+    p.add_argument("--quant", choices=sorted(SCHEMES), default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dense", action="store_true", help="the dense step (generate.py --sparsity 0) instead")
@@ -194,7 +195,7 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("unset TRITON_INTERPRET: the interpreter builds nothing")
     triton.runtime.driver.set_active(HopperTarget())
-    built = build_all(decode_step_launches(a.model, DTYPES[a.dtype], a.quant == "int8", batches=(a.batch,),
+    built = build_all(decode_step_launches(a.model, DTYPES[a.dtype], a.quant, batches=(a.batch,),
                                            sparse_froms=(None if a.dense else 0,)))
     for launch, k, error in built:
         if error:

@@ -16,6 +16,7 @@ Exits 1 on any failure.
 """
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -109,6 +110,19 @@ def gemv_launches() -> Recorder:
     sparse_gemv.launch_mlp(x, q, t, q2, torch.zeros(1, 96), torch.zeros(sparse_gemv.mlp_counters_size(96, cfg),
                            dtype=torch.int32), cfg, dcfg, torch.empty(1, K, dtype=torch.bfloat16),
                            torch.empty(1, dcfg.n_red), norm_weight=g, ss_in=ss_in, kernel=rec, scale=s, scale_down=s2)
+    # int4 weights with their group scales: plain (norm fused), partials out, from partials with a residual
+    q4, q4d = torch.zeros(K, 24, dtype=torch.int32), torch.zeros(96, K // 8, dtype=torch.int32)
+    s4, s4d = torch.ones(2, K // 32, 192, dtype=torch.float16), torch.ones(2, 3, K, dtype=torch.float16)
+    cfg = sparse_gemv.default_config(1, K, (96, 96), True, n_sm=8, group=32)
+    sparse_gemv.launch(x, q4, t, counters, (96, 96), True, cfg, None, torch.empty(1, 96, dtype=torch.bfloat16),
+                       kernel=rec, norm_weight=g, ss_in=ss_in, scale=s4)
+    P = sparse_gemv.k_layout(K, cfg, 32)[1]
+    sparse_gemv.launch(x, q4, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), kernel=rec,
+                       partial_out=True, scale=s4)
+    cfg_d = sparse_gemv.default_config(1, 96, (K,), False, n_sm=8, group=32)
+    sparse_gemv.launch(torch.randn(P, 2, 1, 96), q4d, torch.zeros(1, 96), counters, (K,), False, cfg_d,
+                       torch.randn(1, K, dtype=torch.bfloat16), torch.empty(1, K, dtype=torch.bfloat16), kernel=rec,
+                       ss_out=torch.empty(1, sparse_gemv.counters_size((K,), False, cfg_d.block_n)), scale=s4d)
     return rec
 
 
@@ -125,13 +139,14 @@ def attention_launches() -> Recorder:
     return rec
 
 
-def trace_decode_step(int8: bool) -> bool:
-    """fullgraph tracing (fake tensors: no kernel runs) of a GQA model's decode step on the kernel path."""
+def trace_decode_step(quant: Optional[str]) -> bool:
+    """fullgraph tracing (fake tensors: no kernel runs) of a GQA model's decode step on the kernel path, its weights
+    quantized with `quant` or not."""
     args = ModelArgs(dim=128, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
                      max_seq_len=128, sliding_window=32)
     model = random_model(args, "cpu", torch.bfloat16)
-    if int8:
-        quantize_model(model)
+    if quant:
+        quantize_model(model, quant)
     sm90.enable_kernels_as_on_gpu(model, n_sm=4)
     model.setup_caches(1, 64)
     ok = True
@@ -141,14 +156,16 @@ def trace_decode_step(int8: bool) -> bool:
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
         # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
-        # (int8 weights: the MLP as two launches, gate/up partials then down, and the LM head streamed by the GEMV)
-        want = {"teal.sparse_gemv.default": 1 if int8 else 0,
-                "teal.sparse_gemv_parts.default": n_gemv * (2 if int8 else 1),
-                "teal.sparse_gemv_ss.default": n_gemv * (2 if int8 else 1),
-                "teal.sparse_mlp.default": 0 if int8 else n_gemv, "teal.decode_attention.default": args.n_layer}
+        # (quantized weights: the MLP as two launches, gate/up partials then down, and the LM head streamed by the
+        # GEMV)
+        q = quant is not None
+        want = {"teal.sparse_gemv.default": 1 if q else 0,
+                "teal.sparse_gemv_parts.default": n_gemv * (2 if q else 1),
+                "teal.sparse_gemv_ss.default": n_gemv * (2 if q else 1),
+                "teal.sparse_mlp.default": 0 if q else n_gemv, "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
-        print(f"decode step (sparse_from={sparse_from}, int8={int8}): one graph, kernel ops {got}, "
+        print(f"decode step (sparse_from={sparse_from}, quant={quant}): one graph, kernel ops {got}, "
               f"SDPA calls {len(sdpa)}")
         ok &= got == want and not sdpa
     return ok
@@ -156,18 +173,18 @@ def trace_decode_step(int8: bool) -> bool:
 
 def decode_step_launches() -> list:
     """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
-    16/32-bit activations and int8 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
+    16/32-bit activations, int8 and int4 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
     seen = []
     for name in ("llama-2-7b", "llama-3-8b"):
-        for dtype, int8, mlp in ((torch.bfloat16, False, "teal"), (torch.bfloat16, True, "teal"),
-                                 (torch.float16, False, "teal"), (torch.float32, False, "teal"),
-                                 (torch.bfloat16, False, "cats")):
-            seen += sm90.decode_step_launches(name, dtype, int8, mlp, batches=(1, 3), sparse_froms=(0, None))
+        for dtype, quant, mlp in ((torch.bfloat16, None, "teal"), (torch.bfloat16, "int8", "teal"),
+                                  (torch.bfloat16, "int4", "teal"), (torch.float16, None, "teal"),
+                                  (torch.float32, None, "teal"), (torch.bfloat16, None, "cats")):
+            seen += sm90.decode_step_launches(name, dtype, quant, mlp, batches=(1, 3), sparse_froms=(0, None))
     return seen
 
 
 def main():
-    ok = trace_decode_step(False) and trace_decode_step(True)
+    ok = trace_decode_step(None) and trace_decode_step("int8") and trace_decode_step("int4")
     triton.runtime.driver.set_active(sm90.HopperTarget())
     n, errors = sm90.compile_for_hopper(decode_step_launches())
     print(f"sm_90 builds of the decode step's launches: {n} distinct, {len(errors)} failed")

@@ -101,7 +101,10 @@ def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
 @pytest.mark.parametrize("tied", [False, True])
 def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
     """The roofline's bytes: at zero sparsity, the bytes of the model's weights generate.py reports, 16-bit and int8
-    (int8 linears and LM head with their scales; a tied embedding table is read only while it is the head)."""
+    (int8 linears and LM head with their scales; a tied embedding table is read only while it is the head) and int4
+    (linears packed eight to a word with two float16 per group and column, the head int8)."""
+    import copy
+
     import torch
 
     from checkpoint import random_model
@@ -112,5 +115,6 @@ def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
                      tie_embeddings=tied)
     model = random_model(args, "cpu", torch.bfloat16)
     assert bytes_per_token(args, {}) == weight_bytes(model)
-    assert bytes_per_token(args, {}, linear_elem=1) == weight_bytes(quantize_model(model))
+    assert bytes_per_token(args, {}, quant="int4") == weight_bytes(quantize_model(copy.deepcopy(model), "int4"))
+    assert bytes_per_token(args, {}, quant="int8") == weight_bytes(quantize_model(model))
     assert bytes_per_token(args, {(0, "q"): 0.5}) < bytes_per_token(args, {})

@@ -57,13 +57,24 @@ def test_thresholds_move_into_wider_gaps_and_keep_every_mask():
 
 
 def test_int8_kernel_check_runs_and_catches_a_wrong_scale(monkeypatch):
-    """check_int8_kernels (which runs on the GPU) on small shapes in Triton's interpreter: it passes on the kernels
+    """check_quant_kernels (which runs on the GPU) on small shapes in Triton's interpreter: it passes on the kernels
     as they are, and reports a launch whose output is off (the scales doubled). The bound is looser than the GPU's:
     the interpreter truncates bf16 casts where GPUs round (norm, GLU and output: ~2% against float64)."""
     shapes = {"o": (72, (37,), False, True, False), "gate_up": (90, (33, 33), True, False, False),
               "head": (200, (600,), False, False, True)}
     check = dict(levels=(0.0,), device="cpu", bound=5e-2)
-    assert gc.check_int8_kernels(4, shapes, **check) == []
+    assert gc.check_quant_kernels(4, shapes, **check) == []
     launch = gc.sparse_gemv.launch
     monkeypatch.setattr(gc.sparse_gemv, "launch", lambda *a, scale, **k: launch(*a, scale=scale * 2, **k))
-    assert len(gc.check_int8_kernels(4, shapes, **check)) == 2 * len(shapes)
+    assert len(gc.check_quant_kernels(4, shapes, **check)) == 2 * len(shapes)
+
+
+def test_int4_kernel_check_runs_and_catches_a_wrong_scale(monkeypatch):
+    """The same with int4 weights (their LM head is int8: head shapes are skipped)."""
+    shapes = {"o": (64, (40,), False, True, False), "gate_up": (96, (40, 40), True, False, False),
+              "head": (200, (600,), False, False, True)}
+    check = dict(levels=(0.0,), device="cpu", bound=5e-2, quant="int4")
+    assert gc.check_quant_kernels(4, shapes, **check) == []
+    launch = gc.sparse_gemv.launch
+    monkeypatch.setattr(gc.sparse_gemv, "launch", lambda *a, scale, **k: launch(*a, scale=scale * 2, **k))
+    assert len(gc.check_quant_kernels(4, shapes, **check)) == 2 * 2  # two shapes, batch 1 and 3

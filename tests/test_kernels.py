@@ -12,7 +12,7 @@ import torch
 import triton
 
 from kernels import decode_attention, gate_up_rows, sparse_gemv
-from quantize import rtn_int8
+from quantize import int4_group, rtn_int4, rtn_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16: the GLU epilogue rounds four times where the reference rounds (and the interpreter truncates)
@@ -132,6 +132,54 @@ def test_sparse_gemv_int8(case, sparsity, M):
         assert y.dtype == dtype  # (the interpreter truncates bf16 casts where GPUs round: h differs by an ulp)
         tol = 5e-2 if sparse_gemv.INTERPRETED else 2e-2
         assert rel_err(y, sparse_gemv.sparse_gemv_ref(h, qd, td, (40,), residual=r, scale=sd)) < tol
+
+
+INT4_CASES = {  # name: (K, sizes, glu, residual): sizes whole int32 words (multiples of 8), K whole groups
+    "qkv": (96, (48, 24, 24), False, False),
+    "o+residual": (64, (40,), False, True),
+    "gate_up": (96, (48, 48), True, False),
+    "down+residual": (160, (56,), False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("case", list(INT4_CASES))
+def test_sparse_gemv_int4(case, sparsity, M, dtype):
+    """int4 weights (quantize.rtn_int4: eight to a word, a scale and offset per group of inputs): the kernel against
+    the reference on the same weights (dequantized in float32); configs whose steps are smaller than a group, as
+    large as one, and K ranges of one or several groups; also unreduced partials and, for down, gate/up's
+    partials as its input."""
+    K, sizes, glu, has_res = INT4_CASES[case]
+    group = int4_group(K)
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    q, scale = rtn_int4(torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5, group)
+    res = torch.randn(M, sizes[0] if glu else sum(sizes), dtype=dtype, device=DEVICE) if has_res else None
+    t = thresholds_for(x, len(sizes), sparsity, True)
+    ref = sparse_gemv.sparse_gemv_ref(x.float(), q, t, sizes, glu=glu, residual=None if res is None else res.float(),
+                                      scale=scale)
+    tol = TOL.get(dtype, 1e-5)
+    fma = [C(16, 16, 1, 4, 1, 0), C(32, 32, 2, 1, 1, 0), C(8, 32, 3, 4, 1, 0)] if M == 1 else []
+    for config in fma + [C(16, 16, 1, 4, 1, 1), sparse_gemv.default_config(M, K, sizes, glu, n_sm=4, group=group)]:
+        counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+        out = poisoned(tuple(ref.shape), dtype)
+        sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, scale=scale)
+        assert not out.isnan().any() and not counters.any(), config
+        assert rel_err(out, ref) < tol, config
+        if not has_res:
+            P = sparse_gemv.k_layout(K, config, group)[1]
+            parts = torch.full((P, 2 if glu else 1, M, ref.shape[1]), float("nan"), device=DEVICE)
+            sparse_gemv.launch(x, q, t, None, sizes, glu, config, None, parts, partial_out=True, scale=scale)
+            assert rel_err(sparse_gemv.parts_ref(parts, glu, dtype), ref) < tol, config
+    if glu:  # down (int4, groups of 16 inputs) from these partials
+        qd, sd = rtn_int4(torch.randn(sizes[0], 48, device=DEVICE) / sizes[0] ** 0.5, 16)
+        h = sparse_gemv.parts_ref(parts, True, dtype)
+        td = halfway_thresholds(h, sparsity)
+        r = torch.randn(M, 48, dtype=dtype, device=DEVICE)
+        y = sparse_gemv.sparse_gemv(parts, qd, td, (48,), torch.zeros(64, dtype=torch.int32, device=DEVICE),
+                                    C(16, 16, 2, 4, 1, int(M > 1)), residual=r, scale=sd)
+        assert rel_err(y, sparse_gemv.sparse_gemv_ref(h.float(), qd, td, (48,), residual=r.float(), scale=sd)) < tol
 
 
 @pytest.mark.parametrize("M", [1, 3])

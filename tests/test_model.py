@@ -96,31 +96,32 @@ def test_meta_model_has_kernel_layout():
     assert tuple(m.layers[0].feed_forward.w13.weight.shape) == (4096, 2 * 14336)
 
 
-def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window=None, int8: bool = False,
+def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window=None, quant=None,
                                 **kernel_options):
-    """A small fp32 GQA model with 50% thresholds (reference path) and a copy on the kernel path; int8: its sparse
-    linears quantized (quantize.py)."""
+    """A small fp32 GQA model with 50% thresholds (reference path) and a copy on the kernel path; quant: its sparse
+    linears quantized (quantize.py, "int8" or "int4")."""
     args = ModelArgs(dim=128, n_layer=n_layer, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
                      max_seq_len=max_seq_len, sliding_window=window)
     ref_model = random_model(args, "cpu", torch.float32, seed=0)
-    if int8:
-        quantize_model(ref_model)
+    if quant:
+        quantize_model(ref_model, quant)
     set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
     model = copy.deepcopy(ref_model)
     model.enable_kernels(**kernel_options)
     return ref_model, model
 
 
-@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,int8", [
-    (True, True, True, True, False), (True, True, True, False, False), (True, True, False, False, False),
-    (False, False, True, True, False), (True, True, True, True, True), (True, True, False, False, True)])
-def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, int8, monkeypatch):
+@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,quant", [
+    (True, True, True, True, None), (True, True, True, False, None), (True, True, False, False, None),
+    (False, False, True, True, None), (True, True, True, True, "int8"), (True, True, False, False, "int8"),
+    (True, True, True, True, "int4")])
+def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, quant, monkeypatch):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
     in one kernel, q/k/v and gate/up partials summed by the kernels that read them (defer), and the whole MLP
     in one launch (fuse_mlp; with the norm fused only), over positions that cross a split of the attention
-    kernel, GQA and a sliding window; with int8 weights (quantize.py) too."""
-    ref_model, model = reference_and_kernel_models(2, 256, 40, int8=int8, fuse_norm=fuse_norm, attention=attention,
+    kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too."""
+    ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm, attention=attention,
                                                    defer_reduction=defer, fuse_mlp=fuse_mlp)
     prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
@@ -135,17 +136,17 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
             ref = ref_model(steps[:, i:i + 1], pos)
             out = model(steps[:, i:i + 1], pos)
             assert rel_err(out, ref) < 1e-5, i
-    # (int8 weights take the two launches)
-    assert len(fused) == (len(model.layers) * steps.shape[1] if fuse_mlp and fuse_norm and not int8 else 0)
+    # (quantized weights take the two launches)
+    assert len(fused) == (len(model.layers) * steps.shape[1] if fuse_mlp and fuse_norm and not quant else 0)
     for layer in range(len(model.layers)):  # the kernel wrote the same keys and values into its cache
         a, b = model.layers[layer].attention.kv_cache, ref_model.layers[layer].attention.kv_cache
         assert rel_err(a.k, b.k) < 1e-6 and rel_err(a.v, b.v) < 1e-6
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
-def test_kernel_path_matches_reference_decode_batch(int8):
+@pytest.mark.parametrize("quant", [None, "int8", "int4"], ids=["fp32", "int8", "int4"])
+def test_kernel_path_matches_reference_decode_batch(quant):
     """Three sequences at once (tensor-core GEMV path, mask = union over the batch; partials handed over per row)."""
-    ref_model, model = reference_and_kernel_models(int8=int8)
+    ref_model, model = reference_and_kernel_models(quant=quant)
     prompt, steps = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 3))
     with torch.no_grad():
         for m in (ref_model, model):

@@ -1,5 +1,6 @@
-"""quantize.py: RTN int8 with a scale per output channel, the model-int8.safetensors file, and loading int8 weights
-(from that file, or quantized on load): the same weights either way, logits close to the 16-bit model's."""
+"""quantize.py: RTN int8 with a scale per output channel and int4 with a scale and offset per group of inputs, the
+model-<scheme>.safetensors files, and loading quantized weights (from that file, or quantized on load): the same
+weights either way, logits close to the 16-bit model's."""
 import copy
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import torch
 from checkpoint import load_model, random_model, random_tensors, read_metadata, save_checkpoint
 from errors import UserError
 from model import ModelArgs, SparseLinear
-from quantize import int8_structure, quant_file, quantize_model, rtn_int8, save_int8
+from kernels.sparse_gemv import dequantize_int4
+from quantize import (int4_group, pack_int4, quant_file, quant_structure, quantize_model, rtn_int4, rtn_int8,
+                      save_quantized)
 from sparsity import capture_inputs, set_uniform_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +49,7 @@ def test_int8_file_and_quantize_on_load_agree(ckpt):
     ref = load_model(ckpt)
     on_load = load_model(ckpt, quant="int8")
     assert not (ckpt / quant_file("int8")).exists()
-    path = save_int8(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt))
+    path = save_quantized(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt), "int8")
     from_file = load_model(ckpt, quant="int8")
     for a, b in zip(on_load.state_dict().items(), from_file.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
@@ -75,7 +78,7 @@ def test_int8_lm_head(tmp_path, tied):
     q, scale = rtn_int8(ref.output.weight.t())
     assert torch.equal(head.weight, q) and torch.equal(head.scale, scale)
     assert torch.equal(on_load.tok_embeddings.weight, ref.tok_embeddings.weight)  # the lookup stays float
-    save_int8(quantize_model(load_model(tmp_path)), tmp_path, read_metadata(tmp_path))
+    save_quantized(quantize_model(load_model(tmp_path)), tmp_path, read_metadata(tmp_path), "int8")
     from_file = load_model(tmp_path, quant="int8")
     for a, b in zip(on_load.state_dict().items(), from_file.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
@@ -93,7 +96,7 @@ def test_int8_file_of_an_earlier_scheme_is_refused(ckpt, monkeypatch):
     """An int8 file without the quantized head (the scheme before it) asks for re-quantizing, not a wrong load."""
     import quantize
     monkeypatch.setitem(quantize.SCHEMES, "int8", "int8-rtn-channel")
-    save_int8(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt))
+    save_quantized(quantize_model(load_model(ckpt)), ckpt, read_metadata(ckpt), "int8")
     monkeypatch.undo()
     with pytest.raises(UserError, match="re-run quantize.py"):
         load_model(ckpt, quant="int8")
@@ -119,7 +122,7 @@ def test_bad_int8_inputs(ckpt, tmp_path):
     other = tmp_path / "other"
     args = ModelArgs(**TINY)
     save_checkpoint(other, args, random_tensors(args, torch.float32, "cpu", 1), torch.float32)
-    save_int8(quantize_model(load_model(other)), ckpt, read_metadata(other))  # another model's int8 file
+    save_quantized(quantize_model(load_model(other)), ckpt, read_metadata(other), "int8")  # another model's int8 file
     with pytest.raises(UserError, match="re-run quantize.py"):
         load_model(ckpt, quant="int8")
     r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), "--checkpoint", str(tmp_path / "missing")],
@@ -134,12 +137,60 @@ def test_quantize_cli_writes_the_file(ckpt):
     assert (ckpt / quant_file("int8")).exists() and "wrote" in r.stdout
 
 
-def test_int8_structure_matches_quantized_state_dict():
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quant_structure_matches_quantized_state_dict(scheme):
     model = random_model(ModelArgs(**TINY), "cpu", torch.float32)
-    q = quantize_model(copy.deepcopy(model))
+    q = quantize_model(copy.deepcopy(model), scheme)
     with torch.device("meta"):
         shell = type(model)(model.args)
-    int8_structure(shell)
+    quant_structure(shell, scheme)
     assert {k: (v.shape, v.dtype) for k, v in shell.state_dict().items()} == \
         {k: (v.shape, v.dtype) for k, v in q.state_dict().items()}
     assert all(m.scale is not None for m in q.modules() if isinstance(m, SparseLinear))
+
+
+def test_rtn_int4_packs_and_rounds_per_group():
+    """Eight 4-bit weights to a word (column 8c + i in bits 4i..4i+3), a float16 scale and offset per group of
+    inputs and output channel; the dequantized weights sit within half a step of the originals, zero stays
+    exactly representable, and groups of different ranges get their own scales."""
+    q = torch.randint(0, 16, (3, 16))
+    words = pack_int4(q)
+    assert words.dtype == torch.int32 and words.shape == (3, 2)
+    assert torch.equal(dequantize_int4(words, torch.stack([torch.ones(1, 16), torch.zeros(1, 16)]).half()), q.float())
+    w = torch.randn(96, 40) * torch.rand(40) * 3
+    w[32:64] *= 10  # the second group of inputs has a ten times wider range
+    w[:, 5] = 0
+    words, scale = rtn_int4(w, 32)
+    assert words.shape == (96, 5) and scale.shape == (2, 3, 40) and scale.dtype == torch.float16
+    s = scale[0].float().repeat_interleave(32, 0)
+    back = dequantize_int4(words, scale)
+    assert ((back - w).abs() <= s / 2 * (1 + 1e-3) + 1e-6).all()
+    assert not back[:, 5].any()
+    assert (scale[0, 1].float() > 5 * scale[0, 0].float())[torch.arange(40) != 5].all()
+    assert int4_group(4096) == 128 and int4_group(576) == 64 and int4_group(96) == 32
+    with pytest.raises(UserError, match="divisible by 32"):
+        int4_group(100)
+
+
+def test_int4_file_and_quantize_on_load_agree(ckpt):
+    """int4 as int8 above: the file and quantizing on load give the same weights (the head int8 in both), and
+    logits stay near the float32 model's."""
+    ref = load_model(ckpt)
+    on_load = load_model(ckpt, quant="int4")
+    path = save_quantized(quantize_model(load_model(ckpt), "int4"), ckpt, read_metadata(ckpt), "int4")
+    assert path.name == quant_file("int4")
+    from_file = load_model(ckpt, quant="int4")
+    for a, b in zip(on_load.state_dict().items(), from_file.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    w = from_file.layers[0].feed_forward.w13
+    assert w.weight.dtype == torch.int32 and w.weight.shape == (64, 2 * 96 // 8) and w.scale.shape == (2, 1, 192)
+    assert from_file.output.weight.dtype == torch.int8
+    idx = torch.randint(0, 300, (1, 12))
+    for m in (ref, from_file):
+        m.setup_caches(1, 16)
+    with torch.no_grad():
+        # (4-bit RTN moves a Gaussian weight by ~8% of its spread: 17% here over two layers and the head)
+        assert rel_err(from_file(idx, torch.arange(12)), ref(idx, torch.arange(12))) < 0.3
+    with pytest.raises(UserError, match="re-run quantize.py"):  # an int8 file is not taken for int4 weights
+        (ckpt / quant_file("int8")).write_bytes(path.read_bytes())
+        load_model(ckpt, quant="int8")
