@@ -22,6 +22,11 @@ Deferred reduction: with partial_out a launch stores its partials and stops ther
 result sums them while loading its input (decode attention for q/k/v; this kernel for down, given gate/up's
 partials as x [P, 2, M, K], applying silu(gate) * up as it loads): no tail where nothing needs the reduced value.
 
+Quantized weights: int8 rows are widened exactly by a magic number and the per-column scales applied to the sums;
+int4 rows (eight weights per int32 word, a scale and offset per group of inputs) are widened nibble by nibble to
+1 + q/16 and each step of BK rows holds one group's rows only (the kept list starts every group on a new step), so
+its scales apply once per step (_fma4).
+
 The whole MLP in one launch (batch 1, launch_mlp / sparse_mlp): gate/up as above, then the down projection in the
 same programs, handed out as work units once gate/up's column tiles finish (see _mlp_down).
 """
