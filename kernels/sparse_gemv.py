@@ -195,8 +195,9 @@ def _sparse_gemv_kernel(
             keep = tl.abs(x.to(tl.float32)) > t[None, :]
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BK]: some batch row keeps input k
             if QUANT == 2:  # BK divides GS: the step's rows share one group's scales
-                w = _load_rows(w_ptr + ks[:, None] * stride_wk + wcols[None, :], need, wcol_ok, EVEN_N)
-                w = _dequant4(w, s_cols3, k0 // GS, n_tot, K // GS, col_ok3, xdt)
+                s4, m4, s4_up, m4_up = _scales4(s_cols3, k0 // GS, n_tot, K // GS, N_OUT, col_ok3, GLU)
+                w = _dequant4(_load_rows(w_ptr + ks[:, None] * stride_wk + wcols[None, :], need, wcol_ok, EVEN_N),
+                              s4, m4, xdt)
             else:
                 w = _as(_load_rows(w_ptr + ks[:, None] * stride_wk + cols[None, :], need, col_ok, EVEN_N), xdt)
             acc = _dot(tl.where(keep, x, 0.0).to(xdt), w, acc, DOT_F32)
@@ -205,9 +206,8 @@ def _sparse_gemv_kernel(
                 keep_up = tl.abs(x.to(tl.float32)) > t_up[None, :]
                 need_up = tl.max(keep_up.to(tl.int32), axis=0) > 0
                 if QUANT == 2:
-                    w_up = _load_rows(w_ptr + ks[:, None] * stride_wk + (wcols + N_OUT // 8)[None, :], need_up,
-                                      wcol_ok, EVEN_N)
-                    w_up = _dequant4(w_up, s_cols3 + N_OUT, k0 // GS, n_tot, K // GS, col_ok3, xdt)
+                    w_up = _dequant4(_load_rows(w_ptr + ks[:, None] * stride_wk + (wcols + N_OUT // 8)[None, :],
+                                                need_up, wcol_ok, EVEN_N), s4_up, m4_up, xdt)
                 else:
                     w_up = _as(_load_rows(w_ptr + ks[:, None] * stride_wk + (cols + N_OUT)[None, :], need_up, col_ok,
                                           EVEN_N), xdt)
@@ -721,13 +721,12 @@ def _fma4(acc, x, words, s, m, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _dequant4(words, s_cols, grp, n_tot, G, col_ok, xdt: tl.constexpr):
-    """int4 rows [BK, BN/8] of group grp, dequantized to xdt [BK, BN] for tl.dot: q s + m."""
+def _dequant4(words, s, m, xdt: tl.constexpr):
+    """int4 rows [BK, BN/8] of one group with its scales s, m [BN/8, 8] (_scales4), dequantized to xdt [BK, BN]
+    for tl.dot: q s + m."""
     f = _unpack4(words)
     R: tl.constexpr = f.shape[0]
     W: tl.constexpr = f.shape[1]
-    s = tl.load(s_cols + grp * n_tot, mask=col_ok, other=0.0).to(tl.float32)
-    m = tl.load(s_cols + (G + grp) * n_tot, mask=col_ok, other=0.0).to(tl.float32)
     return tl.reshape((f - 1.0) * (16.0 * s)[None, :, :] + m[None, :, :], (R, W * 8)).to(xdt)
 
 

@@ -215,9 +215,9 @@ def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, quant: Optional
     sparse linears and the LM head one byte per weight plus a float32 scale per column; "int4": the linears half a
     byte per weight plus two float16 per group and column (every group is read at the sparsities measured), the
     head int8."""
-    total = 0.0
+    shapes, total = args.linear_shapes(), 0.0
     for layer in range(args.n_layer):
-        for proj, (k, n) in args.linear_shapes().items():
+        for proj, (k, n) in shapes.items():
             kept = 1 - stats.get((layer, proj), 0.0)
             if quant == "int4":
                 total += kept * k * n / 2 + 4 * n * (k // int4_group(k))
