@@ -14,228 +14,28 @@
 Default text: the calibration side of the Shakespeare split (texts.py), disjoint by play from evaluation.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from checkpoint import write_safetensors
-from errors import UserError, run_cli
-from generate import add_model_args, load_from_args
-from model import attention_mask
-from sparsity import (CALIB_FILE, CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, crit_key,
-                      input_hooks, owners, param_fractions)
+from calibration import calibrate, save_calibration
+from cli import HelpFormatter, add_model_args, load_from_args, run_cli
+from errors import UserError
+from sparsity import CALIB_FILE
 from texts import default_texts, read_texts
-
-N_BINS, LOG2_LO, LOG2_HI = 16384, -40.0, 16.0  # bins of log2|x|: 0.24% wide in value
-
-
-def log2_hist(v: torch.Tensor) -> torch.Tensor:
-    lv = v.float().clamp_min(2.0 ** LOG2_LO).log2().clamp(LOG2_LO, LOG2_HI)
-    return torch.histc(lv, bins=N_BINS, min=LOG2_LO, max=LOG2_HI).double().cpu()
-
-
-def hist_quantiles(h: torch.Tensor) -> torch.Tensor:
-    """counts [..., N_BINS] -> values at LEVELS [..., len(LEVELS)], interpolated within a bin."""
-    cdf = h.reshape(-1, N_BINS).cumsum(-1)
-    cdf = (cdf / cdf[:, -1:].clamp_min(1)).contiguous()  # [R, N_BINS]
-    width = (LOG2_HI - LOG2_LO) / N_BINS
-    edges = LOG2_LO + width * torch.arange(1, N_BINS + 1, dtype=torch.float64)  # right edges
-    lv = LEVELS.clamp(max=1 - 1e-12).expand(cdf.shape[0], -1).contiguous()
-    i = torch.searchsorted(cdf, lv).clamp(max=N_BINS - 1)  # [R, len(LEVELS)]
-    prev = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(lv))
-    frac = ((lv - prev) / (cdf.gather(1, i) - prev).clamp_min(1e-300)).clamp(0, 1)
-    out = 2.0 ** (edges[i] - width + frac * width)
-    return out.reshape(*h.shape[:-1], len(LEVELS))
-
-
-def column_norms(model) -> dict:
-    """{projection: [n_layer, K]} ‖W[i, :]‖ over each projection's own outputs (weights are [in, out])."""
-    out = {p: [None] * model.args.n_layer for p in PROJECTIONS}
-    for layer, p, mod, row in model.sparse_modules():
-        out[p][layer] = mod.weight.split(list(mod.sizes), dim=1)[row].float().norm(dim=1).cpu()
-    return {p: torch.stack(v) for p, v in out.items()}
-
-
-@torch.no_grad()
-def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
-    """Histograms {criterion: [L, 7, N_BINS]}, CATS histogram [L, N_BINS], block inputs for the greedy."""
-    L = model.args.n_layer
-    hists = {c: torch.zeros(L, len(PROJECTIONS), N_BINS, dtype=torch.float64) for c in CRITERIA}
-    cats = torch.zeros(L, N_BINS, dtype=torch.float64)
-    owner = owners(model)
-    dev = model.tok_embeddings.weight.device
-    norms_dev = {p: n.to(dev) for p, n in norms.items()}
-    I = model.args.intermediate_size
-
-    def grab(mod, x):
-        a = x[:, skip:].float().abs().reshape(-1, x.shape[-1])  # [N, K]
-        mag = log2_hist(a)  # q, k, v (and gate, up) share one input
-        for layer, p, _ in owner[mod]:
-            j = PROJECTIONS.index(p)
-            hists["magnitude"][layer, j] += mag
-            hists["weight-aware"][layer, j] += log2_hist(a * norms_dev[p][layer])
-        if owner[mod][0][1] == "gate":  # CATS statistic: |silu(gate)|
-            gate = x[:, skip:].reshape(-1, x.shape[-1]) @ mod.weight[:, :I]
-            cats[layer] += log2_hist(torch.nn.functional.silu(gate.float()).abs())
-
-    block_inputs = [[] for _ in range(L)]
-    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: block_inputs[i].append(args[0].clone()))
-             for i, layer in enumerate(model.layers)]
-    try:
-        with input_hooks(model, grab):
-            for b, idx in enumerate(tqdm(batches, desc="activation statistics", unit="batch")):
-                if b == greedy_batches:
-                    for h in hooks:
-                        h.remove()
-                    hooks = []
-                model(idx, torch.arange(idx.shape[1], device=dev), sparse_from=None)
-    finally:
-        for h in hooks:
-            h.remove()
-    return hists, cats, [torch.cat(x) for x in block_inputs]
-
-
-class BlockProbe:
-    """Runs one block on its dense calibration input with given per-projection levels; returns the L2 error
-    of its output against the dense output on positions >= skip."""
-
-    def __init__(self, model, calib: Calibration, block_inputs: list, skip: int):
-        self.model, self.calib, self.inputs, self.skip = model, calib, block_inputs, skip
-        B, S, _ = block_inputs[0].shape
-        dev = model.tok_embeddings.weight.device
-        model.setup_caches(B, S)
-        self.pos = torch.arange(S, device=dev)
-        self.rope = model.rope[self.pos]
-        self.mask = attention_mask(self.pos, S, model.args.sliding_window)
-        self.active = self.pos >= skip
-        self.dense = [None] * len(block_inputs)
-
-    def run(self, layer: int, sparse: bool):
-        return self.model.layers[layer](self.inputs[layer], None, self.rope, self.mask, self.pos, sparse,
-                                        self.active)[0]
-
-    @torch.no_grad()
-    def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
-        if self.dense[layer] is None:
-            self.dense[layer] = self.run(layer, False)[:, self.skip:].float()
-        self.set_levels(layer, levels, criterion)
-        y = self.run(layer, True)[:, self.skip:].float()
-        return (y - self.dense[layer]).pow(2).sum().item()
-
-    def set_levels(self, layer: int, levels: torch.Tensor, criterion: str):
-        thr = self.calib.layer_thresholds(layer, levels, criterion)
-        for i, p, mod, row in self.model.sparse_modules():
-            if i == layer:
-                mod.threshold[row].copy_(thr[p])
-
-    def reset(self, layer: int):
-        for i, _, mod, _ in self.model.sparse_modules():
-            if i == layer:
-                mod.threshold.zero_()
-
-
-def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
-                 max_level: float = 0.99) -> torch.Tensor:
-    """[len(TARGETS), 7] levels reaching each target effective sparsity for one block."""
-    levels = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
-    path = [(0.0, levels.clone())]
-    err_now = 0.0
-    top = float(TARGETS[-1]) + 1e-9
-    while float(w @ levels) < top:
-        best = None
-        for j in range(len(PROJECTIONS)):
-            room = max_level - levels[j].item()
-            if room <= 1e-9:
-                continue
-            cand = levels.clone()
-            cand[j] += min(step / w[j].item(), room)
-            gain = float(w @ cand) - float(w @ levels)
-            err = probe.error(layer, cand, criterion)
-            score = (err - err_now) / gain  # added error per unit of effective sparsity
-            if best is None or score < best[0]:
-                best = (score, cand, err)
-        if best is None:
-            break
-        _, levels, err_now = best
-        path.append((float(w @ levels), levels.clone()))
-    table = torch.zeros(len(TARGETS), len(PROJECTIONS), dtype=torch.float64)
-    effs = torch.tensor([e for e, _ in path], dtype=torch.float64)
-    for ti, target in enumerate(TARGETS.tolist()):
-        i = int(torch.searchsorted(effs, torch.tensor(target, dtype=torch.float64)).clamp(1, len(path) - 1))
-        (e0, l0), (e1, l1) = path[i - 1], path[i]
-        f = 0.0 if e1 <= e0 else min(max((target - e0) / (e1 - e0), 0.0), 1.0)
-        table[ti] = l0 + f * (l1 - l0)
-        # a greedy path can wander: never keep an allocation worse than uniform at the same sparsity
-        uniform = torch.full_like(table[ti], target)
-        if target > 0 and probe.error(layer, uniform, criterion) < probe.error(layer, table[ti], criterion):
-            table[ti] = uniform
-    probe.reset(layer)
-    return table
-
-
-def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, device) -> list:
-    ids = tok.encode(text, bos=False)
-    bos = tok.bos_id if tok.add_bos else None
-    per_seq = seq_len - (1 if bos is not None else 0)
-    n_seq = min(len(ids) // per_seq, max(1, math.ceil(n_tokens / seq_len)))
-    if n_seq < 1:
-        raise UserError(f"the calibration text has only {len(ids)} tokens, fewer than --seq-len {seq_len}")
-    # sequences spread evenly over the whole text, not just its beginning
-    stride = len(ids) // n_seq
-    seqs = [([bos] if bos is not None else []) + ids[i * stride: i * stride + per_seq] for i in range(n_seq)]
-    t = torch.tensor(seqs, device=device)
-    return [t[i:i + batch] for i in range(0, n_seq, batch)]
-
-
-def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
-              step: float, source: str) -> tuple:
-    device = model.tok_embeddings.weight.device
-    batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
-    norms = column_norms(model)
-    model.setup_caches(batch, seq_len)
-    greedy_batches = max(1, greedy_seqs // batch)
-    hists, cats_hist, block_inputs = collect(model, batches, skip, norms, greedy_batches)
-    block_inputs = [x[:greedy_seqs] for x in block_inputs]
-    q = {c: hist_quantiles(hists[c]) for c in CRITERIA}
-    greedy = {c: torch.zeros(model.args.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA}
-    calib = Calibration({**{f"quantiles.{crit_key(c)}": q[c] for c in CRITERIA},
-                         **{f"greedy.{crit_key(c)}": greedy[c] for c in CRITERIA},
-                         **{f"norms.{p}": norms[p] for p in PROJECTIONS},
-                         "quantiles.cats": hist_quantiles(cats_hist)}, {})
-    probe = BlockProbe(model, calib, block_inputs, skip)
-    w = param_fractions(model.args)
-    for c in CRITERIA:
-        for layer in tqdm(range(model.args.n_layer), desc=f"block-wise greedy ({c})", unit="block"):
-            calib.greedy[c][layer] = greedy_block(probe, layer, c, w, step)
-    n_tok = sum(b.numel() for b in batches)
-    calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
-                  "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
-                  "seq_len": str(seq_len), "skip": str(skip), "step": str(step),
-                  "criteria": ",".join(CRITERIA), "created": time.strftime("%Y-%m-%d")}
-    return calib
-
-
-def save_calibration(calib: Calibration, path: Path):
-    tensors = calib.tensors()
-    shapes = {k: (tuple(v.shape), torch.float32) for k, v in tensors.items()}
-    write_safetensors(path, shapes, iter(tensors.items()), calib.meta)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
     p.add_argument("--tokens", type=int, default=32768, help="tokens for the activation statistics")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out (dense in decode)")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the block-wise greedy search scores on")
     p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
-    p.add_argument("--out", type=Path, default=None, help=f"default: CKPT/{CALIB_FILE}")
+    p.add_argument("--out", type=Path, default=None, help=f"calibration file to write (default: CKPT/{CALIB_FILE})")
     a = p.parse_args(argv)
     if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1:
         raise UserError("need --seq-len > --skip, --tokens >= --seq-len and 0 < --step <= 0.1")

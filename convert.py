@@ -4,12 +4,17 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors import safe_open
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint, state_dict_shapes
 from errors import UserError
 from model import ModelArgs
+from tokenizer import tokenizer_files_from_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "original/tokenizer.model")
@@ -55,7 +60,6 @@ class _HFWeights:
     """Lazy access to a HF directory's tensors: (sharded) safetensors, or .bin via weights-only torch.load."""
 
     def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
         files = sorted(hf_dir.glob("*.safetensors"))
         self.where, self.handles = {}, {}
         if files:
@@ -150,11 +154,6 @@ def gguf_args(kv: dict, has_output: bool, rope_freqs: Optional[list]) -> ModelAr
 
 def convert_gguf(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> ModelArgs:
     """Dequantize a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K...) into CKPT."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    from tokenizer import tokenizer_files_from_gguf
     path = Path(path)
     if not path.exists():
         raise UserError(f"GGUF file {path} does not exist")

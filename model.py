@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import decode_attention, gate_up_rows, sparse_gemv
+from kernels import configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
+from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
+from kernels.formats import FLOAT, QuantFormat
+from plan import REFERENCE, DecodePlan
 
 
 @dataclass
@@ -167,80 +170,83 @@ class SparseLinear(nn.Module):
         self.head = head  # the int8 LM head (quantize.py): never thresholded, so the kernel streams every row
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
-        self.register_buffer("scale", None)  # quantized weights' scales (set_int8, set_int4)
-        self.kernel_configs: dict = {}  # padded batch rows -> launch config; empty: reference path
-        self.fuse_norm = False
+        self.fmt: QuantFormat = FLOAT  # how the weights are stored (kernels/formats.py); see set_quantized
+        self.register_buffer("scale", None)  # quantized weights' scales
+        self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
 
-    def set_int8(self, q: Tensor, scale: Tensor):
-        """Hold int8 weights q [in, out] (w = q * scale); the scales become part of the state dict."""
-        assert q.dtype == torch.int8 and q.shape == self.weight.shape and scale.shape == (q.shape[1],)
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.register_buffer("scale", scale.float())
-
-    def set_int4(self, q: Tensor, scale: Tensor):
-        """Hold int4 weights q int32 [in, out/8] (eight per word) with scale float16 [2, in/group, out]: w = q *
-        scale[0] + scale[1] per group of inputs (quantize.rtn_int4, sparse_gemv.dequantize_int4)."""
-        K, N = self.weight.shape
-        assert q.dtype == torch.int32 and q.shape == (K, N // 8) and scale.dtype == torch.float16
-        assert scale.dim() == 3 and scale.shape[0] == 2 and scale.shape[2] == N and K % scale.shape[1] == 0
+    def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
+        """Hold weights q in format `fmt` with their scales (kernels/formats.py); the scales join the state dict."""
+        K, N = self.in_features, self.out_features
+        assert fmt.quantized and q.shape == fmt.stored_shape(K, N)
+        fmt.check(q, scale)
+        self.fmt = fmt
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale)
 
-    def enable_kernels(self, n_sm: int, fuse_norm: bool = True):
-        self.fuse_norm = fuse_norm
-        K = self.weight.shape[0]
-        group = sparse_gemv.group_size(self.weight, self.scale)
-        self.kernel_configs = {m: sparse_gemv.default_config(m, K, self.sizes, self.glu, n_sm,
-                                                             self.weight.dtype == torch.int8, self.head, group)
-                               for m in (1, 2, 4, 8)}
-        n = max(sparse_gemv.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.sizes)
+
+    def prepare(self, plan: DecodePlan):
+        """The launch configs (by padded batch rows) and split-K counters of the kernels `plan` runs."""
+        if not plan.kernels:
+            return
+        K = self.in_features
+        group = self.fmt.group_of(self.weight, self.scale)
+        self.kernel_configs = {m: configs.default_config(m, K, self.sizes, self.glu, plan.n_sm, self.fmt, self.head,
+                                                         group) for m in (1, 2, 4, 8)}
+        n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
 
-    def on_kernels(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
-        """Whether a call with `rows` token rows runs through the Triton kernel (else the reference path)."""
-        return bool(self.kernel_configs) and sparse and active is None and rows <= sparse_gemv.MAX_ROWS
-
     def forward(self, x: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
-                residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None):
+                residual: Optional[Tensor] = None, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None,
+                plan: DecodePlan = REFERENCE):
         """x [B, S, K] -> y [B, S, N]. With `norm`, x is the residual stream and is RMS-normalised first:
         inside the kernel when `ss` holds its per-tile sums of squares (from the launch that produced it).
         With a residual, returns (residual + y, its sums of squares [B*S, n_tiles] or None off the kernel path).
         x may also be gate/up partials [P, 2, B*S, K] (`partial_sums` of a glu projection, kernel path only;
-        the residual gives B and S)."""
+        the residual gives B and S). `plan` says how the call runs (kernel, or reference path with or without
+        thresholds)."""
         B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
         K = x.shape[-1]
-        if self.on_kernels(B * S, sparse, active):
+        route = plan.projection(B * S, sparse, active)
+        if route == "kernel":
             cfg = self.kernel_configs[next_pow2(B * S)]
             x = x.view(B * S, K) if x.dim() == 3 else x
-            x, nw, ss_in, eps = self._kernel_input(x, norm, ss)
+            x, nw, ss_in, eps = self._kernel_input(x, norm, ss, plan)
             if residual is None:
                 y = sparse_gemv.sparse_gemv(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
-                                            glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps, scale=self.scale)
+                                            glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps, fmt=self.fmt,
+                                            scale=self.scale)
                 return y.view(B, S, -1)
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                                    residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
-                                                   scale=self.scale)
+                                                   fmt=self.fmt, scale=self.scale)
             return y.view(B, S, -1), ss_out
         assert x.dim() == 3, "partial sums exist only on the kernel path"
         if norm is not None:
             x = norm(x)
-        y = sparse_gemv.sparse_gemv_ref(x, self.weight, self.threshold if sparse else None, self.sizes,
-                                        glu=self.glu, residual=residual, active=active, scale=self.scale)
+        y = reference.sparse_gemv_ref(x, self.weight, self.threshold if route == "sparse" else None, self.sizes,
+                                      glu=self.glu, residual=residual, active=active, fmt=self.fmt, scale=self.scale)
         return y if residual is None else (y, None)
 
-    def partial_sums(self, x: Tensor, norm: Optional["RMSNorm"] = None, ss: Optional[Tensor] = None) -> Tensor:
-        """Kernel path only (see on_kernels): x [B, S, K] -> the split-K partial sums [P, 2 if glu else 1, B*S, N]
+    def partial_sums(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan) -> Tensor:
+        """Kernel path only (plan.defers): x [B, S, K] -> the split-K partial sums [P, 2 if glu else 1, B*S, N]
         float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
         B, S, K = x.shape
-        x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss)
+        x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss, plan)
         return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
                                              self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
-                                             ss_in=ss_in, eps=eps, scale=self.scale)
+                                             ss_in=ss_in, eps=eps, fmt=self.fmt, scale=self.scale)
 
-    def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor]):
+    def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan):
         """(x, norm weight, sums of squares, eps) for a launch: the norm runs in the kernel when it can."""
-        if norm is not None and (ss is None or not self.fuse_norm):
+        if norm is not None and (ss is None or not plan.fuse_norm):
             x, norm = norm(x), None
         if norm is None:
             return x, None, None, 1e-5
@@ -260,12 +266,14 @@ class RowSparseUp(nn.Module):
         self.register_buffer("threshold", torch.zeros(1, intermediate_size), persistent=False)
         self.kernel_configs: dict = {}
 
-    def enable_kernels(self, n_sm: int):
-        self.kernel_configs = {m: gate_up_rows.default_config(m) for m in (1, 2, 4, 8)}
+    def prepare(self, plan: DecodePlan):
+        if plan.kernels:
+            self.kernel_configs = {m: gate_up_rows.default_config(m) for m in (1, 2, 4, 8)}
 
-    def forward(self, x: Tensor, gate: Tensor, sparse: bool = True, active: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, gate: Tensor, sparse: bool = True, active: Optional[Tensor] = None,
+                plan: DecodePlan = REFERENCE) -> Tensor:
         B, S, K = x.shape
-        if self.kernel_configs and sparse and active is None and B * S <= gate_up_rows.MAX_ROWS:
+        if plan.projection(B * S, sparse, active) == "kernel":
             cfg = self.kernel_configs[next_pow2(B * S)]
             h = gate_up_rows.gate_up_rows(x.view(B * S, K), gate.view(B * S, -1), self.weight, self.threshold[0], cfg)
             return h.view(B, S, -1)
@@ -313,25 +321,23 @@ class Attention(nn.Module):
         self.wo = SparseLinear(q, (a.dim,))
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
-        self.decode_kernel = False  # one-token steps through kernels/decode_attention.py
-        self.defer_reduction = False  # q/k/v's split-K partials summed by the attention kernel
 
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
-                input_pos: Tensor, sparse: bool, active: Optional[Tensor]) -> tuple:
+                input_pos: Tensor, sparse: bool, active: Optional[Tensor], plan: DecodePlan) -> tuple:
         """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection; ss: its sums
         of squares, if known) -> (x + attention, its sums of squares or None)."""
         B, S, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         c = self.kv_cache
-        if self.decode_kernel and c is not None and S == 1 and active is None and B <= sparse_gemv.MAX_ROWS:
-            if self.defer_reduction and self.wqkv.on_kernels(B, sparse, active):
+        if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
+            if plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
-                qkv = self.wqkv.partial_sums(x, norm, ss)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
+                qkv = self.wqkv.partial_sums(x, norm, ss, plan)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
             else:
-                qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss).view(B, -1)
+                qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss, plan=plan).view(B, -1)
             y = decode_attention.decode_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
-            return self.wo(y.view(B, S, H * D), sparse, active, residual=x)
-        qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss)
+            return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)
+        qkv = self.wqkv(x, sparse, active, norm=norm, ss=ss, plan=plan)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
         q = apply_rope(q.view(B, S, H, D), rope).transpose(1, 2)  # [B, H, S, D]
         k = apply_rope(k.view(B, S, Hkv, D), rope).transpose(1, 2)  # [B, Hkv, S, D]
@@ -340,7 +346,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, T, D]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
         y = y.transpose(1, 2).reshape(B, S, H * D)
-        return self.wo(y, sparse, active, residual=x)
+        return self.wo(y, sparse, active, residual=x, plan=plan)
 
 
 class FeedForward(nn.Module):
@@ -350,31 +356,29 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
-        self.defer_reduction = False  # gate/up's split-K partials summed (and gated) by the down kernel
-        self.fuse_mlp = False  # batch 1: gate/up and down in one launch (sparse_gemv.sparse_mlp)
         self.down_config = None
 
-    def enable_kernels(self, defer_reduction: bool, fuse_mlp: bool):
-        """After w13 and w2 have theirs (SparseLinear.enable_kernels)."""
-        self.defer_reduction, self.fuse_mlp = defer_reduction, fuse_mlp
+    def prepare(self, plan: DecodePlan):
+        """The one-launch MLP's down config and counters (after w13 and w2 have their configs)."""
+        if not plan.kernels:
+            return
         cfg = self.w13.kernel_configs[1]
-        I, D = self.w2.weight.shape[0], sum(self.w2.sizes)
-        self.down_config = sparse_gemv.default_down_config(D, I, cfg)
-        self.register_buffer("counters", torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32,
+        I, D = self.w2.in_features, self.w2.out_features
+        self.down_config = configs.default_down_config(D, I, cfg)
+        self.register_buffer("counters", torch.zeros(configs.mlp_counters_size(I, cfg), dtype=torch.int32,
                                                      device=self.w2.weight.device), persistent=False)
 
-    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
+    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor],
+                plan: DecodePlan):
         rows = h.shape[0] * h.shape[1]
-        if self.w13.on_kernels(rows, sparse, active) and self.w2.on_kernels(rows, sparse, active):
-            # quantized weights take the two launches: int8's one-launch MLP runs slower (docs/perf-notes.md)
-            if self.fuse_mlp and rows == 1 and ss is not None and self.w13.fuse_norm and self.w13.scale is None:
-                y, ss_out = sparse_gemv.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
-                                                   self.w2.threshold, self.counters, self.w13.kernel_configs[1],
-                                                   self.down_config, norm.weight, ss, norm.eps)
-                return y.view_as(h), ss_out
-            if self.defer_reduction:
-                return self.w2(self.w13.partial_sums(h, norm, ss), sparse, active, residual=h)
-        return self.w2(self.w13(h, sparse, active, norm=norm, ss=ss), sparse, active, residual=h)
+        if ss is not None and plan.fused_mlp(rows, sparse, active):
+            y, ss_out = sparse_mlp.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
+                                              self.w2.threshold, self.counters, self.w13.kernel_configs[1],
+                                              self.down_config, norm.weight, ss, norm.eps)
+            return y.view_as(h), ss_out
+        if plan.defers(rows, sparse, active):  # gate/up's partials summed (and gated) by the down kernel
+            return self.w2(self.w13.partial_sums(h, norm, ss, plan), sparse, active, residual=h, plan=plan)
+        return self.w2(self.w13(h, sparse, active, norm=norm, ss=ss, plan=plan), sparse, active, residual=h, plan=plan)
 
 
 class CatsFeedForward(nn.Module):
@@ -398,11 +402,12 @@ class CatsFeedForward(nn.Module):
             state_dict[prefix + "w3.weight"] = w13[:, self.intermediate_size:].t().contiguous()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor]):
+    def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor],
+                plan: DecodePlan):
         x = norm(h)
-        gate = self.w1(x, sparse, active)
-        up = self.w3(x, gate, sparse, active)
-        return self.w2(up, sparse, active, residual=h)
+        gate = self.w1(x, sparse, active, plan=plan)
+        up = self.w3(x, gate, sparse, active, plan=plan)
+        return self.w2(up, sparse, active, residual=h, plan=plan)
 
 
 class Block(nn.Module):
@@ -413,10 +418,10 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, ss, rope, mask, input_pos, sparse, active):
+    def forward(self, x, ss, rope, mask, input_pos, sparse, active, plan):
         """-> (new residual stream, its per-tile sums of squares or None): the next norm's input."""
-        h, ss = self.attention(x, ss, self.attention_norm, rope, mask, input_pos, sparse, active)
-        return self.feed_forward(h, ss, self.ffn_norm, sparse, active)
+        h, ss = self.attention(x, ss, self.attention_norm, rope, mask, input_pos, sparse, active, plan)
+        return self.feed_forward(h, ss, self.ffn_norm, sparse, active, plan)
 
 
 class Transformer(nn.Module):
@@ -434,6 +439,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope", torch.zeros(0), persistent=False)
         self.max_batch_size, self.max_seq_len = 0, 0
         self.fingerprint = ""  # of the checkpoint's weights; calibration files are checked against it
+        self.plan = REFERENCE  # how each call runs (plan.py); set_plan
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int):
         """Static KV cache and RoPE table, sized for the work at hand (attention reads the whole cache)."""
@@ -448,33 +454,24 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
-    def enable_kernels(self, fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
-                       fuse_mlp: bool = True):
-        """Route decode-sized calls (batch <= 8, one token) through the Triton kernels; CUDA only (or Triton's
-        CPU interpreter, for tests). fuse_norm: RMSNorm inside the q/k/v and gate/up kernels, from the sums
-        of squares the previous residual-add wrote; attention: RoPE, cache write and attention in one kernel;
-        defer_reduction: q/k/v and gate/up hand their split-K partials to the attention and down kernels,
-        which sum them while loading their input, instead of reducing them in a tail of their own; fuse_mlp: at
-        batch 1 (with the norm fused), gate/up and down in one launch (sparse_gemv.launch_mlp)."""
-        device = self.tok_embeddings.weight.device
-        if device.type == "cuda":
-            n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        elif sparse_gemv.INTERPRETED:
-            n_sm = 4
-        else:
-            raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
+    def set_plan(self, plan: DecodePlan):
+        """Decode with `plan` (plan.decode_plan). Its weight-dependent fields are fixed here (the attention kernel
+        only for head shapes it takes; `quantized` from the weights), and each module sizes its launch configs and
+        counters for it, once: a plan that differs only in flags (a sparsity level, an ablation) keeps them, so
+        the buffers a captured CUDA graph reads stay where they are."""
         a = self.args
-        for m in self.modules():
-            if isinstance(m, SparseLinear):
-                m.enable_kernels(n_sm, fuse_norm)
-            elif isinstance(m, RowSparseUp):
-                m.enable_kernels(n_sm)
-            elif isinstance(m, Attention):
-                m.decode_kernel = attention and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
-                m.defer_reduction = defer_reduction
-        for m in self.modules():  # after their projections
-            if isinstance(m, FeedForward):
-                m.enable_kernels(defer_reduction, fuse_mlp)
+        quantized = any(m.fmt.quantized for m in self.modules() if isinstance(m, SparseLinear) and not m.head)
+        attention = plan.attention_kernel and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
+        plan = replace_fields(plan, quantized=quantized, attention_kernel=attention,
+                              sparse_decode=plan.sparse_decode or quantized)
+        if (plan.kernels, plan.n_sm) != (self.plan.kernels, self.plan.n_sm):
+            for m in self.modules():  # projections before the MLPs that read their configs
+                if isinstance(m, (SparseLinear, RowSparseUp)):
+                    m.prepare(plan)
+            for m in self.modules():
+                if isinstance(m, FeedForward):
+                    m.prepare(plan)
+        self.plan = plan
 
     def forward(self, idx: Tensor, input_pos: Tensor, sparse_from: Optional[int] = 0,
                 all_logits: bool = True) -> Tensor:
@@ -489,12 +486,13 @@ class Transformer(nn.Module):
         mask = attention_mask(input_pos, self.max_seq_len, self.args.sliding_window)
         x = self.tok_embeddings(idx)  # [B, S, dim]
         ss = None
+        plan = self.plan
         for layer in self.layers:
-            x, ss = layer(x, ss, rope, mask, input_pos, sparse, active)
+            x, ss = layer(x, ss, rope, mask, input_pos, sparse, active, plan)
         if not all_logits and x.shape[1] > 1:
             x, ss = x[:, -1:], None
         if isinstance(self.output, SparseLinear):  # int8 head (quantize.py): the final norm fused on the kernel path
-            return self.output(x, norm=self.norm, ss=ss)
+            return self.output(x, norm=self.norm, ss=ss, plan=plan)
         return self.output(self.norm(x))
 
     def sparse_modules(self):

@@ -18,8 +18,8 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 def input_hooks(model: Transformer, fn):
     """Calls fn(module, a) during forward passes with the quantity each sparse module thresholds:
     a = x [B, S, K] for a SparseLinear, a = silu(gate) [B, S, I] for the CATS up projection. The deferred
-    split-K reduction and the fused MLP (enable_kernels) never materialise q/k/v's output or the down
-    projection's input, so they are switched off while the hooks are installed (the same values)."""
+    split-K reduction and the fused MLP never materialise q/k/v's output or the down projection's input, so the
+    model runs its plan's materialised() variant while the hooks are installed (the same values)."""
     def pre(mod, args, kwargs):
         if isinstance(mod, SparseLinear):
             x, norm = args[0], kwargs.get("norm")
@@ -27,18 +27,16 @@ def input_hooks(model: Transformer, fn):
         else:
             fn(mod, torch.nn.functional.silu(args[1].float()))
 
-    switched = [(m, a) for m in model.modules() for a in ("defer_reduction", "fuse_mlp") if getattr(m, a, False)]
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True)
                for m in {mod: None for _, _, mod, _ in model.sparse_modules()}]  # not the (int8) LM head
-    for m, a in switched:
-        setattr(m, a, False)
+    plan = model.plan
+    model.plan = plan.materialised()
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for m, a in switched:
-            setattr(m, a, True)
+        model.plan = plan
 
 
 def ensure_cache(model: Transformer, batch: int, length: int):

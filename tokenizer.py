@@ -7,6 +7,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import tiktoken
+from sentencepiece import SentencePieceProcessor
+from tokenizers import Tokenizer as HFTokenizer
+
 from errors import UserError
 
 # Llama-3's pre-tokenizer pattern and special tokens (names as in Llama-3.1; ids follow the 128000 ranks)
@@ -22,7 +26,6 @@ CHAT_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 class _HFBackend:
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
         self.tok = HFTokenizer.from_file(str(path))
 
     def encode(self, text: str) -> list:
@@ -44,7 +47,6 @@ class _HFBackend:
 
 class _SentencePieceBackend:
     def __init__(self, path: Path):
-        from sentencepiece import SentencePieceProcessor
         self.sp = SentencePieceProcessor(model_file=str(path))
 
     def encode(self, text: str) -> list:
@@ -74,7 +76,6 @@ class _TiktokenBackend:
     """Llama-3's tokenizer.model: lines of `base64-token rank`, plus 256 special tokens after them."""
 
     def __init__(self, path: Path):
-        import tiktoken
         ranks = {}
         for line in path.read_text().splitlines():
             if line.strip():

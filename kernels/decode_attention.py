@@ -7,7 +7,6 @@ cache positions [lo, pos] (lo > 0 only with a sliding window). The positions are
 zero) combines the partial results in a fixed order. Only positions up to `pos` are read, so the cost
 follows the context actually used, not the cache's length.
 """
-import os
 from typing import Optional
 
 import torch
@@ -17,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.common import INTERPRETED, SLOTS, _dot, _stamp, _stamp_after, direct
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
@@ -51,10 +50,13 @@ def _decode_attention_kernel(
     stride_qb, stride_qp, stride_cb, stride_ch, stride_ct, stride_yb, WINDOW, N_SPLITS, N_PARTS: tl.constexpr,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr, COMBINE: tl.constexpr, DOT_F32: tl.constexpr,
+    prof_ptr, PROFILE: tl.constexpr,
 ):
     scale: tl.constexpr = 1.0 / (D ** 0.5)
     pid = tl.program_id(0)  # b * HKV + kv head
     split = tl.program_id(1)
+    prof = prof_ptr + (pid * N_SPLITS + split) * SLOTS  # PROFILE: phase stamps (scripts/profile_phases.py)
+    _stamp(prof, 0, pid, PROFILE)
     b = pid // HKV
     hk = pid % HKV
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -85,6 +87,7 @@ def _decode_attention_kernel(
         kn1 = (k1 * cos - k2 * sin).to(dt)
         kn2 = (k2 * cos + k1 * sin).to(dt)
         dd = tl.arange(0, D)
+        _stamp_after(prof, 2, qr1, PROFILE)
         vn = _load_qkv(qkv_ptr + b * stride_qb + (H + HKV + hk) * D + dd, dd < D, stride_qp, N_PARTS, dt)
         cache = b * stride_cb + hk * stride_ch
         if split == last:  # the split holding `pos` writes the new entry
@@ -122,6 +125,7 @@ def _decode_attention_kernel(
             acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
             m = m_new
 
+        _stamp(prof, 4, (tl.max(l, axis=0) > 1e30).to(tl.int32), PROFILE)
         y_ptrs = y_ptr + b * stride_yb + (hk * G + g)[:, None] * D + dd[None, :]
         if first == last:
             tl.store(y_ptrs, (acc / l[:, None]).to(dt).to(ydt), mask=g_ok[:, None])
@@ -134,6 +138,7 @@ def _decode_attention_kernel(
                      mask=g_ok[:, None])
             tl.debug_barrier()  # every thread's partials are stored before the counter moves
             arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            _stamp(prof, 6, arrived, PROFILE)
             if arrived == last - first:
                 gg = tl.arange(0, G_P2)
                 gg_ok = gg < G
@@ -164,6 +169,7 @@ def _decode_attention_kernel(
                 tl.store(y_ptr + b * stride_yb + (hk * G + gg)[:, None] * D + dd[None, :], out.to(dt).to(ydt),
                          mask=gg_ok[:, None])
                 tl.store(cnt_ptr + pid, 0)
+                _stamp_after(prof, 8, out, PROFILE)
 
 
 @triton.jit
@@ -174,13 +180,6 @@ def _load_qkv(ptrs, mask, stride_p, N_PARTS: tl.constexpr, dt: tl.constexpr):
     for p in tl.static_range(1, N_PARTS):
         v += tl.load(ptrs + p * stride_p, mask=mask, other=0.0)
     return v.to(dt)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr):
-    if DOT_F32:  # Triton's CPU interpreter multiplies bf16 operands wrongly; fp32 gives the same products
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
@@ -195,10 +194,11 @@ def split_size(max_seq_len: int, block_t: int = 64, max_splits: int = 16) -> int
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
            n_head: int, window: Optional[int], out: Tensor, block_t: int = 64, num_warps: int = 4,
-           kernel=_decode_attention_kernel) -> Tensor:
+           wrap=direct, prof: Optional[Tensor] = None) -> Tensor:
     """qkv [B, (H + 2 Hkv) D], or the q/k/v projection's split-K partials [P, B, (H + 2 Hkv) D] float32
     (summed here), rope [1, D/2, 2] float32 (row of `pos`), caches [B', Hkv, T, D] (contiguous), pos [1] int,
-    counters [>= B Hkv] int32 zeros (left zero) -> out [B, H D]."""
+    counters [>= B Hkv] int32 zeros (left zero) -> out [B, H D]. prof [>= programs, SLOTS] int64: each
+    program stamps its phases there."""
     n_parts = qkv.shape[0] if qkv.dim() == 3 else 0
     assert not n_parts or (qkv.is_contiguous() and qkv.dtype == torch.float32)
     B = qkv.shape[-2]
@@ -213,12 +213,13 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     ws_ml = qkv.new_empty((B * Hkv, n_splits, 2, g_p2), dtype=torch.float32)
     ws_acc = qkv.new_empty((B * Hkv, n_splits, g_p2, D), dtype=torch.float32)
     combine = min(triton.next_power_of_2(n_splits), max(1, 4096 // (g_p2 * D)))
-    kernel[(B * Hkv, n_splits)](
+    wrap(_decode_attention_kernel)[(B * Hkv, n_splits)](
         qkv, rope, k_cache, v_cache, pos, out, ws_ml, ws_acc, counters,
         qkv.stride(-2), qkv.stride(0) if n_parts else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), window or 0, n_splits, n_parts,
         H=n_head, HKV=Hkv, G=G, G_PAD=max(16, g_p2), G_P2=g_p2, D=D, BLOCK_T=block_t, SPLIT_T=split_t,
-        COMBINE=combine, DOT_F32=INTERPRETED and k_cache.dtype == torch.bfloat16, num_warps=num_warps,
+        COMBINE=combine, DOT_F32=INTERPRETED and k_cache.dtype == torch.bfloat16,
+        prof_ptr=prof if prof is not None else rope, PROFILE=prof is not None, num_warps=num_warps,
     )
     return out
 
@@ -228,7 +229,7 @@ def _decode_attention_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Te
                          counters: Tensor, n_head: int, window: int) -> Tensor:
     out = qkv.new_empty((qkv.shape[-2], n_head * k_cache.shape[3]), dtype=k_cache.dtype)
     return launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out,
-                  kernel=wrap_triton(_decode_attention_kernel))
+                  wrap=wrap_triton)
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-MAX_ROWS = 8
+from kernels.common import MAX_ROWS, direct
 
 
 def gate_up_rows_ref(x: Tensor, gate: Tensor, w_up: Tensor, t: Optional[Tensor],
@@ -66,13 +66,13 @@ def default_config(M: int) -> tuple:
     return (16, 256, 4) if M == 1 else (8, 128, 4)
 
 
-def launch(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config, out: Tensor, kernel=_gate_up_rows_kernel):
+def launch(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config, out: Tensor, wrap=direct):
     M, K = x.shape
     I = w_up.shape[0]
     block_i, block_k, warps = config
     assert 1 <= M <= MAX_ROWS and w_up.shape[1] == K and gate.shape == (M, I) and t.shape == (I,)
     assert x.stride(1) == 1 and gate.stride(1) == 1 and w_up.stride(1) == 1
-    kernel[(triton.cdiv(I, block_i),)](
+    wrap(_gate_up_rows_kernel)[(triton.cdiv(I, block_i),)](
         x, gate, w_up, t, out, M, K, I, x.stride(0), gate.stride(0), w_up.stride(0), out.stride(0),
         BLOCK_M=triton.next_power_of_2(M), BLOCK_I=block_i, BLOCK_K=block_k, num_warps=warps,
     )
@@ -82,7 +82,7 @@ def launch(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config, out: Tensor
 @triton_op("teal::gate_up_rows", mutates_args=())
 def _gate_up_rows_op(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config: list[int]) -> Tensor:
     out = x.new_empty((x.shape[0], w_up.shape[0]))
-    return launch(x, gate, w_up, t, config, out, kernel=wrap_triton(_gate_up_rows_kernel))
+    return launch(x, gate, w_up, t, config, out, wrap=wrap_triton)
 
 
 def gate_up_rows(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config) -> Tensor:

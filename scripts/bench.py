@@ -20,17 +20,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import _path  # noqa: F401
 import torch
 import triton
 import triton.language as tl
 
-from checkpoint import random_model
-from quantize import int4_group, quantize_model
-from errors import UserError, run_cli, sparsity_list
-from generate import Generator, add_quant_arg, kernel_step
-from kernels import decode_attention, sparse_gemv
+from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
+from engine import Generator
+from plan import decode_plan
+from errors import UserError
+from kernels import configs, decode_attention, reference, sparse_gemv, sparse_mlp
+from loading import random_model
 from model import CONFIGS, ModelArgs
+from paths import REPO
+from kernels.formats import FLOAT, INT8, QuantFormat, quant_format
+from quantization import quantize_model
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
@@ -116,7 +119,7 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     the next kernel, down reads gate/up's partials), and on its own with its own reduction (`standalone_us`)."""
     rows = []
     dtype = torch.bfloat16
-    gu_cfg = sparse_gemv.default_config(1, args.dim, (args.intermediate_size,) * 2, True, n_sm)
+    gu_cfg = configs.default_config(1, args.dim, (args.intermediate_size,) * 2, True, n_sm)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     for proj, (K, sizes, glu) in projection_shapes(args).items():
         N = sum(sizes)
@@ -127,12 +130,12 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
         x = torch.randn(1, K, device="cuda", dtype=dtype)
         xin = x
         if proj == "down":  # gate/up partials as the decode step hands them over: the input is silu(gate) * up
-            xin = torch.zeros(sparse_gemv.k_layout(args.dim, gu_cfg)[1], 2, 1, K, device="cuda")
+            xin = torch.zeros(configs.k_layout(args.dim, gu_cfg)[1], 2, 1, K, device="cuda")
             xin[0] = torch.randn(2, 1, K, device="cuda") * 2
-            x = sparse_gemv.parts_ref(xin, True, dtype)
+            x = reference.parts_ref(xin, True, dtype)
         t = torch.zeros(len(sizes), K, device="cuda")
-        cfg = sparse_gemv.default_config(1, K, sizes, glu, n_sm)
-        counters = torch.zeros(sparse_gemv.counters_size(sizes, glu, cfg[0]), dtype=torch.int32, device="cuda")
+        cfg = configs.default_config(1, K, sizes, glu, n_sm)
+        counters = torch.zeros(configs.counters_size(sizes, glu, cfg[0]), dtype=torch.int32, device="cuda")
         alone = [lambda w=w: sparse_gemv.sparse_gemv(x, w, t, sizes, counters, cfg, glu=glu) for w in ws]
         if proj in ("qkv", "gate_up"):
             ours = [lambda w=w: sparse_gemv.sparse_gemv_parts(x, w, t, sizes, cfg, glu=glu) for w in ws]
@@ -166,20 +169,20 @@ def bench_mlp(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     wd = [(torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype) for _ in range(copies)]
     x = torch.randn(1, D, device="cuda", dtype=dtype)
     g = torch.ones(D, device="cuda", dtype=dtype)
-    ss_in = sparse_gemv.sum_squares_ref(x, 128)
-    xn = sparse_gemv.rms_norm_ref(x, g, 1e-5)
+    ss_in = reference.sum_squares_ref(x, 128)
+    xn = reference.rms_norm_ref(x, g, 1e-5)
     t, td = torch.zeros(2, D, device="cuda"), torch.zeros(1, I, device="cuda")
-    gu_cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
-    d_cfg = sparse_gemv.default_config(1, I, (D,), False, n_sm)
-    dcfg = sparse_gemv.default_down_config(D, I, gu_cfg)
-    counters = torch.zeros(sparse_gemv.mlp_counters_size(I, gu_cfg), dtype=torch.int32, device="cuda")
-    d_counters = torch.zeros(sparse_gemv.counters_size((D,), False, d_cfg.block_n), dtype=torch.int32, device="cuda")
+    gu_cfg = configs.default_config(1, D, (I, I), True, n_sm)
+    d_cfg = configs.default_config(1, I, (D,), False, n_sm)
+    dcfg = configs.default_down_config(D, I, gu_cfg)
+    counters = torch.zeros(configs.mlp_counters_size(I, gu_cfg), dtype=torch.int32, device="cuda")
+    d_counters = torch.zeros(configs.counters_size((D,), False, d_cfg.block_n), dtype=torch.int32, device="cuda")
 
     def two(i):
         parts = sparse_gemv.sparse_gemv_parts(x, wg[i], t, (I, I), gu_cfg, glu=True, norm_weight=g, ss_in=ss_in)
         return sparse_gemv.sparse_gemv_ss(parts, wd[i], td, (D,), d_counters, d_cfg, x)
 
-    ours = [lambda i=i: sparse_gemv.sparse_mlp(x, wg[i], t, wd[i], td, counters, gu_cfg, dcfg, g, ss_in)
+    ours = [lambda i=i: sparse_mlp.sparse_mlp(x, wg[i], t, wd[i], td, counters, gu_cfg, dcfg, g, ss_in)
             for i in range(copies)]
     pair = [lambda i=i: two(i) for i in range(copies)]
     h = torch.randn(1, I, device="cuda", dtype=dtype)
@@ -187,7 +190,7 @@ def bench_mlp(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
     rows = []
     for s in KERNEL_SPARSITIES:
         t.fill_(sparse_threshold(xn, s))
-        h = sparse_gemv.parts_ref(sparse_gemv.sparse_gemv_parts(x, wg[0], t, (I, I), gu_cfg, glu=True, norm_weight=g,
+        h = reference.parts_ref(sparse_gemv.sparse_gemv_parts(x, wg[0], t, (I, I), gu_cfg, glu=True, norm_weight=g,
                                                                 ss_in=ss_in), True, dtype)
         td.fill_(sparse_threshold(h, s))
         m_gu = (xn.abs().float() <= t[0]).float().mean().item()
@@ -210,22 +213,19 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
     return a.kthvalue(max(1, int(round(s * a.numel())))).values.item()
 
 
-def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, quant: Optional[str] = None) -> float:
-    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity. quant "int8": the
-    sparse linears and the LM head one byte per weight plus a float32 scale per column; "int4": the linears half a
-    byte per weight plus two float16 per group and column (every group is read at the sparsities measured), the
-    head int8."""
+def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, fmt: QuantFormat = FLOAT) -> float:
+    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity: the kept rows of
+    each sparse linear in its format, and all of its scales (every group is read at the sparsities measured); the
+    LM head INT8 when the linears are quantized."""
     shapes, total = args.linear_shapes(), 0.0
     for layer in range(args.n_layer):
         for proj, (k, n) in shapes.items():
             kept = 1 - stats.get((layer, proj), 0.0)
-            if quant == "int4":
-                total += kept * k * n / 2 + 4 * n * (k // int4_group(k))
-            elif quant == "int8":
-                total += kept * k * n + 4 * n
-            else:
-                total += kept * k * n * elem
-    total += args.vocab_size * (args.dim + 4 if quant else args.dim * elem)  # the LM head
+            bytes_per_weight = fmt.bits / 8 if fmt.quantized else elem
+            total += kept * k * n * bytes_per_weight + fmt.scale_bytes(k, n)
+    head = INT8 if fmt.quantized else None
+    total += args.vocab_size * args.dim * (1 if head else elem) + (head.scale_bytes(args.dim, args.vocab_size)
+                                                                   if head else 0)  # the LM head
     total += (2 * args.n_layer + 1) * args.dim * elem  # norms
     return total
 
@@ -258,9 +258,11 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_mlp: bool = True, quant: Optional[str] = None) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
-    if quant:
-        quantize_model(model, quant)
-    model.enable_kernels(fuse_norm, attention, defer_reduction, fuse_mlp)
+    fmt = quant_format(quant)
+    if fmt.quantized:
+        quantize_model(model, fmt)
+    model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
+                               defer_reduction=defer_reduction, fuse_mlp=fuse_mlp))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -268,7 +270,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     records = []
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
-        gen.sparse = kernel_step(s, quant)  # what generate.py does
+        model.set_plan(model.plan.at_level(s))  # what generate.py does
         new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one of each path compiles)
         speeds = []
         for _ in range(runs):
@@ -276,13 +278,13 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
             speeds.append(st.decode_tok_s)
         tok_s = statistics.median(speeds)
         stats = measure_sparsity(model, torch.cat([prompt, new], 1), sparse_from=prompt_len, start=prompt_len)
-        nbytes = bytes_per_token(args, stats, quant=quant)
+        nbytes = bytes_per_token(args, stats, fmt=fmt)
         rec = {"model": name, "quant": quant or "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
                "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": "sparse kernels" if gen.sparse else "dense (cuBLAS projections)",
+               "decode_path": "sparse kernels" if model.plan.sparse_decode else "dense (cuBLAS projections)",
                "read_gb_s": round(bw / 1e9, 1)}
         records.append(rec)
         print(f"  {name} s={s:.2f}: {tok_s:7.1f} tok/s  measured {rec['measured_sparsity']:.3f}  "
@@ -439,23 +441,25 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="llama-2-7b,llama-3-8b,mistral-7b-v0.1")
-    p.add_argument("--sparsities", default=",".join(str(s) for s in E2E_SPARSITIES))
-    p.add_argument("--skip-kernels", action="store_true")
-    p.add_argument("--skip-e2e", action="store_true")
-    p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "bench")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--models", default="llama-2-7b,llama-3-8b,mistral-7b-v0.1",
+                   help=f"comma-separated configs, of: {', '.join(CONFIGS)}")
+    p.add_argument("--sparsities", default=",".join(str(s) for s in E2E_SPARSITIES),
+                   help="comma-separated sparsity levels of the end-to-end runs")
+    p.add_argument("--skip-kernels", action="store_true", help="no kernel or attention tables")
+    p.add_argument("--skip-e2e", action="store_true", help="no end-to-end decode runs")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="directory of the tables, JSON and plots")
     p.add_argument("--json", action="store_true", help="print the end-to-end records as the last line")
     p.add_argument("--merge", action="store_true",
                    help="keep the records of other models already in --out (runs split by model)")
     p.add_argument("--fuse-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="RMSNorm inside the q/k/v and gate/up kernels (default on)")
+                   help="RMSNorm inside the q/k/v and gate/up kernels")
     p.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="RoPE, cache write and attention in one kernel (default on)")
+                   help="RoPE, cache write and attention in one kernel")
     p.add_argument("--defer-reduction", action=argparse.BooleanOptionalAction, default=True,
-                   help="q/k/v and gate/up partials summed by the attention and down kernels (default on)")
+                   help="q/k/v and gate/up partials summed by the attention and down kernels")
     p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch 1: gate/up and down in one launch (default on)")
+                   help="batch 1: gate/up and down in one launch")
     add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]

@@ -6,16 +6,17 @@ import argparse
 import os
 from pathlib import Path
 
-import _path  # noqa: F401
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import snapshot_download
 
-from errors import UserError, run_cli
+from cli import HelpFormatter, run_cli
+from errors import UserError
+from paths import REPO
 
 PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "original/tokenizer.model"]
 
 
 def download(repo: str, out: Path, token=None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hub_errors
     try:
         path = snapshot_download(repo, local_dir=str(out), allow_patterns=PATTERNS, token=token)
     except hub_errors.GatedRepoError:
@@ -32,12 +33,13 @@ def download(repo: str, out: Path, token=None) -> Path:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("repo", help="e.g. meta-llama/Meta-Llama-3-8B-Instruct")
-    p.add_argument("--out", type=Path, default=None, help="default: checkpoints/hf/<repo>")
-    p.add_argument("--token", default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("repo", help="Hugging Face model repository, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    p.add_argument("--out", type=Path, default=None, help="directory to download into (default: checkpoints/hf/<repo>)")
+    p.add_argument("--token", default=None, help="Hugging Face access token for gated models (default: HF_TOKEN or "
+                   "the saved login)")
     a = p.parse_args()
-    out = a.out or Path(_path.ROOT) / "checkpoints" / "hf" / a.repo
+    out = a.out or REPO / "checkpoints" / "hf" / a.repo
     print(f"downloaded into {download(a.repo, out, a.token)}")
 
 

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import _path  # noqa: F401
 import torch
 from tqdm import tqdm
 
-from errors import UserError, run_cli
-from generate import add_model_args, add_quant_arg, add_sparsity_args, load_from_args
+from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
+from errors import UserError
 from sparsity import (CALIB_FILE, SparsityCounter, apply_thresholds, ensure_cache, load_calibration,
                       parameter_weighted, per_projection)
 from texts import default_texts, read_texts
@@ -102,15 +101,17 @@ def load_eval_text(tok, files) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     add_quant_arg(p)
-    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--sparsity", type=float, required=True, help="model-wide activation sparsity in [0, 1)")
     add_sparsity_args(p)
-    p.add_argument("--text", nargs="+", type=Path, default=None)
+    p.add_argument("--text", nargs="+", type=Path, default=None,
+                   help="evaluation text files (default: the evaluation side of the Shakespeare split)")
     p.add_argument("--max-tokens", type=int, default=16384, help="scored tokens")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--window", type=int, default=512, help="tokens per sliding window")
+    p.add_argument("--stride", type=int, default=256, help="tokens between window starts (each window scores its "
+                   "last STRIDE tokens)")
     p.add_argument("--dense-prefix", type=int, default=0, help="leading tokens of each window kept dense")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     a = p.parse_args(argv)

@@ -17,21 +17,24 @@
     python scripts/gpu_check.py [--layers 4] [--out DIR] [--kernels-only | --models-only]
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
 from typing import Optional
 from pathlib import Path
 
-import _path  # noqa: F401
 import torch
 import triton
 
-from checkpoint import random_model
-from generate import Generator
-from kernels import decode_attention, gate_up_rows, sparse_gemv
+from cli import HelpFormatter
+from engine import Generator
+from kernels import configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
+from loading import random_model
 from model import ModelArgs
-from quantize import int4_group, quantize_model, rtn_int4, rtn_int8
+from kernels.formats import INT4, INT8, quant_format
+from plan import decode_plan
+from quantization import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
 BOUND = {torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
@@ -48,7 +51,7 @@ def projection_input(M: int, K: int, dtype: torch.dtype, norm: bool, device="cud
     if not norm:
         return x, None, None, x
     g = (torch.rand(K, device=device) + 0.5).to(dtype)
-    return x, g, sparse_gemv.sum_squares_ref(x, 128), sparse_gemv.rms_norm_ref(x, g, 1e-5)
+    return x, g, reference.sum_squares_ref(x, 128), reference.rms_norm_ref(x, g, 1e-5)
 
 
 def spread_thresholds(xin: torch.Tensor, n_seg: int, s: float) -> torch.Tensor:
@@ -74,32 +77,32 @@ def check_kernels(n_sm: int) -> list:
             norm = var == "norm"
             if var == "parts":  # what a gate/up launch with two programs along K hands over
                 x = torch.randn(2, 2, M, K, device="cuda") * 2
-                g, ss_in, xin = None, None, sparse_gemv.parts_ref(x, True, dtype)
+                g, ss_in, xin = None, None, reference.parts_ref(x, True, dtype)
             else:
                 x, g, ss_in, xin = projection_input(M, K, dtype, norm)
             w = (torch.randn(K, sum(sizes), device="cuda") / K ** 0.5).to(dtype)
             n_out = sizes[0] if glu else sum(sizes)
             res = torch.randn(M, n_out, device="cuda", dtype=dtype) if has_res else None
             t = spread_thresholds(xin, len(sizes), s)
-            ref = sparse_gemv.sparse_gemv_ref(xin.double(), w.double(), t.double(), sizes, glu=glu,
+            ref = reference.sparse_gemv_ref(xin.double(), w.double(), t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
-            cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm)
+            cfg = configs.default_config(M, K, sizes, glu, n_sm)
             counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
             out = torch.full((M, n_out), float("nan"), device="cuda", dtype=dtype)
-            n_tiles = sparse_gemv.counters_size(sizes, glu, cfg[0])
+            n_tiles = configs.counters_size(sizes, glu, cfg[0])
             ss_out = torch.full((M, n_tiles), float("nan"), device="cuda") if has_res else None
             sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, out, norm_weight=g, ss_in=ss_in, eps=1e-5,
                                ss_out=ss_out)
             parts_err = 0.0
             if not has_res:  # the same projection handing over unreduced partials
-                parts = torch.full((sparse_gemv.k_layout(K, cfg)[1], 2 if glu else 1, M, n_out), float("nan"),
+                parts = torch.full((configs.k_layout(K, cfg)[1], 2 if glu else 1, M, n_out), float("nan"),
                                    device="cuda")
                 sparse_gemv.launch(x, w, t, None, sizes, glu, cfg, None, parts, norm_weight=g, ss_in=ss_in,
                                    eps=1e-5, partial_out=True)
-                parts_err = rel_err(sparse_gemv.parts_ref(parts, glu, dtype), ref)
+                parts_err = rel_err(reference.parts_ref(parts, glu, dtype), ref)
             torch.cuda.synchronize()
             err = rel_err(out, ref)
-            ss_err = rel_err(ss_out, sparse_gemv.sum_squares_ref(out, cfg[0])) if has_res else 0.0
+            ss_err = rel_err(ss_out, reference.sum_squares_ref(out, cfg[0])) if has_res else 0.0
             rows += 1
             if not (err < BOUND[dtype] and parts_err < BOUND[dtype]) or out.isnan().any() or counters.any() \
                     or not ss_err < 1e-5:
@@ -133,25 +136,25 @@ def check_kernels(n_sm: int) -> list:
         w = (torch.randn(D, 2 * I, device="cuda") / D ** 0.5).to(dtype)
         wd = (torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype)
         t = spread_thresholds(xn, 2, s)
-        cfg = sparse_gemv.default_config(1, D, (I, I), True, n_sm)
+        cfg = configs.default_config(1, D, (I, I), True, n_sm)
         parts = sparse_gemv.sparse_gemv_parts(x, w, t, (I, I), cfg, glu=True, norm_weight=g, ss_in=ss_in)
-        h = sparse_gemv.parts_ref(parts, True, dtype)
+        h = reference.parts_ref(parts, True, dtype)
         td = spread_thresholds(h, 1, s)
         pair = sparse_gemv.launch(parts, wd, td, torch.zeros(4096, dtype=torch.int32, device="cuda"), (D,), False,
-                                  sparse_gemv.default_config(1, I, (D,), False, n_sm), x,
+                                  configs.default_config(1, I, (D,), False, n_sm), x,
                                   torch.full((1, D), float("nan"), device="cuda", dtype=dtype))
-        dcfg = sparse_gemv.default_down_config(D, I, cfg)
-        counters = torch.zeros(sparse_gemv.mlp_counters_size(I, cfg), dtype=torch.int32, device="cuda")
+        dcfg = configs.default_down_config(D, I, cfg)
+        counters = torch.zeros(configs.mlp_counters_size(I, cfg), dtype=torch.int32, device="cuda")
         outs = []
         for _ in range(3):
             out = torch.full((1, D), float("nan"), device="cuda", dtype=dtype)
             ss = torch.full((1, dcfg.n_red), float("nan"), device="cuda")
-            sparse_gemv.launch_mlp(x, w, t, wd, td, counters, cfg, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
+            sparse_mlp.launch_mlp(x, w, t, wd, td, counters, cfg, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
             outs.append((out, ss))
         torch.cuda.synchronize()
         out, ss = outs[0]
         red_d = triton.next_power_of_2(triton.cdiv(D, dcfg.n_red))
-        err, ss_err = rel_err(out, pair), rel_err(ss, sparse_gemv.sum_squares_ref(out, red_d))
+        err, ss_err = rel_err(out, pair), rel_err(ss, reference.sum_squares_ref(out, red_d))
         same = all(torch.equal(o, out) and torch.equal(q, ss) for o, q in outs[1:])
         rows += 1
         if not (err < BOUND[dtype] / 10 and ss_err < 1e-5 and same) or out.isnan().any() or counters.any():
@@ -164,7 +167,7 @@ def check_kernels(n_sm: int) -> list:
             qkv = torch.randn(B, (H + 2 * Hkv) * D, device="cuda", dtype=dtype)
             if parts:  # the q/k/v projection's unreduced partials, summed by the kernel
                 qkv = torch.randn(4, B, (H + 2 * Hkv) * D, device="cuda") * 0.5  # sums of unit scale
-            qkv_in = sparse_gemv.parts_ref(qkv[:, None], False, dtype) if parts else qkv
+            qkv_in = reference.parts_ref(qkv[:, None], False, dtype) if parts else qkv
             kc = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
             vc = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype)
             ang = torch.rand(D // 2, device="cuda") * 6
@@ -203,28 +206,24 @@ def check_quant_kernels(n_sm: int, shapes=QUANT_SHAPES, levels=(0.0, 0.5, 0.95),
     failures, rows, dtype = [], 0, torch.bfloat16
     for name, (K, sizes, glu, has_res, head) in shapes.items():
         w = torch.randn(K, sum(sizes), device=device) / K ** 0.5
-        if quant == "int4":
-            if head:
-                continue
-            group = int4_group(K)
-            q, scale = rtn_int4(w, group)
-            w = sparse_gemv.dequantize_int4(q, scale).double()
-        else:
-            group = 0
-            q, scale = rtn_int8(w)
-            w = q.double() * scale.double()
+        fmt = quant_format(quant)
+        if fmt is INT4 and head:
+            continue
+        q, scale = fmt.quantize_weight(w)
+        group = fmt.group_of(q, scale)
+        w = fmt.dequantize(q, scale).double()
         n_out = sizes[0] if glu else sum(sizes)
         for M, s in itertools.product((1, 3), levels[:1] if head else levels):
             x, g, ss_in, xin = projection_input(M, K, dtype, norm=not has_res, device=device)
             t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device=device)
             res = torch.randn(M, n_out, device=device, dtype=dtype) if has_res else None
-            ref = sparse_gemv.sparse_gemv_ref(xin.double(), w, t.double(), sizes, glu=glu,
+            ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
-            cfg = sparse_gemv.default_config(M, K, sizes, glu, n_sm, int8=quant == "int8", head=head, group=group)
+            cfg = configs.default_config(M, K, sizes, glu, n_sm, fmt, head=head, group=group)
             counters = torch.zeros(4096, dtype=torch.int32, device=device)
             out = torch.full((M, n_out), float("nan"), device=device, dtype=dtype)
-            sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, norm_weight=g, ss_in=ss_in, eps=1e-5,
-                               scale=scale)
+            sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, fmt, scale, norm_weight=g, ss_in=ss_in,
+                               eps=1e-5)
             err = rel_err(out, ref)
             rows += 1
             if not err < bound or out.isnan().any() or counters.any():
@@ -241,7 +240,7 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
     if quant:
-        quantize_model(model, quant)
+        quantize_model(model, quant_format(quant))
     prompt = torch.randint(0, args.vocab_size, (1, 64), device="cuda")
     # thresholds from other text: quantiles of the decoded prompt's own activations would sit exactly on some
     # of them (layer 0's input depends on the token alone), and any rounding difference would flip those
@@ -258,8 +257,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         margin, ref_logits = None, decode_logits(model, prompt, ref_tokens)
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
-    model.enable_kernels()
-    gen = Generator(model, compile=True, sparse=sparse)
+    model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda")), sparse_decode=sparse))
+    gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
     step = torch.compile(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1], fullgraph=True,
                          mode="reduce-overhead")
@@ -324,10 +323,10 @@ def decode_logits(model, prompt, tokens, step=None) -> list:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--out", type=Path, default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--layers", type=int, default=4, help="layers of the random model in the model checks (2 and 3)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparsity level of the sparse model checks")
+    p.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json (default: none written)")
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
     p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
     a = p.parse_args()
@@ -368,7 +367,7 @@ def main():
             failures.append(f"compiled decode differs from eager at sparsity {level} {dtype} quant={quant}: "
                             f"{same} same tokens, logits err {worst:.2e}")
 
-    from torch._dynamo.utils import counters
+    counters = torch._dynamo.utils.counters  # torch._dynamo is loaded by now (torch.compile above)
     graphs = counters["stats"]["unique_graphs"]
     recorded = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
     before = (graphs, dict(counters["inductor"]))

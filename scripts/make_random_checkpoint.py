@@ -7,27 +7,29 @@ import argparse
 import json
 from pathlib import Path
 
-import _path  # noqa: F401
 import torch
 
-from checkpoint import parse_dtype, random_tensors, save_checkpoint
-from errors import UserError, run_cli
+from checkpoint import save_checkpoint
+from cli import HelpFormatter, parse_dtype, run_cli
+from errors import UserError
+from loading import random_tensors
 from model import CONFIGS, ModelArgs
+from paths import REPO
 from tokenizer import byte_tokenizer_files
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", required=True, help=f"one of: {', '.join(CONFIGS)}")
-    p.add_argument("--out", type=Path, default=None, help="default: checkpoints/random-<config>")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", type=Path, default=None, help="CKPT directory to write (default: checkpoints/random-<config>)")
+    p.add_argument("--dtype", default="bfloat16", help="stored dtype of the weights")
     p.add_argument("--device", default="cpu", help="where to draw the numbers (cuda is much faster)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     a = p.parse_args()
     args = ModelArgs.from_name(a.config)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available")
-    out = a.out or Path(_path.ROOT) / "checkpoints" / f"random-{a.config}"
+    out = a.out or REPO / "checkpoints" / f"random-{a.config}"
     dtype = parse_dtype(a.dtype)
     save_checkpoint(out, args, random_tensors(args, dtype, a.device, a.seed), dtype, {"source": f"random:{a.config}"})
     for name, content in byte_tokenizer_files(args.vocab_size).items():

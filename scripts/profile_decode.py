@@ -5,22 +5,23 @@ profiler sees each launch), grouped by name, with time per step. Needs a CUDA GP
 """
 import argparse
 
-import _path  # noqa: F401
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from checkpoint import random_model
-from errors import UserError, run_cli, sparsity_list
+from cli import HelpFormatter, run_cli, sparsity_list
+from errors import UserError
+from loading import random_model
+from plan import decode_plan
 from model import ModelArgs
 from sparsity import capture_inputs, set_uniform_thresholds
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="llama-2-7b")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--layers", type=int, default=0, help="0: all of the config's layers")
-    p.add_argument("--steps", type=int, default=10)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config", default="llama-2-7b", help="model config of the random-weight model")
+    p.add_argument("--sparsity", type=float, default=0.5, help="uniform sparsity level of every projection")
+    p.add_argument("--layers", type=int, default=0, help="layers of the model; 0: all of the config's layers")
+    p.add_argument("--steps", type=int, default=10, help="profiled decode steps")
     a = p.parse_args()
     args = ModelArgs.from_name(a.config)
     sparsity_list(str(a.sparsity), "--sparsity")
@@ -31,7 +32,7 @@ def main():
     if a.layers:
         args.n_layer = a.layers
     model = random_model(args, "cuda", torch.bfloat16)
-    model.enable_kernels()
+    model.set_plan(decode_plan(torch.device("cuda"), sparsity=a.sparsity))
     prompt = torch.randint(0, args.vocab_size, (1, 128), device="cuda")
     set_uniform_thresholds(model, capture_inputs(model, prompt), a.sparsity)
     model.setup_caches(1, 384)

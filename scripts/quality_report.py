@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import _path  # noqa: F401
-
-from errors import run_cli
-from eval_ppl import Setting, evaluate, load_eval_text
-from generate import add_model_args, load_from_args
+from cli import HelpFormatter, add_model_args, load_from_args, run_cli
+from paths import REPO
+from scripts.eval_ppl import Setting, evaluate, load_eval_text
 from sparsity import CALIB_FILE, CRITERIA, METHODS, PROJECTIONS, apply_thresholds, load_calibration
 
 LEVELS = (0.25, 0.4, 0.5, 0.65)
@@ -25,12 +23,13 @@ CATS_LEVELS = (0.25, 0.4, 0.5)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--out", type=Path, default=Path(_path.ROOT) / "docs" / "quality.md")
+    p.add_argument("--max-tokens", type=int, default=8192, help="scored tokens")
+    p.add_argument("--window", type=int, default=512, help="tokens per sliding window")
+    p.add_argument("--stride", type=int, default=256, help="tokens between window starts")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md",
+                   help="the Markdown report (and its .json beside it)")
     a = p.parse_args(argv)
     if a.dtype == "auto":
         a.dtype = "float32"

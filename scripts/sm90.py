@@ -21,17 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Optional
 
-import _path  # noqa: F401
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from checkpoint import random_model
-from errors import UserError, run_cli
-from model import CONFIGS, Attention, FeedForward, ModelArgs, RowSparseUp, SparseLinear
-from quantize import SCHEMES, quantize_model
+from cli import HelpFormatter, run_cli
+from errors import UserError
+from loading import random_model
+from model import CONFIGS, ModelArgs
+from plan import decode_plan
+from kernels.formats import QUANT_FORMATS, quant_format
+from quantization import quantize_model
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -72,16 +74,9 @@ def recorded_launches():
         JITFunction.run = real_run
 
 
-def enable_kernels_as_on_gpu(model, n_sm: int = 132):
-    """What model.enable_kernels() sets on an H100 (it refuses a CPU model outside the interpreter)."""
-    for m in model.modules():
-        if isinstance(m, (SparseLinear, RowSparseUp)):
-            m.enable_kernels(n_sm)
-        elif isinstance(m, Attention):
-            m.decode_kernel = m.defer_reduction = True
-    for m in model.modules():
-        if isinstance(m, FeedForward):
-            m.enable_kernels(defer_reduction=True, fuse_mlp=True)
+def plan_as_on_gpu(n_sm: int = 132):
+    """The decode plan a GPU of n_sm multiprocessors gets (generate.py's), on a CPU machine."""
+    return decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, n_sm=n_sm)
 
 
 def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal",
@@ -92,8 +87,8 @@ def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = N
     args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if quant else {"vocab_size": 64})})
     model = random_model(args, "cpu", dtype, mlp=mlp)
     if quant:
-        quantize_model(model, quant)
-    enable_kernels_as_on_gpu(model)
+        quantize_model(model, quant_format(quant))
+    model.set_plan(plan_as_on_gpu())
     model.setup_caches(max(batches), args.max_seq_len)
     with recorded_launches() as seen:
         for B in batches:
@@ -180,11 +175,12 @@ def loops(sass: str) -> list:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="llama-2-7b", help=f"one of {', '.join(CONFIGS)}")
-    p.add_argument("--quant", choices=sorted(SCHEMES), default=None)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--quant", choices=sorted(QUANT_FORMATS), default=None,
+                   help="quantized weights of the sparse linears (default: 16-bit, --dtype)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation (and 16-bit weight) dtype")
+    p.add_argument("--batch", type=int, default=1, help="decode batch size, 1..8")
     p.add_argument("--dense", action="store_true", help="the dense step (generate.py --sparsity 0) instead")
     p.add_argument("--top", type=int, default=8, help="opcodes shown per loop")
     a = p.parse_args()

@@ -10,16 +10,16 @@ import json
 import time
 from pathlib import Path
 
-import _path  # noqa: F401
 import torch
 import triton
 
-from bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold
-from errors import UserError, run_cli, sparsity_list
-from kernels import sparse_gemv
+from cli import HelpFormatter, run_cli, sparsity_list
+from errors import UserError
+from kernels import configs, reference, sparse_gemv
 from model import ModelArgs
+from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold
 
-C = sparse_gemv.Config
+C = configs.Config
 
 
 def candidates(K: int, sizes, glu: bool, n_sm: int) -> list:
@@ -37,11 +37,11 @@ def candidates(K: int, sizes, glu: bool, n_sm: int) -> list:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="llama-2-7b,llama-3-8b")
-    p.add_argument("--sparsities", default="0,0.5,0.9")
-    p.add_argument("--out", type=Path, default=Path("tune.json"))
-    p.add_argument("--top", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--models", default="llama-2-7b,llama-3-8b", help="comma-separated configs whose shapes to sweep")
+    p.add_argument("--sparsities", default="0,0.5,0.9", help="comma-separated sparsity levels")
+    p.add_argument("--out", type=Path, default=Path("tune.json"), help="JSON file of every config's timings")
+    p.add_argument("--top", type=int, default=5, help="best configs printed per shape and level")
     a = p.parse_args()
     configs = {m: ModelArgs.from_name(m) for m in a.models.split(",") if m}
     levels = sparsity_list(a.sparsities, "--sparsities")
@@ -67,13 +67,13 @@ def main():
         counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
         nbytes = K * N * 2
         mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in ws])
-        default = sparse_gemv.default_config(1, K, sizes, glu, n_sm)
+        default = configs.default_config(1, K, sizes, glu, n_sm)
         by_cfg = {}
         for cfg in dict.fromkeys(candidates(K, sizes, glu, n_sm) + [default]):
             row = {}
             for s in levels:
                 t.fill_(sparse_threshold(x, s))
-                ref = sparse_gemv.sparse_gemv_ref(x.float(), ws[0].float(), t, sizes, glu=glu,
+                ref = reference.sparse_gemv_ref(x.float(), ws[0].float(), t, sizes, glu=glu,
                                                   residual=None if res is None else res.float())
                 y = torch.full_like(ref, float("nan"), dtype=dtype)
                 try:

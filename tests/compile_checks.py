@@ -15,35 +15,39 @@ without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpret
 Exits 1 on any failure.
 """
 import sys
-from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import torch
+import triton
+from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table  # noqa: E402
-
-from kernels import decode_attention, sparse_gemv  # noqa: E402
-from checkpoint import random_model  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from quantize import quantize_model  # noqa: E402
-import sm90  # noqa: E402
+from kernels import configs, decode_attention, sparse_gemv, sparse_gemv_batch, sparse_mlp
+from kernels.common import PROFILE_SLOTS
+from kernels.formats import INT4, INT8, quant_format
+from loading import random_model
+from model import ModelArgs
+from quantization import quantize_model
+from scripts import sm90
 
 
 class Recorder:
-    """Stands in for `kernel[grid]`: keeps the arguments of each launch by name."""
+    """Stands in for a launch's `wrap` (torch.library.wrap_triton): keeps each launch's kernel and its arguments by
+    name instead of running it."""
 
-    def __init__(self, fn):
-        self.fn, self.launches = fn, []
+    def __init__(self):
+        self.launches = []
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            named = dict(zip(self.fn.arg_names, args))
-            named.update({k: v for k, v in kwargs.items() if k in self.fn.arg_names})
-            self.launches.append(named)
-        return launch
+    def __call__(self, fn):
+        recorder = self
+
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    named = dict(zip(fn.arg_names, args))
+                    named.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+                    recorder.launches.append((fn, named))
+                return launch
+        return Grid()
 
 
 def written(fn, named: dict) -> set:
@@ -54,7 +58,7 @@ def written(fn, named: dict) -> set:
 
 
 def gemv_launches() -> Recorder:
-    rec = Recorder(sparse_gemv._sparse_gemv_kernel)
+    rec = Recorder()
     K, D = 256, 128
     for M, dtype in ((1, torch.bfloat16), (1, torch.float32), (3, torch.bfloat16)):
         x = torch.randn(M, K, dtype=dtype)
@@ -67,67 +71,67 @@ def gemv_launches() -> Recorder:
             counters = torch.zeros(64, dtype=torch.int32)
             out = torch.empty(M, n_out, dtype=dtype)
             ss_in = torch.ones(M, 4)
-            split = sparse_gemv.Config(32, 32, 2, 4, 1, 0) if M == 1 else sparse_gemv.Config(32, 32, 2, 4, 2, 1)
-            for cfg in (sparse_gemv.default_config(M, K, sizes, glu, n_sm=8), split):
+            split = configs.Config(32, 32, 2, 4, 1, 0) if M == 1 else configs.Config(32, 32, 2, 4, 2, 1)
+            for cfg in (configs.default_config(M, K, sizes, glu, n_sm=8), split):
                 if sizes == (D,):  # a residual projection writing the next norm's sums of squares
-                    ss_out = torch.empty(M, sparse_gemv.counters_size(sizes, glu, cfg.block_n))
-                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, out, kernel=rec, ss_out=ss_out)
+                    ss_out = torch.empty(M, configs.counters_size(sizes, glu, cfg.block_n))
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, out, wrap=rec, ss_out=ss_out)
                     # its input the partials of a gate/up launch
                     parts = torch.randn(2, 2, M, K)
-                    sparse_gemv.launch(parts, w, t, counters, sizes, glu, cfg, res, out, kernel=rec, ss_out=ss_out)
+                    sparse_gemv.launch(parts, w, t, counters, sizes, glu, cfg, res, out, wrap=rec, ss_out=ss_out)
                 else:  # the norm fused in, and plain; unreduced partials out
-                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec, norm_weight=g,
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, wrap=rec, norm_weight=g,
                                        ss_in=ss_in)
-                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, kernel=rec)
-                    P = sparse_gemv.k_layout(K, cfg)[1]
+                    sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, None, out, wrap=rec)
+                    P = configs.k_layout(K, cfg)[1]
                     sparse_gemv.launch(x, w, t, None, sizes, glu, cfg, None,
-                                       torch.empty(P, 2 if glu else 1, M, n_out), kernel=rec, norm_weight=g,
+                                       torch.empty(P, 2 if glu else 1, M, n_out), wrap=rec, norm_weight=g,
                                        ss_in=ss_in, partial_out=True)
                 if glu and M == 1:  # the whole MLP in one launch, one or two programs along K
                     wd = torch.randn(sizes[0], K, dtype=dtype)
-                    dcfg = sparse_gemv.default_down_config(K, sizes[0], cfg)
-                    sparse_gemv.launch_mlp(x, w, t, wd, torch.zeros(1, sizes[0]),
-                                           torch.zeros(sparse_gemv.mlp_counters_size(sizes[0], cfg), dtype=torch.int32),
+                    dcfg = configs.default_down_config(K, sizes[0], cfg)
+                    sparse_mlp.launch_mlp(x, w, t, wd, torch.zeros(1, sizes[0]),
+                                           torch.zeros(configs.mlp_counters_size(sizes[0], cfg), dtype=torch.int32),
                                            cfg, dcfg, torch.empty(1, K, dtype=dtype), torch.empty(1, dcfg.n_red),
-                                           norm_weight=g, ss_in=ss_in, kernel=rec)
+                                           norm_weight=g, ss_in=ss_in, wrap=rec)
     # int8 weights with their scales: plain, residual with sums of squares, partials out, from partials, the MLP
     x, g, ss_in = torch.randn(1, K, dtype=torch.bfloat16), torch.ones(K, dtype=torch.bfloat16), torch.ones(1, 4)
     q, q2 = torch.zeros(K, 192, dtype=torch.int8), torch.zeros(96, K, dtype=torch.int8)
     s, s2, t = torch.ones(192), torch.ones(K), torch.zeros(2, K)
-    cfg = sparse_gemv.default_config(1, K, (96, 96), True, n_sm=8)
+    cfg = configs.default_config(1, K, (96, 96), True, n_sm=8)
     counters = torch.zeros(64, dtype=torch.int32)
     sparse_gemv.launch(x, q, t, counters, (96, 96), True, cfg, None, torch.empty(1, 96, dtype=torch.bfloat16),
-                       kernel=rec, norm_weight=g, ss_in=ss_in, scale=s)
-    P = sparse_gemv.k_layout(K, cfg)[1]
-    sparse_gemv.launch(x, q, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), kernel=rec,
-                       partial_out=True, scale=s)
-    cfg_d = sparse_gemv.default_config(1, 96, (K,), False, n_sm=8)
+                       wrap=rec, norm_weight=g, ss_in=ss_in, fmt=INT8, scale=s)
+    P = configs.k_layout(K, cfg)[1]
+    sparse_gemv.launch(x, q, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), wrap=rec,
+                       partial_out=True, fmt=INT8, scale=s)
+    cfg_d = configs.default_config(1, 96, (K,), False, n_sm=8)
     sparse_gemv.launch(torch.randn(P, 2, 1, 96), torch.zeros(96, K, dtype=torch.int8), torch.zeros(1, 96), counters,
                        (K,), False, cfg_d, torch.randn(1, K, dtype=torch.bfloat16),
-                       torch.empty(1, K, dtype=torch.bfloat16), kernel=rec,
-                       ss_out=torch.empty(1, sparse_gemv.counters_size((K,), False, cfg_d.block_n)), scale=s2)
-    dcfg = sparse_gemv.default_down_config(K, 96, cfg)
-    sparse_gemv.launch_mlp(x, q, t, q2, torch.zeros(1, 96), torch.zeros(sparse_gemv.mlp_counters_size(96, cfg),
+                       torch.empty(1, K, dtype=torch.bfloat16), wrap=rec,
+                       ss_out=torch.empty(1, configs.counters_size((K,), False, cfg_d.block_n)), fmt=INT8, scale=s2)
+    dcfg = configs.default_down_config(K, 96, cfg)
+    sparse_mlp.launch_mlp(x, q, t, q2, torch.zeros(1, 96), torch.zeros(configs.mlp_counters_size(96, cfg),
                            dtype=torch.int32), cfg, dcfg, torch.empty(1, K, dtype=torch.bfloat16),
-                           torch.empty(1, dcfg.n_red), norm_weight=g, ss_in=ss_in, kernel=rec, scale=s, scale_down=s2)
+                           torch.empty(1, dcfg.n_red), norm_weight=g, ss_in=ss_in, wrap=rec, fmt=INT8, scale=s, scale_down=s2)
     # int4 weights with their group scales: plain (norm fused), partials out, from partials with a residual
     q4, q4d = torch.zeros(K, 24, dtype=torch.int32), torch.zeros(96, K // 8, dtype=torch.int32)
     s4, s4d = torch.ones(2, K // 32, 192, dtype=torch.float16), torch.ones(2, 3, K, dtype=torch.float16)
-    cfg = sparse_gemv.default_config(1, K, (96, 96), True, n_sm=8, group=32)
+    cfg = configs.default_config(1, K, (96, 96), True, n_sm=8, group=32)
     sparse_gemv.launch(x, q4, t, counters, (96, 96), True, cfg, None, torch.empty(1, 96, dtype=torch.bfloat16),
-                       kernel=rec, norm_weight=g, ss_in=ss_in, scale=s4)
-    P = sparse_gemv.k_layout(K, cfg, 32)[1]
-    sparse_gemv.launch(x, q4, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), kernel=rec,
-                       partial_out=True, scale=s4)
-    cfg_d = sparse_gemv.default_config(1, 96, (K,), False, n_sm=8, group=32)
+                       wrap=rec, norm_weight=g, ss_in=ss_in, fmt=INT4, scale=s4)
+    P = configs.k_layout(K, cfg, 32)[1]
+    sparse_gemv.launch(x, q4, t, None, (96, 96), True, cfg, None, torch.empty(P, 2, 1, 96), wrap=rec,
+                       partial_out=True, fmt=INT4, scale=s4)
+    cfg_d = configs.default_config(1, 96, (K,), False, n_sm=8, group=32)
     sparse_gemv.launch(torch.randn(P, 2, 1, 96), q4d, torch.zeros(1, 96), counters, (K,), False, cfg_d,
-                       torch.randn(1, K, dtype=torch.bfloat16), torch.empty(1, K, dtype=torch.bfloat16), kernel=rec,
-                       ss_out=torch.empty(1, sparse_gemv.counters_size((K,), False, cfg_d.block_n)), scale=s4d)
+                       torch.randn(1, K, dtype=torch.bfloat16), torch.empty(1, K, dtype=torch.bfloat16), wrap=rec,
+                       ss_out=torch.empty(1, configs.counters_size((K,), False, cfg_d.block_n)), fmt=INT4, scale=s4d)
     return rec
 
 
 def attention_launches() -> Recorder:
-    rec = Recorder(decode_attention._decode_attention_kernel)
+    rec = Recorder()
     for H, Hkv, D, window in ((4, 4, 32, None), (8, 2, 64, 16)):
         qkv = torch.randn(2, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
         k = torch.zeros(2, Hkv, 256, D, dtype=torch.bfloat16)
@@ -135,7 +139,7 @@ def attention_launches() -> Recorder:
         rope = torch.zeros(1, D // 2, 2)
         for q in (qkv, torch.randn(3, 2, (H + 2 * Hkv) * D)):  # the projection's output, or its partials
             decode_attention.launch(q, rope, k, v, torch.tensor([100]), torch.zeros(2 * Hkv, dtype=torch.int32), H,
-                                    window, torch.empty(2, H * D, dtype=torch.bfloat16), kernel=rec)
+                                    window, torch.empty(2, H * D, dtype=torch.bfloat16), wrap=rec)
     return rec
 
 
@@ -146,8 +150,8 @@ def trace_decode_step(quant: Optional[str]) -> bool:
                      max_seq_len=128, sliding_window=32)
     model = random_model(args, "cpu", torch.bfloat16)
     if quant:
-        quantize_model(model, quant)
-    sm90.enable_kernels_as_on_gpu(model, n_sm=4)
+        quantize_model(model, quant_format(quant))
+    model.set_plan(sm90.plan_as_on_gpu(n_sm=4))
     model.setup_caches(1, 64)
     ok = True
     # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)
@@ -183,25 +187,52 @@ def decode_step_launches() -> list:
     return seen
 
 
+def profile_launches() -> list:
+    """The PROFILE builds scripts/profile_phases.py runs: a batch-1 projection (list path, split-K tail) and the
+    decode attention, each stamping into a buffer."""
+    K, N = 256, 128
+    prof = torch.zeros(64, PROFILE_SLOTS, dtype=torch.int64)
+    x, w, t = torch.randn(1, K, dtype=torch.bfloat16), torch.randn(K, N, dtype=torch.bfloat16), torch.zeros(1, K)
+    cfg = configs.Config(64, 64, 2, 4, 1, 0)
+    with sm90.recorded_launches() as seen:
+        sparse_gemv.launch(x, w, t, torch.zeros(8, dtype=torch.int32), (N,), False, cfg, x.new_zeros(1, N),
+                           torch.empty(1, N, dtype=torch.bfloat16), prof=prof)
+        decode_attention.launch(torch.randn(1, 8 * 64, dtype=torch.bfloat16), torch.zeros(1, 32, 2),
+                                torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16),
+                                torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16), torch.tensor([100]),
+                                torch.zeros(2, dtype=torch.int32), 4, None, torch.empty(1, 4 * 64, dtype=torch.bfloat16),
+                                prof=prof)
+    return seen
+
+
 def main():
     ok = trace_decode_step(None) and trace_decode_step("int8") and trace_decode_step("int4")
     triton.runtime.driver.set_active(sm90.HopperTarget())
+    built = sm90.build_all(profile_launches())
+    stamped = [k for _, k, e in built if e is None and "globaltimer" in k.asm["ptx"]]
+    print(f"PROFILE builds: {len(built)}, {len(stamped)} with stamps")
+    ok &= len(stamped) == len(built) == 2
     n, errors = sm90.compile_for_hopper(decode_step_launches())
     print(f"sm_90 builds of the decode step's launches: {n} distinct, {len(errors)} failed")
     for e in errors:
         print("  " + e)
     ok &= n > 0 and not errors
     allowed = {
-        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
+        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr"},
+        sparse_gemv_batch._sparse_gemv_batch_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "ss_out_ptr"},
+        sparse_mlp._sparse_mlp_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
         decode_attention._decode_attention_kernel: {"y_ptr", "k_ptr", "v_ptr", "ws_ml_ptr", "ws_acc_ptr", "cnt_ptr"},
     }
     bad = 0
+    seen = set()
     for rec in (gemv_launches(), attention_launches()):
-        for named in rec.launches:
-            w = written(rec.fn, named)
-            extra = w - allowed[rec.fn]
-            print(f"{rec.fn.__name__}: writes {sorted(w)}" + (f"  NOT ALLOWED: {sorted(extra)}" if extra else ""))
+        for fn, named in rec.launches:
+            seen.add(fn)
+            w = written(fn, named)
+            extra = w - allowed[fn]
+            print(f"{fn.__name__}: writes {sorted(w)}" + (f"  NOT ALLOWED: {sorted(extra)}" if extra else ""))
             bad += bool(extra) or "y_ptr" not in w
+    bad += seen != set(allowed)  # every kernel checked
     sys.exit(1 if bad or not ok else 0)
 
 

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-from bench import (bytes_per_token, e2e_key, fixed_us_per_layer, gpu_slug, previous_records,  # noqa: E402
-                   weight_copies, write_outputs)
+from scripts.bench import (bytes_per_token, e2e_key, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,
+                           write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -107,14 +105,15 @@ def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
 
     import torch
 
-    from checkpoint import random_model
-    from generate import weight_bytes
+    from engine import weight_bytes
+    from kernels.formats import INT4, INT8
+    from loading import random_model
     from model import ModelArgs
-    from quantize import quantize_model
+    from quantization import quantize_model
     args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
                      tie_embeddings=tied)
     model = random_model(args, "cpu", torch.bfloat16)
     assert bytes_per_token(args, {}) == weight_bytes(model)
-    assert bytes_per_token(args, {}, quant="int4") == weight_bytes(quantize_model(copy.deepcopy(model), "int4"))
-    assert bytes_per_token(args, {}, quant="int8") == weight_bytes(quantize_model(model))
+    assert bytes_per_token(args, {}, fmt=INT4) == weight_bytes(quantize_model(copy.deepcopy(model), INT4))
+    assert bytes_per_token(args, {}, fmt=INT8) == weight_bytes(quantize_model(model, INT8))
     assert bytes_per_token(args, {(0, "q"): 0.5}) < bytes_per_token(args, {})

@@ -1,6 +1,6 @@
-"""calibrate.py and the threshold tables: targets reached, greedy never worse than uniform on calibration data,
-refusal of foreign files, sparsity 0 is dense, weight-aware with equal norms is magnitude, and the shipped
-calibration of the default model measured on held-out text."""
+"""calibration.py (and the calibrate.py CLI) and the threshold tables: targets reached, greedy never worse than
+uniform on calibration data, refusal of foreign files, sparsity 0 is dense, weight-aware with equal norms is
+magnitude, and the shipped calibration of the default model measured on held-out text."""
 import json
 import os
 import subprocess
@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import calibrate
-from checkpoint import load_model, random_tensors, save_checkpoint
+import calibration
+from checkpoint import save_checkpoint
 from errors import UserError
+from loading import load_model, random_tensors
 from model import ModelArgs
 from sparsity import (CALIB_FILE, PROJECTIONS, TARGETS, apply_thresholds, load_calibration, measure_sparsity,
                       param_fractions, per_projection)
@@ -87,10 +89,10 @@ def test_greedy_never_worse_than_uniform_on_calibration_data(calibrated):
     model = load_model(ckpt)
     tok = load_tokenizer(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
-    batches = calibrate.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
+    batches = calibration.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
     model.setup_caches(4, 128)
-    _, _, inputs = calibrate.collect(model, batches, 16, calibrate.column_norms(model), 1)
-    probe = calibrate.BlockProbe(model, calib, [x[:2] for x in inputs], 16)
+    _, _, inputs = calibration.collect(model, batches, 16, calibration.column_norms(model), 1)
+    probe = calibration.BlockProbe(model, calib, [x[:2] for x in inputs], 16)
     for crit in ("magnitude", "weight-aware"):
         for layer in range(model.args.n_layer):
             for ti in (4, 8, 10, 13):  # 0.2, 0.4, 0.5, 0.65
@@ -120,7 +122,7 @@ def test_uniform_hits_target_on_its_text(calibrated):
     model = load_model(ckpt)
     tok = load_tokenizer(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
-    idx = calibrate.token_batches(tok, TEXT, 1536, 128, 16, "cpu")[0]
+    idx = calibration.token_batches(tok, TEXT, 1536, 128, 16, "cpu")[0]
     for s in (0.25, 0.5, 0.8):
         apply_thresholds(model, calib, s, "uniform", "magnitude")
         pp = per_projection(measure_sparsity(model, idx, sparse_from=None, start=16))
@@ -198,7 +200,7 @@ def test_eval_ppl_json(calibrated):
 def test_new_sparsity_level_does_not_recompile(calibrated):
     from torch._dynamo.utils import counters
 
-    from generate import Generator
+    from engine import Generator
     ckpt, _ = calibrated
     model = load_model(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
@@ -226,22 +228,30 @@ def test_interactive_level_switches_decode_path(calibrated):
     """`/sparsity S` in --interactive: a level above 0 decodes through the sparse path, 0 goes back to the dense one."""
     import argparse
 
-    from generate import Generator, set_level
+    from engine import Generator
+    from generate import set_level
+    from kernels.formats import INT8
+    from plan import decode_plan
+    from quantization import quantize_model
     ckpt, _ = calibrated
     model = load_model(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
-    gen = Generator(model, sparse=False)
+    model.set_plan(decode_plan(torch.device("cpu"), sparsity=0.0))
+    gen = Generator(model)
     a = argparse.Namespace(sparsity=0.0, sparsity_method="uniform", criterion="magnitude", checkpoint=ckpt,
                            quant=None)
+    assert not model.plan.sparse_decode
     set_level(gen, calib, "/sparsity 0.5", a)
-    assert gen.sparse and a.sparsity == 0.5 and model.layers[0].attention.wqkv.threshold.any()
+    assert model.plan.sparse_decode and a.sparsity == 0.5 and model.layers[0].attention.wqkv.threshold.any()
     set_level(gen, calib, "/sparsity 0", a)
-    assert not gen.sparse and a.sparsity == 0.0
+    assert not model.plan.sparse_decode and a.sparsity == 0.0
     set_level(gen, calib, "/sparsity 1.5", a)  # refused: nothing changes
-    assert not gen.sparse and a.sparsity == 0.0
-    a.quant = "int8"  # int8 weights decode through the kernels at 0 too (zero thresholds)
+    assert not model.plan.sparse_decode and a.sparsity == 0.0
+    # quantized weights decode through the kernels at 0 too (zero thresholds are exactly dense)
+    quantize_model(model, INT8)
+    model.set_plan(model.plan)
     set_level(gen, calib, "/sparsity 0", a)
-    assert gen.sparse and a.sparsity == 0.0
+    assert model.plan.quantized and model.plan.sparse_decode and a.sparsity == 0.0
 
 
 def test_shipped_calibration_on_held_out_text():
@@ -250,7 +260,7 @@ def test_shipped_calibration_on_held_out_text():
     seeing sparsified upstream activations) stays within ±2% at 25%. At higher levels sparse decoding drifts
     above the target (upstream zeros shrink later inputs; down reaches 0.54 at 0.5): eval_ppl.py and
     generate.py report the measured figure."""
-    from checkpoint import default_checkpoint
+    from default_model import default_checkpoint
     from texts import default_texts, read_texts
     ckpt = default_checkpoint()
     model = load_model(ckpt)

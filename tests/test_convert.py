@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import default_checkpoint, load_model, read_metadata
+from checkpoint import read_metadata
 from convert import convert_gguf, convert_hf
+from default_model import default_checkpoint
 from errors import UserError
+from loading import load_model
 from tests.helpers import hf_checkpoint, hf_model, write_gguf
 
 
@@ -164,7 +166,7 @@ def test_real_smollm2_gguf_matches_transformers(smollm2):
 
 
 def test_real_smollm2_greedy_text(smollm2):
-    from generate import Generator
+    from engine import Generator
     from tokenizer import load_tokenizer
     tok = load_tokenizer(smollm2)
     gen = Generator(load_model(smollm2))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint import random_tensors, save_checkpoint
+from checkpoint import save_checkpoint
+from loading import random_tensors
 from model import ModelArgs
 from tokenizer import byte_tokenizer_files
 
@@ -101,21 +102,23 @@ def test_missing_weights(tiny_ckpt, tmp_path):
 
 
 def test_dense_decode_path_ignores_thresholds():
-    """Generator(sparse=False), what generate.py uses at --sparsity 0, decodes dense whatever the thresholds;
-    switching it back decodes sparse."""
-    from checkpoint import random_model
-    from generate import Generator
+    """A plan at level 0 (what generate.py uses at --sparsity 0) decodes dense whatever the thresholds; moving it
+    to a sparse level decodes sparse, as a fresh model's default plan does."""
+    from engine import Generator
+    from loading import random_model
+    from plan import REFERENCE
     from sparsity import capture_inputs, set_uniform_thresholds
     args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=50, max_seq_len=64)
     model = random_model(args, "cpu", torch.float32, seed=0)
     prompt = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(0))
-    gen = Generator(model, sparse=False)
+    model.set_plan(model.plan.at_level(0.0))
+    gen = Generator(model)
     gen.setup(1, 32)
     dense, _ = gen.generate(prompt, 12)
     set_uniform_thresholds(model, capture_inputs(model, prompt), 0.6)
     assert torch.equal(gen.generate(prompt, 12)[0], dense)
-    gen.sparse = True
+    model.set_plan(model.plan.at_level(0.6))
     sparse, _ = gen.generate(prompt, 12)
-    ref = Generator(model)  # the default: sparse decode
-    ref.setup(1, 32)
-    assert torch.equal(sparse, ref.generate(prompt, 12)[0]) and not torch.equal(sparse, dense)
+    assert not torch.equal(sparse, dense)
+    model.set_plan(REFERENCE)  # a fresh model's plan: sparse decode
+    assert torch.equal(gen.generate(prompt, 12)[0], sparse)

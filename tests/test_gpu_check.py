@@ -1,15 +1,10 @@
 """scripts/gpu_check.py's CPU-side logic: moving the thresholds into gaps between the reference decode's inputs."""
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import gpu_check as gc  # noqa: E402
-from checkpoint import random_model  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from sparsity import capture_inputs, input_hooks, set_uniform_thresholds  # noqa: E402
+from loading import random_model
+from model import ModelArgs
+from scripts import gpu_check as gc
+from sparsity import capture_inputs, input_hooks, set_uniform_thresholds
 
 
 def decode_inputs(model, prompt, tokens) -> dict:

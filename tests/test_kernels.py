@@ -11,8 +11,8 @@ import pytest
 import torch
 import triton
 
-from kernels import decode_attention, gate_up_rows, sparse_gemv
-from quantize import int4_group, rtn_int4, rtn_int8
+from kernels import common, configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
+from kernels.formats import FLOAT, INT4, INT8, int4_group, rtn_int4, rtn_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16: the GLU epilogue rounds four times where the reference rounds (and the interpreter truncates)
@@ -49,18 +49,18 @@ CASES = {  # name: (K, sizes, glu, residual)
     "qkv-even": (80, (64, 32, 32), False, False),  # segments multiples of BLOCK_N: the unmasked-column path
     "gate_up-even": (96, (32, 32), True, False),
 }
-C = sparse_gemv.Config
+C = configs.Config
 
 
-def configs_for(M, K, sizes, glu, int8=False):
+def configs_for(M, K, sizes, glu, fmt=FLOAT):
     # batch 1: one program per column tile, split-K with a K range of several chunks, one warp (the list
     # compaction then spans several passes of the warp), and the default (int8 weights have their own)
     fma = [C(16, 16, 1, 4, 1, 0), C(16, 32, 3, 4, 1, 0), C(32, 16, 2, 1, 1, 0)] if M == 1 else []
-    if int8 and M == 1:  # what Llama-2-7B's int8 o and gate/up launch with on an H100 (128-row groups for o)
-        fma += [sparse_gemv.default_config(1, 4096, (4096,), False, int8=True),
-                sparse_gemv.default_config(1, 4096, (11008, 11008), True, int8=True)]
+    if fmt is INT8 and M == 1:  # what Llama-2-7B's int8 o and gate/up launch with on an H100 (128-row groups for o)
+        fma += [configs.default_config(1, 4096, (4096,), False, fmt=INT8),
+                configs.default_config(1, 4096, (11008, 11008), True, fmt=INT8)]
     return fma + [C(16, 16, 1, 4, 1, 1), C(32, 32, 4, 4, 2, 1),
-                  sparse_gemv.default_config(M, K, sizes, glu, n_sm=4, int8=int8)]
+                  configs.default_config(M, K, sizes, glu, n_sm=4, fmt=fmt)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -85,7 +85,7 @@ def check_sparse_gemv(case, sparsity, M, dtype):
     res = torch.randn(M, sizes[0] if glu else sum(sizes), dtype=dtype, device=DEVICE) if has_res else None
     for per_channel in (False, True):
         t = thresholds_for(x, len(sizes), sparsity, per_channel)
-        ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu,
+        ref = reference.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu,
                                           residual=None if res is None else res.float())
         n_out = ref.shape[1]
         for config in configs_for(M, K, sizes, glu):
@@ -110,28 +110,28 @@ def test_sparse_gemv_int8(case, sparsity, M):
     q, scale = rtn_int8(torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5)
     res = torch.randn(M, sizes[0] if glu else sum(sizes), dtype=dtype, device=DEVICE) if has_res else None
     t = thresholds_for(x, len(sizes), sparsity, True)
-    ref = sparse_gemv.sparse_gemv_ref(x, q, t, sizes, glu=glu, residual=res, scale=scale)
-    for config in configs_for(M, K, sizes, glu, int8=True):
+    ref = reference.sparse_gemv_ref(x, q, t, sizes, glu=glu, residual=res, fmt=INT8, scale=scale)
+    for config in configs_for(M, K, sizes, glu, fmt=INT8):
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(tuple(ref.shape), dtype)
-        sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, scale=scale)
+        sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, fmt=INT8, scale=scale)
         assert not out.isnan().any() and not counters.any(), config
         assert rel_err(out, ref) < 2e-2, config
         if not has_res:
-            P = sparse_gemv.k_layout(K, config)[1]
+            P = configs.k_layout(K, config)[1]
             parts = torch.full((P, 2 if glu else 1, M, ref.shape[1]), float("nan"), device=DEVICE)
-            sparse_gemv.launch(x, q, t, None, sizes, glu, config, None, parts, partial_out=True, scale=scale)
-            assert rel_err(sparse_gemv.parts_ref(parts, glu, dtype), ref) < 2e-2, config
+            sparse_gemv.launch(x, q, t, None, sizes, glu, config, None, parts, partial_out=True, fmt=INT8, scale=scale)
+            assert rel_err(reference.parts_ref(parts, glu, dtype), ref) < 2e-2, config
     if glu:  # down (int8) from these partials
         qd, sd = rtn_int8(torch.randn(sizes[0], 40, device=DEVICE) / sizes[0] ** 0.5)
-        h = sparse_gemv.parts_ref(parts, True, dtype)
+        h = reference.parts_ref(parts, True, dtype)
         td = halfway_thresholds(h, sparsity)
         r = torch.randn(M, 40, dtype=dtype, device=DEVICE)
         y = sparse_gemv.sparse_gemv(parts, qd, td, (40,), torch.zeros(64, dtype=torch.int32, device=DEVICE),
-                                    configs_for(M, sizes[0], (40,), False, int8=True)[-1], residual=r, scale=sd)
+                                    configs_for(M, sizes[0], (40,), False, fmt=INT8)[-1], residual=r, fmt=INT8, scale=sd)
         assert y.dtype == dtype  # (the interpreter truncates bf16 casts where GPUs round: h differs by an ulp)
-        tol = 5e-2 if sparse_gemv.INTERPRETED else 2e-2
-        assert rel_err(y, sparse_gemv.sparse_gemv_ref(h, qd, td, (40,), residual=r, scale=sd)) < tol
+        tol = 5e-2 if common.INTERPRETED else 2e-2
+        assert rel_err(y, reference.sparse_gemv_ref(h, qd, td, (40,), residual=r, fmt=INT8, scale=sd)) < tol
 
 
 INT4_CASES = {  # name: (K, sizes, glu, residual): sizes whole int32 words (multiples of 8), K whole groups
@@ -157,29 +157,29 @@ def test_sparse_gemv_int4(case, sparsity, M, dtype):
     q, scale = rtn_int4(torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5, group)
     res = torch.randn(M, sizes[0] if glu else sum(sizes), dtype=dtype, device=DEVICE) if has_res else None
     t = thresholds_for(x, len(sizes), sparsity, True)
-    ref = sparse_gemv.sparse_gemv_ref(x.float(), q, t, sizes, glu=glu, residual=None if res is None else res.float(),
-                                      scale=scale)
+    ref = reference.sparse_gemv_ref(x.float(), q, t, sizes, glu=glu, residual=None if res is None else res.float(),
+                                    fmt=INT4, scale=scale)
     tol = TOL.get(dtype, 1e-5)
     fma = [C(16, 16, 1, 4, 1, 0), C(32, 32, 2, 1, 1, 0), C(8, 32, 3, 4, 1, 0)] if M == 1 else []
-    for config in fma + [C(16, 16, 1, 4, 1, 1), sparse_gemv.default_config(M, K, sizes, glu, n_sm=4, group=group)]:
+    for config in fma + [C(16, 16, 1, 4, 1, 1), configs.default_config(M, K, sizes, glu, n_sm=4, group=group)]:
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(tuple(ref.shape), dtype)
-        sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, scale=scale)
+        sparse_gemv.launch(x, q, t, counters, sizes, glu, config, res, out, fmt=INT4, scale=scale)
         assert not out.isnan().any() and not counters.any(), config
         assert rel_err(out, ref) < tol, config
         if not has_res:
-            P = sparse_gemv.k_layout(K, config, group)[1]
+            P = configs.k_layout(K, config, group)[1]
             parts = torch.full((P, 2 if glu else 1, M, ref.shape[1]), float("nan"), device=DEVICE)
-            sparse_gemv.launch(x, q, t, None, sizes, glu, config, None, parts, partial_out=True, scale=scale)
-            assert rel_err(sparse_gemv.parts_ref(parts, glu, dtype), ref) < tol, config
+            sparse_gemv.launch(x, q, t, None, sizes, glu, config, None, parts, partial_out=True, fmt=INT4, scale=scale)
+            assert rel_err(reference.parts_ref(parts, glu, dtype), ref) < tol, config
     if glu:  # down (int4, groups of 16 inputs) from these partials
         qd, sd = rtn_int4(torch.randn(sizes[0], 48, device=DEVICE) / sizes[0] ** 0.5, 16)
-        h = sparse_gemv.parts_ref(parts, True, dtype)
+        h = reference.parts_ref(parts, True, dtype)
         td = halfway_thresholds(h, sparsity)
         r = torch.randn(M, 48, dtype=dtype, device=DEVICE)
         y = sparse_gemv.sparse_gemv(parts, qd, td, (48,), torch.zeros(64, dtype=torch.int32, device=DEVICE),
-                                    C(16, 16, 2, 4, 1, int(M > 1)), residual=r, scale=sd)
-        assert rel_err(y, sparse_gemv.sparse_gemv_ref(h.float(), qd, td, (48,), residual=r.float(), scale=sd)) < tol
+                                    C(16, 16, 2, 4, 1, int(M > 1)), residual=r, fmt=INT4, scale=sd)
+        assert rel_err(y, reference.sparse_gemv_ref(h.float(), qd, td, (48,), residual=r.float(), fmt=INT4, scale=sd)) < tol
 
 
 @pytest.mark.parametrize("M", [1, 3])
@@ -193,15 +193,15 @@ def test_int8_lm_head(V, M):
     g = (torch.rand(K, device=DEVICE) + 0.5).to(dtype)
     q, scale = rtn_int8(torch.randn(K, V, device=DEVICE) / K ** 0.5)
     t = torch.zeros(1, K, device=DEVICE)
-    ref = sparse_gemv.sparse_gemv_ref(sparse_gemv.rms_norm_ref(x, g, 1e-5), q, t, (V,), scale=scale)
-    head = sparse_gemv.default_config(M, K, (V,), False, n_sm=4, int8=True, head=True)
-    configs = [head, head._replace(split_k=2), C(64, 32, 1, 4, 1, 0)] if M == 1 else [head]
+    ref = reference.sparse_gemv_ref(reference.rms_norm_ref(x, g, 1e-5), q, t, (V,), fmt=INT8, scale=scale)
+    head = configs.default_config(M, K, (V,), False, n_sm=4, fmt=INT8, head=True)
+    cfgs = [head, head._replace(split_k=2), C(64, 32, 1, 4, 1, 0)] if M == 1 else [head]
     assert M > 1 or head.block_n == (256 if V % 256 == 0 else 64)
-    for config in configs:
+    for config in cfgs:
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(tuple(ref.shape), dtype)
         sparse_gemv.launch(x, q, t, counters, (V,), False, config, None, out, norm_weight=g,
-                           ss_in=sparse_gemv.sum_squares_ref(x, 32), eps=1e-5, scale=scale)
+                           ss_in=reference.sum_squares_ref(x, 32), eps=1e-5, fmt=INT8, scale=scale)
         assert not out.isnan().any() and not counters.any(), config
         assert rel_err(out, ref) < 2e-2, config
 
@@ -216,9 +216,9 @@ def test_sparse_gemv_k_range_over_several_compaction_chunks(sparsity, glu, dtype
     x = torch.randn(1, K, dtype=dtype, device=DEVICE)
     w = (torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5).to(dtype)
     t = thresholds_for(x, len(sizes), sparsity, True)
-    ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu)
+    ref = reference.sparse_gemv_ref(x.float(), w.float(), t, sizes, glu=glu)
     config = C(16, 64, 1, 4, 1, 0)
-    assert sparse_gemv.k_layout(K, config)[0] > 2048
+    assert configs.k_layout(K, config)[0] > 2048
     out = poisoned(tuple(ref.shape), dtype)
     sparse_gemv.launch(x, w, t, torch.zeros(4, dtype=torch.int32, device=DEVICE), sizes, glu, config, None, out)
     assert rel_err(out, ref) < TOL.get(dtype, 1e-5)
@@ -232,7 +232,7 @@ def test_sparse_gemv_skips_masked_rows(M):
     x[:, ::2] = 0.01  # below threshold in every row
     w = torch.randn(K, N, device=DEVICE, dtype=torch.float16) / 8
     t = torch.full((1, K), 0.05, device=DEVICE)
-    ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, (N,))
+    ref = reference.sparse_gemv_ref(x.float(), w.float(), t, (N,))
     w[::2] = float("nan")  # any read of a skipped row would poison the result
     for config in ([C(16, 16, 2, 4, 1, 0), C(32, 16, 1, 1, 1, 0)] if M == 1 else [C(16, 16, 2, 4, 1, 1)]):
         out = poisoned((M, N), torch.float16)
@@ -250,7 +250,7 @@ def test_sparse_gemv_op_and_union_over_batch():
     t = torch.full((1, K), 0.01, device=DEVICE)
     counters = torch.zeros(16, dtype=torch.int32, device=DEVICE)
     y = sparse_gemv.sparse_gemv(x, w, t, (N,), counters, C(16, 16, 2, 4, 1, 1))
-    ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, (N,))
+    ref = reference.sparse_gemv_ref(x.float(), w.float(), t, (N,))
     assert rel_err(y, ref) < 1.5e-2
 
 
@@ -284,7 +284,7 @@ def test_gate_up_rows_matches_reference(sparsity, M, dtype):
 def test_sparse_gemv_fused_rmsnorm(case, sparsity, M, dtype):
     """RMSNorm inside the kernel: x is the raw residual stream, its sums of squares come from the producer
     (any column tiling: the consumer adds them up), thresholds apply to the normalised input."""
-    interpreted = sparse_gemv.INTERPRETED and dtype == torch.bfloat16
+    interpreted = common.INTERPRETED and dtype == torch.bfloat16
     if interpreted and sparsity > 0:
         pytest.skip("Triton's interpreter truncates bf16 casts (GPUs round), which moves normalised activations "
                     "across thresholds; scripts/gpu_check.py covers this case on the GPU")
@@ -293,19 +293,19 @@ def test_sparse_gemv_fused_rmsnorm(case, sparsity, M, dtype):
     x = torch.randn(M, K, dtype=dtype, device=DEVICE) * 3
     g = (torch.rand(K, device=DEVICE) + 0.5).to(dtype)
     w = (torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5).to(dtype)
-    xn = sparse_gemv.rms_norm_ref(x, g, 1e-5)
+    xn = reference.rms_norm_ref(x, g, 1e-5)
     # a threshold halfway between two activations: the interpreter truncates bf16 casts where GPUs round, and
     # an activation sitting on the threshold would flip
     v = xn.abs().float().flatten().sort().values
     i = max(1, int(sparsity * v.numel()))
     t = torch.full((len(sizes), K), float((v[i - 1] + v[i]) / 2) if sparsity else 0.0, device=DEVICE)
     # the normalised input rounded to the dtype, as the model's RMSNorm and the kernel round it
-    ref = sparse_gemv.sparse_gemv_ref(xn.float(), w.float(), t, sizes, glu=glu)
+    ref = reference.sparse_gemv_ref(xn.float(), w.float(), t, sizes, glu=glu)
     for config, tiles in zip(configs_for(M, K, sizes, glu), (16, 7, 32, 64, 128)):
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(ref.shape, dtype)
         sparse_gemv.launch(x, w, t, counters, sizes, glu, config, None, out, norm_weight=g,
-                           ss_in=sparse_gemv.sum_squares_ref(x, tiles), eps=1e-5)
+                           ss_in=reference.sum_squares_ref(x, tiles), eps=1e-5)
         assert not out.isnan().any()
         assert rel_err(out, ref) < tol, config
 
@@ -324,17 +324,17 @@ def test_residual_projection_feeds_the_next_norm(dtype, M):
     w2 = (torch.randn(N, sum(sizes2), device=DEVICE) / N ** 0.5).to(dtype)
     t2 = torch.full((3, N), 0.3, device=DEVICE)
     for config in configs_for(M, K, (N,), False):
-        n_tiles = sparse_gemv.counters_size((N,), False, config.block_n)
+        n_tiles = configs.counters_size((N,), False, config.block_n)
         h, ss = poisoned((M, N), dtype), torch.full((M, n_tiles), float("nan"), device=DEVICE)
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         sparse_gemv.launch(x, w, t, counters, (N,), False, config, res, h, ss_out=ss)
-        ref = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, (N,), residual=res.float())
+        ref = reference.sparse_gemv_ref(x.float(), w.float(), t, (N,), residual=res.float())
         assert rel_err(h, ref) < TOL.get(dtype, 1e-5)
-        assert rel_err(ss, sparse_gemv.sum_squares_ref(h, config.block_n)) < 1e-5, config
+        assert rel_err(ss, reference.sum_squares_ref(h, config.block_n)) < 1e-5, config
         y = poisoned((M, sum(sizes2)), dtype)
         sparse_gemv.launch(h, w2, t2, counters, sizes2, False, config, None, y, norm_weight=g, ss_in=ss)
-        hn = sparse_gemv.rms_norm_ref(h, g, 1e-5)  # rounded where the model rounds
-        ref2 = sparse_gemv.sparse_gemv_ref(hn.float(), w2.float(), t2, sizes2)
+        hn = reference.rms_norm_ref(h, g, 1e-5)  # rounded where the model rounds
+        ref2 = reference.sparse_gemv_ref(hn.float(), w2.float(), t2, sizes2)
         assert rel_err(y, ref2) < TOL.get(dtype, 1e-5), config
         assert not counters.any()
 
@@ -351,9 +351,9 @@ def test_sparse_gemv_partial_sums(case, sparsity, M, dtype):
     w = (torch.randn(K, sum(sizes), device=DEVICE) / K ** 0.5).to(dtype)
     t = thresholds_for(x, len(sizes), sparsity, per_channel=True)
     n_out = sizes[0] if glu else sum(sizes)
-    halves = sparse_gemv.sparse_gemv_ref(x.float(), w.float(), t, sizes).view(M, -1, n_out).transpose(0, 1)
+    halves = reference.sparse_gemv_ref(x.float(), w.float(), t, sizes).view(M, -1, n_out).transpose(0, 1)
     for config in configs_for(M, K, sizes, glu):
-        P = sparse_gemv.k_layout(K, config)[1]
+        P = configs.k_layout(K, config)[1]
         parts = poisoned((P, 2 if glu else 1, M, n_out), torch.float32)
         sparse_gemv.launch(x, w, t, None, sizes, glu, config, None, parts, partial_out=True)
         assert not parts.isnan().any(), f"unwritten partials with {config}"
@@ -369,26 +369,26 @@ def test_sparse_gemv_partial_sums(case, sparsity, M, dtype):
 def test_down_projection_from_gate_up_partials(sparsity, M, dtype):
     """The down kernel fed gate/up partials [P, 2, M, K] sums them and applies the GLU as it loads its input:
     the result is the down projection (with residual and sums of squares) of silu(gate) * up."""
-    if sparse_gemv.INTERPRETED and dtype == torch.bfloat16 and sparsity > 0:
+    if common.INTERPRETED and dtype == torch.bfloat16 and sparsity > 0:
         pytest.skip("Triton's interpreter truncates bf16 casts (GPUs round), which moves the gated inputs across "
                     "thresholds; scripts/gpu_check.py covers this case on the GPU")
     K, N = 131, 45
     parts = torch.randn(3, 2, M, K, device=DEVICE) * 2
-    h = sparse_gemv.parts_ref(parts, True, dtype)  # [M, K]: what the kernel sees, rounded as the GLU rounds
+    h = reference.parts_ref(parts, True, dtype)  # [M, K]: what the kernel sees, rounded as the GLU rounds
     v = h.abs().float().flatten().sort().values  # thresholds halfway between two inputs (see the norm test)
     i = max(1, int(sparsity * v.numel()))
     t = torch.full((1, K), float((v[i - 1] + v[i]) / 2) if sparsity else 0.0, device=DEVICE)
     w = (torch.randn(K, N, device=DEVICE) / K ** 0.5).to(dtype)
     res = torch.randn(M, N, dtype=dtype, device=DEVICE)
-    ref = sparse_gemv.sparse_gemv_ref(h.float(), w.float(), t, (N,), residual=res.float())
+    ref = reference.sparse_gemv_ref(h.float(), w.float(), t, (N,), residual=res.float())
     for config in configs_for(M, K, (N,), False):
-        n_tiles = sparse_gemv.counters_size((N,), False, config.block_n)
+        n_tiles = configs.counters_size((N,), False, config.block_n)
         out, ss = poisoned((M, N), dtype), torch.full((M, n_tiles), float("nan"), device=DEVICE)
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         sparse_gemv.launch(parts, w, t, counters, (N,), False, config, res, out, ss_out=ss)
         assert not out.isnan().any()
         assert rel_err(out, ref) < TOL.get(dtype, 1e-5), config
-        assert rel_err(ss, sparse_gemv.sum_squares_ref(out, config.block_n)) < 1e-5, config
+        assert rel_err(ss, reference.sum_squares_ref(out, config.block_n)) < 1e-5, config
         assert not counters.any()
     y, _ = sparse_gemv.sparse_gemv_ss(parts, w, t, (N,), counters, configs_for(M, K, (N,), False)[-1], res)
     assert y.dtype == dtype and rel_err(y, ref) < TOL.get(dtype, 1e-5)
@@ -420,25 +420,25 @@ def test_sparse_mlp_matches_reference(D, I, sparsity, dtype):
     """The whole MLP in one launch (batch 1, norm fused) against the reference, and against the two launches it
     replaces (gate/up partials, then down from them), which round where it rounds: odd sizes (the last gate/up
     tile and the last output slice partial), one to three programs along K, fp32 lists of kept rows."""
-    interpreted_bf16 = sparse_gemv.INTERPRETED and dtype == torch.bfloat16
+    interpreted_bf16 = common.INTERPRETED and dtype == torch.bfloat16
     x = torch.randn(1, D, device=DEVICE).to(dtype) * 3
     g = (torch.rand(D, device=DEVICE) + 0.5).to(dtype)
-    ss_in = sparse_gemv.sum_squares_ref(x, 16)
+    ss_in = reference.sum_squares_ref(x, 16)
     w = (torch.randn(D, 2 * I, device=DEVICE) / D ** 0.5).to(dtype)
     wd = (torch.randn(I, D, device=DEVICE) / I ** 0.5).to(dtype)
-    t = halfway_thresholds(sparse_gemv.rms_norm_ref(x, g, 1e-5), sparsity).expand(2, D).contiguous()
+    t = halfway_thresholds(reference.rms_norm_ref(x, g, 1e-5), sparsity).expand(2, D).contiguous()
     t[1] *= 0.9  # gate and up keep different inputs
-    h = sparse_gemv.sparse_gemv_ref(sparse_gemv.rms_norm_ref(x, g, 1e-5), w, t, (I, I), glu=True)
+    h = reference.sparse_gemv_ref(reference.rms_norm_ref(x, g, 1e-5), w, t, (I, I), glu=True)
     td = halfway_thresholds(h, sparsity)
-    ref = sparse_gemv.sparse_mlp_ref(x, w, t, wd, td, g, 1e-5)
-    for config in MLP_CONFIGS + [sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)]:
-        for dcfg in (sparse_gemv.default_down_config(D, I, config), sparse_gemv.DownConfig(32, 4, 3)):
+    ref = reference.sparse_mlp_ref(x, w, t, wd, td, g, 1e-5)
+    for config in MLP_CONFIGS + [configs.default_config(1, D, (I, I), True, n_sm=4)]:
+        for dcfg in (configs.default_down_config(D, I, config), configs.DownConfig(32, 4, 3)):
             out, ss = poisoned((1, D), dtype), torch.full((1, dcfg.n_red), float("nan"), device=DEVICE)
-            counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config) + 8, dtype=torch.int32, device=DEVICE)
-            sparse_gemv.launch_mlp(x, w, t, wd, td, counters, config, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
+            counters = torch.zeros(configs.mlp_counters_size(I, config) + 8, dtype=torch.int32, device=DEVICE)
+            sparse_mlp.launch_mlp(x, w, t, wd, td, counters, config, dcfg, out, ss, norm_weight=g, ss_in=ss_in)
             assert not out.isnan().any() and not counters.any(), (config, dcfg)
             red_d = triton.next_power_of_2(triton.cdiv(D, dcfg.n_red))
-            assert rel_err(ss, sparse_gemv.sum_squares_ref(out, red_d)) < 1e-5, (config, dcfg)
+            assert rel_err(ss, reference.sum_squares_ref(out, red_d)) < 1e-5, (config, dcfg)
             # the two launches of the deferred path, with the same kernel code (and the interpreter's roundings)
             parts = sparse_gemv.sparse_gemv_parts(x, w, t, (I, I), config, glu=True, norm_weight=g, ss_in=ss_in)
             pair = sparse_gemv.launch(parts, wd, td, torch.zeros(64, dtype=torch.int32, device=DEVICE), (D,), False,
@@ -446,10 +446,10 @@ def test_sparse_mlp_matches_reference(D, I, sparsity, dtype):
             assert rel_err(out, pair) < TOL.get(dtype, 1e-5) / 10, (config, dcfg)
             if not interpreted_bf16 or sparsity == 0:  # the interpreter truncates bf16 casts where GPUs round
                 assert rel_err(out, ref) < (5e-2 if interpreted_bf16 else TOL.get(dtype, 1e-5)), (config, dcfg)
-    config = sparse_gemv.default_config(1, D, (I, I), True, n_sm=4)
-    dcfg = sparse_gemv.default_down_config(D, I, config)
-    counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
-    y, ss = sparse_gemv.sparse_mlp(x, w, t, wd, td, counters, config, dcfg, g, ss_in)
+    config = configs.default_config(1, D, (I, I), True, n_sm=4)
+    dcfg = configs.default_down_config(D, I, config)
+    counters = torch.zeros(configs.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
+    y, ss = sparse_mlp.sparse_mlp(x, w, t, wd, td, counters, config, dcfg, g, ss_in)
     assert y.dtype == dtype and ss.shape == (1, dcfg.n_red) and rel_err(y, out) < 1e-6 and not counters.any()
 
 
@@ -459,27 +459,27 @@ def test_sparse_mlp_int8(sparsity):
     D, I, dtype = 72, 96, torch.bfloat16
     x = torch.randn(1, D, device=DEVICE).to(dtype) * 3
     g = (torch.rand(D, device=DEVICE) + 0.5).to(dtype)
-    ss_in = sparse_gemv.sum_squares_ref(x, 16)
+    ss_in = reference.sum_squares_ref(x, 16)
     q, s = rtn_int8(torch.randn(D, 2 * I, device=DEVICE) / D ** 0.5)
     qd, sd = rtn_int8(torch.randn(I, D, device=DEVICE) / I ** 0.5)
-    t = halfway_thresholds(sparse_gemv.rms_norm_ref(x, g, 1e-5), sparsity).expand(2, D).contiguous()
-    h = sparse_gemv.sparse_gemv_ref(sparse_gemv.rms_norm_ref(x, g, 1e-5), q, t, (I, I), glu=True, scale=s)
+    t = halfway_thresholds(reference.rms_norm_ref(x, g, 1e-5), sparsity).expand(2, D).contiguous()
+    h = reference.sparse_gemv_ref(reference.rms_norm_ref(x, g, 1e-5), q, t, (I, I), glu=True, fmt=INT8, scale=s)
     td = halfway_thresholds(h, sparsity)
-    ref = sparse_gemv.sparse_mlp_ref(x, q, t, qd, td, g, 1e-5, scale=s, scale_down=sd)
+    ref = reference.sparse_mlp_ref(x, q, t, qd, td, g, 1e-5, fmt=INT8, scale=s, scale_down=sd)
     for config in MLP_CONFIGS:
-        dcfg = sparse_gemv.default_down_config(D, I, config)
-        counters = torch.zeros(sparse_gemv.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
-        y, ss = sparse_gemv.sparse_mlp(x, q, t, qd, td, counters, config, dcfg, g, ss_in, scale=s, scale_down=sd)
+        dcfg = configs.default_down_config(D, I, config)
+        counters = torch.zeros(configs.mlp_counters_size(I, config), dtype=torch.int32, device=DEVICE)
+        y, ss = sparse_mlp.sparse_mlp(x, q, t, qd, td, counters, config, dcfg, g, ss_in, fmt=INT8, scale=s, scale_down=sd)
         assert not counters.any() and not y.isnan().any()
-        assert rel_err(y, ref) < 5e-2 if sparse_gemv.INTERPRETED and sparsity else rel_err(y, ref) < 2e-2, config
+        assert rel_err(y, ref) < 5e-2 if common.INTERPRETED and sparsity else rel_err(y, ref) < 2e-2, config
 
 
 def test_sparse_mlp_rejects_what_it_does_not_serve():
     x, w, wd = torch.randn(2, 64), torch.randn(64, 64), torch.randn(32, 64)
-    cfg, dcfg = sparse_gemv.default_config(1, 64, (32, 32), True, n_sm=4), sparse_gemv.DownConfig(64, 8, 4)
+    cfg, dcfg = configs.default_config(1, 64, (32, 32), True, n_sm=4), configs.DownConfig(64, 8, 4)
     counters = torch.zeros(64, dtype=torch.int32)
     with pytest.raises(AssertionError, match="batch 1"):
-        sparse_gemv.launch_mlp(x, w, torch.zeros(2, 64), wd, torch.zeros(1, 32), counters, cfg, dcfg,
+        sparse_mlp.launch_mlp(x, w, torch.zeros(2, 64), wd, torch.zeros(1, 32), counters, cfg, dcfg,
                                torch.empty(2, 64), torch.empty(1, 4))
 
 
@@ -524,7 +524,7 @@ def test_decode_attention_from_qkv_partials(B, dtype):
     angles = torch.rand(D // 2, device=DEVICE) * 6
     rope = torch.stack([angles.cos(), angles.sin()], -1)[None].float()
     parts = torch.randn(3, B, (H + 2 * Hkv) * D, device=DEVICE) * 0.6  # sums of unit scale, like the other cases
-    qkv = sparse_gemv.parts_ref(parts[:, None], False, dtype)
+    qkv = reference.parts_ref(parts[:, None], False, dtype)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE)
     v = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEVICE)
     for pos in (0, 50, T - 1):

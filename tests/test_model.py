@@ -3,11 +3,13 @@ import copy
 import pytest
 import torch
 
-from checkpoint import load_model, random_model
-from kernels import sparse_gemv
 from errors import UserError
+from kernels import sparse_mlp
+from loading import load_model, random_model
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
-from quantize import quantize_model
+from kernels.formats import quant_format
+from plan import decode_plan
+from quantization import quantize_model
 from sparsity import SparsityCounter, capture_inputs, set_uniform_thresholds
 from tests.helpers import VARIANTS, hf_checkpoint
 
@@ -104,10 +106,10 @@ def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window
                      max_seq_len=max_seq_len, sliding_window=window)
     ref_model = random_model(args, "cpu", torch.float32, seed=0)
     if quant:
-        quantize_model(ref_model, quant)
+        quantize_model(ref_model, quant_format(quant))
     set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
     model = copy.deepcopy(ref_model)
-    model.enable_kernels(**kernel_options)
+    model.set_plan(decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, **kernel_options))
     return ref_model, model
 
 
@@ -121,12 +123,12 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
     in one kernel, q/k/v and gate/up partials summed by the kernels that read them (defer), and the whole MLP
     in one launch (fuse_mlp; with the norm fused only), over positions that cross a split of the attention
     kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too."""
-    ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm, attention=attention,
-                                                   defer_reduction=defer, fuse_mlp=fuse_mlp)
+    ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm,
+                                                   attention_kernel=attention, defer_reduction=defer, fuse_mlp=fuse_mlp)
     prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
-    launch_mlp = sparse_gemv.sparse_mlp
-    monkeypatch.setattr(sparse_gemv, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))
+    launch_mlp = sparse_mlp.sparse_mlp
+    monkeypatch.setattr(sparse_mlp, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))
     with torch.no_grad():
         for m in (ref_model, model):
             m.setup_caches(1, 128)  # attention splits of 64 positions: the steps cross position 64
@@ -171,5 +173,4 @@ def test_sparsity_counted_on_the_kernel_path():
         stats.append(counter.stats())
     assert set(stats[1]) == {(0, p) for p in ("q", "k", "v", "o", "gate", "up", "down")}
     assert all(abs(stats[0][k] - stats[1][k]) < 1e-6 for k in stats[0])
-    ff = model.layers[0].feed_forward
-    assert ff.defer_reduction and ff.fuse_mlp and model.layers[0].attention.defer_reduction
+    assert model.plan.defer_reduction and model.plan.fuse_mlp  # the hooks ran the materialised plan, and put it back

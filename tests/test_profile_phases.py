@@ -1,31 +1,17 @@
-"""scripts/profile_phases.py without a GPU: its patches still fit the kernel files, and the phase arithmetic."""
-import sys
-from pathlib import Path
-
+"""scripts/profile_phases.py without a GPU: the kernels' profile hooks, and the phase arithmetic."""
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-import profile_phases as pp  # noqa: E402
-from errors import UserError  # noqa: E402
-
-
-def test_instrumented_kernels_load(tmp_path):
-    gemv, att = pp.load_instrumented(tmp_path)
-    assert gemv.PROF == [None] and att.PROF == [None]
-    assert "prof_ptr" in gemv._sparse_gemv_kernel.arg_names and "prof_ptr" in att._decode_attention_kernel.arg_names
-    src = (tmp_path / "sparse_gemv_phases.py").read_text()
-    for slot in (0, 2, 4, 6, 8, 10, 16, 18, 20, 22):
-        assert src.count(f"_stamp(prof, {slot},") == 1
-    assert '"teal::' not in src  # registered beside the real ops, not over them
+from kernels import decode_attention, sparse_gemv
+from kernels.common import PROFILE_SLOTS
+from scripts import profile_phases as pp
 
 
-def test_a_changed_kernel_file_is_reported(tmp_path):
-    f = tmp_path / "sparse_gemv.py"
-    f.write_text((Path(pp._path.ROOT) / "kernels" / "sparse_gemv.py").read_text().replace("MAX_ROWS = 8\n", ""))
-    with pytest.raises(UserError, match="anchor 'MAX_ROWS = 8' occurs 0 times"):
-        pp.instrumented_source(f, pp.GEMV_PATCHES)
+def test_kernels_take_a_profile_buffer():
+    """The stamps live in the kernels behind a PROFILE constexpr (tests/compile_checks.py builds them for sm_90)."""
+    for kernel in (sparse_gemv._sparse_gemv_kernel, decode_attention._decode_attention_kernel):
+        assert {"prof_ptr", "PROFILE"} <= set(kernel.arg_names)
+    assert pp.SLOTS == PROFILE_SLOTS
 
 
 def test_phases_from_stamps():

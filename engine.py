@@ -1,0 +1,156 @@
+"""Decoding: the Generator (prefill and one-token decode step, optionally compiled, streaming tokens to the host
+one step behind the GPU), sampling, and what a run reports (weight bytes per step, peak memory, measured decode
+sparsity). The CLI is generate.py."""
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from errors import UserError
+from sparsity import PROJECTIONS, measure_sparsity, parameter_weighted, per_projection
+
+
+def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """logits [B, V] -> token ids [B, 1], without a host sync."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = torch.where(logits < kth, -float("inf"), logits)
+    probs = torch.softmax(logits, dim=-1)
+    # argmax(p / e) with e ~ Exp(1) samples from p without torch.multinomial's sync
+    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+
+class Generator:
+    """Holds the model and its (optionally compiled) prefill and one-token decode step."""
+
+    def __init__(self, model, compile: bool = False, temperature: float = 0.0, top_k: Optional[int] = None,
+                 sparse_prefill_from: Optional[int] = None):
+        self.model, self.temperature, self.top_k = model, temperature, top_k
+        self.sparse_prefill_from = sparse_prefill_from  # None: dense prefill (TEAL's attention-sink rule)
+        self.device = model.tok_embeddings.weight.device
+        self.prefill_step, self.decode_step = self._prefill, self._decode
+        if compile:
+            cuda = self.device.type == "cuda"
+            self.decode_step = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
+            self.prefill_step = torch.compile(self._prefill, fullgraph=True, dynamic=True)
+
+    def _prefill(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        logits = self.model(idx, input_pos, sparse_from=self.sparse_prefill_from, all_logits=False)
+        return sample(logits[:, -1], self.temperature, self.top_k)
+
+    def _decode(self, cur: Tensor, input_pos: Tensor) -> Tensor:
+        # the model's plan says whether decode steps apply thresholds: the compiled step is specialised on it, so
+        # moving between 0 and a sparse level costs one more graph, not one per level
+        logits = self.model(cur, input_pos, sparse_from=0 if self.model.plan.sparse_decode else None)
+        return sample(logits[:, -1], self.temperature, self.top_k)
+
+    def setup(self, batch: int, max_seq_len: int):
+        self.model.setup_caches(batch, max_seq_len)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, stop_ids=(),
+                 on_tokens: Optional[Callable[[list], bool]] = None) -> tuple:
+        """prompt [B, T] ids on the model's device -> (new ids [B, n], GenStats).
+
+        on_tokens(list of B ids) is called as tokens reach the host, one step behind the GPU so that
+        the next step is already queued; it may return True to stop. Without it nothing syncs until
+        the end. Generation stops early once every row has produced a stop id.
+        """
+        B, T = prompt.shape
+        if T + max_new_tokens > self.model.max_seq_len:
+            raise UserError(f"prompt ({T} tokens) + {max_new_tokens} new tokens exceed the cache of "
+                            f"{self.model.max_seq_len}")
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        stats = GenStats(prompt_tokens=T)
+        sync()
+        t0 = time.perf_counter()
+        input_pos = torch.arange(T, device=self.device)
+        tok = self.prefill_step(prompt, input_pos).clone()  # [B, 1]
+        sync()
+        stats.ttft_s = time.perf_counter() - t0
+        out = [tok]
+        stopped = torch.zeros(B, dtype=torch.bool)
+        stop_ids = set(stop_ids)
+        pending = self._to_host(tok) if on_tokens else None
+        input_pos = torch.tensor([T], device=self.device, dtype=torch.long)
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            nxt = self.decode_step(tok, input_pos).clone()
+            input_pos += 1
+            out.append(nxt)
+            tok = nxt
+            if on_tokens:
+                ids = self._wait(pending)
+                pending = self._to_host(nxt)
+                stopped |= torch.tensor([i in stop_ids for i in ids])
+                if on_tokens(ids) or bool(stopped.all()):
+                    pending = None
+                    break
+        if on_tokens and pending is not None:
+            ids = self._wait(pending)
+            on_tokens(ids)
+        sync()
+        stats.decode_s = time.perf_counter() - t1
+        new = torch.cat(out, dim=1)
+        stats.new_tokens = new.shape[1]
+        return new, stats
+
+    def _to_host(self, tok: Tensor):
+        if self.device.type != "cuda":
+            return tok.view(-1).tolist()
+        host = torch.empty(tok.numel(), dtype=tok.dtype, pin_memory=True)
+        host.copy_(tok.view(-1), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev
+
+    def _wait(self, pending) -> list:
+        if isinstance(pending, list):
+            return pending
+        host, ev = pending
+        ev.synchronize()
+        return host.tolist()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads when dense: every parameter and quantization scale, but not the
+    embedding table (one row of it is read) unless it doubles as the LM head."""
+    emb = model.tok_embeddings.weight
+    scales = [b for n, b in model.named_buffers() if n.endswith(".scale")]
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *scales))
+    return total - (0 if model.output.weight is emb else emb.numel() * emb.element_size())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def sparsity_report(model, seq: Tensor, n_prompt: int) -> str:
+    """The decode sparsity the thresholds actually give on this text, per projection and model-wide."""
+    if seq.shape[1] <= n_prompt:
+        return "measured decode sparsity: no decoded tokens"
+    stats = measure_sparsity(model, seq, sparse_from=n_prompt, start=n_prompt)
+    pp = per_projection(stats)
+    return ("measured decode sparsity " + " ".join(f"{p} {pp[p]:.2f}" for p in PROJECTIONS if p in pp)
+            + f" | model-wide (parameter-weighted) {parameter_weighted(model, stats):.3f}")

@@ -1,0 +1,98 @@
+"""Models from checkpoints: load_model builds the Transformer from a CKPT directory (checkpoint.py's file format),
+optionally with quantized weights (quantization.py); random_model / random_tensors make random-weight models of a
+config's shapes (for speed work and tests)."""
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from checkpoint import FORMAT, WEIGHTS, read_config, read_metadata, read_safetensors_metadata, state_dict_shapes
+from errors import UserError
+from model import ModelArgs, Transformer
+from kernels.formats import QuantFormat
+from quantization import quant_file, quant_structure, quantize_model
+
+
+def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None, mlp: str = "teal",
+               quant: Optional[QuantFormat] = None):
+    """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored). quant: the sparse linears
+    in that format (kernels/formats.py), from CKPT/model-<name>.safetensors, or quantized here (quantization.py)
+    when there is none."""
+    args = read_config(ckpt)
+    meta = read_metadata(ckpt)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{Path(ckpt) / WEIGHTS} was not written by our converter (format {meta.get('format')!r})")
+    path = Path(ckpt) / WEIGHTS
+    stored = Path(ckpt) / quant_file(quant) if quant else None
+    if stored is not None and stored.exists():
+        qmeta = read_safetensors_metadata(stored)
+        if qmeta.get("quantization") != quant.scheme or qmeta.get("fingerprint") != meta.get("fingerprint"):
+            raise UserError(f"{stored} does not hold {quant.name} weights of this checkpoint's {WEIGHTS} "
+                            "(re-run quantize.py)")
+        path = stored
+    with torch.device("meta"):
+        model = Transformer(args, mlp)
+    if path == stored:
+        quant_structure(model, quant)
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"could not read {path}: {e}") from None
+    if dtype is not None:  # quantized weights and their scales stay as they are
+        sd = {k: v if not v.is_floating_point() or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}
+    tied = args.tie_embeddings and path != stored  # a quantized file holds the head's own int8 copy
+    if tied and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(f"{path} does not match its config.json: {first}") from None
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    materialize_buffers(model, device)
+    if quant and path != stored:
+        quantize_model(model, quant)
+    model.fingerprint = meta.get("fingerprint", "")
+    return model.eval().requires_grad_(False)
+
+
+def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0):
+    """(name, tensor) of a random-weight checkpoint, in file order: linears ~ N(0, 1/in_features),
+    embeddings ~ N(0, 1), norm weights 1 (DESIGN.md §5). Speed does not depend on the values."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, (shape, _) in state_dict_shapes(args, dtype).items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=dtype, device=device)
+        else:
+            t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+            if name.startswith("layers."):
+                t /= shape[0] ** 0.5  # sparse linears are [in, out]
+            elif name == "output.weight":
+                t /= shape[1] ** 0.5
+            t = t.to(dtype)
+        yield name, t
+
+
+def random_model(args: ModelArgs, device, dtype: torch.dtype, seed: int = 0, mlp: str = "teal") -> Transformer:
+    """A model with random weights built directly on `device` (what make_random_checkpoint.py saves)."""
+    with torch.device("meta"):
+        model = Transformer(args, mlp)
+    sd = dict(random_tensors(args, dtype, device, seed))
+    if args.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    materialize_buffers(model, device)
+    return model.eval().requires_grad_(False)
+
+
+def materialize_buffers(model, device):
+    """Give the buffers a model built on the meta device still lacks real zero tensors on `device`."""
+    for mod in model.modules():  # buffers were created on meta: thresholds start at zero (dense)
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_meta:
+                mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype, device=device), persistent=False)

@@ -1,0 +1,88 @@
+"""The decode plan: how each call of a forward pass runs, decided once and read by every module.
+
+A plan is a frozen value made from the device, the weights' format and the user's flags (`decode_plan`); the model
+holds it (`Transformer.set_plan`, which also sizes each projection's launch configs for it) and every module asks it
+instead of keeping flags of its own:
+- `projection(rows, sparse, active)`: a projection call runs on the Triton kernels ("kernel"), or on the PyTorch
+  reference path with its thresholds ("sparse") or without ("dense": x @ W, cuBLAS on a GPU);
+- `attention(rows, seq, active)`: one-token steps through the decode-attention kernel;
+- `defers(...)`: q/k/v and gate/up hand their split-K partials to the kernel that reads them;
+- `fused_mlp(...)`: the whole MLP of one token in one launch;
+- `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
+  kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
+Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
+input and output materialised.
+"""
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from errors import UserError
+from kernels.common import INTERPRETED, MAX_ROWS
+from kernels.formats import FLOAT, QuantFormat
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    kernels: bool = False  # decode-sized projection calls (<= MAX_ROWS token rows) through the Triton kernels
+    n_sm: int = 0  # multiprocessors the launch configs are sized for
+    fuse_norm: bool = True  # RMSNorm inside the q/k/v and gate/up kernels, from the previous residual add's sums
+    attention_kernel: bool = True  # RoPE, cache write and attention of one-token steps in one kernel
+    defer_reduction: bool = True  # q/k/v and gate/up leave their split-K partials to the attention and down kernels
+    fuse_mlp: bool = True  # batch 1, norm fused, 16-bit weights: gate/up and down in one launch
+    sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode through cuBLAS)
+    quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
+
+    def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
+        """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
+        with `rows` token rows; `active` marks positions that keep dense inputs (partial prefill sparsity)."""
+        if not sparse:
+            return "dense"
+        return "kernel" if self.kernels and active is None and rows <= MAX_ROWS else "sparse"
+
+    def attention(self, rows: int, seq: int, active: Optional[Tensor]) -> bool:
+        return self.kernels and self.attention_kernel and seq == 1 and active is None and rows <= MAX_ROWS
+
+    def defers(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
+        return self.defer_reduction and self.projection(rows, sparse, active) == "kernel"
+
+    def fused_mlp(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
+        return (self.fuse_mlp and self.fuse_norm and not self.quantized and rows == 1
+                and self.projection(rows, sparse, active) == "kernel")
+
+    def materialised(self) -> "DecodePlan":
+        """This plan with every projection's input and output materialised (for activation hooks): the same values."""
+        return replace(self, defer_reduction=False, fuse_mlp=False)
+
+    def at_level(self, sparsity: float) -> "DecodePlan":
+        """The plan for decoding at `sparsity`: dense 16-bit weights decode through cuBLAS at 0, as they are faster
+        there than a sparse kernel at zero thresholds; quantized weights decode on the kernels (zero thresholds are
+        exactly dense)."""
+        return replace(self, sparse_decode=sparsity > 0 or self.quantized)
+
+
+REFERENCE = DecodePlan()  # no kernels: the PyTorch reference path (CPU, and every model until set_plan)
+
+
+def n_sm_of(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter (tests): a few "SMs" keep the launch configs small
+
+
+def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float = 0.0,
+                kernels: Optional[bool] = None, n_sm: Optional[int] = None, **flags) -> DecodePlan:
+    """The plan for a model on `device` with weights in `fmt`, decoding at `sparsity`: the Triton kernels on CUDA, the
+    reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp (ablations; all on by
+    default). kernels=True takes the kernels on a CPU too: in Triton's CPU interpreter (tests), or, with `n_sm`,
+    to build a GPU's launches without running them (scripts/sm90.py). Transformer.set_plan fits the plan to the
+    model's weights and heads."""
+    if kernels is None:
+        kernels = device.type == "cuda"
+    elif kernels and device.type != "cuda" and not INTERPRETED and n_sm is None:
+        raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
+    plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,
+                      **flags)
+    return plan.at_level(sparsity)

@@ -1,0 +1,1 @@
+"""Command-line tools beyond the main three (run as `python scripts/NAME.py`); importable as `scripts.NAME`."""
