@@ -100,6 +100,8 @@ def save_checkpoint(out: Path, args: ModelArgs, tensors: Iterable, dtype: torch.
 
 def read_config(ckpt: Path) -> ModelArgs:
     ckpt = Path(ckpt)
+    if ckpt.is_file():
+        raise UserError(f"{ckpt} is a file: --checkpoint takes the directory that holds config.json")
     if not ckpt.is_dir():
         raise UserError(f"checkpoint directory {ckpt} does not exist")
     path = ckpt / "config.json"
@@ -107,7 +109,9 @@ def read_config(ckpt: Path) -> ModelArgs:
         raise UserError(f"{ckpt} has no config.json: convert a model into it with scripts/convert_hf_checkpoint.py")
     try:
         return ModelArgs.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+    except KeyError as e:
+        raise UserError(f"{path} is not a valid config: it has no {e.args[0]!r}") from None
+    except (json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{path} is not a valid config: {e}") from None
 
 

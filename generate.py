@@ -44,6 +44,12 @@ def main(argv=None):
         raise UserError("--max-new-tokens and --num-samples must be at least 1")
     if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
         raise UserError("--temperature must be >= 0 and --top-k >= 1")
+    if a.max_seq_len is not None and a.max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2, got {a.max_seq_len}")
+    if a.sparse_prefill_from is not None and a.sparse_prefill_from < 0:
+        raise UserError(f"--sparse-prefill-from must be >= 0, got {a.sparse_prefill_from}")
+    if not a.interactive and not a.prompt:
+        raise UserError("--prompt is empty: give the text to continue")
     if a.seed is not None:
         torch.manual_seed(a.seed)
 

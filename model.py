@@ -65,6 +65,9 @@ class ModelArgs:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"config has unknown fields {unknown}")
+        missing = [k for k in REQUIRED_FIELDS if k not in d]
+        if missing:  # the defaults are Llama-2-7B's: a model's shape is never taken from them silently
+            raise UserError(f"config is missing {', '.join(missing)}")
         return cls(**d)
 
     @classmethod
@@ -122,6 +125,7 @@ class ModelArgs:
 
 
 ARCHS = ("llama", "mistral")
+REQUIRED_FIELDS = ("dim", "n_layer", "n_head", "intermediate_size", "vocab_size")  # of our own config.json
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _L31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -51,11 +51,13 @@ class Setting:
 
 
 def windows(n: int, window: int, stride: int, max_tokens: int) -> list:
-    """(begin, end, first scored position) of sliding windows over n tokens."""
+    """(begin, end, first scored position) of sliding windows over n tokens, scoring at most max_tokens in all (the
+    last window is cut short)."""
     out, scored, begin = [], 0, 0
     while scored < max_tokens:
         end = min(begin + window, n)
         first = 0 if begin == 0 else window - stride
+        end = min(end, begin + max(first, 1) + max_tokens - scored)  # score max_tokens, not a window more
         if end - begin < 2 or first >= end - begin:
             break
         out.append((begin, end, first))
