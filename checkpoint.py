@@ -72,10 +72,13 @@ def state_dict_shapes(args: ModelArgs, dtype: torch.dtype) -> dict:
     return {k: (tuple(v.shape), dtype) for k, v in sd.items()}
 
 
-def save_checkpoint(out: Path, args: ModelArgs, tensors: Iterable, dtype: torch.dtype, extra: Optional[dict] = None):
-    """Write config.json and model.safetensors. tensors: (name, tensor) in state_dict order."""
+def save_checkpoint(out: Path, args: ModelArgs, tensors: Iterable, dtype: torch.dtype, extra: Optional[dict] = None,
+                    shapes: Optional[dict] = None):
+    """Write config.json and model.safetensors. tensors: (name, tensor) in the order of `shapes` (default: the
+    float model's state_dict_shapes in `dtype`; a checkpoint of quantized weights passes its own, and names its
+    format's scheme as `quantization` in `extra`)."""
     out.mkdir(parents=True, exist_ok=True)
-    shapes = state_dict_shapes(args, dtype)
+    shapes = shapes or state_dict_shapes(args, dtype)
     sample, names = {}, set(FINGERPRINT_KEYS)
 
     def keep_samples():

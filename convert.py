@@ -13,35 +13,68 @@ from tqdm import tqdm
 
 from checkpoint import save_checkpoint, state_dict_shapes
 from errors import UserError
+from kernels.formats import FLOAT, QuantFormat, from_awq, int4_variant
 from model import ModelArgs
+from quantization import quantized_shapes
 from tokenizer import tokenizer_files_from_gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "original/tokenizer.model")
 
 
-def convert_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], names: dict):
-    """(name, tensor) of our checkpoint in file order. `get(key)` fetches a source tensor [out, in];
-    `names` maps our roles to source keys with {i} for the layer."""
-    shapes = state_dict_shapes(args, torch.float32)
+FUSED = {"attention.wqkv": ("q", "k", "v"), "attention.wo": ("o",), "feed_forward.w13": ("gate", "up"),
+         "feed_forward.w2": ("down",)}  # our sparse linears and the source projections each joins, in order
+
+
+def convert_tensors(args: ModelArgs, get: Callable[[str], torch.Tensor], names: dict, shapes: Optional[dict] = None,
+                    fmt: QuantFormat = FLOAT):
+    """(name, tensor) of our checkpoint in the order of `shapes` (default: the float model's). `get(key)` fetches a
+    source tensor [out, in]; `names` maps our roles to source keys with {i} for the layer. With a quantized `fmt`
+    (AWQ), the sparse linears come from the source's AutoAWQ tensors (<projection>.qweight, .qzeros, .scales),
+    repacked as `fmt` (kernels/formats.from_awq), never as 16-bit weights."""
+    shapes = shapes or state_dict_shapes(args, torch.float32)
+    awq = {}  # (words, scale) of the linear being written: its weight and its scale are two entries
     for name in tqdm(shapes, desc="converting", unit="tensor"):
         parts = name.split(".")
         if parts[0] != "layers":
             yield name, get(names[name])
             continue
         i, role = int(parts[1]), ".".join(parts[2:])
-        src = lambda key: get(names[key].format(i=i))  # noqa: E731
-        if role == "attention.wqkv.weight":
-            w = torch.cat([src("q"), src("k"), src("v")], dim=0).t()
-        elif role == "attention.wo.weight":
-            w = src("o").t()
-        elif role == "feed_forward.w13.weight":
-            w = torch.cat([src("gate"), src("up")], dim=0).t()
-        elif role == "feed_forward.w2.weight":
-            w = src("down").t()
+        module, field = role.rsplit(".", 1)
+        keys = [names[p].format(i=i) for p in FUSED.get(module, ())]
+        if not keys:
+            w = get(names[role].format(i=i))
+        elif fmt.quantized:
+            if module not in awq:
+                awq = {module: [from_awq(*(get(k.removesuffix(".weight") + s) for s in AWQ_TENSORS)) for k in keys]}
+            w = torch.cat([q if field == "weight" else scale for q, scale in awq[module]], dim=1 if field == "weight" else 2)
         else:
-            w = src(role)
+            w = torch.cat([get(k) for k in keys], dim=0).t()
         yield name, w.contiguous()
+
+
+AWQ_TENSORS = (".qweight", ".qzeros", ".scales")
+
+
+def awq_format(hf_cfg: dict) -> QuantFormat:
+    """The format of a quantized HF config's weights: AutoAWQ's GEMM layout (4 bits, zero points, groups of 128, 64
+    or 32) as INT4; anything else one clear error naming what is unsupported. FLOAT for an unquantized config."""
+    q = hf_cfg.get("quantization_config")
+    if not q:
+        return FLOAT
+    method = q.get("quant_method")
+    if method != "awq":
+        raise UserError(f"{method!r}-quantized checkpoints are not supported (AWQ GEMM is; or convert 16-bit weights)")
+    version = str(q.get("version", "gemm")).lower()
+    bits, group, zero = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size")), q.get("zero_point")
+    unsupported = [what for what, bad in ((f"version {version!r} (only GEMM)", version != "gemm"),
+                                          (f"{bits} bits (only 4)", bits != 4),
+                                          ("no zero points (only zero_point: true)", zero is False),
+                                          (f"group size {group} (only 128, 64, 32)", group not in (128, 64, 32)))
+                   if bad]
+    if unsupported:
+        raise UserError("unsupported AWQ checkpoint: " + "; ".join(unsupported))
+    return int4_variant(group, "awq")
 
 
 HF_NAMES = {
@@ -94,10 +127,16 @@ def convert_hf(hf_dir: Path, out: Path, dtype: Optional[torch.dtype] = None) -> 
     except json.JSONDecodeError as e:
         raise UserError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
     args = ModelArgs.from_hf_config(hf_cfg)
+    fmt = awq_format(hf_cfg)
     get = _HFWeights(hf_dir)
     if dtype is None:
         dtype = get(HF_NAMES["tok_embeddings.weight"]).dtype
-    save_checkpoint(Path(out), args, convert_tensors(args, get, HF_NAMES), dtype, {"source": "hf"})
+    if fmt.quantized:  # the sparse linears stay 4-bit in model.safetensors; the rest in `dtype`
+        shapes = quantized_shapes(args, fmt, dtype)
+        save_checkpoint(Path(out), args, convert_tensors(args, get, HF_NAMES, shapes, fmt), dtype,
+                        {"source": "hf-awq", "quantization": fmt.scheme}, shapes)
+    else:
+        save_checkpoint(Path(out), args, convert_tensors(args, get, HF_NAMES), dtype, {"source": "hf"})
     copy_tokenizer_files(hf_dir, Path(out))
     return args
 

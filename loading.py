@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from checkpoint import FORMAT, WEIGHTS, read_config, read_metadata, read_safetensors_metadata, state_dict_shapes
 from errors import UserError
 from model import ModelArgs, Transformer
-from kernels.formats import QuantFormat
+from kernels.formats import QuantFormat, format_of_scheme
 from quantization import quant_file, quant_structure, quantize_model
 
 
@@ -24,6 +24,11 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
     if meta.get("format") != FORMAT:
         raise UserError(f"{Path(ckpt) / WEIGHTS} was not written by our converter (format {meta.get('format')!r})")
     path = Path(ckpt) / WEIGHTS
+    native = format_of_scheme(meta["quantization"]) if meta.get("quantization") else None  # e.g. converted AWQ
+    if native is not None:
+        if quant is not None and quant.name != native.name:
+            raise UserError(f"{path} holds {native.name} weights ({native.scheme}); --quant {quant.name} does not apply")
+        quant = None  # the weights are already in their format
     stored = Path(ckpt) / quant_file(quant) if quant else None
     if stored is not None and stored.exists():
         qmeta = read_safetensors_metadata(stored)
@@ -35,6 +40,8 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
         model = Transformer(args, mlp)
     if path == stored:
         quant_structure(model, quant)
+    elif native is not None:
+        quant_structure(model, native, head=False)
     try:
         with safe_open(str(path), "pt", device=str(device)) as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -55,6 +62,8 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
     materialize_buffers(model, device)
     if quant and path != stored:
         quantize_model(model, quant)
+    elif native is not None:
+        quantize_model(model, native)  # only the head is left: INT8, as under every quantized format
     model.fingerprint = meta.get("fingerprint", "")
     return model.eval().requires_grad_(False)
 

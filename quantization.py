@@ -47,14 +47,28 @@ def int8_head(model: Transformer, q: torch.Tensor, scale: torch.Tensor) -> Spars
     return head
 
 
-def quant_structure(model: Transformer, fmt: QuantFormat):
-    """Make every sparse linear `fmt`-shaped (its stored weights and scale buffer) and the head INT8-shaped, so that
-    a quantized state dict loads."""
+def quant_structure(model: Transformer, fmt: QuantFormat, head: bool = True):
+    """Make every sparse linear `fmt`-shaped (its stored weights and scale buffer) and, with `head`, the head
+    INT8-shaped, so that a quantized state dict loads (a converted AWQ checkpoint keeps its source's float head)."""
     for m in model.modules():
         if isinstance(m, SparseLinear):
             m.set_quantized(fmt, *fmt.empty(m.in_features, m.out_features, m.weight.device))
-    a, device = model.args, model.tok_embeddings.weight.device
-    model.output = int8_head(model, *INT8.empty(a.dim, a.vocab_size, device))
+    if head:
+        a, device = model.args, model.tok_embeddings.weight.device
+        model.output = int8_head(model, *INT8.empty(a.dim, a.vocab_size, device))
+
+
+def quantized_shapes(args, fmt: QuantFormat, dtype: torch.dtype) -> dict:
+    """name -> (shape, dtype) of a checkpoint whose sparse linears hold `fmt` weights and the rest `dtype` floats
+    (the head too), in file order."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    quant_structure(model, fmt, head=False)
+    sd = model.state_dict()
+    if args.tie_embeddings:
+        sd.pop("output.weight")
+    return {k: (tuple(v.shape), v.dtype if not v.is_floating_point() or k.endswith(".scale") else dtype)
+            for k, v in sd.items()}
 
 
 def save_quantized(model: Transformer, ckpt: Path, source_meta: dict, fmt: QuantFormat) -> Path:

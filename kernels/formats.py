@@ -12,7 +12,7 @@ The kernels read `code` (their QUANT constexpr: 0, 1, 2) and stream each format'
 Adding a format: a value here, and its step in kernels/stream.py.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -141,6 +141,45 @@ class QuantFormat:
         elif self.code == 2:
             assert scale.dim() == 3 and scale.shape[0] == 2 and scale.shape[2] == w.shape[1] * 8
             assert w.shape[0] % scale.shape[1] == 0
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of word c holds column 8c + AWQ_ORDER[i]
+
+
+def unpack_awq(words: Tensor) -> Tensor:
+    """AutoAWQ's GEMM packing, int32 [R, N/8] -> [R, N] int32 in 0..15."""
+    nib = (words[:, :, None] >> torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)) & 0xF  # [R, N/8, 8]
+    out = torch.empty_like(nib)
+    out[:, :, list(AWQ_ORDER)] = nib
+    return out.reshape(words.shape[0], -1)
+
+
+def from_awq(qweight: Tensor, qzeros: Tensor, scales: Tensor) -> tuple:
+    """An AutoAWQ GEMM linear (qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales float16 [K/g, N]; w = (q - z)
+    s) -> INT4's (words int32 [K, N/8], scale float16 [2, K/g, N]) with w = q s + m, m = -z s rounded to float16 (within
+    half a float16 ulp of z s < 16 s: at most s / 128, under 1% of a quantization step)."""
+    z = unpack_awq(qzeros).float()
+    s = scales.float()
+    return pack_int4(unpack_awq(qweight)), torch.stack([scales.half(), (-z * s).half()])
+
+
+def int4_variant(group: int, source: str = "rtn") -> "QuantFormat":
+    """INT4 with scale groups of `group` inputs, from RTN (quantize.py) or AWQ (a converted AutoAWQ checkpoint)."""
+    if group not in (128, 64, 32) or source not in ("rtn", "awq"):
+        raise UserError(f"int4 weights come in groups of 128, 64 or 32 inputs (rtn or awq), not {group} ({source})")
+    scheme = "int4-rtn-group-int8-head" if (group, source) == (128, "rtn") else f"int4-{source}-g{group}-int8-head"
+    return replace(INT4, scheme=scheme, group_size=group)
+
+
+def format_of_scheme(scheme: str) -> "QuantFormat":
+    """The format a file's `quantization` metadata names; UserError for a scheme this engine does not read."""
+    for fmt in (INT8, INT4):
+        if fmt.scheme == scheme:
+            return fmt
+    parts = scheme.split("-")  # int4-<source>-g<group>-int8-head
+    if len(parts) == 5 and parts[0] == "int4" and parts[2][:1] == "g" and parts[2][1:].isdigit():
+        return int4_variant(int(parts[2][1:]), parts[1])
+    raise UserError(f"weights quantized as {scheme!r} are not read by this engine (re-run quantize.py)")
 
 
 FLOAT = QuantFormat("float", "", 0, 16, None, 1)
