@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
 from cli import HelpFormatter, run_cli
 from errors import UserError
@@ -56,22 +56,26 @@ class HopperTarget:
 
 @contextmanager
 def recorded_launches():
-    """Within: every Triton launch is bound and recorded as (kernel, signature, constexprs, attrs, options)
-    instead of run. Needs HopperTarget active."""
+    """Within: every Triton launch is recorded as (kernel, signature, constexprs, attrs, options) instead of compiled
+    and run, through Triton's public pre-compile hook (knobs.runtime.jit_cache_hook: returning True skips the
+    compilation, and a launch with no kernel does nothing). Needs HopperTarget active."""
     seen = []
 
-    def record(self, *args, grid, warmup, **kwargs):
-        backend, binder = self.device_caches[0][3:]
-        bound, specialization, options = binder(*args, **kwargs)
-        seen.append((self, *self._pack_args(backend, kwargs, bound, specialization, options)[1:],
-                     backend.parse_options(kwargs)))
+    def record(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        jit = fn.jit_function
+        backend = jit.device_caches[0][3]
+        opts = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion",
+                                        "launch_cooperative_grid")}
+        seen.append((jit, compile["signature"], compile["constants"], compile["configs"][0],
+                     backend.parse_options(opts)))
+        return True
 
-    real_run = JITFunction.run
-    JITFunction.run = record
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = record
     try:
         yield seen
     finally:
-        JITFunction.run = real_run
+        knobs.runtime.jit_cache_hook = previous
 
 
 def plan_as_on_gpu(n_sm: int = 132):
