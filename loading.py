@@ -70,7 +70,7 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
 
 def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0):
     """(name, tensor) of a random-weight checkpoint, in file order: linears ~ N(0, 1/in_features),
-    embeddings ~ N(0, 1), norm weights 1 (DESIGN.md §5). Speed does not depend on the values."""
+    embeddings ~ N(0, 1), norm weights 1 (the benchmark protocol). Speed does not depend on the values."""
     g = torch.Generator(device=device).manual_seed(seed)
     for name, (shape, _) in state_dict_shapes(args, dtype).items():
         if name.endswith("norm.weight"):

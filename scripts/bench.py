@@ -1,4 +1,4 @@
-"""Decode benchmarks on random weights of real shapes (DESIGN.md §5). Needs a CUDA GPU.
+"""Decode benchmarks on random weights of real shapes (the protocol below). Needs a CUDA GPU.
 
     python scripts/bench.py [--models llama-2-7b,llama-3-8b,mistral-7b-v0.1] [--sparsities 0,0.25,0.4,0.5,0.65]
                             [--skip-kernels] [--skip-e2e] [--out docs/bench] [--json]

@@ -50,7 +50,7 @@ def test_named_configs_build():
         a = ModelArgs.from_name(name)
         assert a.n_head % a.n_kv_head == 0 and a.head_dim * a.n_head >= a.dim // 2
     a = ModelArgs.from_name("llama-2-7b")
-    # non-embedding parameters of Llama-2-7B: 6.61e9 (DESIGN.md: 13.21 GB in fp16)
+    # non-embedding parameters of Llama-2-7B: 6.61e9 (13.21 GB in fp16)
     assert abs(a.n_params() * 2 / 1e9 - 13.21) < 0.01
     assert ModelArgs.from_name("mistral-7b-v0.1").sliding_window == 4096
     assert ModelArgs.from_name("llama-3.1-8b").rope_scaling["factor"] == 8.0
