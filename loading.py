@@ -30,6 +30,9 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
             raise UserError(f"{path} holds {native.name} weights ({native.scheme}); --quant {quant.name} does not apply")
         quant = None  # the weights are already in their format
     stored = Path(ckpt) / quant_file(quant) if quant else None
+    if stored is not None and quant.calibrated and not stored.exists():
+        raise UserError(f"{stored} does not exist: {quant.name} weights come from calibration data, "
+                        f"run `python quantize.py --checkpoint {ckpt} --mode {quant.name}`")
     if stored is not None and stored.exists():
         qmeta = read_safetensors_metadata(stored)
         if qmeta.get("quantization") != quant.scheme or qmeta.get("fingerprint") != meta.get("fingerprint"):

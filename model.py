@@ -176,6 +176,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
         self.fmt: QuantFormat = FLOAT  # how the weights are stored (kernels/formats.py); see set_quantized
         self.register_buffer("scale", None)  # quantized weights' scales
+        self.register_buffer("input_scale", None)  # AWQ (awq.py): the input is x / input_scale of the source model's
         self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):

@@ -53,6 +53,8 @@ def quant_structure(model: Transformer, fmt: QuantFormat, head: bool = True):
     for m in model.modules():
         if isinstance(m, SparseLinear):
             m.set_quantized(fmt, *fmt.empty(m.in_features, m.out_features, m.weight.device))
+            if fmt.calibrated:
+                m.register_buffer("input_scale", torch.empty(m.in_features, device=m.weight.device))
     if head:
         a, device = model.args, model.tok_embeddings.weight.device
         model.output = int8_head(model, *INT8.empty(a.dim, a.vocab_size, device))

@@ -1,41 +1,59 @@
-"""Weight-only quantization of a checkpoint's sparse linears, round to nearest (RTN), no calibration data:
-- int8: one symmetric scale per output channel, w ≈ q * scale with q in [-127, 127] (half the bytes of bf16);
-- int4: eight weights to an int32 word, an asymmetric scale and offset per group of 128 inputs (64 or 32 where 128
-  does not divide the input size) and output channel, w ≈ q * s + m with q in [0, 15] (a bit over a quarter).
-The activation-sparse kernels read the quantized rows of the kept inputs and apply the scales in float32. The LM
-head is quantized to int8 under both schemes (one scale per vocabulary entry) and streamed by the same kernel,
-never thresholded; a head tied to the embedding gets its own int8 copy, since the embedding lookup keeps the 16-bit
-table. Norms keep their dtype.
+"""Weight-only quantization of a checkpoint's sparse linears (kernels/formats.py):
+- int8: round to nearest, one symmetric scale per output channel (half the bytes of bf16);
+- int4: round to nearest, eight weights to an int32 word, an asymmetric scale and offset per group of 128 inputs (64
+  or 32 where 128 does not divide the input size) and output channel (a bit over a quarter);
+- awq: int4 after an activation-aware scale search on calibration text (awq.py); the scales fold into the norms and
+  the v and up projections, and each linear keeps its input scales so the checkpoint's sparsity calibration applies.
+The LM head is int8 under every scheme; norms keep their dtype.
 
-    python quantize.py --checkpoint CKPT [--mode int4]   ->  CKPT/model-int8.safetensors (model-int4...)
+    python quantize.py [--checkpoint CKPT] [--mode int8|int4|awq]   ->  CKPT/model-<mode>.safetensors
     python generate.py --checkpoint CKPT --quant int8 --sparsity 0.5
 
-generate.py --quant int8 reads that file, or quantizes model.safetensors as it loads when the file is absent (the
-same weights: RTN needs no calibration data). The file's metadata names the scheme and carries the source weights'
-fingerprint, so calibration files made on the source checkpoint apply unchanged.
+generate.py --quant int8 (or int4) reads that file, or quantizes model.safetensors as it loads when the file is
+absent (the same weights: RTN needs no calibration data); awq weights come from their file only. The file's metadata
+names the scheme and carries the source weights' fingerprint, so calibration files made on the source checkpoint
+apply unchanged.
 """
 import argparse
 from pathlib import Path
 
+from awq import awq_quantize
+from calibration import token_batches
 from checkpoint import WEIGHTS, read_metadata
-from cli import HelpFormatter, run_cli
-from loading import load_model
+from cli import HelpFormatter, add_model_args, load_from_args, run_cli
+from errors import UserError
 from kernels.formats import QUANT_FORMATS
 from quantization import quantize_model, save_quantized
+from texts import default_texts, read_texts
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="CKPT directory with model.safetensors")
+    add_model_args(p)
     p.add_argument("--mode", choices=sorted(QUANT_FORMATS), default="int8",
-                   help="int8: one scale per output channel; int4: asymmetric, a scale and offset per group of "
-                        "128 inputs (64 or 32 where 128 does not divide) and output channel")
-    a = p.parse_args()
-    meta = read_metadata(a.checkpoint)
-    model = load_model(a.checkpoint)
+                   help="int8: one scale per output channel; int4: a scale and offset per group of 128 inputs and "
+                        "output channel; awq: int4 after an activation-aware scale search on calibration text")
+    p.add_argument("--text", nargs="+", type=Path, default=None,
+                   help="awq: calibration text files (default: the Shakespeare calibration side)")
+    p.add_argument("--tokens", type=int, default=4096, help="awq: calibration tokens")
+    p.add_argument("--seq-len", type=int, default=256, help="awq: tokens per calibration sequence")
+    a = p.parse_args(argv)
+    if a.tokens < a.seq_len or a.seq_len < 2:
+        raise UserError("need --tokens >= --seq-len >= 2")
+    a.quant = None  # the source weights, quantized here
+    ckpt, model, tok, device = load_from_args(a)
+    meta = read_metadata(ckpt)
     fmt = QUANT_FORMATS[a.mode]
-    quantize_model(model, fmt, progress=True)
-    path = save_quantized(model, a.checkpoint, meta, fmt)
+    if fmt.calibrated:
+        text = read_texts(a.text if a.text else default_texts("calibration"))
+        batches = token_batches(tok, text, a.tokens, a.seq_len, 4, device)
+        report = awq_quantize(model, batches, fmt)
+        errs = [e for _, e in report.values()]
+        print(f"awq: {len(report)} linear groups, output error {sum(errs) / len(errs):.2e} on average "
+              f"(relative, squared)")
+    else:
+        quantize_model(model, fmt, progress=True)
+    path = save_quantized(model.to("cpu"), ckpt, meta, fmt)
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB, {fmt.scheme}; source {WEIGHTS} is kept)")
 
 

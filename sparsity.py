@@ -268,5 +268,7 @@ def apply_thresholds(model: Transformer, calib: Calibration, sparsity: float, me
         if cats is not None and name in ("gate", "up", "down"):
             value = cats[layer] if name == "up" and sparsity > 0 else 0.0
             mod.threshold[row].fill_(value)
+        elif mod.input_scale is not None:  # AWQ weights: the input is x / s of the source model's (awq.py)
+            mod.threshold[row].copy_(thr[(layer, name)].to(mod.threshold) / mod.input_scale)
         else:
             mod.threshold[row].copy_(thr[(layer, name)])

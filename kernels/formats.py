@@ -92,6 +92,8 @@ class QuantFormat:
     quantize: Optional[Callable] = None  # (w [K, N] float, group) -> (q, scale)
     dequantize: Optional[Callable] = None  # (q, scale) -> float32 [K, N]
     group_size: int = 0  # inputs per scale group where the input size allows (see group); 0: per output column
+    calibrated: bool = False  # made with calibration data (awq.py): read from its file, never quantized on load;
+    # its linears keep per-input-channel scales (`input_scale`) that the source's thresholds are divided by
 
     @property
     def quantized(self) -> bool:
@@ -173,7 +175,7 @@ def int4_variant(group: int, source: str = "rtn") -> "QuantFormat":
 
 def format_of_scheme(scheme: str) -> "QuantFormat":
     """The format a file's `quantization` metadata names; UserError for a scheme this engine does not read."""
-    for fmt in (INT8, INT4):
+    for fmt in (INT8, INT4, AWQ):
         if fmt.scheme == scheme:
             return fmt
     parts = scheme.split("-")  # int4-<source>-g<group>-int8-head
@@ -185,8 +187,9 @@ def format_of_scheme(scheme: str) -> "QuantFormat":
 FLOAT = QuantFormat("float", "", 0, 16, None, 1)
 INT8 = QuantFormat("int8", "int8-rtn-channel-head", 1, 8, torch.int8, 1, rtn_int8, dequantize_int8)
 INT4 = QuantFormat("int4", "int4-rtn-group-int8-head", 2, 4, torch.int32, 8, rtn_int4, dequantize_int4, 128)
-FORMATS = {f.name: f for f in (FLOAT, INT8, INT4)}
-QUANT_FORMATS = {f.name: f for f in (INT8, INT4)}  # what --quant offers; the LM head is INT8 under each
+AWQ = replace(INT4, name="awq", scheme="awq-int4-g128-int8-head", calibrated=True)  # INT4 after awq.py's scaling
+FORMATS = {f.name: f for f in (FLOAT, INT8, INT4, AWQ)}
+QUANT_FORMATS = {f.name: f for f in (INT8, INT4, AWQ)}  # what --quant offers; the LM head is INT8 under each
 
 
 def quant_format(name: Optional[str]) -> QuantFormat:

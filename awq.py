@@ -1,0 +1,98 @@
+"""Activation-aware weight quantization (AWQ, Lin et al., MLSys 2024) into 4-bit groups, for the sparse linears.
+
+Input channels that carry large activations matter more to a linear's output, so each group of linears that
+shares an input (q/k/v; o; gate/up; down) gets per-input-channel scales s = mean|x|^α before round-to-nearest:
+W' = diag(s) W is quantized, and the input is divided by s, which folds exactly into the op before it:
+- q/k/v and gate/up: the RMSNorm weight (its output channels);
+- o: the v columns of q/k/v (attention is linear in v; under GQA the query heads that share a KV head share its
+  scales);
+- down: the up columns of gate/up (silu(gate) * up is linear in up).
+α is searched per group on a grid, minimising the squared error of the group's output on calibration activations.
+
+Sparsity: a linear's input becomes x / s, so a threshold t of the source model becomes t / s channel by channel
+and drops exactly the same inputs. Each scaled linear keeps s as its `input_scale` buffer (saved in the quantized
+file), and sparsity.apply_thresholds divides the source checkpoint's calibrated thresholds by it: the calibration
+of the 16-bit checkpoint applies unchanged.
+"""
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from kernels.formats import AWQ, QuantFormat
+from model import Transformer
+from quantization import quantize_model
+from sparsity import input_hooks
+
+
+@torch.no_grad()
+def capture(model: Transformer, batches: list, max_rows: int) -> dict:
+    """{module: its input x [rows, K] float32 (signed)} over the batches, at most max_rows rows each, dense."""
+    out = {}
+
+    def grab(mod, a):
+        rows = out.setdefault(mod, [])
+        if sum(r.shape[0] for r in rows) < max_rows:
+            rows.append(a.detach().float().reshape(-1, a.shape[-1]))
+
+    with input_hooks(model, grab):
+        for idx in batches:
+            model.setup_caches(max(idx.shape[0], model.max_batch_size), max(idx.shape[1], model.max_seq_len))
+            model(idx, torch.arange(idx.shape[1], device=idx.device), sparse_from=None)
+    return {m: torch.cat(r)[:max_rows] for m, r in out.items()}
+
+
+def search_scale(x: Tensor, w: Tensor, fmt: QuantFormat, grid: int, tie=None) -> tuple:
+    """The best scales s [K] for input x [T, K] and weights w [K, N] (float32): s = mean|x|^α, α in 0, 1/grid, ...,
+    (grid-1)/grid, normalised to a geometric mean of one; tie(s) -> s makes channels share a scale (GQA).
+    -> (s, α, relative output error)."""
+    act = x.abs().mean(0).clamp_min(1e-8)
+    ref = x @ w
+    best = None
+    for i in range(grid):
+        s = act.pow(i / grid)
+        if tie is not None:
+            s = tie(s)
+        s = s / (s.max() * s.min()).sqrt()
+        q, scale = fmt.quantize_weight(w * s[:, None])
+        err = ((x / s) @ fmt.dequantize(q, scale) - ref).pow(2).sum().item()
+        if best is None or err < best[2]:
+            best = (s, i / grid, err)
+    return best[0], best[1], best[2] / ref.pow(2).sum().clamp_min(1e-30).item()
+
+
+@torch.no_grad()
+def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
+                 progress: bool = True) -> dict:
+    """awq_scale, then the model quantized to `fmt` (in place). -> awq_scale's report."""
+    report = awq_scale(model, batches, fmt, grid, max_rows, progress)
+    quantize_model(model, fmt)
+    return report
+
+
+@torch.no_grad()
+def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
+              progress: bool = True) -> dict:
+    """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
+    the float model computes the same function. -> {(layer, group): (α, relative output error once quantized)}."""
+    a = model.args
+    H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
+    q_cols, kv_cols = H * D, Hkv * D
+    inputs = capture(model, batches, max_rows)
+    report = {}
+    for i, layer in enumerate(tqdm(model.layers, desc="awq", unit="layer", disable=not progress)):
+        att, ff = layer.attention, layer.feed_forward
+        gqa = (lambda s: s.view(Hkv, H // Hkv, D).mean(1, keepdim=True).expand(Hkv, H // Hkv, D).reshape(-1))
+        v_cols = slice(q_cols + kv_cols, q_cols + 2 * kv_cols)
+        for name, lin, tie, fold in (
+                ("qkv", att.wqkv, None, lambda s: layer.attention_norm.weight.div_(s.to(layer.attention_norm.weight))),
+                ("o", att.wo, gqa, lambda s: att.wqkv.weight[:, v_cols].div_(
+                    s.view(Hkv, H // Hkv, D)[:, 0].reshape(-1).to(att.wqkv.weight)[None, :])),
+                ("gate_up", ff.w13, None, lambda s: layer.ffn_norm.weight.div_(s.to(layer.ffn_norm.weight))),
+                ("down", ff.w2, None, lambda s: ff.w13.weight[:, I:].div_(s.to(ff.w13.weight)[None, :]))):
+            w = lin.weight.float()
+            s, alpha, err = search_scale(inputs[lin], w, fmt, grid, tie)
+            lin.weight.copy_((w * s[:, None]).to(lin.weight.dtype))
+            fold(s)
+            lin.register_buffer("input_scale", s.to(lin.weight.device))
+            report[(i, name)] = (alpha, err)
+    return report
