@@ -109,7 +109,7 @@ class BlockProbe:
 
     def run(self, layer: int, sparse: bool):
         return self.model.layers[layer](self.inputs[layer], None, self.rope, self.mask, self.pos, sparse,
-                                        self.active)[0]
+                                        self.active, self.model.plan)[0]
 
     @torch.no_grad()
     def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
