@@ -222,8 +222,8 @@ def check_quant_kernels(n_sm: int, shapes=QUANT_SHAPES, levels=(0.0, 0.5, 0.95),
             cfg = configs.default_config(M, K, sizes, glu, n_sm, fmt, head=head, group=group)
             counters = torch.zeros(4096, dtype=torch.int32, device=device)
             out = torch.full((M, n_out), float("nan"), device=device, dtype=dtype)
-            sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, fmt, scale, norm_weight=g, ss_in=ss_in,
-                               eps=1e-5)
+            sparse_gemv.launch(x, q, t, counters, sizes, glu, cfg, res, out, fmt=fmt, scale=scale, norm_weight=g,
+                               ss_in=ss_in, eps=1e-5)
             err = rel_err(out, ref)
             rows += 1
             if not err < bound or out.isnan().any() or counters.any():
