@@ -20,11 +20,14 @@ from pathlib import Path
 from awq import awq_quantize
 from calibration import token_batches
 from checkpoint import WEIGHTS, read_metadata
-from cli import HelpFormatter, add_model_args, load_from_args, run_cli
+from cli import HelpFormatter, add_model_args, parse_dtype, pick_device, run_cli
+from default_model import default_checkpoint
+from loading import load_model
 from errors import UserError
 from kernels.formats import QUANT_FORMATS
 from quantization import quantize_model, save_quantized
 from texts import default_texts, read_texts
+from tokenizer import load_tokenizer
 
 
 def main(argv=None):
@@ -40,11 +43,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.tokens < a.seq_len or a.seq_len < 2:
         raise UserError("need --tokens >= --seq-len >= 2")
-    a.quant = None  # the source weights, quantized here
-    ckpt, model, tok, device = load_from_args(a)
+    device = pick_device(a.device)
+    ckpt = a.checkpoint if a.checkpoint is not None else default_checkpoint()
+    model = load_model(ckpt, device, None if a.dtype == "auto" else parse_dtype(a.dtype))  # as stored by default
     meta = read_metadata(ckpt)
     fmt = QUANT_FORMATS[a.mode]
     if fmt.calibrated:
+        tok = load_tokenizer(ckpt)
         text = read_texts(a.text if a.text else default_texts("calibration"))
         batches = token_batches(tok, text, a.tokens, a.seq_len, 4, device)
         report = awq_quantize(model, batches, fmt)
