@@ -1,5 +1,5 @@
-"""What torch.compile makes of the decode step, checked without a GPU (run by tests/test_kernels.py, in a process
-without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpreted ones).
+"""What torch.compile makes of the decode step, checked without a GPU (run by tests/test_compile_checks.py, in a
+process without TRITON_INTERPRET: tracing needs compiled Triton functions, not interpreted ones).
 
 1. The one-token step of a model on the kernel path traces as one graph (no graph break) whose projections and
    attention are the kernel ops, with no SDPA left.

@@ -1,9 +1,17 @@
-"""Tiny Hugging Face models with random weights, saved and converted to CKPT for tests."""
+"""Tiny Hugging Face models with random weights, saved and converted to CKPT for tests; a small model on the
+reference path and its copy on the kernel path."""
+import copy
 from pathlib import Path
 
 import torch
 
 from convert import convert_hf
+from kernels.formats import quant_format
+from loading import random_model
+from model import ModelArgs
+from plan import decode_plan
+from quantization import quantize_model
+from sparsity import capture_inputs, set_uniform_thresholds
 from tokenizer import byte_chars
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
@@ -120,3 +128,18 @@ def write_gguf(path: Path, hf, qtype_of=lambda name: "F32", tokenizer=None, raw=
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window=None, quant=None,
+                                **kernel_options):
+    """A small fp32 GQA model with 50% thresholds (reference path) and a copy on the kernel path; quant: its sparse
+    linears quantized (quantize.py, "int8" or "int4")."""
+    args = ModelArgs(dim=128, n_layer=n_layer, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
+                     max_seq_len=max_seq_len, sliding_window=window)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0)
+    if quant:
+        quantize_model(ref_model, quant_format(quant))
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    model = copy.deepcopy(ref_model)
+    model.set_plan(decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, **kernel_options))
+    return ref_model, model

@@ -81,11 +81,16 @@ def test_fixed_time_per_layer(tmp_path):
 
 @pytest.mark.parametrize("script,args,message", [
     ("bench.py", ["--models", "llama-2-7b,mistral-7b"], "unknown model config 'mistral-7b'"),
-    ("bench.py", ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers"),
-    ("bench.py", ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)"),
-    ("tune_gemv.py", ["--models", "llama-9"], "unknown model config 'llama-9'"),
-    ("profile_decode.py", ["--config", "llama-9"], "unknown model config 'llama-9'"),
-    ("profile_phases.py", ["--sparsities", "x"], "--sparsities takes comma-separated numbers"),
+    pytest.param("bench.py", ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers",
+                 marks=pytest.mark.slow),
+    pytest.param("bench.py", ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)",
+                 marks=pytest.mark.slow),
+    pytest.param("tune_gemv.py", ["--models", "llama-9"], "unknown model config 'llama-9'",
+                 marks=pytest.mark.slow),
+    pytest.param("profile_decode.py", ["--config", "llama-9"], "unknown model config 'llama-9'",
+                 marks=pytest.mark.slow),
+    pytest.param("profile_phases.py", ["--sparsities", "x"], "--sparsities takes comma-separated numbers",
+                 marks=pytest.mark.slow),
 ])
 def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
     """A bad model name or level ends the GPU scripts with one line on stderr, before any GPU work (so also here,

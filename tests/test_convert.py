@@ -144,6 +144,7 @@ def smollm2():
     return default_checkpoint()
 
 
+@pytest.mark.slow
 def test_real_smollm2_gguf_matches_transformers(smollm2):
     """Our conversion of the shipped SmolLM2 GGUF against transformers' own GGUF loading of the file."""
     import importlib.util

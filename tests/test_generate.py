@@ -50,6 +50,7 @@ def test_tiny_generation_reports_figures(tiny_ckpt):
         assert word in r.stderr
 
 
+@pytest.mark.slow
 def test_interactive_chat_loop(tiny_ckpt, tmp_path):
     assert_clean_error(run("--checkpoint", tiny_ckpt, "--interactive", stdin="hi\n"), "chat template")
     for f in tiny_ckpt.iterdir():
@@ -64,20 +65,22 @@ def test_interactive_chat_loop(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
-    (["--sparsity", "1.0"], "--sparsity"),
-    (["--sparsity", "-0.1"], "--sparsity"),
-    (["--device", "cuda"], "no CUDA GPU"),
-    (["--dtype", "int3"], "unknown dtype"),
+    pytest.param(["--sparsity", "1.0"], "--sparsity", marks=pytest.mark.slow),
+    pytest.param(["--sparsity", "-0.1"], "--sparsity", marks=pytest.mark.slow),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.slow),
+    pytest.param(["--dtype", "int3"], "unknown dtype", marks=pytest.mark.slow),
 ])
 def test_bad_flags(tiny_ckpt, argv, needle):
     full = argv if argv[0] == "--checkpoint" else ["--checkpoint", tiny_ckpt, *argv]
     assert_clean_error(run(*full), needle)
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context(tiny_ckpt):
     assert_clean_error(run("--checkpoint", tiny_ckpt, "--prompt", "x" * 200, "--max-new-tokens", "4"), "context")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint(tiny_ckpt, tmp_path):
     for f in tiny_ckpt.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -87,6 +90,7 @@ def test_corrupt_checkpoint(tiny_ckpt, tmp_path):
     assert_clean_error(run("--checkpoint", tmp_path), "config")
 
 
+@pytest.mark.slow
 def test_unknown_architecture(tiny_ckpt, tmp_path):
     for f in tiny_ckpt.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -96,6 +100,7 @@ def test_unknown_architecture(tiny_ckpt, tmp_path):
     assert_clean_error(run("--checkpoint", tmp_path), "gpt_neox")
 
 
+@pytest.mark.slow
 def test_missing_weights(tiny_ckpt, tmp_path):
     (tmp_path / "config.json").write_bytes((tiny_ckpt / "config.json").read_bytes())
     assert_clean_error(run("--checkpoint", tmp_path), "model.safetensors")

@@ -1,17 +1,13 @@
-import copy
-
+"""model.py: logits against transformers (prefill and decode), masks, named configs, compiled against eager, zero
+thresholds, the kernel layout, and the decode on the Triton kernels (interpreted on CPU) against the reference path."""
 import pytest
 import torch
 
 from errors import UserError
 from kernels import sparse_mlp
-from loading import load_model, random_model
+from loading import load_model
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
-from kernels.formats import quant_format
-from plan import decode_plan
-from quantization import quantize_model
-from sparsity import SparsityCounter, capture_inputs, set_uniform_thresholds
-from tests.helpers import VARIANTS, hf_checkpoint
+from tests.helpers import VARIANTS, hf_checkpoint, reference_and_kernel_models
 
 
 def rel_err(a, b):
@@ -98,25 +94,10 @@ def test_meta_model_has_kernel_layout():
     assert tuple(m.layers[0].feed_forward.w13.weight.shape) == (4096, 2 * 14336)
 
 
-def reference_and_kernel_models(n_layer: int = 1, max_seq_len: int = 128, window=None, quant=None,
-                                **kernel_options):
-    """A small fp32 GQA model with 50% thresholds (reference path) and a copy on the kernel path; quant: its sparse
-    linears quantized (quantize.py, "int8" or "int4")."""
-    args = ModelArgs(dim=128, n_layer=n_layer, n_head=4, n_kv_head=2, intermediate_size=192, vocab_size=101,
-                     max_seq_len=max_seq_len, sliding_window=window)
-    ref_model = random_model(args, "cpu", torch.float32, seed=0)
-    if quant:
-        quantize_model(ref_model, quant_format(quant))
-    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
-    model = copy.deepcopy(ref_model)
-    model.set_plan(decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, **kernel_options))
-    return ref_model, model
-
-
-@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,quant", [
-    (True, True, True, True, None), (True, True, True, False, None), (True, True, False, False, None),
-    (False, False, True, True, None), (True, True, True, True, "int8"), (True, True, False, False, "int8"),
-    (True, True, True, True, "int4")])
+@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,quant", [(True, True, True, True, None)] + [
+    pytest.param(*p, marks=pytest.mark.slow) for p in [
+        (True, True, True, False, None), (True, True, False, False, None), (False, False, True, True, None),
+        (True, True, True, True, "int8"), (True, True, False, False, "int8"), (True, True, True, True, "int4")]])
 def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, quant, monkeypatch):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
@@ -157,20 +138,3 @@ def test_kernel_path_matches_reference_decode_batch(quant):
         for i in range(steps.shape[1]):
             pos = torch.tensor([20 + i])
             assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
-
-
-def test_sparsity_counted_on_the_kernel_path():
-    """Measuring sparsity over a decode step on the kernel path (deferred reduction on) sees every projection's
-    input, as on the reference path, and leaves the deferral on afterwards."""
-    ref_model, model = reference_and_kernel_models()
-    stats, prompt = [], torch.randint(0, 101, (1, 20))
-    for m in (ref_model, model):
-        m.setup_caches(1, 64)
-        m(prompt, torch.arange(20), sparse_from=None)
-        counter = SparsityCounter(m)
-        with torch.no_grad(), counter.counting():
-            m(torch.tensor([[7]]), torch.tensor([20]))  # one decode step: the kernel path on `model`
-        stats.append(counter.stats())
-    assert set(stats[1]) == {(0, p) for p in ("q", "k", "v", "o", "gate", "up", "down")}
-    assert all(abs(stats[0][k] - stats[1][k]) < 1e-6 for k in stats[0])
-    assert model.plan.defer_reduction and model.plan.fuse_mlp  # the hooks ran the materialised plan, and put it back

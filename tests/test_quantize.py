@@ -105,6 +105,7 @@ def test_int8_model_keeps_sparsity_semantics(ckpt):
     assert torch.allclose(y, ((x * keep) @ lin.weight.float()) * lin.scale, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_int8_inputs(ckpt, tmp_path):
     with pytest.raises(UserError, match="TEAL MLP"):
         load_model(ckpt, quant=INT8, mlp="cats")

@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # sm_90 builds of every launch in subprocesses
 
 
 def sm90(*args, interpret: bool):

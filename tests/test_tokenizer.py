@@ -41,6 +41,7 @@ def test_hf_backend_from_gguf_vocabulary(tmp_path):
     assert ids[0] == 1 and tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.slow
 def test_real_smollm2_tokenizer_matches_transformers():
     import importlib.util
     from pathlib import Path
