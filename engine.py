@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 
 from errors import UserError
+from kernels.formats import FLOAT, INT8, QuantFormat
+from model import ModelArgs
 from sparsity import PROJECTIONS, measure_sparsity, parameter_weighted, per_projection
 
 
@@ -67,23 +69,27 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, stop_ids=(),
-                 on_tokens: Optional[Callable[[list], bool]] = None) -> tuple:
+                 on_tokens: Optional[Callable[[list], bool]] = None, start: int = 0) -> tuple:
         """prompt [B, T] ids on the model's device -> (new ids [B, n], GenStats).
+
+        start: positions 0 .. start-1 of the KV cache already hold the tokens before `prompt` (a conversation's
+        earlier turns); only `prompt` is prefilled, at positions start .. start+T-1. The cache then holds the
+        prompt and every new token but the last.
 
         on_tokens(list of B ids) is called as tokens reach the host, one step behind the GPU so that
         the next step is already queued; it may return True to stop. Without it nothing syncs until
         the end. Generation stops early once every row has produced a stop id.
         """
         B, T = prompt.shape
-        if T + max_new_tokens > self.model.max_seq_len:
-            raise UserError(f"prompt ({T} tokens) + {max_new_tokens} new tokens exceed the cache of "
+        if start + T + max_new_tokens > self.model.max_seq_len:
+            raise UserError(f"prompt ({start + T} tokens) + {max_new_tokens} new tokens exceed the cache of "
                             f"{self.model.max_seq_len}")
         cuda = self.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         stats = GenStats(prompt_tokens=T)
         sync()
         t0 = time.perf_counter()
-        input_pos = torch.arange(T, device=self.device)
+        input_pos = torch.arange(start, start + T, device=self.device)
         tok = self.prefill_step(prompt, input_pos).clone()  # [B, 1]
         sync()
         stats.ttft_s = time.perf_counter() - t0
@@ -91,7 +97,7 @@ class Generator:
         stopped = torch.zeros(B, dtype=torch.bool)
         stop_ids = set(stop_ids)
         pending = self._to_host(tok) if on_tokens else None
-        input_pos = torch.tensor([T], device=self.device, dtype=torch.long)
+        input_pos = torch.tensor([start + T], device=self.device, dtype=torch.long)
         t1 = time.perf_counter()
         for _ in range(max_new_tokens - 1):
             nxt = self.decode_step(tok, input_pos).clone()
@@ -131,13 +137,21 @@ class Generator:
         return host.tolist()
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the weights one decode step reads when dense: every parameter and quantization scale, but not the
-    embedding table (one row of it is read) unless it doubles as the LM head."""
-    emb = model.tok_embeddings.weight
-    scales = [b for n, b in model.named_buffers() if n.endswith(".scale")]
-    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *scales))
-    return total - (0 if model.output.weight is emb else emb.numel() * emb.element_size())
+def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, fmt: QuantFormat = FLOAT) -> float:
+    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity: the kept rows of
+    each sparse linear in its format, and all of its scales (every group is read at the sparsities measured); the
+    LM head INT8 when the linears are quantized; the norms (the embedding: one row, not counted)."""
+    shapes, total = args.linear_shapes(), 0.0
+    for layer in range(args.n_layer):
+        for proj, (k, n) in shapes.items():
+            kept = 1 - stats.get((layer, proj), 0.0)
+            bytes_per_weight = fmt.bits / 8 if fmt.quantized else elem
+            total += kept * k * n * bytes_per_weight + fmt.scale_bytes(k, n)
+    head = INT8 if fmt.quantized else None
+    total += args.vocab_size * args.dim * (1 if head else elem) + (head.scale_bytes(args.dim, args.vocab_size)
+                                                                   if head else 0)  # the LM head
+    total += (2 * args.n_layer + 1) * args.dim * elem  # norms
+    return total
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -146,11 +160,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def sparsity_report(model, seq: Tensor, n_prompt: int) -> str:
-    """The decode sparsity the thresholds actually give on this text, per projection and model-wide."""
+def decode_sparsity(model, seq: Tensor, n_prompt: int) -> dict:
+    """{(layer, projection): share of zeroed inputs} of the decode steps of seq [1, T] (positions n_prompt on),
+    measured on the reference path; {} when nothing was decoded."""
     if seq.shape[1] <= n_prompt:
+        return {}
+    return measure_sparsity(model, seq, sparse_from=n_prompt, start=n_prompt)
+
+
+def linear_format(model) -> QuantFormat:
+    """The weight format of the model's sparse linears (the LM head aside)."""
+    return next((m.fmt for m in model.modules() if hasattr(m, "fmt") and not getattr(m, "head", False)), FLOAT)
+
+
+def sparsity_report(model, stats: dict) -> str:
+    """The decode sparsity the thresholds actually gave (decode_sparsity), per projection and model-wide."""
+    if not stats:
         return "measured decode sparsity: no decoded tokens"
-    stats = measure_sparsity(model, seq, sparse_from=n_prompt, start=n_prompt)
     pp = per_projection(stats)
     return ("measured decode sparsity " + " ".join(f"{p} {pp[p]:.2f}" for p in PROJECTIONS if p in pp)
             + f" | model-wide (parameter-weighted) {parameter_weighted(model, stats):.3f}")

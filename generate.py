@@ -6,11 +6,13 @@
 import argparse
 import contextlib
 import sys
+import time
 
 import torch
 
 from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
-from engine import Generator, peak_memory_gb, sparsity_report, weight_bytes
+from engine import (Generator, bytes_per_token, decode_sparsity, linear_format, peak_memory_gb,
+                    sparsity_report)
 from plan import decode_plan
 from errors import UserError
 from sparsity import CALIB_FILE, apply_thresholds, load_calibration
@@ -25,7 +27,8 @@ def main(argv=None):
                    "the user message)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt for --chat and --interactive")
-    p.add_argument("--interactive", action="store_true", help="chat loop; /sparsity S changes the level")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat loop (/help lists its commands; /sparsity S changes the level)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (at most)")
     p.add_argument("--num-samples", type=int, default=1, help="how many times to generate from the prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -74,7 +77,11 @@ def main(argv=None):
                         f"context of {model.args.max_seq_len} tokens")
     gen.setup(1, min(max_seq, model.args.max_seq_len))
     prompt = torch.tensor([ids], device=device)
-    nbytes = weight_bytes(model)
+    if compile_:  # compile (and record the CUDA graphs) before the first sample, so that it reports real speed
+        t0 = time.perf_counter()
+        gen.generate(prompt, min(a.max_new_tokens, 4))
+        print(f"[compiled in {time.perf_counter() - t0:.1f} s: prefill of {len(ids)} tokens and the decode step]",
+              file=sys.stderr)
     for i in range(a.num_samples):
         stream = StreamDecoder(tok, ids)
         print(a.prompt if not a.chat else "", end="", flush=True)
@@ -87,39 +94,67 @@ def main(argv=None):
 
         new, st = gen.generate(prompt, a.max_new_tokens, tok.stop_ids, on_tokens=show)
         print()
-        note = " (includes compilation)" if compile_ and i == 0 else ""
-        print(f"\n[sample {i + 1}]{note} prompt {st.prompt_tokens} tokens, generated {st.new_tokens} | "
+        seq = torch.cat([prompt, new], 1)
+        stats = decode_sparsity(model, seq, len(ids)) if model.plan.sparse_decode else {}
+        nbytes = bytes_per_token(model.args, stats, model.tok_embeddings.weight.element_size(), linear_format(model))
+        print(f"\n[sample {i + 1}] prompt {st.prompt_tokens} tokens, generated {st.new_tokens} | "
               f"time to first token {st.ttft_s * 1e3:.1f} ms | decode {st.decode_tok_s:.1f} tok/s | "
-              f"{nbytes * st.decode_tok_s / 1e9:.1f} GB/s of weights | peak memory {peak_memory_gb(device):.2f} GB",
-              file=sys.stderr)
+              f"{nbytes * st.decode_tok_s / 1e9:.1f} GB/s of weights read | peak memory "
+              f"{peak_memory_gb(device):.2f} GB", file=sys.stderr)
         if a.sparsity > 0:
-            print(sparsity_report(model, torch.cat([prompt, new], 1), len(ids)), file=sys.stderr)
+            print(sparsity_report(model, stats), file=sys.stderr)
+
+
+CHAT_HELP = """commands:
+  /sparsity S   decode at sparsity S in [0, 1) from the next reply on (needs the checkpoint's calibration)
+  /reset        start a new conversation (the system prompt stays)
+  /help         this list
+An empty line or Ctrl-D ends the chat; Ctrl-C stops a reply and returns to the prompt."""
 
 
 def chat_loop(gen: Generator, tok, a, calib):
+    """The conversation stays in the KV cache: each turn prefills only what the chat template adds after the
+    tokens already cached (the new user message, and whatever the template writes around the last reply)."""
     model = gen.model
-    if tok.chat_format is None:
+    if not tok.has_chat:
         raise UserError("this model has no chat template; --interactive needs an instruct model")
     gen.setup(1, a.max_seq_len or min(model.args.max_seq_len, 4096))
-    messages = [{"role": "system", "content": a.system}] if a.system else []
-    print("chat: an empty line or Ctrl-D ends", file=sys.stderr)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages, cached = list(system), []  # cached: the ids whose keys and values the cache holds, in order
+    print(f"chat at sparsity {a.sparsity:.2f}: /help lists the commands, an empty line or Ctrl-D ends",
+          file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             break
         if not line:
             break
-        if line.startswith("/sparsity"):
-            set_level(gen, calib, line, a)
+        if line.startswith("/"):
+            command = line.split()[0]
+            if command == "/sparsity":
+                set_level(gen, calib, line, a)
+            elif command == "/reset":
+                messages, cached = list(system), []
+                print("new conversation", file=sys.stderr)
+            else:
+                print(CHAT_HELP if command == "/help" else f"unknown command {command}; /help lists them",
+                      file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        ids = tok.encode_chat(messages)
+        try:
+            ids = tok.encode_chat(messages)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         budget = model.max_seq_len - len(ids)
         if budget < 2:
-            print("error: the conversation no longer fits the cache; start again", file=sys.stderr)
-            messages = messages[:1] if a.system else []
+            print("error: the conversation no longer fits the cache; /reset starts a new one", file=sys.stderr)
+            messages.pop()
             continue
+        reuse = common_prefix(cached, ids[:-1])  # at least one token to prefill: it gives the first new one
         stream = StreamDecoder(tok, ids)
         reply = []
 
@@ -130,10 +165,26 @@ def chat_loop(gen: Generator, tok, a, calib):
             print(stream.push(tokens[0]), end="", flush=True)
             return False
 
-        _, st = gen.generate(torch.tensor([ids], device=gen.device), min(a.max_new_tokens, budget),
-                             tok.stop_ids, on_tokens=show)
-        print(f"\n[{st.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+        try:
+            new, st = gen.generate(torch.tensor([ids[reuse:]], device=gen.device), min(a.max_new_tokens, budget),
+                                   tok.stop_ids, on_tokens=show, start=reuse)
+        except KeyboardInterrupt:  # the cache holds an unknown part of this turn: the next one prefills again
+            print("\n[stopped]", file=sys.stderr)
+            cached = []
+        else:
+            cached = ids + new[0, :-1].tolist()
+            print(f"\n[prefilled {st.prompt_tokens} of {len(ids)} tokens | {st.decode_tok_s:.1f} tok/s]",
+                  file=sys.stderr)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def set_level(gen: Generator, calib, line: str, a):

@@ -1,13 +1,16 @@
 """Tokenizers for a checkpoint directory: HF `tokenizers` (tokenizer.json), sentencepiece
-(tokenizer.model) and tiktoken (Llama-3's original/tokenizer.model); BOS/EOS; chat formats; and a
-tokenizer.json built from a GGUF file's vocabulary."""
+(tokenizer.model) and tiktoken (Llama-3's original/tokenizer.model); BOS/EOS; chat prompts (the checkpoint's own
+Jinja chat template, three built-in formats where it has none); and a tokenizer.json built from a GGUF file's
+vocabulary."""
 import base64
 import json
 import re
 from pathlib import Path
 from typing import Optional
 
+import jinja2
 import tiktoken
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import SentencePieceProcessor
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -37,6 +40,9 @@ class _HFBackend:
     def token_id(self, token: str) -> Optional[int]:
         return self.tok.token_to_id(token)
 
+    def piece(self, i: int) -> Optional[str]:
+        return self.tok.id_to_token(i)
+
     def adds_bos(self) -> Optional[bool]:
         plain, full = self.encode("a"), self.tok.encode("a", add_special_tokens=True).ids
         return len(full) > len(plain) and full[1:] == plain
@@ -58,6 +64,9 @@ class _SentencePieceBackend:
     def token_id(self, token: str) -> Optional[int]:
         i = self.sp.piece_to_id(token)
         return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def piece(self, i: int) -> Optional[str]:
+        return self.sp.id_to_piece(i) if 0 <= i < self.sp.vocab_size() else None
 
     def adds_bos(self) -> Optional[bool]:
         return None
@@ -96,6 +105,9 @@ class _TiktokenBackend:
     def token_id(self, token: str) -> Optional[int]:
         return self.special.get(token)
 
+    def piece(self, i: int) -> Optional[str]:
+        return next((name for name, j in self.special.items() if j == i), None)
+
     def adds_bos(self) -> Optional[bool]:
         return None
 
@@ -123,11 +135,27 @@ def _ids(v) -> list:
 
 
 class Tokenizer:
-    def __init__(self, backend, bos_id: Optional[int], eos_ids: list, add_bos: bool, chat_format: Optional[str]):
+    """chat_template: the checkpoint's Jinja template (tokenizer_config.json), rendered as transformers renders it;
+    chat_format: the built-in format its markers name (used where there is no template, and for the end-of-turn
+    token); special: the text of special tokens the rendered template may contain -> their ids."""
+
+    def __init__(self, backend, bos_id: Optional[int], eos_ids: list, add_bos: bool, chat_format: Optional[str],
+                 chat_template: Optional[str] = None, special: Optional[dict] = None):
         self.backend, self.bos_id, self.eos_ids = backend, bos_id, list(dict.fromkeys(eos_ids))
         self.add_bos, self.chat_format = add_bos, chat_format
+        self.special = {k: v for k, v in (special or {}).items() if k and v is not None}
+        self.template = None
+        if chat_template:
+            try:
+                self.template = _JINJA.from_string(chat_template)
+            except jinja2.TemplateError:  # a template Jinja cannot compile: the built-in format its markers name
+                pass
         end = self.backend.token_id(CHAT_END[chat_format]) if chat_format in CHAT_END else None
         self.stop_ids = set(self.eos_ids) | ({end} if end is not None else set())
+
+    @property
+    def has_chat(self) -> bool:
+        return self.template is not None or self.chat_format is not None
 
     def encode(self, text: str, bos: Optional[bool] = None) -> list:
         ids = self.backend.encode(text)
@@ -140,6 +168,8 @@ class Tokenizer:
 
     def encode_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
         """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...] -> prompt ids."""
+        if self.template is not None:
+            return self._encode_special(self.render_chat(messages, add_generation_prompt))
         fmt = self.chat_format
         if fmt is None:
             raise UserError("this model has no chat template; chat needs an instruct model")
@@ -167,6 +197,39 @@ class Tokenizer:
         return ids
 
 
+    def render_chat(self, messages: list, add_generation_prompt: bool = True) -> str:
+        """The checkpoint's chat template applied to messages (the variables transformers passes)."""
+        ids_text = {i: t for t, i in self.special.items()}
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=ids_text.get(self.bos_id, ""),
+                                        eos_token=ids_text.get(self.eos_ids[0], "") if self.eos_ids else "")
+        except jinja2.TemplateError as e:  # raise_exception() in the template, or an error in it
+            raise UserError(f"the chat template refused the conversation: {e}") from None
+
+    def _encode_special(self, text: str) -> list:
+        """Text with special tokens in it (a rendered template) -> ids, each special token's text its own id."""
+        if not self.special:
+            return self.encode(text, bos=False)
+        ids = []
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")"
+        for i, piece in enumerate(re.split(pattern, text)):
+            if i % 2:
+                ids.append(self.special[piece])
+            elif piece:
+                ids += self.encode(piece, bos=False)
+        return ids
+
+
+def _raise(message):
+    raise jinja2.TemplateError(message)
+
+
+# as transformers sets it up for chat templates
+_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+_JINJA.globals["raise_exception"] = _raise
+
+
 class StreamDecoder:
     """Turns a growing list of ids into newly completed text (no split UTF-8 characters, SP spaces kept)."""
 
@@ -183,9 +246,15 @@ class StreamDecoder:
         return new
 
 
+def _chat_template(template) -> Optional[str]:
+    """tokenizer_config.json's chat_template: a string, or [{"name": ..., "template": ...}] (then "default")."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def _detect_chat_format(template, has_token) -> Optional[str]:
-    if isinstance(template, list):  # [{"name": ..., "template": ...}]
-        template = " ".join(t.get("template", "") for t in template)
     template = template or ""
     for fmt, marker in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>"), ("llama2", "[INST]")):
         if marker in template:
@@ -231,8 +300,15 @@ def load_tokenizer(ckpt: Path) -> Tokenizer:
         add_bos = backend.adds_bos()
     if add_bos is None:
         add_bos = True
-    chat = _detect_chat_format(cfg.get("chat_template"), lambda s: backend.token_id(s) is not None)
-    return Tokenizer(backend, bos, [i for i in eos if i is not None], bool(add_bos), chat)
+    template = _chat_template(cfg.get("chat_template"))
+    chat = _detect_chat_format(template, lambda s: backend.token_id(s) is not None)
+    eos = [i for i in eos if i is not None]
+    # the special tokens a template writes as text: BOS/EOS by name (the template's bos_token, eos_token)
+    special = {}
+    for name, i in (("bos_token", bos), ("eos_token", eos[0] if eos else None)):
+        if i is not None:
+            special[_token_str(cfg.get(name)) or backend.piece(i)] = i
+    return Tokenizer(backend, bos, eos, bool(add_bos), chat, template, special)
 
 
 def _read_json(path: Path) -> dict:

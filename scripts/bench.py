@@ -25,14 +25,14 @@ import triton
 import triton.language as tl
 
 from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
-from engine import Generator
+from engine import Generator, bytes_per_token
 from plan import decode_plan
 from errors import UserError
 from kernels import configs, decode_attention, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import CONFIGS, ModelArgs
 from paths import REPO
-from kernels.formats import FLOAT, INT8, QuantFormat, quant_format
+from kernels.formats import quant_format
 from quantization import quantize_model
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
 
@@ -213,23 +213,6 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
     return a.kthvalue(max(1, int(round(s * a.numel())))).values.item()
 
 
-def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, fmt: QuantFormat = FLOAT) -> float:
-    """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity: the kept rows of
-    each sparse linear in its format, and all of its scales (every group is read at the sparsities measured); the
-    LM head INT8 when the linears are quantized."""
-    shapes, total = args.linear_shapes(), 0.0
-    for layer in range(args.n_layer):
-        for proj, (k, n) in shapes.items():
-            kept = 1 - stats.get((layer, proj), 0.0)
-            bytes_per_weight = fmt.bits / 8 if fmt.quantized else elem
-            total += kept * k * n * bytes_per_weight + fmt.scale_bytes(k, n)
-    head = INT8 if fmt.quantized else None
-    total += args.vocab_size * args.dim * (1 if head else elem) + (head.scale_bytes(args.dim, args.vocab_size)
-                                                                   if head else 0)  # the LM head
-    total += (2 * args.n_layer + 1) * args.dim * elem  # norms
-    return total
-
-
 def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
     """The decode-attention kernel (RoPE, cache write, attention) against the PyTorch path it replaces, one
     layer's worth, at a position near the end of a cache of each length."""
@@ -330,7 +313,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
     out.mkdir(parents=True, exist_ok=True)
     slug = gpu_slug(gpu)
     # merged runs: one order whatever ran last
-    e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r["sparsity"]))
+    e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r.get("quant", "none"),
+                                     r["sparsity"]))
     kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
     attention = sorted(attention, key=lambda r: r["model"])
     if e2e:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.bench import (bytes_per_token, e2e_key, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,
+from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,
                            write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
@@ -99,26 +99,3 @@ def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
     r = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
                        cwd=root, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
-    """The roofline's bytes: at zero sparsity, the bytes of the model's weights generate.py reports, 16-bit and int8
-    (int8 linears and LM head with their scales; a tied embedding table is read only while it is the head) and int4
-    (linears packed eight to a word with two float16 per group and column, the head int8)."""
-    import copy
-
-    import torch
-
-    from engine import weight_bytes
-    from kernels.formats import INT4, INT8
-    from loading import random_model
-    from model import ModelArgs
-    from quantization import quantize_model
-    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
-                     tie_embeddings=tied)
-    model = random_model(args, "cpu", torch.bfloat16)
-    assert bytes_per_token(args, {}) == weight_bytes(model)
-    assert bytes_per_token(args, {}, fmt=INT4) == weight_bytes(quantize_model(copy.deepcopy(model), INT4))
-    assert bytes_per_token(args, {}, fmt=INT8) == weight_bytes(quantize_model(model, INT8))
-    assert bytes_per_token(args, {(0, "q"): 0.5}) < bytes_per_token(args, {})

@@ -2,6 +2,7 @@
 clear stderr line with a non-zero exit."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from checkpoint import save_checkpoint
 from loading import random_tensors
 from model import ModelArgs
 from tokenizer import byte_tokenizer_files
+from tests.test_tokenizer import LLAMA2
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(arch="llama", dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300,
@@ -46,8 +48,22 @@ def test_tiny_generation_reports_figures(tiny_ckpt):
     r = run("--checkpoint", tiny_ckpt, "--prompt", "hello", "--max-new-tokens", "8", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("hello")
-    for word in ("time to first token", "tok/s", "GB/s", "peak memory"):
+    for word in ("time to first token", "tok/s", "GB/s of weights read", "peak memory"):
         assert word in r.stderr
+    assert "compiled" not in r.stderr  # no compilation on a CPU unless asked
+
+
+@pytest.mark.slow
+def test_compilation_happens_before_the_first_sample(tiny_ckpt):
+    """With --compile the graphs are built by a warm-up, timed on its own line: every sample's figures are the
+    compiled step's."""
+    r = run("--checkpoint", tiny_ckpt, "--prompt", "hello", "--max-new-tokens", "6", "--device", "cpu", "--compile",
+            "--num-samples", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    compiled = [i for i, line in enumerate(lines) if re.match(r"\[compiled in [0-9.]+ s", line)]
+    samples = [i for i, line in enumerate(lines) if line.startswith("[sample ")]
+    assert len(compiled) == 1 and len(samples) == 2 and compiled[0] < samples[0], r.stderr
 
 
 @pytest.mark.slow
@@ -56,11 +72,22 @@ def test_interactive_chat_loop(tiny_ckpt, tmp_path):
     for f in tiny_ckpt.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "[INST] {{ message['content'] }} [/INST]"
+    cfg["chat_template"] = LLAMA2
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    r = run("--checkpoint", tmp_path, "--interactive", "--max-new-tokens", "4", stdin="hi\nthere\n\n")
+    r = run("--checkpoint", tmp_path, "--interactive", "--max-new-tokens", "4",
+            stdin="hi\n/help\n/nonsense\nthere\n/reset\nagain\n\n")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("tok/s]") == 2
+    assert "/help lists the commands" in r.stderr.splitlines()[0]
+    for needle in ("/sparsity S", "/reset", "Ctrl-C stops a reply", "unknown command /nonsense"):
+        assert needle in r.stderr
+    turns = [tuple(map(int, m)) for m in re.findall(r"\[prefilled (\d+) of (\d+) tokens", r.stderr)]
+    assert len(turns) == 3, r.stderr
+    (p1, n1), (p2, n2), (p3, n3) = turns
+    assert p1 == n1 and n2 > n1 + 4  # the first turn prefills everything; the second holds the first and its reply
+    # ... and prefills only what follows the cached part: the first turn at least (this random model's replies are
+    # placeholder tokens whose text encodes to other ids, so its reply is prefilled again; real replies round-trip)
+    assert p2 <= n2 - n1
+    assert p3 == n3  # after /reset: a new conversation
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from errors import UserError
 from tokenizer import StreamDecoder, load_tokenizer, tokenizer_files_from_gguf
 from tests.helpers import byte_level_vocab
 
@@ -11,6 +12,21 @@ TEXTS = ["Hello world, the thin man.", "  leading spaces and\ttabs\nnew lines", 
          "Shall I compare thee to a summer's day?"]
 TRAIN = ("From fairest creatures we desire increase, that thereby beauty's rose might never die. "
          "But as the riper should by time decease, his tender heir might bear his memory. ") * 20
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+          " + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Llama-2-chat's template as its tokenizer_config.json gives it
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+          "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+          "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+          "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+          "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
 
 
 def write_files(d, files):
@@ -25,7 +41,7 @@ def gguf_bpe_kv():
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": "<|im_start|>..."}
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML}
 
 
 def test_hf_backend_from_gguf_vocabulary(tmp_path):
@@ -58,6 +74,12 @@ def test_real_smollm2_tokenizer_matches_transformers():
     # llama.cpp's smollm pre-tokenizer (like SmolLM2's own tokenizer.json) splits every digit
     assert len(tok.encode("1234")) == 4
     assert tok.chat_format == "chatml"
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a colour."}]
+    for messages in (chat, [{"role": "system", "content": "Be brief."}] + chat):  # its template adds a system turn
+        want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tok.render_chat(messages) == want
+        assert tok.encode_chat(messages) == ref(want, add_special_tokens=False).input_ids
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +94,44 @@ def sp_model():
 
 def test_sentencepiece_backend(tmp_path, sp_model):
     (tmp_path / "tokenizer.model").write_bytes(sp_model)
-    write_files(tmp_path, {"tokenizer_config.json": {"chat_template": "[INST] {{ m }} [/INST]"}})
+    write_files(tmp_path, {"tokenizer_config.json": {"chat_template": LLAMA2}})
     tok = load_tokenizer(tmp_path)
     assert tok.add_bos and tok.encode("beauty")[0] == tok.bos_id == 1 and tok.eos_ids == [2]
     for t in TEXTS:
         assert tok.decode(tok.encode(t)[1:]) == t
     assert tok.chat_format == "llama2"
-    ids = tok.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    ids = tok.encode_chat(chat)
     assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST]"
+    # the template's <s> and </s> become the special ids; the text between them is encoded in one piece each, as
+    # transformers encodes a rendered template
+    chat += [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "more"}]
+    ids = tok.encode_chat(chat)
+    eos = ids.index(tok.eos_ids[0])
+    assert tok.decode(ids[1:eos]) == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nhi [/INST] Hello. "
+    assert ids[eos + 1:] == tok.encode("[INST] more [/INST]", bos=True)
+
+
+def test_checkpoint_chat_template_is_run(tmp_path, sp_model):
+    """A template none of the built-in formats knows is rendered as Jinja (the checkpoint's own format); one that
+    refuses a conversation (raise_exception) gives one clear error; without a template and without the markers of
+    a built-in format there is no chat."""
+    (tmp_path / "tokenizer.model").write_bytes(sp_model)
+    template = ("{{ bos_token }}{% for m in messages %}### {{ m['role'] | capitalize }}: {{ m['content'] }}\n"
+                "{% endfor %}{% if add_generation_prompt %}### Assistant:{% endif %}")
+    write_files(tmp_path, {"tokenizer_config.json": {"chat_template": [{"name": "default", "template": template}]}})
+    tok = load_tokenizer(tmp_path)
+    assert tok.chat_format is None and tok.has_chat
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "### User: hi\n### Assistant:"
+    write_files(tmp_path, {"tokenizer_config.json": {"chat_template": LLAMA2}})
+    with pytest.raises(UserError, match="chat template refused the conversation: Conversation roles must alternate"):
+        load_tokenizer(tmp_path).encode_chat([{"role": "assistant", "content": "hi"}])
+    write_files(tmp_path, {"tokenizer_config.json": {}})
+    tok = load_tokenizer(tmp_path)
+    assert not tok.has_chat
+    with pytest.raises(UserError, match="no chat template"):
+        tok.encode_chat([{"role": "user", "content": "hi"}])
 
 
 def test_sentencepiece_vocabulary_from_gguf_matches_sentencepiece(tmp_path, sp_model):
