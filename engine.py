@@ -15,17 +15,36 @@ from model import ModelArgs
 from sparsity import PROJECTIONS, measure_sparsity, parameter_weighted, per_projection
 
 
-def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
-    """logits [B, V] -> token ids [B, 1], without a host sync."""
-    if temperature <= 0:
+SAMPLE_TOP = 1024  # the candidates top_k and top_p rank: a rule reaching past them keeps every token
+
+
+def sample(logits: Tensor, params: Optional[Tensor] = None) -> Tensor:
+    """logits [B, V] -> token ids [B, 1], without a host sync. params None: greedy; else float32 [3] on the logits'
+    device: temperature (> 0), top_k (0: no limit), top_p (in (0, 1]). They are a tensor, not numbers, so that
+    a compiled step serves every request's values with one graph."""
+    if params is None:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = torch.where(logits < kth, -float("inf"), logits)
-    probs = torch.softmax(logits, dim=-1)
+    temperature, top_k, top_p = params[0], params[1], params[2]
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+    # top_k and top_p rank only the SAMPLE_TOP most likely tokens: a cumulative sum over the whole vocabulary
+    # compiles to a split scan that inductor cannot fuse with the reductions around it
+    top = torch.topk(probs, min(SAMPLE_TOP, probs.shape[-1]), dim=-1).values  # [B, T], descending
+    rank = torch.arange(top.shape[-1], device=probs.device)
+    keep = ((rank < top_k) | (top_k <= 0)) & (top.cumsum(dim=-1) - top < top_p)  # the first always
+    # every token at least as likely as the least likely kept one (all of them when the rule keeps all T)
+    floor = torch.where(keep, top, float("inf")).amin(dim=-1, keepdim=True)
+    floor = torch.where(keep.all(dim=-1, keepdim=True), 0.0, floor)
+    probs = torch.where(probs >= floor, probs, 0.0)
     # argmax(p / e) with e ~ Exp(1) samples from p without torch.multinomial's sync
     return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
+
+
+def sampling_params(temperature: float, top_k: Optional[int] = None, top_p: float = 1.0,
+                    device=None) -> Optional[Tensor]:
+    """sample()'s params for these settings (None: greedy, at temperature 0)."""
+    if temperature <= 0:
+        return None
+    return torch.tensor([temperature, float(top_k or 0), top_p], dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -44,25 +63,36 @@ class Generator:
     """Holds the model and its (optionally compiled) prefill and one-token decode step."""
 
     def __init__(self, model, compile: bool = False, temperature: float = 0.0, top_k: Optional[int] = None,
-                 sparse_prefill_from: Optional[int] = None):
-        self.model, self.temperature, self.top_k = model, temperature, top_k
+                 sparse_prefill_from: Optional[int] = None, top_p: float = 1.0):
+        self.model = model
         self.sparse_prefill_from = sparse_prefill_from  # None: dense prefill (TEAL's attention-sink rule)
         self.device = model.tok_embeddings.weight.device
+        # sampling settings live in a tensor the steps read: new values are copied in, the graphs stay
+        self.greedy, self.params = True, torch.tensor([1.0, 0.0, 1.0], device=self.device)
+        self.set_sampling(temperature, top_k, top_p)
         self.prefill_step, self.decode_step = self._prefill, self._decode
         if compile:
             cuda = self.device.type == "cuda"
             self.decode_step = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
             self.prefill_step = torch.compile(self._prefill, fullgraph=True, dynamic=True)
 
+    def set_sampling(self, temperature: float, top_k: Optional[int] = None, top_p: float = 1.0):
+        """Greedy at temperature 0; else sample at this temperature from the top_k (None: all) most likely tokens
+        within top_p of the mass. Greedy and sampled steps are two graphs, compiled once each."""
+        params = sampling_params(temperature, top_k, top_p)
+        self.greedy = params is None
+        if params is not None:
+            self.params.copy_(params)
+
     def _prefill(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         logits = self.model(idx, input_pos, sparse_from=self.sparse_prefill_from, all_logits=False)
-        return sample(logits[:, -1], self.temperature, self.top_k)
+        return sample(logits[:, -1], None if self.greedy else self.params)
 
     def _decode(self, cur: Tensor, input_pos: Tensor) -> Tensor:
         # the model's plan says whether decode steps apply thresholds: the compiled step is specialised on it, so
         # moving between 0 and a sparse level costs one more graph, not one per level
         logits = self.model(cur, input_pos, sparse_from=0 if self.model.plan.sparse_decode else None)
-        return sample(logits[:, -1], self.temperature, self.top_k)
+        return sample(logits[:, -1], None if self.greedy else self.params)
 
     def setup(self, batch: int, max_seq_len: int):
         self.model.setup_caches(batch, max_seq_len)

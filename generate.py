@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only "
                    "(default: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this "
+                   "share of the probability (nucleus sampling; 1 keeps all)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity in [0, 1)")
     add_sparsity_args(p)
@@ -45,8 +47,8 @@ def main(argv=None):
         raise UserError(f"--sparsity must be in [0, 1), got {a.sparsity}")
     if a.max_new_tokens < 1 or a.num_samples < 1:
         raise UserError("--max-new-tokens and --num-samples must be at least 1")
-    if a.temperature < 0 or (a.top_k is not None and a.top_k < 1):
-        raise UserError("--temperature must be >= 0 and --top-k >= 1")
+    if a.temperature < 0 or (a.top_k is not None and a.top_k < 1) or not 0 < a.top_p <= 1:
+        raise UserError("--temperature must be >= 0, --top-k >= 1 and --top-p in (0, 1]")
     if a.max_seq_len is not None and a.max_seq_len < 2:
         raise UserError(f"--max-seq-len must be at least 2, got {a.max_seq_len}")
     if a.sparse_prefill_from is not None and a.sparse_prefill_from < 0:
@@ -64,7 +66,7 @@ def main(argv=None):
         apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     model.set_plan(decode_plan(device, sparsity=a.sparsity))  # the kernels on a GPU, the reference path on a CPU
-    gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k,
+    gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     sparse_prefill_from=a.sparse_prefill_from)
 
     if a.interactive:

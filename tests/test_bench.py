@@ -1,4 +1,5 @@
-"""scripts/bench.py's outputs (the timing itself needs a GPU): tables and JSON from records, and --merge."""
+"""scripts/bench.py's outputs (the timing itself needs a GPU): tables and JSON from records, and --merge; the GPU
+scripts' one-line refusals of bad input."""
 import json
 import subprocess
 import sys
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cli import run_cli
+from scripts import bench, bench_server, profile_decode, profile_phases, tune_gemv
 from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,
                            write_outputs)
 
@@ -79,23 +82,28 @@ def test_fixed_time_per_layer(tmp_path):
     assert "| a | bf16 | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("bench.py", ["--models", "llama-2-7b,mistral-7b"], "unknown model config 'mistral-7b'"),
-    pytest.param("bench.py", ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers",
-                 marks=pytest.mark.slow),
-    pytest.param("bench.py", ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)",
-                 marks=pytest.mark.slow),
-    pytest.param("tune_gemv.py", ["--models", "llama-9"], "unknown model config 'llama-9'",
-                 marks=pytest.mark.slow),
-    pytest.param("profile_decode.py", ["--config", "llama-9"], "unknown model config 'llama-9'",
-                 marks=pytest.mark.slow),
-    pytest.param("profile_phases.py", ["--sparsities", "x"], "--sparsities takes comma-separated numbers",
-                 marks=pytest.mark.slow),
-])
-def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message):
-    """A bad model name or level ends the GPU scripts with one line on stderr, before any GPU work (so also here,
-    without a GPU), not with a traceback."""
+def test_gpu_script_rejects_bad_input_in_one_line_as_a_process():
+    """A bad model name ends a GPU script with one line on stderr and exit status 2, before any GPU work (so also
+    here, without a GPU), not with a traceback."""
     root = Path(__file__).resolve().parent.parent
-    r = subprocess.run([sys.executable, str(root / "scripts" / script), *args], capture_output=True, text=True,
-                       cwd=root, timeout=300)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench.py"), "--models", "llama-2-7b,mistral-7b"],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown model config 'mistral-7b'" in r.stderr, \
+        r.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    (bench, ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers"),
+    (bench, ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)"),
+    (tune_gemv, ["--models", "llama-9"], "unknown model config 'llama-9'"),
+    (profile_decode, ["--config", "llama-9"], "unknown model config 'llama-9'"),
+    (profile_phases, ["--sparsities", "x"], "--sparsities takes comma-separated numbers"),
+    (bench_server, ["--model", "llama-9"], "unknown model config 'llama-9'"),
+], ids=["bench-level", "bench-range", "tune_gemv", "profile_decode", "profile_phases", "bench_server"])
+def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message, monkeypatch, capsys):
+    """The same for every GPU script, its main() run as its __main__ runs it (run_cli) in this process."""
+    monkeypatch.setattr(sys, "argv", [script.__file__, *args])
+    with pytest.raises(SystemExit) as e:
+        run_cli(script.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -1,15 +1,71 @@
-"""engine.py: the Generator's prefill of a continuation onto a cache that already holds the tokens before it; the
-weight bytes a decode step reads."""
+"""engine.py: sampling (greedy, temperature, top-k, top-p); the Generator's prefill of a continuation onto a cache
+that already holds the tokens before it; the weight bytes a decode step reads."""
 import copy
 
 import pytest
 import torch
 
-from engine import Generator, bytes_per_token
+from engine import SAMPLE_TOP, Generator, bytes_per_token, sample, sampling_params
 from kernels.formats import INT4, INT8
 from loading import random_model
 from model import ModelArgs
 from quantization import quantize_model
+
+
+def test_sampling_follows_the_distribution_it_is_given():
+    """Each row draws from softmax(logits / T) restricted to its top_k tokens and to the most likely ones holding
+    top_p of the mass: frequencies over many rows match those probabilities; greedy is the argmax."""
+    n, V = 40000, 6
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    logits = base.expand(n, V)
+    assert torch.equal(sample(logits, None), torch.full((n, 1), 5))
+    assert sampling_params(0.0, 3, 0.5) is None
+    for T, k, p in [(1.0, None, 1.0), (0.7, 3, 1.0), (1.3, None, 0.8), (1.0, 4, 0.9), (2.0, 1, 1.0)]:
+        probs = torch.softmax(base / T, -1)
+        order = probs.argsort(descending=True)
+        sorted_p = probs[order]
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[order] = (torch.arange(V) < (k or V)) & (sorted_p.cumsum(0) - sorted_p < p)
+        want = torch.where(keep, probs, 0.0)
+        want /= want.sum()
+        got = torch.bincount(sample(logits, sampling_params(T, k, p)).flatten(), minlength=V).double() / n
+        assert torch.all(got[~keep] == 0), (T, k, p, got)
+        assert (got - want.double()).abs().max() < 0.01, (T, k, p, got, want)
+
+
+def test_sampling_ranks_a_large_vocabulary_by_its_most_likely_tokens():
+    """Past SAMPLE_TOP tokens: top_k and top_p still keep exactly the tokens their rule names, and with neither
+    every token of the vocabulary can be drawn."""
+    V, n = 3 * SAMPLE_TOP + 5, 4000
+    logits = torch.randn(V) * 2
+    order = logits.argsort(descending=True)
+    for k, p in [(7, 1.0), (None, 0.3), (50, 0.6)]:
+        probs = torch.softmax(logits, -1)[order]
+        kept = set(order[((torch.arange(V) < (k or V)) & (probs.cumsum(0) - probs < p))].tolist())
+        got = set(sample(logits.expand(n, V), sampling_params(1.0, k, p)).flatten().tolist())
+        assert got <= kept and len(got) >= min(len(kept), 5), (k, p, len(kept), len(got))
+    flat = torch.zeros(V)  # uniform: a draw over the whole vocabulary reaches beyond the first SAMPLE_TOP
+    assert sample(flat.expand(n, V), sampling_params(1.0)).max() >= SAMPLE_TOP
+
+
+def test_sampling_settings_change_without_a_new_generator():
+    """set_sampling copies new values into the tensor the steps read; a seed makes a sampled run repeatable."""
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=101, max_seq_len=64)
+    gen = Generator(random_model(args, "cpu", torch.float32, seed=0))
+    gen.setup(1, 64)
+    prompt = torch.randint(0, 101, (1, 5))
+    greedy, _ = gen.generate(prompt, 12)
+    gen.set_sampling(1.5, top_k=50, top_p=0.95)
+    assert not gen.greedy and gen.params.tolist() == pytest.approx([1.5, 50.0, 0.95])
+    torch.manual_seed(7)
+    a, _ = gen.generate(prompt, 12)
+    torch.manual_seed(7)
+    b, _ = gen.generate(prompt, 12)
+    assert torch.equal(a, b) and not torch.equal(a, greedy)
+    gen.set_sampling(1.5, top_k=1)
+    assert torch.equal(gen.generate(prompt, 12)[0], greedy)
+    gen.set_sampling(0.0)
+    assert gen.greedy and torch.equal(gen.generate(prompt, 12)[0], greedy)
 
 
 def test_continuation_prefill_matches_a_whole_prefill():

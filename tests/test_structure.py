@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # CLIs at the top level: each holds a main() and is run, never imported (except by the tests of that CLI)
-CLIS = {"generate", "calibrate", "quantize"}
+CLIS = {"generate", "calibrate", "quantize", "serve"}
 # third-party modules a function may import where it is used, because they are optional (listed one by one)
 OPTIONAL_LAZY = {"matplotlib"}
 
