@@ -6,6 +6,7 @@ are checked against. This module is the file format only: loading.py builds mode
 """
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Iterable, Optional
@@ -38,7 +39,7 @@ def write_safetensors(path: Path, shapes: dict, tensors: Iterable, metadata: dic
     header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

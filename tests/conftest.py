@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 # a test that needs text reads tests/data/.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PIP_NO_INDEX", "1")
+# pytest-xdist runs one worker per core (pytest.ini): a worker's torch then keeps to its share of the cores
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True)

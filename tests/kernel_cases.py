@@ -78,6 +78,22 @@ def _id(v) -> str:
     return DTYPE_IDS.get(v, str(v))
 
 
+def pairwise(*axes, quick=()):
+    """Like grid, but only enough combinations that every pair of values of any two axes meets in one of them
+    (all-pairs testing; the quick ones first): a kernel's failures come from one value or a pair far more often
+    than from a triple, and the interpreter costs seconds per case."""
+    combos = list(itertools.product(*axes))
+    pairs = lambda c: {(i, c[i], j, c[j]) for i in range(len(c)) for j in range(i + 1, len(c))}
+    chosen = list(dict.fromkeys(tuple(q) for q in quick))
+    todo = set().union(*(pairs(c) for c in combos)) - set().union(set(), *(pairs(c) for c in chosen))
+    while todo:
+        best = max(combos, key=lambda c: len(pairs(c) & todo))
+        chosen.append(best)
+        todo -= pairs(best)
+    keep = set(chosen)
+    return [p for p in grid(*axes, quick=quick) if tuple(p.values) in keep]
+
+
 def grid(*axes, quick=()):
     """pytest.param of every combination of the axes' values (in the order of the argnames), each marked slow
     except the combinations listed in `quick` (the quick loop, `-m "not slow"`, runs those)."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import decode_attention, reference
-from tests.kernel_cases import DEVICE, grid, poisoned, rel_err
+from tests.kernel_cases import DEVICE, grid, pairwise, poisoned, rel_err
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -17,7 +17,7 @@ ATTENTION = {  # name: (n_head, n_kv_head, head_dim, cache length, window)
 }
 
 
-@pytest.mark.parametrize("case,B,dtype", grid(["mha", "gqa", "gqa-d64", "window"], [1, 3], [F32, F16, BF16],
+@pytest.mark.parametrize("case,B,dtype", pairwise(["mha", "gqa", "gqa-d64", "window"], [1, 3], [F32, F16, BF16],
                                                quick=[("gqa", 1, BF16)]))
 def test_decode_attention_matches_reference(case, B, dtype):
     """Fresh caches, positions at the first entry, on both sides of a split boundary and at the cache end."""

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import generate
+from cli import run_cli
 from checkpoint import save_checkpoint
 from loading import random_tensors
 from model import ModelArgs
@@ -90,16 +92,24 @@ def test_interactive_chat_loop(tiny_ckpt, tmp_path):
     assert p3 == n3  # after /reset: a new conversation
 
 
+def test_bad_checkpoint_flag_as_a_process():
+    assert_clean_error(run("--checkpoint", "/nonexistent/ckpt"), "does not exist")
+
+
 @pytest.mark.parametrize("argv,needle", [
-    (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
-    pytest.param(["--sparsity", "1.0"], "--sparsity", marks=pytest.mark.slow),
-    pytest.param(["--sparsity", "-0.1"], "--sparsity", marks=pytest.mark.slow),
-    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.slow),
-    pytest.param(["--dtype", "int3"], "unknown dtype", marks=pytest.mark.slow),
+    (["--sparsity", "1.0"], "--sparsity"),
+    (["--sparsity", "-0.1"], "--sparsity"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--dtype", "int3"], "unknown dtype"),
+    (["--top-p", "0"], "--top-p"),
 ])
-def test_bad_flags(tiny_ckpt, argv, needle):
-    full = argv if argv[0] == "--checkpoint" else ["--checkpoint", tiny_ckpt, *argv]
-    assert_clean_error(run(*full), needle)
+def test_bad_flags(tiny_ckpt, argv, needle, monkeypatch, capsys):
+    """generate.py's main() as its __main__ runs it (run_cli), in this process: one line, exit status 2."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: generate.main(["--checkpoint", str(tiny_ckpt), *argv]))
+    assert e.value.code == 2
+    assert_clean_error(subprocess.CompletedProcess([], 2, "", capsys.readouterr().err), needle)
 
 
 @pytest.mark.slow

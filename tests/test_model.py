@@ -106,7 +106,7 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
     kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too."""
     ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm,
                                                    attention_kernel=attention, defer_reduction=defer, fuse_mlp=fuse_mlp)
-    prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 8))
+    prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 5))  # positions 60..64
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
     launch_mlp = sparse_mlp.sparse_mlp
     monkeypatch.setattr(sparse_mlp, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))

@@ -9,14 +9,14 @@ import torch
 
 from kernels import common, configs, reference, sparse_gemv
 from kernels.formats import INT4, INT8, int4_group, rtn_int4, rtn_int8
-from tests.kernel_cases import (CASES, DEVICE, INT4_CASES, TOL, C, configs_for, grid, halfway_thresholds, poisoned,
+from tests.kernel_cases import (CASES, DEVICE, INT4_CASES, TOL, C, configs_for, grid, pairwise, halfway_thresholds, poisoned,
                                 rel_err, thresholds_for)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 # batch 1: the list path (0.5) and the rows-in-order path (0); the batch kernel (M = 3)
-@pytest.mark.parametrize("case,sparsity,M,dtype", grid(list(CASES), [0.0, 0.5, 0.95], [1, 3], [F16, BF16],
+@pytest.mark.parametrize("case,sparsity,M,dtype", pairwise(list(CASES), [0.0, 0.5, 0.95], [1, 3], [F16, BF16],
                          quick=[("qkv", 0.5, 1, BF16), ("qkv", 0.5, 3, BF16)]))
 def test_sparse_gemv_matches_reference(case, sparsity, M, dtype):
     check_sparse_gemv(case, sparsity, M, dtype)
@@ -49,7 +49,7 @@ def check_sparse_gemv(case, sparsity, M, dtype):
             assert not counters.any(), "the tile counters must be left at zero"
 
 
-@pytest.mark.parametrize("case,sparsity,M", grid(["qkv", "o+residual", "gate_up", "down+residual"], [0.0, 0.5, 0.95],
+@pytest.mark.parametrize("case,sparsity,M", pairwise(["qkv", "o+residual", "gate_up", "down+residual"], [0.0, 0.5, 0.95],
                                                   [1, 3], quick=[("gate_up", 0.5, 1)]))
 def test_sparse_gemv_int8(case, sparsity, M):
     """int8 weights with a scale per output column (quantize.rtn_int8), bf16 inputs: the kernel against the
@@ -86,7 +86,7 @@ def test_sparse_gemv_int8(case, sparsity, M):
 
 
 
-@pytest.mark.parametrize("case,sparsity,M,dtype", grid(list(INT4_CASES), [0.0, 0.5, 0.95], [1, 3], [F16, F32],
+@pytest.mark.parametrize("case,sparsity,M,dtype", pairwise(list(INT4_CASES), [0.0, 0.5, 0.95], [1, 3], [F16, F32],
                                                         quick=[("gate_up", 0.5, 1, F16)]))
 def test_sparse_gemv_int4(case, sparsity, M, dtype):
     """int4 weights (quantize.rtn_int4: eight to a word, a scale and offset per group of inputs): the kernel against
@@ -196,7 +196,7 @@ def test_sparse_gemv_op_and_union_over_batch():
     assert rel_err(y, ref) < 1.5e-2
 
 
-@pytest.mark.parametrize("case,sparsity,M,dtype", grid(["qkv", "gate_up", "gate_up-even"], [0.0, 0.5], [1, 3],
+@pytest.mark.parametrize("case,sparsity,M,dtype", pairwise(["qkv", "gate_up", "gate_up-even"], [0.0, 0.5], [1, 3],
                                                         [F32, F16, BF16], quick=[("gate_up", 0.5, 1, F16)]))
 def test_sparse_gemv_fused_rmsnorm(case, sparsity, M, dtype):
     """RMSNorm inside the kernel: x is the raw residual stream, its sums of squares come from the producer
@@ -255,7 +255,7 @@ def test_residual_projection_feeds_the_next_norm(dtype, M):
         assert not counters.any()
 
 
-@pytest.mark.parametrize("case,sparsity,M,dtype", grid(["qkv", "gate_up"], [0.0, 0.5, 0.95], [1, 3], [F32, F16, BF16],
+@pytest.mark.parametrize("case,sparsity,M,dtype", pairwise(["qkv", "gate_up"], [0.0, 0.5, 0.95], [1, 3], [F32, F16, BF16],
                                                         quick=[("gate_up", 0.5, 1, BF16)]))
 def test_sparse_gemv_partial_sums(case, sparsity, M, dtype):
     """partial_out: one unreduced float32 partial per program along K, which add up to the projection (gate
