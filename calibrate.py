@@ -12,6 +12,8 @@
    sequence (the block is fed its dense input). Done for both criteria; the table at model-level targets
    0 ... 0.9 keeps, per block, whichever of the greedy and the uniform allocation has less error there.
 Default text: the calibration side of the Shakespeare split (texts.py), disjoint by play from evaluation.
+The model runs in --dtype (auto: bfloat16 on a GPU, float32 on a CPU); histograms and errors accumulate in float32
+or wider.
 """
 import argparse
 import sys
@@ -39,8 +41,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1:
         raise UserError("need --seq-len > --skip, --tokens >= --seq-len and 0 < --step <= 0.1")
-    if a.dtype == "auto":
-        a.dtype = "float32"
     ckpt, model, tok, device = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"

@@ -94,7 +94,14 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
 
 class BlockProbe:
     """Runs one block on its dense calibration input with given per-projection levels; returns the L2 error
-    of its output against the dense output on positions >= skip."""
+    of its output against the dense output on positions >= skip.
+
+    What a search step asks for is mostly known already, so it is reused, never approximated: errors by
+    (layer, criterion, levels) (a greedy path's points are the tables' targets again); the attention half's output
+    by the attention projections' levels (the gate/up/down candidates of a step share it, and the next step starts
+    from the chosen candidate's); the MLP half runs on the scored positions only (it mixes no positions)."""
+
+    N_ATTN = PROJECTIONS.index("o") + 1  # q, k, v, o: the levels the attention half depends on
 
     def __init__(self, model, calib: Calibration, block_inputs: list, skip: int):
         self.model, self.calib, self.inputs, self.skip = model, calib, block_inputs, skip
@@ -106,18 +113,39 @@ class BlockProbe:
         self.mask = attention_mask(self.pos, S, model.args.sliding_window)
         self.active = self.pos >= skip
         self.dense = [None] * len(block_inputs)
+        self.errors, self.halves = {}, {}  # (layer, criterion, levels) -> error; attention levels -> output
 
     def run(self, layer: int, sparse: bool):
-        return self.model.layers[layer](self.inputs[layer], None, self.rope, self.mask, self.pos, sparse,
-                                        self.active, self.model.plan)[0]
+        return self.mlp(layer, self.attention(layer, sparse), sparse)
+
+    def attention(self, layer: int, sparse: bool) -> torch.Tensor:
+        """The residual stream after the attention half [B, S, dim]."""
+        b = self.model.layers[layer]
+        return b.attention(self.inputs[layer], None, b.attention_norm, self.rope, self.mask, self.pos, sparse,
+                           self.active, self.model.plan)[0]
+
+    def mlp(self, layer: int, h: torch.Tensor, sparse: bool) -> torch.Tensor:
+        """The block's output on the scored positions [B, S - skip, dim]."""
+        b = self.model.layers[layer]
+        return b.feed_forward(h[:, self.skip:], None, b.ffn_norm, sparse, self.active[self.skip:],
+                              self.model.plan)[0]
 
     @torch.no_grad()
     def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
+        key = (layer, criterion, tuple(levels.tolist()))
+        if key in self.errors:
+            return self.errors[key]
         if self.dense[layer] is None:
-            self.dense[layer] = self.run(layer, False)[:, self.skip:].float()
+            self.dense[layer] = self.run(layer, False).float()
         self.set_levels(layer, levels, criterion)
-        y = self.run(layer, True)[:, self.skip:].float()
-        return (y - self.dense[layer]).pow(2).sum().item()
+        attn_key = key[:2] + key[2][:self.N_ATTN]
+        if attn_key not in self.halves:
+            if len(self.halves) >= 16:  # older steps' candidates
+                self.halves.pop(next(iter(self.halves)))
+            self.halves[attn_key] = self.attention(layer, True)
+        y = self.mlp(layer, self.halves[attn_key], True).float()
+        self.errors[key] = (y - self.dense[layer]).pow(2).sum().item()
+        return self.errors[key]
 
     def set_levels(self, layer: int, levels: torch.Tensor, criterion: str):
         thr = self.calib.layer_thresholds(layer, levels, criterion)
@@ -129,6 +157,8 @@ class BlockProbe:
         for i, _, mod, _ in self.model.sparse_modules():
             if i == layer:
                 mod.threshold.zero_()
+        self.halves.clear()
+        self.dense[layer] = None
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,

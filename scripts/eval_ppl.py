@@ -121,8 +121,6 @@ def main(argv=None):
         raise UserError(f"--sparsity must be in [0, 1), got {a.sparsity}")
     if not 0 < a.stride <= a.window or a.max_tokens < 1:
         raise UserError("need 0 < --stride <= --window and --max-tokens >= 1")
-    if a.dtype == "auto":
-        a.dtype = "float32"
     ckpt, model, tok, device = load_from_args(a)
     sparse_model = model
     if a.mlp == "cats":

@@ -83,17 +83,23 @@ def plan_as_on_gpu(n_sm: int = 132):
     return decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, n_sm=n_sm)
 
 
-def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal",
-                         batches=(1,), sparse_froms=(0,)) -> list:
-    """The launches of one-layer decode steps of model `name`, its weights quantized with `quant` (quantize.py) or
-    not (the vocabulary cut down then: only the quantized LM head is a kernel). sparse_from 0: the sparse step;
-    None: the dense one (cuBLAS projections, the attention kernel)."""
+def layer_model(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal"):
+    """A random one-layer model of `name`'s shapes whose decode step makes the launches of a real one: the whole
+    vocabulary when it is quantized (the quantized LM head is a kernel), else cut down."""
     args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if quant else {"vocab_size": 64})})
-    model = random_model(args, "cpu", dtype, mlp=mlp)
+    return random_model(args, "cpu", dtype, mlp=mlp)
+
+
+def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal",
+                         batches=(1,), sparse_froms=(0,), model=None) -> list:
+    """The launches of one-layer decode steps of model `name`, its weights quantized with `quant` (quantize.py) or
+    not. sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention kernel). `model`:
+    layer_model(name, dtype, quant, mlp) made once by the caller for several calls (it is quantized in place)."""
+    model = layer_model(name, dtype, quant, mlp) if model is None else model
     if quant:
         quantize_model(model, quant_format(quant))
     model.set_plan(plan_as_on_gpu())
-    model.setup_caches(max(batches), args.max_seq_len)
+    model.setup_caches(max(batches), model.args.max_seq_len)
     with recorded_launches() as seen:
         for B in batches:
             for sparse_from in sparse_froms:  # thresholds are data: any value makes the same launches

@@ -14,6 +14,7 @@ process without TRITON_INTERPRET: tracing needs compiled Triton functions, not i
    tests alone would pass a kernel that cannot build on the GPU.
 Exits 1 on any failure.
 """
+import copy
 import sys
 from typing import Optional
 
@@ -179,14 +180,18 @@ def decode_step_launches() -> list:
     """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
     16/32-bit activations, int8 and int4 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
     seen = []
-    for dtype, quant, mlp in ((torch.bfloat16, None, "teal"), (torch.bfloat16, "int8", "teal"),
-                              (torch.bfloat16, "int4", "teal"), (torch.float16, None, "teal"),
-                              (torch.float32, None, "teal"), (torch.bfloat16, None, "cats")):
-        seen += sm90.decode_step_launches("llama-2-7b", dtype, quant, mlp, batches=(1, 3), sparse_froms=(0, None))
-    # Llama-3-8B's shapes (GQA, a wider MLP) in the weight formats; the activation dtypes build the same code
-    for quant in (None, "int8", "int4"):
-        seen += sm90.decode_step_launches("llama-3-8b", torch.bfloat16, quant, "teal", batches=(1, 3),
-                                          sparse_froms=(0, None))
+    for dtype, mlp in ((torch.bfloat16, "teal"), (torch.float16, "teal"), (torch.float32, "teal"),
+                       (torch.bfloat16, "cats")):
+        seen += sm90.decode_step_launches("llama-2-7b", dtype, None, mlp, batches=(1, 3), sparse_froms=(0, None))
+    # the weight formats, and Llama-3-8B's shapes (GQA, a wider MLP, a 128k vocabulary) in each; a random layer with
+    # its whole vocabulary takes seconds to draw, so each quantized format starts from a copy of one
+    for name in ("llama-2-7b", "llama-3-8b"):
+        if name == "llama-3-8b":
+            seen += sm90.decode_step_launches(name, torch.bfloat16, None, batches=(1, 3), sparse_froms=(0, None))
+        base = sm90.layer_model(name, torch.bfloat16, quant="int8")
+        for quant in ("int8", "int4"):
+            seen += sm90.decode_step_launches(name, torch.bfloat16, quant, batches=(1, 3), sparse_froms=(0, None),
+                                              model=copy.deepcopy(base))
     return seen
 
 

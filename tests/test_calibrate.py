@@ -102,6 +102,35 @@ def test_greedy_never_worse_than_uniform_on_calibration_data(calibrated):
                 assert greedy <= uniform * (1 + 1e-6) + 1e-9, (crit, layer, ti, greedy, uniform)
 
 
+def test_block_probe_reuse_gives_the_whole_block_error(calibrated):
+    """The probe's reuse (errors by levels, the attention half by its levels, the MLP on scored positions only)
+    gives what a whole block forward gives, whatever order the levels come in."""
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    skip = 16
+    x = torch.randn(2, 64, model.args.dim)
+    probe = calibration.BlockProbe(model, calib, [x, x * 0.5], skip)
+
+    def whole(layer, levels, crit):
+        b = model.layers[layer]
+        run = lambda sparse: b(x if layer == 0 else x * 0.5, None, probe.rope, probe.mask, probe.pos, sparse,
+                               probe.active, model.plan)[0][:, skip:]
+        dense = run(False)
+        probe.set_levels(layer, levels, crit)
+        return (run(True) - dense).pow(2).sum().item()
+
+    base = torch.full((7,), 0.3, dtype=torch.float64)
+    mlp_only, attn_too = base.clone(), base.clone()
+    mlp_only[5] = 0.6
+    attn_too[1] = 0.7
+    for layer, levels, crit in [(0, base, "magnitude"), (0, mlp_only, "magnitude"), (0, attn_too, "magnitude"),
+                                (0, base, "weight-aware"), (1, mlp_only, "magnitude"), (0, base, "magnitude"),
+                                (0, mlp_only, "weight-aware")]:
+        got = probe.error(layer, levels, crit)
+        assert got == pytest.approx(whole(layer, levels, crit), rel=1e-4), (layer, levels.tolist(), crit)
+
+
 def test_sparsity_zero_is_dense(calibrated):
     ckpt, _ = calibrated
     model = load_model(ckpt)
