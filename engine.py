@@ -167,6 +167,17 @@ class Generator:
         return host.tolist()
 
 
+def common_prefix(a: list, b: list) -> int:
+    """How many leading ids two sequences share: the part of a new prompt whose keys and values a cache holding
+    `a` can keep (generate.py's chat loop, the server)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, fmt: QuantFormat = FLOAT) -> float:
     """Weight bytes one decode step must read, given measured per-layer, per-projection sparsity: the kept rows of
     each sparse linear in its format, and all of its scales (every group is read at the sparsities measured); the

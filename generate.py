@@ -11,7 +11,7 @@ import time
 import torch
 
 from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
-from engine import (Generator, bytes_per_token, decode_sparsity, linear_format, peak_memory_gb,
+from engine import (Generator, bytes_per_token, common_prefix, decode_sparsity, linear_format, peak_memory_gb,
                     sparsity_report)
 from plan import decode_plan
 from errors import UserError
@@ -178,15 +178,6 @@ def chat_loop(gen: Generator, tok, a, calib):
             print(f"\n[prefilled {st.prompt_tokens} of {len(ids)} tokens | {st.decode_tok_s:.1f} tok/s]",
                   file=sys.stderr)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
-
-
-def common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def set_level(gen: Generator, calib, line: str, a):

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from engine import Generator
+from engine import Generator, common_prefix
 from errors import UserError
 from sparsity import CRITERIA, METHODS, apply_thresholds
 from tokenizer import StreamDecoder
@@ -251,15 +251,6 @@ def warm_up(gen: Generator, ids: list):
     for temperature in (0.0, 1.0):
         gen.set_sampling(temperature)
         gen.generate(torch.tensor([ids], device=gen.device), 4)
-
-
-def common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # --- the HTTP side ---

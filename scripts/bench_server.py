@@ -146,7 +146,6 @@ def main():
 
         local, local_ttft = worker.call(in_process)
         client(port, ids, 16, 1)  # warm-up of the HTTP path
-        worker.call(lambda: setattr(worker, "cached", []))
         http = []
         for _ in range(a.runs):  # each request a new prompt: no reuse of the cache
             worker.call(lambda: setattr(worker, "cached", []))
