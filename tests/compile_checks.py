@@ -180,17 +180,20 @@ def decode_step_launches() -> list:
     """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
     16/32-bit activations, int8 and int4 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
     seen = []
-    for dtype, mlp in ((torch.bfloat16, "teal"), (torch.float16, "teal"), (torch.float32, "teal"),
-                       (torch.bfloat16, "cats")):
-        seen += sm90.decode_step_launches("llama-2-7b", dtype, None, mlp, batches=(1, 3), sparse_froms=(0, None))
+    # the dense step's launches (the attention kernel after cuBLAS projections) depend on the dtype, not on the MLP
+    for dtype, mlp, froms in ((torch.bfloat16, "teal", (0, None)), (torch.float16, "teal", (0, None)),
+                              (torch.float32, "teal", (0, None)), (torch.bfloat16, "cats", (0,))):
+        seen += sm90.decode_step_launches("llama-2-7b", dtype, None, mlp, batches=(1, 3), sparse_froms=froms)
     # the weight formats, and Llama-3-8B's shapes (GQA, a wider MLP, a 128k vocabulary) in each; a random layer with
     # its whole vocabulary takes seconds to draw, so each quantized format starts from a copy of one
     for name in ("llama-2-7b", "llama-3-8b"):
         if name == "llama-3-8b":
             seen += sm90.decode_step_launches(name, torch.bfloat16, None, batches=(1, 3), sparse_froms=(0, None))
         base = sm90.layer_model(name, torch.bfloat16, quant="int8")
-        for quant in ("int8", "int4"):
-            seen += sm90.decode_step_launches(name, torch.bfloat16, quant, batches=(1, 3), sparse_froms=(0, None),
+        # a dense step of quantized weights (a short prompt's prefill) runs the layer on the reference path and
+        # only the int8 LM head on a kernel: int8's covers int4's (whose dequantizing reference takes seconds)
+        for quant, froms in (("int8", (0, None)), ("int4", (0,))):
+            seen += sm90.decode_step_launches(name, torch.bfloat16, quant, batches=(1, 3), sparse_froms=froms,
                                               model=copy.deepcopy(base))
     return seen
 

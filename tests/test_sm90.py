@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cli import run_cli
+from scripts import sm90 as sm90_script
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # sm_90 builds of every launch in subprocesses
 
@@ -34,9 +37,18 @@ def test_reports_registers_and_loops_of_every_launch():
 
 
 def test_bad_input_is_one_line():
-    for args, msg in ((("--model", "llama-9"), "unknown model 'llama-9'"), (("--batch", "9"), "--batch must lie"),
-                      ((), "unset TRITON_INTERPRET")):
-        r = sm90(*args, interpret=True)
-        assert r.returncode == 2 and r.stderr.strip().startswith("error: " + msg) and "Traceback" not in r.stderr, \
-            r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+    """As its __main__ runs it, in a subprocess once (the interpreter refused before anything is built)."""
+    r = sm90(interpret=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: unset TRITON_INTERPRET"), r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("args,message", [(("--model", "llama-9"), "unknown model 'llama-9'"),
+                                          (("--batch", "9"), "--batch must lie")], ids=["model", "batch"])
+def test_bad_flags_are_one_line(args, message, monkeypatch, capsys):
+    """The flag refusals, its main() run through run_cli in this process."""
+    monkeypatch.setattr(sys, "argv", ["sm90.py", *args])
+    with pytest.raises(SystemExit) as e:
+        run_cli(sm90_script.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: " + message) and err.count("\n") == 1, err
