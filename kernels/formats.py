@@ -23,9 +23,9 @@ from errors import UserError
 
 def rtn_int8(w: Tensor, group: int = 0) -> tuple:
     """w [in, out] -> (q int8 [in, out], scale float32 [out]): per output channel, absmax / 127, rounded to nearest."""
-    wf = w.float()
-    scale = wf.abs().amax(0).clamp_min(1e-30) / 127
-    return (wf / scale).round_().clamp_(-127, 127).to(torch.int8), scale
+    wf = w.to(torch.float32, copy=True)  # rounded in place below
+    scale = torch.maximum(wf.amax(0), -wf.amin(0)).clamp_min(1e-30) / 127  # absmax without an |w| copy
+    return wf.div_(scale).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
@@ -44,8 +44,9 @@ def int4_group(K: int, preferred: int = 128) -> int:
 def pack_int4(q: Tensor) -> Tensor:
     """q [K, N] in 0..15 -> int32 [K, N/8]: column 8c + i in bits 4i..4i+3 of word c."""
     K, N = q.shape
-    words = (q.to(torch.int64).view(K, N // 8, 8) << torch.arange(0, 32, 4, device=q.device)).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    b = q.to(torch.uint8).view(K, N // 2, 2)
+    # byte j of a little-endian word holds nibbles 2j (low) and 2j + 1 (high): bits 4i..4i+3 for nibble i
+    return (b[..., 0] | (b[..., 1] << 4)).view(torch.int32)
 
 
 def unpack_int4(w: Tensor) -> Tensor:
