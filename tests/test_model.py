@@ -106,16 +106,16 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
     kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too."""
     ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm,
                                                    attention_kernel=attention, defer_reduction=defer, fuse_mlp=fuse_mlp)
-    prompt, steps = torch.randint(0, 101, (1, 60)), torch.randint(0, 101, (1, 5))  # positions 60..64
+    prompt, steps = torch.randint(0, 101, (1, 62)), torch.randint(0, 101, (1, 3))  # positions 62..64
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
     launch_mlp = sparse_mlp.sparse_mlp
     monkeypatch.setattr(sparse_mlp, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))
     with torch.no_grad():
         for m in (ref_model, model):
             m.setup_caches(1, 128)  # attention splits of 64 positions: the steps cross position 64
-            m(prompt, torch.arange(60), sparse_from=None)
+            m(prompt, torch.arange(62), sparse_from=None)
         for i in range(steps.shape[1]):
-            pos = torch.tensor([60 + i])
+            pos = torch.tensor([62 + i])
             ref = ref_model(steps[:, i:i + 1], pos)
             out = model(steps[:, i:i + 1], pos)
             assert rel_err(out, ref) < 1e-5, i
