@@ -71,13 +71,16 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
     return model.eval().requires_grad_(False)
 
 
-def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0):
+def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0, vocab_zeros: bool = False):
     """(name, tensor) of a random-weight checkpoint, in file order: linears ~ N(0, 1/in_features),
-    embeddings ~ N(0, 1), norm weights 1 (the benchmark protocol). Speed does not depend on the values."""
+    embeddings ~ N(0, 1), norm weights 1 (the benchmark protocol). Speed does not depend on the values.
+    vocab_zeros: the embedding and LM head as zeros (a real vocabulary's take seconds to draw on a CPU)."""
     g = torch.Generator(device=device).manual_seed(seed)
     for name, (shape, _) in state_dict_shapes(args, dtype).items():
         if name.endswith("norm.weight"):
             t = torch.ones(shape, dtype=dtype, device=device)
+        elif vocab_zeros and name in ("tok_embeddings.weight", "output.weight"):
+            t = torch.zeros(shape, dtype=dtype, device=device)
         else:
             t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
             if name.startswith("layers."):
@@ -88,11 +91,12 @@ def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int 
         yield name, t
 
 
-def random_model(args: ModelArgs, device, dtype: torch.dtype, seed: int = 0, mlp: str = "teal") -> Transformer:
+def random_model(args: ModelArgs, device, dtype: torch.dtype, seed: int = 0, mlp: str = "teal",
+                 vocab_zeros: bool = False) -> Transformer:
     """A model with random weights built directly on `device` (what make_random_checkpoint.py saves)."""
     with torch.device("meta"):
         model = Transformer(args, mlp)
-    sd = dict(random_tensors(args, dtype, device, seed))
+    sd = dict(random_tensors(args, dtype, device, seed, vocab_zeros))
     if args.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)

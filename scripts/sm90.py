@@ -85,9 +85,10 @@ def plan_as_on_gpu(n_sm: int = 132):
 
 def layer_model(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal"):
     """A random one-layer model of `name`'s shapes whose decode step makes the launches of a real one: the whole
-    vocabulary when it is quantized (the quantized LM head is a kernel), else cut down."""
+    vocabulary when it is quantized (the quantized LM head is a kernel; zeros: launches do not depend on values),
+    else cut down."""
     args = ModelArgs(**{**CONFIGS[name], "n_layer": 1, "max_seq_len": 256, **({} if quant else {"vocab_size": 64})})
-    return random_model(args, "cpu", dtype, mlp=mlp)
+    return random_model(args, "cpu", dtype, mlp=mlp, vocab_zeros=quant is not None)
 
 
 def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal",

@@ -72,3 +72,14 @@ def test_read_config_errors(tmp_path):
     (empty / WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(UserError, match="not a readable safetensors file"):
         read_metadata(empty)
+
+
+def test_random_tensors_vocab_zeros():
+    """vocab_zeros: the embedding and LM head zero (sm90.py's full-vocabulary layers), everything else as drawn."""
+    args = ModelArgs(**TINY)
+    drawn = dict(random_tensors(args, torch.float32, "cpu", 0))
+    zeroed = dict(random_tensors(args, torch.float32, "cpu", 0, vocab_zeros=True))
+    assert drawn.keys() == zeroed.keys()
+    for k in ("tok_embeddings.weight", "output.weight"):
+        assert zeroed[k].shape == drawn[k].shape and not zeroed[k].any() and drawn[k].any()
+    assert all(zeroed[k].shape == drawn[k].shape and zeroed[k].isfinite().all() for k in drawn)
