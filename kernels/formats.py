@@ -12,6 +12,7 @@ The kernels read `code` (their QUANT constexpr: 0, 1, 2) and stream each format'
 Adding a format: a value here, and its step in kernels/stream.py.
 """
 import math
+import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -43,6 +44,8 @@ def int4_group(K: int, preferred: int = 128) -> int:
 
 def pack_int4(q: Tensor) -> Tensor:
     """q [K, N] in 0..15 -> int32 [K, N/8]: column 8c + i in bits 4i..4i+3 of word c."""
+    if sys.byteorder != "little":  # the bytes below are read back as words
+        raise UserError("int4 packing needs a little-endian machine")
     K, N = q.shape
     b = q.to(torch.uint8).view(K, N // 2, 2)
     # byte j of a little-endian word holds nibbles 2j (low) and 2j + 1 (high): bits 4i..4i+3 for nibble i

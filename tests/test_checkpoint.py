@@ -75,7 +75,8 @@ def test_read_config_errors(tmp_path):
 
 
 def test_random_tensors_vocab_zeros():
-    """vocab_zeros: the embedding and LM head zero (sm90.py's full-vocabulary layers), everything else as drawn."""
+    """vocab_zeros: the embedding and LM head zero (sm90.py's full-vocabulary layers), every other tensor still drawn
+    (same names and shapes, finite)."""
     args = ModelArgs(**TINY)
     drawn = dict(random_tensors(args, torch.float32, "cpu", 0))
     zeroed = dict(random_tensors(args, torch.float32, "cpu", 0, vocab_zeros=True))
