@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -22,6 +23,7 @@ WEIGHTS = "model.safetensors"
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
            torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 
 def write_safetensors(path: Path, shapes: dict, tensors: Iterable, metadata: dict):
@@ -133,3 +135,70 @@ def read_safetensors_metadata(path: Path) -> dict:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def read_tensors(path: Path, device) -> dict:
+    """name -> tensor of a safetensors file, on `device` (to a GPU through read_staged). Raises SafetensorError,
+    OSError or ValueError on a damaged file."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return read_staged(path, device)
+    with safe_open(str(path), "pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_staged(path: Path, device: torch.device, stage_bytes: int = 64 << 20, n_stages: int = 4) -> dict:
+    """read_tensors through n_stages buffers of stage_bytes (pinned for a GPU): a few threads read the file into
+    them with pread (no page faults on a mapping) while the copies out of them run asynchronously, so reading and
+    copying overlap. A copy to the GPU straight from pageable memory ran at ~2.5 GB/s on the H200's host (5.5 s for
+    a 7B model)."""
+    cuda = device.type == "cuda"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > size - 8:
+            raise ValueError("header larger than the file")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    out, chunks = {}, []  # chunks: (destination bytes, file offset, length)
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _TORCH_DTYPES or not 0 <= begin <= end <= size - 8 - n:
+            raise ValueError(f"tensor {name}: dtype {info['dtype']} or offsets {begin}..{end} out of the file")
+        t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]], device=device)
+        if t.numel() * t.element_size() != end - begin:
+            raise ValueError(f"tensor {name}: shape {info['shape']} does not fill its {end - begin} bytes")
+        flat = t.view(-1).view(torch.uint8)
+        chunks += [(flat[o:o + stage_bytes], 8 + n + begin + o, min(stage_bytes, end - begin - o))
+                   for o in range(0, end - begin, stage_bytes)]
+        out[name] = t
+    if not chunks:
+        return out
+    stages = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(min(n_stages, len(chunks)))]
+    views = [s.numpy() for s in stages]
+    fd = os.open(path, os.O_RDONLY)
+
+    def fill(j: int, ready):  # chunk j into its stage, once the copy out of that stage (event `ready`) is done
+        if ready is not None:
+            ready.synchronize()
+        _, offset, length = chunks[j]
+        if os.preadv(fd, [views[j % len(stages)][:length]], offset) != length:
+            raise ValueError("the file ends early")
+
+    try:
+        with ThreadPoolExecutor(len(stages)) as pool:
+            reads = {j: pool.submit(fill, j, None) for j in range(len(stages))}
+            for j, (dst, _, length) in enumerate(chunks):
+                reads.pop(j).result()
+                dst.copy_(stages[j % len(stages)][:length], non_blocking=cuda)
+                copied = None
+                if cuda:
+                    copied = torch.cuda.Event()
+                    copied.record()
+                if j + len(stages) < len(chunks):
+                    reads[j + len(stages)] = pool.submit(fill, j + len(stages), copied)
+        if cuda:
+            torch.cuda.synchronize(device)
+    finally:
+        os.close(fd)
+    return out

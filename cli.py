@@ -2,6 +2,7 @@
 flags that choose a model, its weights' quantization, its sparsity settings and the device, with their parsing.
 Libraries never import this module; CLIs (generate.py, calibrate.py, quantize.py, scripts/) do."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from default_model import default_checkpoint
 from errors import UserError
 from loading import load_model
+from paths import CACHE
 from kernels.formats import QUANT_FORMATS, quant_format
 from sparsity import CRITERIA, METHODS
 from tokenizer import load_tokenizer
@@ -31,7 +33,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def run_cli(main):
-    """Call main(); a UserError (or Ctrl-C) ends the process with one line on stderr, no traceback."""
+    """Call main(); a UserError (or Ctrl-C) ends the process with one line on stderr, no traceback. torch.compile's
+    caches live under .cache/compile (keep_compile_caches)."""
+    keep_compile_caches()
     try:
         return main()
     except UserError as e:
@@ -40,6 +44,14 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def keep_compile_caches():
+    """torch.compile's caches (inductor's compiled graphs and kernels, Triton's builds) under .cache/compile, so that
+    a later process reuses what an earlier one compiled for the same model shape, GPU and torch version; a location
+    set in the environment wins. Called before anything compiles (both are read when first used)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE / "compile" / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(CACHE / "compile" / "triton"))
 
 
 def sparsity_list(text: str, flag: str, up_to_one: bool = False) -> list:
@@ -82,6 +94,15 @@ def add_quant_arg(p: argparse.ArgumentParser):
     p.add_argument("--quant", choices=sorted(QUANT_FORMATS), default=None,
                    help="weight-only quantization of the sparse linears (quantize.py, RTN: int8 per output "
                         "channel, int4 per group of 128 inputs) and the LM head (int8) (default: none, 16-bit)")
+
+
+def add_compile_args(p: argparse.ArgumentParser):
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step and record it as a CUDA graph (default: on for CUDA, off for "
+                   "CPU)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="also compile the prefill (shapes vary: ~30 s more at start even with warm caches on a 7B "
+                   "model, for a few ms less per prompt; default: it runs eagerly)")
 
 
 def add_sparsity_args(p: argparse.ArgumentParser):

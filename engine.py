@@ -63,7 +63,10 @@ class Generator:
     """Holds the model and its (optionally compiled) prefill and one-token decode step."""
 
     def __init__(self, model, compile: bool = False, temperature: float = 0.0, top_k: Optional[int] = None,
-                 sparse_prefill_from: Optional[int] = None, top_p: float = 1.0):
+                 sparse_prefill_from: Optional[int] = None, top_p: float = 1.0, compile_prefill: bool = False):
+        """compile: the decode step through torch.compile (CUDA graphs on a GPU); compile_prefill: the prefill too
+        (off by default, as in gpt-fast: its varying shapes cost a dynamic-shape compile, ~30 s on a 7B model even
+        from warm caches, for a few ms per prompt)."""
         self.model = model
         self.sparse_prefill_from = sparse_prefill_from  # None: dense prefill (TEAL's attention-sink rule)
         self.device = model.tok_embeddings.weight.device
@@ -74,7 +77,9 @@ class Generator:
         if compile:
             cuda = self.device.type == "cuda"
             self.decode_step = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
-            self.prefill_step = torch.compile(self._prefill, fullgraph=True, dynamic=True)
+            if compile_prefill:
+                self.prefill_step = torch.compile(self._prefill, fullgraph=True, dynamic=True)
+        self.compiled_prefill = compile and compile_prefill
 
     def set_sampling(self, temperature: float, top_k: Optional[int] = None, top_p: float = 1.0):
         """Greedy at temperature 0; else sample at this temperature from the top_k (None: all) most likely tokens

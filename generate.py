@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
+from cli import (HelpFormatter, add_compile_args, add_model_args, add_quant_arg, add_sparsity_args, load_from_args,
+                 run_cli)
 from engine import (Generator, bytes_per_token, common_prefix, decode_sparsity, linear_format, peak_memory_gb,
                     sparsity_report)
 from plan import decode_plan
@@ -39,8 +40,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
     p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity in [0, 1)")
     add_sparsity_args(p)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (default: on for CUDA, off for CPU)")
+    add_compile_args(p)
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: what the run needs)")
     a = p.parse_args(argv)
     if not 0.0 <= a.sparsity < 1.0:
@@ -67,7 +67,7 @@ def main(argv=None):
     compile_ = device.type == "cuda" if a.compile is None else a.compile
     model.set_plan(decode_plan(device, sparsity=a.sparsity))  # the kernels on a GPU, the reference path on a CPU
     gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    sparse_prefill_from=a.sparse_prefill_from)
+                    sparse_prefill_from=a.sparse_prefill_from, compile_prefill=compile_ and a.compile_prefill)
 
     if a.interactive:
         return chat_loop(gen, tok, a, calib)
@@ -82,8 +82,8 @@ def main(argv=None):
     if compile_:  # compile (and record the CUDA graphs) before the first sample, so that it reports real speed
         t0 = time.perf_counter()
         gen.generate(prompt, min(a.max_new_tokens, 4))
-        print(f"[compiled in {time.perf_counter() - t0:.1f} s: prefill of {len(ids)} tokens and the decode step]",
-              file=sys.stderr)
+        what = f"the prefill of {len(ids)} tokens and the decode step" if gen.compiled_prefill else "the decode step"
+        print(f"[compiled in {time.perf_counter() - t0:.1f} s: {what}]", file=sys.stderr)
     for i in range(a.num_samples):
         stream = StreamDecoder(tok, ids)
         print(a.prompt if not a.chat else "", end="", flush=True)

@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
-from checkpoint import FORMAT, WEIGHTS, read_config, read_metadata, read_safetensors_metadata, state_dict_shapes
+from checkpoint import (FORMAT, WEIGHTS, read_config, read_metadata, read_safetensors_metadata, read_tensors,
+                        state_dict_shapes)
 from errors import UserError
 from model import ModelArgs, Transformer
 from kernels.formats import QuantFormat, format_of_scheme
@@ -46,9 +47,8 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
     elif native is not None:
         quant_structure(model, native, head=False)
     try:
-        with safe_open(str(path), "pt", device=str(device)) as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
+        sd = read_tensors(path, device)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise UserError(f"could not read {path}: {e}") from None
     if dtype is not None:  # quantized weights and their scales stay as they are
         sd = {k: v if not v.is_floating_point() or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}

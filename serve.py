@@ -16,7 +16,8 @@ import time
 
 import uvicorn
 
-from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
+from cli import (HelpFormatter, add_compile_args, add_model_args, add_quant_arg, add_sparsity_args, load_from_args,
+                 run_cli)
 from engine import Generator
 from errors import UserError
 from plan import decode_plan
@@ -35,8 +36,7 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + reply of one request "
                    "(at most the model's context)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the decode step (default: on for CUDA, off for CPU)")
+    add_compile_args(p)
     p.add_argument("--name", default=None, help="the model's name in the API (default: the checkpoint directory's)")
     a = p.parse_args(argv)
     if not 0.0 <= a.sparsity < 1.0:
@@ -55,7 +55,8 @@ def main(argv=None):
         apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     model.set_plan(decode_plan(device, sparsity=a.sparsity))
     compile_ = device.type == "cuda" if a.compile is None else a.compile
-    gen = Generator(model, compile=compile_, sparse_prefill_from=a.sparse_prefill_from)
+    gen = Generator(model, compile=compile_, sparse_prefill_from=a.sparse_prefill_from,
+                    compile_prefill=compile_ and a.compile_prefill)
     max_seq = min(a.max_seq_len, model.args.max_seq_len)
     gen.setup(1, max_seq)
     worker = Worker(gen, tok, calib, a.sparsity, a.sparsity_method, a.criterion, max_seq)

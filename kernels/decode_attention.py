@@ -7,6 +7,7 @@ cache positions [lo, pos] (lo > 0 only with a sliding window). The positions are
 zero) combines the partial results in a fixed order. Only positions up to `pos` are read, so the cost
 follows the context actually used, not the cache's length.
 """
+from functools import partial
 from typing import Optional
 
 import torch
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
-from kernels.common import INTERPRETED, SLOTS, _dot, _stamp, _stamp_after, direct
+from kernels.common import INTERPRETED, SLOTS, _dot, _stamp, _stamp_after, direct, skip
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
@@ -224,12 +225,19 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     return out
 
 
-@triton_op("teal::decode_attention", mutates_args=("k_cache", "v_cache", "counters"))
+def _attention(wrap, qkv, rope, k_cache, v_cache, pos, counters, n_head, window):
+    out = qkv.new_empty((qkv.shape[-2], n_head * k_cache.shape[3]), dtype=k_cache.dtype)
+    return launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out, wrap=wrap)
+
+
+# opaque to torch.compile: see sparse_gemv.py
+@custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _decode_attention_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
                          counters: Tensor, n_head: int, window: int) -> Tensor:
-    out = qkv.new_empty((qkv.shape[-2], n_head * k_cache.shape[3]), dtype=k_cache.dtype)
-    return launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out,
-                  wrap=wrap_triton)
+    return _attention(direct, qkv, rope, k_cache, v_cache, pos, counters, n_head, window)
+
+
+_decode_attention_op.register_fake(partial(_attention, skip))
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,

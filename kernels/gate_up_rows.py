@@ -4,16 +4,16 @@ h[m, i] = silu(g[m, i]) * (W_up[i, :] . x[m, :]) where |silu(g[m, i])| > t[i], e
 W_up is stored row-major [I, K] so each computed output row is one contiguous read; rows masked off
 in every batch row are never loaded. The zeros in h make the down projection's input sparse.
 """
+from functools import partial
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
-from kernels.common import MAX_ROWS, direct
+from kernels.common import MAX_ROWS, direct, skip
 
 
 def gate_up_rows_ref(x: Tensor, gate: Tensor, w_up: Tensor, t: Optional[Tensor],
@@ -79,10 +79,16 @@ def launch(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config, out: Tensor
     return out
 
 
-@triton_op("teal::gate_up_rows", mutates_args=())
+def _rows(wrap, x, gate, w_up, t, config):
+    return launch(x, gate, w_up, t, config, x.new_empty((x.shape[0], w_up.shape[0])), wrap=wrap)
+
+
+@custom_op("teal::gate_up_rows", mutates_args=())  # opaque to torch.compile: see sparse_gemv.py
 def _gate_up_rows_op(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config: list[int]) -> Tensor:
-    out = x.new_empty((x.shape[0], w_up.shape[0]))
-    return launch(x, gate, w_up, t, config, out, wrap=wrap_triton)
+    return _rows(direct, x, gate, w_up, t, config)
+
+
+_gate_up_rows_op.register_fake(partial(_rows, skip))
 
 
 def gate_up_rows(x: Tensor, gate: Tensor, w_up: Tensor, t: Tensor, config) -> Tensor:

@@ -17,6 +17,7 @@ unreduced (`sparse_gemv_parts`): the kernel that reads the result sums them whil
 attention for q/k/v; this kernel for down, given gate/up's partials as x [P, 2, M, K], applying silu(gate) * up as
 it loads), so no reduction tail runs where nothing needs the reduced value.
 """
+from functools import partial
 from itertools import accumulate
 from typing import Optional
 
@@ -24,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
 from kernels.common import (INTERPRETED, MAX_ROWS, SLOTS, _column_scales, _finish, _note,
-                            _stamp, _stamp_after, _tile_columns, _word_columns, direct)
+                            _stamp, _stamp_after, _tile_columns, _word_columns, direct, skip)
 from kernels.configs import acc_rows, counters_size, k_layout
 from kernels.formats import FORMATS, QuantFormat
 from kernels.sparse_gemv_batch import _sparse_gemv_batch_kernel
@@ -127,7 +128,7 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     partial_out: `out` [split, 2 if glu else 1, M, N_OUT] float32 receives each split's partial sums, unreduced
     (no epilogue: no GLU, residual or sums of squares), for a consumer that sums them as it loads them.
     Quantized weights (fmt, kernels/formats.py) come with their scales; int4's step BK must divide the scale group.
-    wrap(kernel) -> what is launched (torch.library.wrap_triton inside the ops; a recorder in tests). prof
+    wrap(kernel) -> what is launched (the kernel; nothing in the ops' fakes; a recorder in tests). prof
     [>= programs, SLOTS] int64: batch 1 stamps its phases there (scripts/profile_phases.py)."""
     x_parts = x.shape[0] if x.dim() == 4 else 0
     if x_parts:
@@ -191,45 +192,66 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
     return out
 
 
-def _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss, fmt,
-                         scale):
+def _allocate_and_launch(wrap, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, emit_ss,
+                         fmt, scale):
     M = x.shape[-2]
     # from gate/up partials (4-D x) the output takes the residual stream's dtype
     dtype = x.dtype if x.dim() == 2 else residual.dtype if residual is not None else w.dtype
     out = x.new_empty((M, sizes[0] if glu else sum(sizes)), dtype=dtype)
     ss_out = x.new_empty((M, counters_size(sizes, glu, config[0])), dtype=torch.float32) if emit_ss else None
     launch(x, w, t, counters, sizes, glu, config, residual, out, FORMATS[fmt], scale, norm_weight, ss_in, eps, ss_out,
-           wrap=wrap_triton)
+           wrap=wrap)
     return out, ss_out
 
 
-@triton_op("teal::sparse_gemv", mutates_args=("counters",))
-def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
-                    norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
-                    glu: bool, config: list[int], fmt: str, scale: Optional[Tensor]) -> Tensor:
-    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, False,
+def _gemv(wrap, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, fmt, scale):
+    return _allocate_and_launch(wrap, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, False,
                                 fmt, scale)[0]
 
 
-@triton_op("teal::sparse_gemv_ss", mutates_args=("counters",))
-def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor,
-                       norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
-                       config: list[int], fmt: str, scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _allocate_and_launch(x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config, True,
-                                fmt, scale)
+def _gemv_ss(wrap, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, config, fmt, scale):
+    return _allocate_and_launch(wrap, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, False, config,
+                                True, fmt, scale)
 
 
-@triton_op("teal::sparse_gemv_parts", mutates_args=())
-def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
-                          eps: float, sizes: list[int], glu: bool, config: list[int], fmt: str,
-                          scale: Optional[Tensor]) -> Tensor:
+def _gemv_parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, fmt, scale):
     M, K = x.shape
     f = FORMATS[fmt]
     P = k_layout(K, config, f.group_of(w, scale))[1]
     out = x.new_empty((P, 2 if glu else 1, M, sizes[0] if glu else sum(sizes)), dtype=torch.float32)
     launch(x, w, t, None, sizes, glu, config, None, out, f, scale, norm_weight, ss_in, eps, partial_out=True,
-           wrap=wrap_triton)
+           wrap=wrap)
     return out
+
+
+# Opaque ops (kernels/common.py, `skip`): torch.compile calls them as they are, taking the declared mutations as
+# given (tests/compile_checks.py checks them against what each kernel stores through), instead of generating every
+# launch's TTIR to find out: ~0.3 s a launch, 128 launches in a 7B model's decode step, at every compile, in every
+# process.
+@custom_op("teal::sparse_gemv", mutates_args=("counters",))
+def _sparse_gemv_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Optional[Tensor],
+                    norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
+                    glu: bool, config: list[int], fmt: str, scale: Optional[Tensor]) -> Tensor:
+    return _gemv(direct, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, glu, config, fmt, scale)
+
+
+@custom_op("teal::sparse_gemv_ss", mutates_args=("counters",))
+def _sparse_gemv_ss_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor,
+                       norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, sizes: list[int],
+                       config: list[int], fmt: str, scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _gemv_ss(direct, x, w, t, counters, residual, norm_weight, ss_in, eps, sizes, config, fmt, scale)
+
+
+@custom_op("teal::sparse_gemv_parts", mutates_args=())
+def _sparse_gemv_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
+                          eps: float, sizes: list[int], glu: bool, config: list[int], fmt: str,
+                          scale: Optional[Tensor]) -> Tensor:
+    return _gemv_parts(direct, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, fmt, scale)
+
+
+_sparse_gemv_op.register_fake(partial(_gemv, skip))
+_sparse_gemv_ss_op.register_fake(partial(_gemv_ss, skip))
+_sparse_gemv_parts_op.register_fake(partial(_gemv_parts, skip))
 
 
 def sparse_gemv(x: Tensor, w: Tensor, t: Tensor, sizes, counters: Tensor, config, glu: bool = False,

@@ -16,15 +16,16 @@ waits for is being computed by a running program; the CPU interpreter, which run
 every unit to the last one. The last program to leave resets the counters.
 16-bit and int8 weights (int4 takes the two launches: sparse_gemv_parts, then down from the partials).
 """
+from functools import partial
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op
 
-from kernels.common import _column_scales, _glu, direct
+from kernels.common import _column_scales, _glu, direct, skip
 from kernels.configs import acc_rows, counters_size, k_layout, mlp_counters_size
 from kernels.formats import FLOAT, FORMATS, QuantFormat
 from kernels.stream import KEEP, ROW_BITS, VALUE_SHIFT, _build_list, _dense_stream, _fold, _list_stream
@@ -242,15 +243,24 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
     return out, ss_out
 
 
-@triton_op("teal::sparse_mlp", mutates_args=("counters",))
+def _mlp(wrap, x, w, t, w_down, t_down, counters, norm_weight, ss_in, eps, config, down_config, fmt, scale,
+         scale_down):
+    out = x.new_empty(x.shape)
+    ss_out = x.new_empty((1, down_config[2]), dtype=torch.float32)
+    return launch_mlp(x, w, t, w_down, t_down, counters, config, down_config, out, ss_out, norm_weight, ss_in, eps,
+                      FORMATS[fmt], scale, scale_down, wrap=wrap)
+
+
+@custom_op("teal::sparse_mlp", mutates_args=("counters",))  # opaque to torch.compile: see sparse_gemv.py
 def _sparse_mlp_op(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor,
                    norm_weight: Optional[Tensor], ss_in: Optional[Tensor], eps: float, config: list[int],
                    down_config: list[int], fmt: str, scale: Optional[Tensor],
                    scale_down: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    out = x.new_empty(x.shape)
-    ss_out = x.new_empty((1, down_config[2]), dtype=torch.float32)
-    return launch_mlp(x, w, t, w_down, t_down, counters, config, down_config, out, ss_out, norm_weight, ss_in, eps,
-                      FORMATS[fmt], scale, scale_down, wrap=wrap_triton)
+    return _mlp(direct, x, w, t, w_down, t_down, counters, norm_weight, ss_in, eps, config, down_config, fmt, scale,
+                scale_down)
+
+
+_sparse_mlp_op.register_fake(partial(_mlp, skip))
 
 
 def sparse_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, counters: Tensor, config,

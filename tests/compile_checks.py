@@ -3,10 +3,11 @@ process without TRITON_INTERPRET: tracing needs compiled Triton functions, not i
 
 1. The one-token step of a model on the kernel path traces as one graph (no graph break) whose projections and
    attention are the kernel ops, with no SDPA left.
-2. Which arguments each kernel launch writes: torch.compile generates each user kernel's TTIR to find the
-   pointers it stores through, and an input it cannot rule out is cloned before every call (a weight: a full
-   copy per token). Triton needs only a target for that, so a Hopper target stands in for the CUDA driver
-   (scripts/sm90.py).
+2. Which arguments each kernel launch writes, against what its op declares: the ops are opaque to torch.compile,
+   which takes their declared mutations as given, so a kernel storing through an undeclared input would corrupt
+   it silently under compilation. torch's own analysis of user kernels (each launch's TTIR, the pointers it
+   stores through) finds the written arguments; Triton needs only a target for that, so a Hopper target stands
+   in for the CUDA driver (scripts/sm90.py).
 3. Every kernel launch that a Llama-2-7B-shaped layer's decode step makes on an H100 (132 SMs: the real configs)
    compiles down to a cubin for sm_90, ptxas included: bf16/fp16/fp32 activations, int8 and int4 weights, the
    CATS MLP too, batch 1 and 3, sparse and dense; and a Llama-3-8B-shaped one's in bf16 with each weight format. Triton's CPU interpreter runs code the compiler refuses (a jit
@@ -32,7 +33,7 @@ from scripts import sm90
 
 
 class Recorder:
-    """Stands in for a launch's `wrap` (torch.library.wrap_triton): keeps each launch's kernel and its arguments by
+    """Stands in for a launch's `wrap`: keeps each launch's kernel and its arguments by
     name instead of running it."""
 
     def __init__(self):
@@ -49,6 +50,12 @@ class Recorder:
                     recorder.launches.append((fn, named))
                 return launch
         return Grid()
+
+
+def declared_mutations(op: str) -> set:
+    """The arguments torch.ops.teal.<op> declares it writes (mutates_args)."""
+    schema = getattr(torch.ops.teal, op).default._schema
+    return {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
 
 
 def written(fn, named: dict) -> set:
@@ -228,12 +235,25 @@ def main():
     for e in errors:
         print("  " + e)
     ok &= n > 0 and not errors
-    allowed = {
-        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr"},
-        sparse_gemv_batch._sparse_gemv_batch_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "ss_out_ptr"},
-        sparse_mlp._sparse_mlp_kernel: {"y_ptr", "ws_ptr", "cnt_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
-        decode_attention._decode_attention_kernel: {"y_ptr", "k_ptr", "v_ptr", "ws_ml_ptr", "ws_acc_ptr", "cnt_ptr"},
+    # what a launch may store through: what its op allocates (outputs, workspaces, kept-row lists) and, by pointer,
+    # the inputs its ops declare mutated
+    allocated = {
+        sparse_gemv._sparse_gemv_kernel: {"y_ptr", "ws_ptr", "idx_ptr", "ss_out_ptr"},
+        sparse_gemv_batch._sparse_gemv_batch_kernel: {"y_ptr", "ws_ptr", "ss_out_ptr"},
+        sparse_mlp._sparse_mlp_kernel: {"y_ptr", "ws_ptr", "idx_ptr", "ss_out_ptr", "dp_ptr"},
+        decode_attention._decode_attention_kernel: {"y_ptr", "ws_ml_ptr", "ws_acc_ptr"},
     }
+    ops = {
+        sparse_gemv._sparse_gemv_kernel: ("sparse_gemv", "sparse_gemv_ss"),
+        sparse_gemv_batch._sparse_gemv_batch_kernel: ("sparse_gemv", "sparse_gemv_ss"),
+        sparse_mlp._sparse_mlp_kernel: ("sparse_mlp",),
+        decode_attention._decode_attention_kernel: ("decode_attention",),
+    }
+    pointer = {"counters": "cnt_ptr", "k_cache": "k_ptr", "v_cache": "v_ptr"}
+    allowed = {fn: allocated[fn] | {pointer[a] for op in names for a in declared_mutations(op)}
+               for fn, names in ops.items()}
+    print("declared mutations: " + ", ".join(f"{op} {sorted(declared_mutations(op))}"
+                                              for names in ops.values() for op in names))
     bad = 0
     seen = set()
     for rec in (gemv_launches(), attention_launches()):

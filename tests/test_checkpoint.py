@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoint import (FINGERPRINT_KEYS, FORMAT, WEIGHTS, fingerprint, read_config, read_metadata,
+from checkpoint import (FINGERPRINT_KEYS, FORMAT, WEIGHTS, fingerprint, read_config, read_metadata, read_staged,
                         save_checkpoint, state_dict_shapes)
 from errors import UserError
 from loading import random_tensors
@@ -39,6 +39,28 @@ def test_round_trip(tmp_path, tied):
             assert torch.equal(f.get_tensor(k), tensors[k]), k
         wqkv = f.get_tensor("layers.0.attention.wqkv.weight")
     assert wqkv.shape == (64, 64 + 2 * 32)  # the kernel layout: [in, out]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_staged_read_equals_safetensors(tmp_path, dtype):
+    """The GPU load's reader (read_staged: pread into a few buffers, copies out of them), run on the CPU with
+    buffers of an odd size smaller than most tensors and fewer buffers than chunks: every tensor as safetensors
+    reads it; a truncated file and a header pointing past the end are refused."""
+    saved(tmp_path, dtype)
+    path = tmp_path / WEIGHTS
+    got = read_staged(path, torch.device("cpu"), stage_bytes=1000, n_stages=3)
+    with safe_open(str(path), "pt") as f:
+        assert sorted(got) == sorted(f.keys())
+        for k in f.keys():
+            want = f.get_tensor(k)
+            assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="out of the file"):
+        read_staged(tmp_path / "cut.safetensors", torch.device("cpu"))
+    (tmp_path / "head.safetensors").write_bytes(data[:8])
+    with pytest.raises(ValueError, match="header"):
+        read_staged(tmp_path / "head.safetensors", torch.device("cpu"))
 
 
 def test_fingerprint_ignores_dtype_but_not_weights(tmp_path):

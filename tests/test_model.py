@@ -1,5 +1,8 @@
 """model.py: logits against transformers (prefill and decode), masks, named configs, compiled against eager, zero
 thresholds, the kernel layout, and the decode on the Triton kernels (interpreted on CPU) against the reference path."""
+import copy
+import re
+
 import pytest
 import torch
 
@@ -124,6 +127,31 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
     for layer in range(len(model.layers)):  # the kernel wrote the same keys and values into its cache
         a, b = model.layers[layer].attention.kv_cache, ref_model.layers[layer].attention.kv_cache
         assert rel_err(a.k, b.k) < 1e-6 and rel_err(a.v, b.v) < 1e-6
+
+
+def test_compiled_kernel_path_calls_the_ops_on_the_weights_themselves():
+    """torch.compile of the kernel-path decode step (the kernels interpreted on CPU) gives the eager kernel path's
+    logits, and its generated code calls the opaque kernel ops with the parameters and buffers themselves: no clone
+    or copy of a weight, a cache or a counter before a call (the ops declare what they write), no kernel body traced
+    (no triton_kernel_wrapper)."""
+    from torch._inductor.utils import run_and_get_code
+    _, model = reference_and_kernel_models(2, 128)
+    model.setup_caches(1, 64)
+    eager_model = copy.deepcopy(model)
+    step = torch.compile(lambda t, p: model(t, p), fullgraph=True)
+    prompt = torch.randint(0, 101, (1, 8))
+    with torch.no_grad():
+        for m in (model, eager_model):
+            m(prompt, torch.arange(8), sparse_from=None)
+        for i, tok in enumerate(torch.randint(0, 101, (2,)).tolist()):
+            pos = torch.tensor([8 + i])
+            out, code = run_and_get_code(step, torch.tensor([[tok]]), pos)
+            assert rel_err(out, eager_model(torch.tensor([[tok]]), pos)) < 1e-6, i
+    code = "\n".join(code)
+    calls = re.findall(r"torch\.ops\.teal\.(\w+)\.default\(", code)
+    assert sorted(set(calls)) == ["decode_attention", "sparse_gemv_parts", "sparse_gemv_ss", "sparse_mlp"], calls
+    assert len(calls) == 4 * len(model.layers)
+    assert "clone" not in code and "copy_" not in code and "triton_kernel_wrapper" not in code
 
 
 @pytest.mark.parametrize("quant", [None, "int8", "int4"], ids=["fp32", "int8", "int4"])
