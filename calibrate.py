@@ -4,7 +4,7 @@
 
 1. A dense pass over calibration text histograms, per layer and projection, |x| of the projection's input
    (q, k, v share the attention input; gate, up the MLP input) and the weight-aware score |x_i|·‖W[i,:]‖,
-   plus |silu(gate)| for the CATS-style MLP, on log-spaced bins fine enough to set any sparsity level to
+   plus |silu(gate)| for the CATS-style MLP, on bins of 1/256 of an octave, fine enough to set any sparsity level to
    well within ±0.5%. The quantile tables and the weights' column norms are stored.
 2. Block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's effective
    sparsity (the parameter-weighted mean of its projections' levels) by --step through one projection,

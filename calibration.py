@@ -2,8 +2,8 @@
 
 1. collect: a dense pass over calibration text histograms, per layer and projection, |x| of the projection's input
    (q, k, v share the attention input; gate, up the MLP input) and the weight-aware score |x_i|·‖W[i,:]‖, plus
-   |silu(gate)| for the CATS-style MLP, on log-spaced bins fine enough to set any sparsity level to well within
-   ±0.5%; hist_quantiles turns them into the stored quantile tables, with the weights' column norms.
+   |silu(gate)| for the CATS-style MLP, on bins of 1/256 of an octave, fine enough to set any sparsity level to
+   well within ±0.5%; hist_quantiles turns them into the stored quantile tables, with the weights' column norms.
 2. greedy_block: block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's
    effective sparsity (the parameter-weighted mean of its projections' levels) by `step` through one projection,
    the one whose increase adds the least L2 error to the block output on the later tokens of each sequence (the
@@ -15,33 +15,48 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import write_safetensors
 from errors import UserError
+from kernels import reference
 from model import attention_mask
 from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, crit_key, input_hooks, owners,
                       param_fractions)
 
-N_BINS, LOG2_LO, LOG2_HI = 16384, -40.0, 16.0  # bins of log2|x|: 0.24% wide in value
+# bins of |x| in float32: the exponent and the top MANT_BITS bits of the mantissa of each value, i.e. 256 equal bins
+# per octave (0.2-0.4% wide in value), from 2^LOG2_LO (smaller values and zeros: the first bin) to 2^LOG2_HI (larger:
+# the last). A bin index is a shift of the float's bits, so a histogram is one bincount (6x faster than histc of log2).
+MANT_BITS, LOG2_LO, LOG2_HI = 8, -40, 16
+N_BINS = (LOG2_HI - LOG2_LO) << MANT_BITS
+_FIRST = (127 + LOG2_LO) << MANT_BITS  # the biased-exponent-and-mantissa prefix of 2^LOG2_LO
 
 
-def log2_hist(v: torch.Tensor) -> torch.Tensor:
-    lv = v.float().clamp_min(2.0 ** LOG2_LO).log2().clamp(LOG2_LO, LOG2_HI)
-    return torch.histc(lv, bins=N_BINS, min=LOG2_LO, max=LOG2_HI).double().cpu()
+def value_hist(v: torch.Tensor) -> torch.Tensor:
+    """counts [N_BINS] float64 (on the CPU) of the values of v >= 0."""
+    bins = (v.float().contiguous().view(torch.int32) >> (23 - MANT_BITS)) - _FIRST
+    return torch.bincount(bins.clamp_(0, N_BINS - 1).flatten(), minlength=N_BINS).double().cpu()
+
+
+def bin_edges() -> tuple:
+    """(lower, upper) value edges [N_BINS] float64 of value_hist's bins."""
+    k = torch.arange(N_BINS, dtype=torch.float64)
+    octave = torch.exp2(torch.div(k, 1 << MANT_BITS, rounding_mode="floor") + LOG2_LO)
+    lower = octave * (1 + torch.remainder(k, 1 << MANT_BITS) / (1 << MANT_BITS))
+    return lower, lower + octave / (1 << MANT_BITS)
 
 
 def hist_quantiles(h: torch.Tensor) -> torch.Tensor:
-    """counts [..., N_BINS] -> values at LEVELS [..., len(LEVELS)], interpolated within a bin."""
+    """counts [..., N_BINS] -> values at LEVELS [..., len(LEVELS)], interpolated linearly within a bin."""
     cdf = h.reshape(-1, N_BINS).cumsum(-1)
     cdf = (cdf / cdf[:, -1:].clamp_min(1)).contiguous()  # [R, N_BINS]
-    width = (LOG2_HI - LOG2_LO) / N_BINS
-    edges = LOG2_LO + width * torch.arange(1, N_BINS + 1, dtype=torch.float64)  # right edges
+    lower, upper = bin_edges()
     lv = LEVELS.clamp(max=1 - 1e-12).expand(cdf.shape[0], -1).contiguous()
     i = torch.searchsorted(cdf, lv).clamp(max=N_BINS - 1)  # [R, len(LEVELS)]
     prev = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(lv))
     frac = ((lv - prev) / (cdf.gather(1, i) - prev).clamp_min(1e-300)).clamp(0, 1)
-    out = 2.0 ** (edges[i] - width + frac * width)
+    out = lower[i] + frac * (upper[i] - lower[i])
     return out.reshape(*h.shape[:-1], len(LEVELS))
 
 
@@ -66,14 +81,14 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
 
     def grab(mod, x):
         a = x[:, skip:].float().abs().reshape(-1, x.shape[-1])  # [N, K]
-        mag = log2_hist(a)  # q, k, v (and gate, up) share one input
+        mag = value_hist(a)  # q, k, v (and gate, up) share one input
         for layer, p, _ in owner[mod]:
             j = PROJECTIONS.index(p)
             hists["magnitude"][layer, j] += mag
-            hists["weight-aware"][layer, j] += log2_hist(a * norms_dev[p][layer])
+            hists["weight-aware"][layer, j] += value_hist(a * norms_dev[p][layer])
         if owner[mod][0][1] == "gate":  # CATS statistic: |silu(gate)|
             gate = x[:, skip:].reshape(-1, x.shape[-1]) @ mod.weight[:, :I]
-            cats[layer] += log2_hist(torch.nn.functional.silu(gate.float()).abs())
+            cats[layer] += value_hist(torch.nn.functional.silu(gate.float()).abs())
 
     block_inputs = [[] for _ in range(L)]
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: block_inputs[i].append(args[0].clone()))
@@ -85,7 +100,8 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
                     for h in hooks:
                         h.remove()
                     hooks = []
-                model(idx, torch.arange(idx.shape[1], device=dev), sparse_from=None)
+                # the hooks see every layer's inputs; only the last position's logits are made
+                model(idx, torch.arange(idx.shape[1], device=dev), sparse_from=None, all_logits=False)
     finally:
         for h in hooks:
             h.remove()
@@ -99,9 +115,12 @@ class BlockProbe:
     What a search step asks for is mostly known already, so it is reused, never approximated: errors by
     (layer, criterion, levels) (a greedy path's points are the tables' targets again); the attention half's output
     by the attention projections' levels (the gate/up/down candidates of a step share it, and the next step starts
-    from the chosen candidate's); the MLP half runs on the scored positions only (it mixes no positions)."""
+    from the chosen candidate's); with it, gate's and up's outputs by their own levels (a gate candidate reuses up's,
+    an up candidate gate's, a down candidate both); the MLP half runs on the scored positions only (it mixes no
+    positions)."""
 
     N_ATTN = PROJECTIONS.index("o") + 1  # q, k, v, o: the levels the attention half depends on
+    GATE, UP = PROJECTIONS.index("gate"), PROJECTIONS.index("up")
 
     def __init__(self, model, calib: Calibration, block_inputs: list, skip: int):
         self.model, self.calib, self.inputs, self.skip = model, calib, block_inputs, skip
@@ -113,7 +132,9 @@ class BlockProbe:
         self.mask = attention_mask(self.pos, S, model.args.sliding_window)
         self.active = self.pos >= skip
         self.dense = [None] * len(block_inputs)
-        self.errors, self.halves = {}, {}  # (layer, criterion, levels) -> error; attention levels -> output
+        # (layer, criterion, levels) -> error; attention levels -> {"h": output, "x": MLP input, (j, level): gate/up}
+        self.errors, self.halves = {}, {}
+        self.gate_up = None  # (layer, [(weight, scale) of gate, of up]): contiguous copies, faster to multiply
 
     def run(self, layer: int, sparse: bool):
         return self.mlp(layer, self.attention(layer, sparse), sparse)
@@ -130,6 +151,27 @@ class BlockProbe:
         return b.feed_forward(h[:, self.skip:], None, b.ffn_norm, sparse, self.active[self.skip:],
                               self.model.plan)[0]
 
+    def sparse_mlp(self, layer: int, half: dict, levels: tuple) -> torch.Tensor:
+        """mlp(layer, half["h"], True) at the thresholds set for `levels`, from gate's and up's outputs kept in
+        `half` by their levels: the reference path's operations (kernels/reference.py), one projection at a time."""
+        b = self.model.layers[layer]
+        w13, h = b.feed_forward.w13, half["h"][:, self.skip:]
+        if "x" not in half:
+            half["x"] = b.ffn_norm(h)
+        if self.gate_up is None or self.gate_up[0] != layer:
+            parts = w13.weight.split([n // w13.fmt.per_word for n in w13.sizes], dim=1)
+            scales = w13.scale.split(list(w13.sizes), dim=-1) if w13.scale is not None else (None, None)
+            self.gate_up = layer, [(w.contiguous(), sc) for w, sc in zip(parts, scales)]
+        out = []
+        for j, p in enumerate((self.GATE, self.UP)):
+            if (j, levels[p]) not in half:
+                w, sc = self.gate_up[1][j]
+                half[j, levels[p]] = reference.matmul_ref(reference.sparsify(half["x"], w13.threshold[j]), w,
+                                                          w13.fmt, sc)
+            out.append(half[j, levels[p]])
+        g = F.silu(out[0]) * out[1]
+        return b.feed_forward.w2(g, True, self.active[self.skip:], residual=h, plan=self.model.plan)[0]
+
     @torch.no_grad()
     def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
         key = (layer, criterion, tuple(levels.tolist()))
@@ -142,8 +184,8 @@ class BlockProbe:
         if attn_key not in self.halves:
             if len(self.halves) >= 16:  # older steps' candidates
                 self.halves.pop(next(iter(self.halves)))
-            self.halves[attn_key] = self.attention(layer, True)
-        y = self.mlp(layer, self.halves[attn_key], True).float()
+            self.halves[attn_key] = {"h": self.attention(layer, True)}
+        y = self.sparse_mlp(layer, self.halves[attn_key], key[2]).float()
         self.errors[key] = (y - self.dense[layer]).pow(2).sum().item()
         return self.errors[key]
 
@@ -158,7 +200,7 @@ class BlockProbe:
             if i == layer:
                 mod.threshold.zero_()
         self.halves.clear()
-        self.dense[layer] = None
+        self.dense[layer], self.gate_up = None, None
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,

@@ -69,6 +69,24 @@ def calibrated(tmp_path_factory):
     return ckpt, text
 
 
+def test_histogram_quantiles_match_torch_quantile():
+    """value_hist (bins from the float's bits) and hist_quantiles against exact quantiles of log-normal values over
+    many octaves, in parts as collect() adds them; zeros and values beyond the range land in the end bins."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.exp(torch.randn(300_000, generator=g) * 3)  # ~ 2^-13 .. 2^13
+    h = sum(calibration.value_hist(part) for part in v.split(70_001))
+    q = calibration.hist_quantiles(h)
+    levels = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99], dtype=torch.float64)
+    idx = [int(torch.argmin((calibration.LEVELS - p).abs())) for p in levels]
+    want = torch.quantile(v.double(), calibration.LEVELS[idx])
+    assert ((q[idx] - want).abs() / want).max() < 2e-3, (q[idx], want)
+    edges = calibration.value_hist(torch.tensor([0.0, 1e-30, 2.0 ** 40, float("inf"), 1.0]))
+    assert edges[0] == 2 and edges[-1] == 2 and edges.sum() == 5
+    lower, upper = calibration.bin_edges()
+    one = int(torch.nonzero(calibration.value_hist(torch.tensor([1.0])))[0])
+    assert lower[one] == 1.0 and upper[one] == 1 + 2 ** -calibration.MANT_BITS
+
+
 def test_greedy_tables_reach_targets(calibrated):
     ckpt, _ = calibrated
     model = load_model(ckpt)
