@@ -1,9 +1,13 @@
 """Quality of a sparsity setting on held-out text: sliding-window perplexity, KL divergence and top-1
 agreement against the dense model, and the measured sparsity (parameter-weighted, per projection).
 
-    python scripts/eval_ppl.py [--checkpoint CKPT] --sparsity 0.5 [--sparsity-method greedy]
+    python scripts/eval_ppl.py [--checkpoint CKPT] --sparsity 0.5 [--at-measured] [--sparsity-method greedy]
                                [--criterion weight-aware] [--mlp teal|cats] [--text FILE ...]
                                [--max-tokens N] [--window W] [--stride S] [--json]
+
+--at-measured: --sparsity is the model-wide sparsity to *measure* on the text, not the target: the target that
+measures it (within 0.002, on the first windows) is found by bisection first, so that two methods can be compared
+at equal measured sparsity.
 
 Default text: the evaluation side of the Shakespeare split (texts.py), disjoint by play from calibration.
 Every token of a window is sparsified (--dense-prefix N keeps the first N of each window dense); each
@@ -22,7 +26,7 @@ from tqdm import tqdm
 
 from cli import HelpFormatter, add_model_args, add_quant_arg, add_sparsity_args, load_from_args, run_cli
 from errors import UserError
-from sparsity import (CALIB_FILE, SparsityCounter, apply_thresholds, ensure_cache, load_calibration,
+from sparsity import (CALIB_FILE, TARGETS, SparsityCounter, apply_thresholds, ensure_cache, load_calibration,
                       parameter_weighted, per_projection)
 from texts import default_texts, read_texts
 
@@ -98,6 +102,38 @@ def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, m
     return [s.result(dense_nll) for s in settings]
 
 
+@torch.no_grad()
+def solve_target(model, ids: list, apply_at: Callable, s: float, window: int, stride: int, tokens: int = 2048,
+                 dense_prefix: int = 0, tol: float = 0.002) -> float:
+    """The target level whose thresholds (apply_at(model, level)) measure model-wide sparsity s on the first
+    `tokens` scored tokens of ids (windows and counted positions as in evaluate): bisection, measured sparsity
+    growing with the level."""
+    spans = windows(len(ids), window, stride, tokens)
+    ensure_cache(model, 1, window)
+    dev = model.tok_embeddings.weight.device
+
+    def measured(level: float) -> float:
+        apply_at(model, level)
+        counter = SparsityCounter(model)
+        for begin, end, first in spans:
+            with counter.counting(max(max(first, 1) - 1, dense_prefix)):
+                model(torch.tensor([ids[begin:end]], device=dev), torch.arange(end - begin, device=dev),
+                      sparse_from=dense_prefix)
+        return parameter_weighted(model, counter.stats())
+
+    lo, hi = 0.0, float(TARGETS[-1])  # the greedy tables' last target
+    if measured(hi) < s:
+        raise UserError(f"no level up to {hi} measures sparsity {s} on this text")
+    level = s
+    for _ in range(20):
+        got = measured(level)
+        if abs(got - s) <= tol:
+            break
+        lo, hi = (level, hi) if got < s else (lo, level)
+        level = (lo + hi) / 2
+    return level
+
+
 def load_eval_text(tok, files) -> list:
     return tok.encode(read_texts(files or default_texts("evaluation")), bos=None)
 
@@ -107,6 +143,8 @@ def main(argv=None):
     add_model_args(p)
     add_quant_arg(p)
     p.add_argument("--sparsity", type=float, required=True, help="model-wide activation sparsity in [0, 1)")
+    p.add_argument("--at-measured", action="store_true",
+                   help="--sparsity is the sparsity to measure on the text: find the target level that gives it")
     add_sparsity_args(p)
     p.add_argument("--text", nargs="+", type=Path, default=None,
                    help="evaluation text files (default: the evaluation side of the Shakespeare split)")
@@ -126,14 +164,20 @@ def main(argv=None):
     if a.mlp == "cats":
         sparse_model = load_from_args(a, mlp="cats")[1]
     calib = load_calibration(model, ckpt / CALIB_FILE) if a.sparsity > 0 else None
-    apply = (lambda m: apply_thresholds(m, calib, a.sparsity, a.sparsity_method, a.criterion)) if calib else (lambda m: None)
     ids = load_eval_text(tok, a.text)
-    setting = Setting(f"{a.mlp} {a.sparsity_method} {a.criterion} {a.sparsity}", sparse_model, apply)
+    level = a.sparsity
+    if a.at_measured and calib:
+        level = solve_target(sparse_model, ids, lambda m, t: apply_thresholds(m, calib, t, a.sparsity_method,
+                                                                              a.criterion), a.sparsity, a.window, a.stride,
+                             min(2048, a.max_tokens), a.dense_prefix)
+        print(f"target {level:.4f} measures {a.sparsity} on this text", file=sys.stderr)
+    apply = (lambda m: apply_thresholds(m, calib, level, a.sparsity_method, a.criterion)) if calib else (lambda m: None)
+    setting = Setting(f"{a.mlp} {a.sparsity_method} {a.criterion} {level:.4g}", sparse_model, apply)
     r = evaluate(model, ids, [setting], a.window, a.stride, a.max_tokens, a.dense_prefix)[0]
     print(f"{r['name']}: ppl {r['ppl']:.3f} (dense {r['dense_ppl']:.3f}) | KL {r['kl']:.4f} | top-1 {r['top1']:.3f} | "
           f"measured sparsity {r['sparsity']:.3f} over {r['tokens']} tokens", file=sys.stderr)
     if a.json:
-        print(json.dumps({"ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "sparsity": r["sparsity"],
+        print(json.dumps({"target": level, "ppl": r["ppl"], "kl": r["kl"], "top1": r["top1"], "sparsity": r["sparsity"],
                           "dense_ppl": r["dense_ppl"], "per_projection": r["per_projection"], "tokens": r["tokens"]}))
 
 

@@ -245,6 +245,12 @@ def test_eval_ppl_json(calibrated):
                 "--window", "128", "--stride", "64", "--json")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["kl"] == 0 and out["top1"] == 1 and out["ppl"] == out["dense_ppl"]
+    # --at-measured: the target is solved for, and the text then measures the requested sparsity
+    r = run_cli("scripts/eval_ppl.py", "--checkpoint", ckpt, "--sparsity", "0.45", "--at-measured", "--text", text,
+                "--max-tokens", "300", "--window", "128", "--stride", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(out["sparsity"] - 0.45) <= 0.002 + 1e-9 and out["target"] != 0.45, out
 
 
 @pytest.mark.slow

@@ -1,0 +1,49 @@
+"""scripts/quality_report.py: methods compared at equal measured sparsity (interpolation along each method's own
+points), and the report written end to end on the default model."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.quality_report import at_measured, equal_sparsity_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_at_measured_interpolates_log_ppl_between_bracketing_points():
+    pts = [(0.52, 40.0), (0.25, 25.0), (0.41, 28.0)]  # any order
+    assert at_measured(pts, 0.41) == pytest.approx(28.0)
+    mid = at_measured(pts, 0.465)
+    assert mid == pytest.approx(math.sqrt(28.0 * 40.0))  # halfway in log PPL
+    assert at_measured(pts, 0.6) is None and at_measured(pts, 0.2) is None
+
+
+def test_equal_sparsity_table_ratios_at_the_same_measured_sparsity():
+    """A method that only measures sparser at the same target is not charged for it: here 'greedy weight-aware'
+    has exactly uniform's curve, shifted along its targets, so its ratio is 1 at both measured levels."""
+    dense = 20.0
+    curve = [(0.3, 22.0), (0.45, 26.0), (0.55, 34.0)]
+    results = [{"name": f"uniform magnitude {t}", "sparsity": s, "ppl": p} for t, (s, p) in zip((0.3, 0.45, 0.5), curve)]
+    results += [{"name": f"greedy weight-aware {t}", "sparsity": s, "ppl": p}
+                for t, (s, p) in zip((0.35, 0.5, 0.55), curve)]
+    lines = equal_sparsity_table(results, dense)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "method" not in line}
+    assert rows["greedy weight-aware"].count("| 1.00") == 2, rows
+    assert any("ratio **1.00** (aim ≤ 0.6)" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_report_written_on_the_default_model(tmp_path):
+    out = tmp_path / "q.md"
+    r = subprocess.run([sys.executable, "scripts/quality_report.py", "--max-tokens", "48", "--window", "64",
+                        "--stride", "32", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert "## At equal measured sparsity" in text
+    rows = [line for line in text.splitlines() if line.startswith("| greedy weight-aware | ")]
+    assert len(rows) == 7 + 1, rows  # one per target level, one at equal measured sparsity
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["results"]) == 7 * 4 + 3
