@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import generate
-from cli import run_cli
+from cli import keep_compile_caches, run_cli
 from checkpoint import save_checkpoint
 from loading import random_tensors
 from model import ModelArgs
+from paths import CACHE
 from tokenizer import byte_tokenizer_files
 from tests.test_tokenizer import LLAMA2
 
@@ -53,6 +54,15 @@ def test_tiny_generation_reports_figures(tiny_ckpt):
     for word in ("time to first token", "tok/s", "GB/s of weights read", "peak memory"):
         assert word in r.stderr
     assert "compiled" not in r.stderr  # no compilation on a CPU unless asked
+
+
+def test_compile_caches_kept_under_the_repository_cache(monkeypatch):
+    """Every CLI (run_cli) points torch's and Triton's compile caches at .cache/compile, unless the environment
+    already names a place."""
+    monkeypatch.setattr(os, "environ", {"TRITON_CACHE_DIR": "/elsewhere"})
+    keep_compile_caches()
+    assert os.environ == {"TORCHINDUCTOR_CACHE_DIR": str(CACHE / "compile" / "inductor"),
+                          "TRITON_CACHE_DIR": "/elsewhere"}
 
 
 @pytest.mark.slow
