@@ -9,6 +9,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -186,7 +187,8 @@ def read_staged(path: Path, device: torch.device, stage_bytes: int = 64 << 20, n
             raise ValueError("the file ends early")
 
     try:
-        with ThreadPoolExecutor(len(stages)) as pool:
+        # the copies and their events on the target GPU's stream, whichever GPU is current
+        with ThreadPoolExecutor(len(stages)) as pool, torch.cuda.device(device) if cuda else nullcontext():
             reads = {j: pool.submit(fill, j, None) for j in range(len(stages))}
             for j, (dst, _, length) in enumerate(chunks):
                 reads.pop(j).result()
