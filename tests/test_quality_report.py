@@ -38,12 +38,14 @@ def test_equal_sparsity_table_ratios_at_the_same_measured_sparsity():
 @pytest.mark.slow
 def test_report_written_on_the_default_model(tmp_path):
     out = tmp_path / "q.md"
-    r = subprocess.run([sys.executable, "scripts/quality_report.py", "--max-tokens", "48", "--window", "64",
-                        "--stride", "32", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    text = ROOT / "tests" / "data" / "shakespeare.txt"  # tests download nothing (conftest)
+    r = subprocess.run([sys.executable, "scripts/quality_report.py", "--text", str(text), "--max-tokens", "48",
+                        "--window", "64", "--stride", "32", "--out", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    text = out.read_text()
-    assert "## At equal measured sparsity" in text
-    rows = [line for line in text.splitlines() if line.startswith("| greedy weight-aware | ")]
+    report = out.read_text()
+    assert "## At equal measured sparsity" in report and "Held-out text: shakespeare.txt" in report
+    rows = [line for line in report.splitlines() if line.startswith("| greedy weight-aware | ")]
     assert len(rows) == 7 + 1, rows  # one per target level, one at equal measured sparsity
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["results"]) == 7 * 4 + 3
