@@ -39,14 +39,17 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, fmt: Quant
         split = max(1, min(4 * n_sm // counters_size(sizes, glu, block_n), triton.cdiv(K, block_k), 32))
         return Config(block_n, block_k, split, 4, 3, 1)
     # batch 1: each program streams the kept rows of a K range
-    if group:  # int4: steps within one scale group; 256-column tiles, but gate/up (twice the registers) 128
-        # columns, 32-row steps and three programs per SM
+    if group:  # int4: steps within one scale group; gate/up (twice the registers), o and down two programs per SM
+        # (gate/up 128 columns, o 128 columns and 128-row steps, down 256 columns), q/k/v three (256 columns)
         if glu:
             block_n = next((b for b in fits if b <= 128), block_n)
-            split = max(1, min(3 * n_sm // counters_size(sizes, glu, block_n), K // 512))
-            return Config(block_n, min(32, group), split, 4, 1, 0)
+            split = max(1, min(round(2 * n_sm / counters_size(sizes, glu, block_n)), K // 512))
+            return Config(block_n, min(64, group), split, 4, 1, 0)
+        if len(sizes) == 1 and K <= sizes[0]:
+            block_n = next((b for b in fits if b <= 128), block_n)
+            return Config(block_n, min(128, group), per_sm(2, block_n, 512), 4, 1, 0)
         block_n = 256 if all(s % 256 == 0 for s in out) else block_n
-        return Config(block_n, min(64, group), per_sm(3, block_n, 512), 4, 1, 0)
+        return Config(block_n, min(64, group), per_sm(2 if len(sizes) == 1 else 3, block_n, 512), 4, 1, 0)
     if fmt is INT8 and glu:  # half the bytes per row: four K ranges where they stay within three programs per SM
         split = 4 if 4 * counters_size(sizes, glu, block_n) <= 3 * n_sm else 2
         return Config(block_n, 64, max(1, min(split, K // 1024)), 4, 1, 0)

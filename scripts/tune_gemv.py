@@ -1,8 +1,9 @@
 """Sweep launch configs of the batch-1 input-sparse GEMV for every projection shape of the given models
-(bf16), timed the way bench.py times kernels (CUDA-graph replay over 4 weight copies). Needs a CUDA GPU.
-Prints the best configs per shape and writes every timing to --out (JSON) so heuristics can be read off.
+(bf16 inputs; weights bf16, or quantized with --quant), timed the way bench.py times kernels (CUDA-graph replay over
+weight copies that L2 cannot hold). Needs a CUDA GPU. Prints the best configs per shape and writes every timing to
+--out (JSON) so heuristics can be read off.
 
-    python scripts/tune_gemv.py [--models llama-2-7b,llama-3-8b] [--out tune.json] [--sparsities 0,0.5,0.9]
+    python scripts/tune_gemv.py [--models llama-2-7b,llama-3-8b] [--quant int4] [--out tune.json] [--sparsities 0,0.5,0.9]
 """
 import argparse
 import itertools
@@ -13,22 +14,29 @@ from pathlib import Path
 import torch
 import triton
 
-from cli import HelpFormatter, run_cli, sparsity_list
+from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
 from errors import UserError
 from kernels import configs, reference, sparse_gemv
+from kernels.formats import QuantFormat, quant_format
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold
+from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold, weight_copies
 
 C = configs.Config
 
 
-def candidates(K: int, sizes, glu: bool, n_sm: int) -> list:
+def candidates(K: int, sizes, glu: bool, n_sm: int, fmt: QuantFormat) -> list:
     """Column tiles of 64 or 128, chunks of BK kept rows, and split-K giving 1 to 6 programs per SM (the
-    v5 and gate/up sweeps of docs/perf-notes.md); one warp group per program."""
+    v5 and gate/up sweeps of docs/perf-notes.md); one warp group per program. int4 (steps within a scale group):
+    tiles of 64 to 512 columns, 64- or 128-row steps, 2 to 4 programs per SM (8 warps lost everywhere on the H200)."""
     out = []
     tiles = sizes[:1] if glu else sizes
-    for bn, bk, per_sm in itertools.product((64, 128), (64, 32), (1, 2, 3, 4, 6)):
-        if any(s % bn for s in tiles):
+    group = fmt.group(K)
+    if group:
+        grid = itertools.product((64, 128, 256, 512), (64, 128), (2, 3, 4))
+    else:
+        grid = itertools.product((64, 128), (64, 32), (1, 2, 3, 4, 6))
+    for bn, bk, per_sm in grid:
+        if any(s % bn for s in tiles) or (group and (group % bk or (glu and bn > 256))):
             continue
         n_tiles = sum(triton.cdiv(s, bn) for s in tiles)
         split = max(1, min(round(per_sm * n_sm / n_tiles), triton.cdiv(K, 2 * bk)))
@@ -42,7 +50,9 @@ def main():
     p.add_argument("--sparsities", default="0,0.5,0.9", help="comma-separated sparsity levels")
     p.add_argument("--out", type=Path, default=Path("tune.json"), help="JSON file of every config's timings")
     p.add_argument("--top", type=int, default=5, help="best configs printed per shape and level")
+    add_quant_arg(p)
     a = p.parse_args()
+    fmt = quant_format(a.quant)
     configs = {m: ModelArgs.from_name(m) for m in a.models.split(",") if m}
     levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available():
@@ -59,31 +69,36 @@ def main():
     for (K, sizes, glu), name in shapes.items():
         t0 = time.time()
         N = sum(sizes)
-        ws = [(torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype) for _ in range(4)]
+        nbytes = K * N * fmt.bits // 8
+        dense = [(torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype)
+                 for _ in range(weight_copies(nbytes, torch.cuda.get_device_properties(0).L2_cache_size))]
+        ws = [fmt.quantize_weight(w) if fmt.quantized else (w, None) for w in dense]  # (weights, scales)
+        w_ref = fmt.dequantize(*ws[0]) if fmt.quantized else dense[0].float()
         x = torch.randn(1, K, device="cuda", dtype=dtype)
         n_out = sizes[0] if glu else N
         res = torch.randn(1, n_out, device="cuda", dtype=dtype) if name.endswith(("o", "down")) else None
         t = torch.zeros(len(sizes), K, device="cuda")
         counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
-        nbytes = K * N * 2
-        mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in ws])
-        default = configs.default_config(1, K, sizes, glu, n_sm)
+        mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in dense])
+        del dense
+        default = configs.default_config(1, K, sizes, glu, n_sm, fmt, group=fmt.group(K))
         by_cfg = {}
-        for cfg in dict.fromkeys(candidates(K, sizes, glu, n_sm) + [default]):
+        for cfg in dict.fromkeys(candidates(K, sizes, glu, n_sm, fmt) + [default]):
             row = {}
             for s in levels:
                 t.fill_(sparse_threshold(x, s))
-                ref = reference.sparse_gemv_ref(x.float(), ws[0].float(), t, sizes, glu=glu,
+                ref = reference.sparse_gemv_ref(x.float(), w_ref, t, sizes, glu=glu,
                                                   residual=None if res is None else res.float())
                 y = torch.full_like(ref, float("nan"), dtype=dtype)
                 try:
-                    sparse_gemv.launch(x, ws[0], t, counters, sizes, glu, cfg, res, y)
+                    sparse_gemv.launch(x, ws[0][0], t, counters, sizes, glu, cfg, res, y, fmt, ws[0][1])
                 except Exception as e:  # e.g. out of resources for a large tile
                     print(f"  {tuple(cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     break
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us([lambda w=w: sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, y)
-                                    for w in ws], launches=32, replays=10)
+                us = graph_time_us([lambda w=w, sc=sc: sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, y,
+                                                                         fmt, sc)
+                                    for w, sc in ws], launches=32, replays=10)
                 measured = (x.abs().float() <= t[0]).float().mean().item()
                 rec = {"shape": name, "K": K, "sizes": list(sizes), "glu": glu, "config": list(cfg), "sparsity": s,
                        "us": us, "roofline_us": (1 - measured) * nbytes / bw * 1e6, "matmul_us": mm, "err": err,
@@ -106,7 +121,8 @@ def main():
         if bad:
             print(f"   {len(bad)} INCORRECT results, e.g. {bad[0]['config']} s={bad[0]['sparsity']} err {bad[0]['err']:.2e}")
         del ws
-        a.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "bw": bw, "records": records}, indent=0))
+        a.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "bw": bw, "quant": a.quant or "none",
+                                     "records": records}, indent=0))
 
 
 if __name__ == "__main__":

@@ -107,3 +107,21 @@ def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message, monkeyp
         run_cli(script.main)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_tune_gemv_candidates_launch_on_the_formats_weights(quant):
+    """Every config tune_gemv.py sweeps is one the launch accepts for the format: int4 steps within a scale group,
+    whole words per tile; gate/up tiles of at most 256 int4 columns (registers); 4 warps."""
+    from kernels.formats import quant_format
+    fmt = quant_format(quant)
+    for K, sizes, glu in [(4096, (4096, 4096, 4096), False), (4096, (11008, 11008), True), (11008, (4096,), False),
+                          (576, (576, 192, 192), False)]:
+        group = fmt.group(K)
+        cands = tune_gemv.candidates(K, sizes, glu, 132, fmt)
+        assert cands and len(set(cands)) == len(cands)
+        for c in cands:
+            assert all(s % c.block_n == 0 for s in (sizes[:1] if glu else sizes)) and c.num_warps == 4
+            assert 1 <= c.split_k <= max(1, K // (2 * c.block_k) + 1)
+            if group:
+                assert group % c.block_k == 0 and c.block_n % 8 == 0 and not (glu and c.block_n > 256)
