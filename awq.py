@@ -8,6 +8,10 @@ W' = diag(s) W is quantized, and the input is divided by s, which folds exactly 
   scales);
 - down: the up columns of gate/up (silu(gate) * up is linear in up).
 α is searched per group on a grid, minimising the squared error of the group's output on calibration activations.
+Then each scaled weight group (a scale group of inputs, one output column) is clipped: its range [min, max] (zero
+included, as round-to-nearest sets it) shrunk by the ratio in 1, 0.95, ..., 0.5 that quantizes the group's share
+of the output best on the same activations (AWQ's clipping search). q and k are not clipped (their outputs go
+through the softmax, where a clipped outlier weighs most; AutoAWQ leaves them too).
 
 Sparsity: a linear's input becomes x / s, so a threshold t of the source model becomes t / s channel by channel
 and drops exactly the same inputs. Each scaled linear keeps s as its `input_scale` buffer (saved in the quantized
@@ -60,20 +64,53 @@ def search_scale(x: Tensor, w: Tensor, fmt: QuantFormat, grid: int, tie=None) ->
     return best[0], best[1], best[2] / ref.pow(2).sum().clamp_min(1e-30).item()
 
 
+def fake_int4(w: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Weight groups w [G, g, N] rounded as kernels/formats.rtn_int4 rounds them within the range [lo, hi] [G, N]
+    (lo <= 0 <= hi): float16 scale, an integer zero point, values clipped to the range first."""
+    s = ((hi - lo) / 15).clamp_min(2 ** -14).half().float()
+    m = (-(-lo / s).round().clamp(0, 15) * s).half().float()
+    q = ((w - m[:, None]) / s[:, None]).round().clamp(0, 15)
+    return q * s[:, None] + m[:, None]
+
+
+def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 512) -> Tensor:
+    """w [K, N] (float32) with each scale group's range [min(w, 0), max(w, 0)] (of `group` inputs, per output column)
+    shrunk by the ratio in 1, 0.95, ... that minimises the squared error of the group's share of x [T, K] @ w on the
+    first `rows` rows of x, the weights clipped to it; round-to-nearest then quantizes within that range."""
+    K, N = w.shape
+    G = K // group
+    xg = x[:rows].reshape(-1, G, group)  # [T, G, g]
+    wg = w.reshape(G, group, N)
+    lo0, hi0 = wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0)  # [G, N]
+    best_err = torch.full((G, N), float("inf"))
+    best = torch.ones(G, N)
+    for r in torch.linspace(1.0, 0.5, ratios).tolist():
+        lo, hi = lo0 * r, hi0 * r
+        dw = fake_int4(torch.minimum(torch.maximum(wg, lo[:, None]), hi[:, None]), lo, hi) - wg
+        err = torch.einsum("tgk,gkn->tgn", xg, dw).pow(2).sum(0)  # [G, N]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, r), best)
+    lo, hi = (lo0 * best)[:, None], (hi0 * best)[:, None]
+    return torch.minimum(torch.maximum(wg, lo), hi).reshape(K, N)
+
+
 @torch.no_grad()
 def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, clip: bool = True) -> dict:
     """awq_scale, then the model quantized to `fmt` (in place). -> awq_scale's report."""
-    report = awq_scale(model, batches, fmt, grid, max_rows, progress)
+    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip)
     quantize_model(model, fmt)
     return report
 
 
 @torch.no_grad()
 def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
-              progress: bool = True) -> dict:
+              progress: bool = True, clip: bool = False) -> dict:
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
-    the float model computes the same function. -> {(layer, group): (α, relative output error once quantized)}."""
+    the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding
+    (search_clip), which changes the float model. -> {(layer, group): (α, relative output error once quantized,
+    before clipping)}."""
     a = model.args
     H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
     q_cols, kv_cols = H * D, Hkv * D
@@ -90,8 +127,13 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
                 ("gate_up", ff.w13, None, lambda s: layer.ffn_norm.weight.div_(s.to(layer.ffn_norm.weight))),
                 ("down", ff.w2, None, lambda s: ff.w13.weight[:, I:].div_(s.to(ff.w13.weight)[None, :]))):
             w = lin.weight.float()
-            s, alpha, err = search_scale(inputs[lin], w, fmt, grid, tie)
-            lin.weight.copy_((w * s[:, None]).to(lin.weight.dtype))
+            x = inputs[lin]
+            s, alpha, err = search_scale(x, w, fmt, grid, tie)
+            w = w * s[:, None]
+            if clip:
+                first = q_cols + kv_cols if name == "qkv" else 0  # q and k are not clipped
+                w[:, first:] = search_clip(x / s, w[:, first:], fmt.group(w.shape[0]))
+            lin.weight.copy_(w.to(lin.weight.dtype))
             fold(s)
             lin.register_buffer("input_scale", s.to(lin.weight.device))
             report[(i, name)] = (alpha, err)
