@@ -80,19 +80,23 @@ def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 
     K, N = w.shape
     G = K // group
     xg = x[:rows].reshape(-1, G, group)  # [T, G, g]
-    wg = w.reshape(G, group, N)
-    lo0, hi0 = wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0)  # [G, N]
-    best_err = torch.full((G, N), float("inf"))
-    best = torch.ones(G, N)
-    for r in torch.linspace(1.0, 0.5, ratios).tolist():
-        lo, hi = lo0 * r, hi0 * r
-        dw = fake_int4(torch.minimum(torch.maximum(wg, lo[:, None]), hi[:, None]), lo, hi) - wg
-        err = torch.einsum("tgk,gkn->tgn", xg, dw).pow(2).sum(0)  # [G, N]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, r), best)
-    lo, hi = (lo0 * best)[:, None], (hi0 * best)[:, None]
-    return torch.minimum(torch.maximum(wg, lo), hi).reshape(K, N)
+    chunk = max(1, (1 << 24) // (xg.shape[0] * G))  # output columns per pass: [T, G, chunk] errors stay ~64 MB
+    out = torch.empty_like(w)
+    for n0 in range(0, N, chunk):
+        wg = w[:, n0:n0 + chunk].reshape(G, group, -1)
+        lo0, hi0 = wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0)  # [G, n]
+        best_err = torch.full_like(lo0, float("inf"))
+        best = torch.ones_like(lo0)
+        for r in torch.linspace(1.0, 0.5, ratios).tolist():
+            lo, hi = lo0 * r, hi0 * r
+            dw = fake_int4(torch.minimum(torch.maximum(wg, lo[:, None]), hi[:, None]), lo, hi) - wg
+            err = torch.einsum("tgk,gkn->tgn", xg, dw).pow(2).sum(0)  # [G, n]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, r), best)
+        lo, hi = (lo0 * best)[:, None], (hi0 * best)[:, None]
+        out[:, n0:n0 + chunk] = torch.minimum(torch.maximum(wg, lo), hi).reshape(K, -1)
+    return out
 
 
 @torch.no_grad()
