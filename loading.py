@@ -36,6 +36,8 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
                         f"run `python quantize.py --checkpoint {ckpt} --mode {quant.name}`")
     if stored is not None and stored.exists():
         qmeta = read_safetensors_metadata(stored)
+        if quant.calibrated:  # awq.py's file may hold any of the format's scale groups (quantize.py --group)
+            quant = file_variant(quant, qmeta.get("quantization", ""))
         if qmeta.get("quantization") != quant.scheme or qmeta.get("fingerprint") != meta.get("fingerprint"):
             raise UserError(f"{stored} does not hold {quant.name} weights of this checkpoint's {WEIGHTS} "
                             "(re-run quantize.py)")
@@ -69,6 +71,15 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
         quantize_model(model, native)  # only the head is left: INT8, as under every quantized format
     model.fingerprint = meta.get("fingerprint", "")
     return model.eval().requires_grad_(False)
+
+
+def file_variant(fmt: QuantFormat, scheme: str) -> QuantFormat:
+    """The variant of `fmt` (same name, another scale group) that a quantized file's scheme names, else fmt."""
+    try:
+        found = format_of_scheme(scheme)
+    except UserError:
+        return fmt
+    return found if found.name == fmt.name else fmt
 
 
 def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0, vocab_zeros: bool = False):

@@ -2,11 +2,13 @@
 - int8: round to nearest, one symmetric scale per output channel (half the bytes of bf16);
 - int4: round to nearest, eight weights to an int32 word, an asymmetric scale and offset per group of 128 inputs (64
   or 32 where 128 does not divide the input size) and output channel (a bit over a quarter);
-- awq: int4 after an activation-aware scale search on calibration text (awq.py); the scales fold into the norms and
-  the v and up projections, and each linear keeps its input scales so the checkpoint's sparsity calibration applies.
+- awq: int4 after an activation-aware scale search and a clipping search on calibration text (awq.py); the scales
+  fold into the norms and the v and up projections, and each linear keeps its input scales so the checkpoint's
+  sparsity calibration applies. Groups of 128 inputs, or --group 64 / 32 (`--quant awq` loads whichever the file
+  holds).
 The LM head is int8 under every scheme; norms keep their dtype.
 
-    python quantize.py [--checkpoint CKPT] [--mode int8|int4|awq]   ->  CKPT/model-<mode>.safetensors
+    python quantize.py [--checkpoint CKPT] [--mode int8|int4|awq] [--group 32]   ->  CKPT/model-<mode>.safetensors
     python generate.py --checkpoint CKPT --quant int8 --sparsity 0.5
 
 generate.py --quant int8 (or int4) reads that file, or quantizes model.safetensors as it loads when the file is
@@ -24,7 +26,7 @@ from cli import HelpFormatter, add_model_args, parse_dtype, pick_device, run_cli
 from default_model import default_checkpoint
 from loading import load_model
 from errors import UserError
-from kernels.formats import QUANT_FORMATS
+from kernels.formats import QUANT_FORMATS, awq_variant
 from quantization import quantize_model, save_quantized
 from texts import default_texts, read_texts
 from tokenizer import load_tokenizer
@@ -40,14 +42,17 @@ def main(argv=None):
                    help="awq: calibration text files (default: the Shakespeare calibration side)")
     p.add_argument("--tokens", type=int, default=4096, help="awq: calibration tokens")
     p.add_argument("--seq-len", type=int, default=256, help="awq: tokens per calibration sequence")
+    p.add_argument("--group", type=int, default=128, help="awq: inputs per scale group (128, 64 or 32)")
     a = p.parse_args(argv)
     if a.tokens < a.seq_len or a.seq_len < 2:
         raise UserError("need --tokens >= --seq-len >= 2")
+    if a.group != 128 and a.mode != "awq":
+        raise UserError(f"--group applies to --mode awq; {a.mode} weights use groups of 128 (int4) or none (int8)")
+    fmt = awq_variant(a.group) if a.mode == "awq" else QUANT_FORMATS[a.mode]
     device = pick_device(a.device)
     ckpt = a.checkpoint if a.checkpoint is not None else default_checkpoint()
     model = load_model(ckpt, device, None if a.dtype == "auto" else parse_dtype(a.dtype))  # as stored by default
     meta = read_metadata(ckpt)
-    fmt = QUANT_FORMATS[a.mode]
     if fmt.calibrated:
         tok = load_tokenizer(ckpt)
         text = read_texts(a.text if a.text else default_texts("calibration"))

@@ -177,14 +177,24 @@ def int4_variant(group: int, source: str = "rtn") -> "QuantFormat":
     return replace(INT4, scheme=scheme, group_size=group)
 
 
+def awq_variant(group: int) -> "QuantFormat":
+    """AWQ (awq.py's scales, then int4) with scale groups of `group` inputs (128: AWQ itself)."""
+    if group not in (128, 64, 32):
+        raise UserError(f"awq weights come in groups of 128, 64 or 32 inputs, not {group}")
+    return replace(AWQ, scheme=f"awq-int4-g{group}-int8-head", group_size=group)
+
+
 def format_of_scheme(scheme: str) -> "QuantFormat":
     """The format a file's `quantization` metadata names; UserError for a scheme this engine does not read."""
     for fmt in (INT8, INT4, AWQ):
         if fmt.scheme == scheme:
             return fmt
-    parts = scheme.split("-")  # int4-<source>-g<group>-int8-head
+    parts = scheme.split("-")  # int4-<source>-g<group>-int8-head (converted), awq-int4-g<group>-int8-head (awq.py)
     if len(parts) == 5 and parts[0] == "int4" and parts[2][:1] == "g" and parts[2][1:].isdigit():
         return int4_variant(int(parts[2][1:]), parts[1])
+    if len(parts) == 5 and parts[:2] == ["awq", "int4"] and parts[2][:1] == "g" and parts[2][1:].isdigit() \
+            and parts[3:] == ["int8", "head"]:
+        return awq_variant(int(parts[2][1:]))
     raise UserError(f"weights quantized as {scheme!r} are not read by this engine (re-run quantize.py)")
 
 

@@ -131,3 +131,24 @@ def test_clip_rounding_is_the_formats_and_clipping_only_lowers_the_error():
     assert (shares(clipped) <= shares(w) * (1 + 1e-5) + 1e-9).all()
     assert err(clipped) < 0.95 * err(w)  # seeded: 242.7 against 263.5
     assert clipped.abs().le(w.abs()).all() and not torch.equal(clipped, w)
+
+
+def test_awq_groups_of_32_round_trip(tmp_path):
+    """quantize.py --mode awq --group 32: the file names its scheme, and --quant awq loads that variant back."""
+    from kernels.formats import awq_variant
+    from quantize import main as quantize_main
+    args = ModelArgs(**ARGS)
+    save_checkpoint(tmp_path, args, random_tensors(args, torch.float32, "cpu", 0), torch.float32)
+    model = load_model(tmp_path)
+    g32 = awq_variant(32)
+    awq_quantize(model, batches(6), g32, grid=4, progress=False)
+    save_quantized(model, tmp_path, read_metadata(tmp_path), g32)
+    back = load_model(tmp_path, quant=AWQ)
+    w2 = back.layers[0].feed_forward.w2
+    assert w2.fmt == g32 and w2.scale.shape == (2, 192 // 32, 128) and w2.input_scale is not None
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    with pytest.raises(UserError, match="--group applies to --mode awq"):
+        quantize_main(["--checkpoint", str(tmp_path), "--mode", "int4", "--group", "32"])
+    with pytest.raises(UserError, match="groups of 128, 64 or 32"):
+        quantize_main(["--checkpoint", str(tmp_path), "--mode", "awq", "--group", "16"])

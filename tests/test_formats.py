@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from errors import UserError
-from kernels.formats import (AWQ, FLOAT, INT4, INT8, dequantize_int4, format_of_scheme, int4_group, int4_variant,
-                             pack_int4, quant_format, rtn_int4, rtn_int8, unpack_int4)
+from kernels.formats import (AWQ, FLOAT, INT4, INT8, awq_variant, dequantize_int4, format_of_scheme, int4_group,
+                             int4_variant, pack_int4, quant_format, rtn_int4, rtn_int8, unpack_int4)
 
 
 def test_rtn_int8_rounds_to_nearest_per_output_channel():
@@ -135,7 +135,8 @@ def test_names_and_schemes():
     assert [quant_format(n) for n in ("int8", "int4", "awq")] == [INT8, INT4, AWQ]
     with pytest.raises(UserError, match="unknown quantization"):
         quant_format("int3")
-    for fmt in (INT8, INT4, AWQ, int4_variant(64), int4_variant(32, "awq")):
+    assert awq_variant(128) == AWQ and awq_variant(32).calibrated and awq_variant(32).group(4096) == 32
+    for fmt in (INT8, INT4, AWQ, int4_variant(64), int4_variant(32, "awq"), awq_variant(64), awq_variant(32)):
         assert format_of_scheme(fmt.scheme) == fmt
     with pytest.raises(UserError, match="re-run quantize.py"):
         format_of_scheme("int8-rtn-channel")  # an earlier scheme
