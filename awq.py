@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kernels.formats import AWQ, QuantFormat
+from kernels.formats import AWQ, QuantFormat, round_int4
 from model import Transformer
 from quantization import quantize_model
 from sparsity import input_hooks
@@ -64,15 +64,6 @@ def search_scale(x: Tensor, w: Tensor, fmt: QuantFormat, grid: int, tie=None) ->
     return best[0], best[1], best[2] / ref.pow(2).sum().clamp_min(1e-30).item()
 
 
-def fake_int4(w: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Weight groups w [G, g, N] rounded as kernels/formats.rtn_int4 rounds them within the range [lo, hi] [G, N]
-    (lo <= 0 <= hi): float16 scale, an integer zero point, values clipped to the range first."""
-    s = ((hi - lo) / 15).clamp_min(2 ** -14).half().float()
-    m = (-(-lo / s).round().clamp(0, 15) * s).half().float()
-    q = ((w - m[:, None]) / s[:, None]).round().clamp(0, 15)
-    return q * s[:, None] + m[:, None]
-
-
 def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 512) -> Tensor:
     """w [K, N] (float32) with each scale group's range [min(w, 0), max(w, 0)] (of `group` inputs, per output column)
     shrunk by the ratio in 1, 0.95, ... that minimises the squared error of the group's share of x [T, K] @ w on the
@@ -89,13 +80,13 @@ def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 
         best = torch.ones_like(lo0)
         for r in torch.linspace(1.0, 0.5, ratios).tolist():
             lo, hi = lo0 * r, hi0 * r
-            dw = fake_int4(torch.minimum(torch.maximum(wg, lo[:, None]), hi[:, None]), lo, hi) - wg
+            q, s, m = round_int4(wg.clamp(lo[:, None], hi[:, None]), lo, hi)
+            dw = q * s[:, None] + m[:, None] - wg
             err = torch.einsum("tgk,gkn->tgn", xg, dw).pow(2).sum(0)  # [G, n]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, torch.full_like(best, r), best)
-        lo, hi = (lo0 * best)[:, None], (hi0 * best)[:, None]
-        out[:, n0:n0 + chunk] = torch.minimum(torch.maximum(wg, lo), hi).reshape(K, -1)
+        out[:, n0:n0 + chunk] = wg.clamp((lo0 * best)[:, None], (hi0 * best)[:, None]).reshape(K, -1)
     return out
 
 

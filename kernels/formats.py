@@ -67,14 +67,19 @@ def rtn_int4(w: Tensor, group: Optional[int] = None) -> tuple:
     if N % 8 or K % group:
         raise UserError(f"int4 weights need outputs divisible by 8 and inputs by the group {group}; got {K}x{N}")
     wg = w.float().reshape(K // group, group, N)
-    lo, hi = wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0)  # [G, N]
-    s = ((hi - lo) / 15).clamp_min(2 ** -14).half()
+    q, s, m = round_int4(wg, wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0))
     if not s.isfinite().all():
         raise UserError("int4: a weight group's range does not fit a float16 scale")
-    s = s.float()
+    return pack_int4(q.reshape(K, N)), torch.stack([s, m]).half()
+
+
+def round_int4(wg: Tensor, lo: Tensor, hi: Tensor) -> tuple:
+    """Weight groups wg [G, g, N] float32 rounded over the range [lo, hi] [G, N] (lo <= 0 <= hi) -> (q [G, g, N] in
+    0..15 as floats, scale s, offset m [G, N] float32 holding float16 values): s = (hi - lo) / 15, an integer zero
+    point, w ≈ q s + m (rtn_int4's rounding; awq.py's clipping search scores it)."""
+    s = ((hi - lo) / 15).clamp_min(2 ** -14).half().float()
     m = (-(-lo / s).round().clamp(0, 15) * s).half().float()
-    q = ((wg - m[:, None]) / s[:, None]).round_().clamp_(0, 15).reshape(K, N)
-    return pack_int4(q), torch.stack([s, m]).half()
+    return ((wg - m[:, None]) / s[:, None]).round_().clamp_(0, 15), s, m
 
 
 def dequantize_int4(w: Tensor, scale: Tensor) -> Tensor:

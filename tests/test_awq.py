@@ -106,19 +106,19 @@ def test_awq_file_round_trip(tmp_path):
 
 
 def test_clip_rounding_is_the_formats_and_clipping_only_lowers_the_error():
-    """fake_int4 rounds as rtn_int4 (the file's weights are what the search scored); each group's share of the
-    output error after search_clip is no larger than unclipped round-to-nearest's (ratio 1 is a candidate), and the
-    output error as a whole drops."""
-    from awq import fake_int4, search_clip
-    from kernels.formats import dequantize_int4, rtn_int4
+    """round_int4 (what search_clip scores) rounds as the file's rtn_int4; each group's share of the output error
+    after search_clip is no larger than unclipped round-to-nearest's (ratio 1 is a candidate), and the output error
+    as a whole drops; clipping only shrinks weights."""
+    from awq import search_clip
+    from kernels.formats import dequantize_int4, round_int4, rtn_int4
     g = torch.Generator().manual_seed(0)
     K, N, group = 256, 96, 64
     w = torch.randn(K, N, generator=g) / 16
     w[5, 3] = 2.0  # an outlier in group 0 of column 3
     x = torch.randn(300, K, generator=g)
     wg = w.reshape(K // group, group, N)
-    lo, hi = wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0)
-    assert torch.equal(fake_int4(wg, lo, hi).reshape(K, N), dequantize_int4(*rtn_int4(w, group)))
+    q, s, m = round_int4(wg, wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0))
+    assert torch.equal((q * s[:, None] + m[:, None]).reshape(K, N), dequantize_int4(*rtn_int4(w, group)))
 
     def shares(v):  # [G, N]: each group's share of the output error
         dw = (dequantize_int4(*rtn_int4(v, group)) - w).reshape(K // group, group, N)
