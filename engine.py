@@ -8,11 +8,37 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
+from kernels import decode_attention, gate_up_rows, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
 from sparsity import PROJECTIONS, measure_sparsity, parameter_weighted, per_projection
+
+
+def opaque_ops() -> list:
+    """The kernels' opaque ops (torch.library custom ops), as torch.compile meets them."""
+    return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
+                                      sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
+                                      gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op)]
+
+
+def register_fallbacks():
+    """Gives inductor the kernels' ops as fallbacks up front, as it would make them on meeting each op. Left to
+    inductor, torch 2.11 formats the op's arguments (eagerly, into a log line that is off) on its first call, and
+    the text of an argument spells out every node it depends on: the quantized LM head, the last op of the decode
+    graph, took longer than 10 minutes to print for a 32-layer model. torch 2.13 formats lazily."""
+    from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+    for op in opaque_ops():
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True)))
+
+
+def compile_step(fn: Callable, **kwargs) -> Callable:
+    """torch.compile(fn, fullgraph=True, **kwargs) for a step that calls the kernels."""
+    register_fallbacks()
+    return torch.compile(fn, fullgraph=True, **kwargs)
 
 
 SAMPLE_TOP = 1024  # the candidates top_k and top_p rank: a rule reaching past them keeps every token
@@ -76,9 +102,9 @@ class Generator:
         self.prefill_step, self.decode_step = self._prefill, self._decode
         if compile:
             cuda = self.device.type == "cuda"
-            self.decode_step = torch.compile(self._decode, fullgraph=True, mode="reduce-overhead" if cuda else None)
+            self.decode_step = compile_step(self._decode, mode="reduce-overhead" if cuda else None)
             if compile_prefill:
-                self.prefill_step = torch.compile(self._prefill, fullgraph=True, dynamic=True)
+                self.prefill_step = compile_step(self._prefill, dynamic=True)
         self.compiled_prefill = compile and compile_prefill
 
     def set_sampling(self, temperature: float, top_k: Optional[int] = None, top_p: float = 1.0):

@@ -332,6 +332,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                         set()).add(r["model"])
     if len(runs) > 1:
         lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
+    lines += anchor_lines(out, slug)
     if e2e:
         lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
                   "| model | weights | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | "
@@ -375,6 +376,23 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines.append("")
     (out / f"{slug}.md").write_text("\n".join(lines))
     plot(out, slug, e2e, kernels, bw)
+
+
+def anchor_lines(out: Path, slug: str) -> list:
+    """The anchors measured on this GPU side by side with the project (<out>/anchors.json: TEAL's fork and
+    upstream gpt-fast, same shapes and protocol), as a table to read the end-to-end rows against."""
+    f = out / "anchors.json"
+    anchors = json.loads(f.read_text()).get(slug) if f.exists() else None
+    if not anchors:
+        return []
+    levels = sorted({lv for r in anchors["rows"] for lv in r["tok_s"]}, key=float)
+    lines = [f"## Anchors ({anchors['model']}, batch 1, measured on this GPU on {anchors['date']}, same protocol)", "",
+             "| engine | weights | " + " | ".join(f"s={lv}" for lv in levels) + " |",
+             "|---|---|" + "---|" * len(levels)]
+    for r in anchors["rows"]:
+        cells = [f"{r['tok_s'][lv]:.1f}" if lv in r["tok_s"] else "–" for lv in levels]
+        lines.append(f"| {r['engine']} | {r['weights']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):

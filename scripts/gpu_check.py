@@ -28,7 +28,7 @@ import torch
 import triton
 
 from cli import HelpFormatter
-from engine import Generator
+from engine import Generator, compile_step
 from kernels import configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import ModelArgs
@@ -260,8 +260,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda")), sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
-    step = torch.compile(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1], fullgraph=True,
-                         mode="reduce-overhead")
+    step = compile_step(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1],
+                        mode="reduce-overhead")
     comp_logits = decode_logits(model, prompt, ref_tokens, step=step)
     errs = [rel_err(c, r) for c, r in zip(comp_logits, ref_logits)]
     same = int((free_tokens == free_ref).all(dim=0).long().cumprod(0).sum().item())

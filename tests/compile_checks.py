@@ -16,6 +16,7 @@ process without TRITON_INTERPRET: tracing needs compiled Triton functions, not i
 Exits 1 on any failure.
 """
 import copy
+import logging
 import sys
 from typing import Optional
 
@@ -23,6 +24,7 @@ import torch
 import triton
 from torch._higher_order_ops.triton_kernel_wrap import get_mutated_tensors, kernel_side_table
 
+from engine import Generator, opaque_ops
 from kernels import configs, decode_attention, sparse_gemv, sparse_gemv_batch, sparse_mlp
 from kernels.common import PROFILE_SLOTS
 from kernels.formats import INT4, INT8, quant_format
@@ -183,6 +185,43 @@ def trace_decode_step(quant: Optional[str]) -> bool:
     return ok
 
 
+def compile_decode_step(quant: str) -> bool:
+    """inductor compiles a quantized model's decode step (its launches recorded, not run) without taking the implicit
+    fallback path for any kernel op: there torch 2.11 formats the op's arguments, exponential in the graph's depth
+    (engine.register_fallbacks). And engine.opaque_ops() names every op of the teal namespace."""
+    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("teal::")}
+    listed = {op.name() for op in opaque_ops()}
+    args = ModelArgs(dim=128, n_layer=6, n_head=4, n_kv_head=2, intermediate_size=256, vocab_size=128,
+                     max_seq_len=64)
+    model = random_model(args, "cpu", torch.bfloat16)
+    quantize_model(model, quant_format(quant))
+    model.set_plan(sm90.plan_as_on_gpu(n_sm=4))
+    model.setup_caches(1, 64)
+    torch._inductor.config.force_disable_caches = True  # a cached graph is not lowered again
+
+    class Implicit(logging.Handler):  # counts the records, never formats their arguments
+        count = 0
+
+        def emit(self, record):
+            Implicit.count += str(record.msg).startswith("Creating implicit fallback")
+
+    log = logging.getLogger("torch._inductor.graph")
+    handler, level, propagate = Implicit(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # torch's own handlers would format the record
+    try:
+        with sm90.recorded_launches():
+            Generator(model, compile=True).decode_step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([5]))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    print(f"compiled {quant} decode step: {Implicit.count} implicit fallbacks; teal ops {sorted(names)}, "
+          f"listed by engine.opaque_ops: {sorted(listed)}")
+    return Implicit.count == 0 and names == listed
+
+
 def decode_step_launches() -> list:
     """Every launch of one-layer decode steps of Llama-2-7B and Llama-3-8B shapes as an H100 makes them (sm90.py):
     16/32-bit activations, int8 and int4 weights, the CATS MLP, batch 1 and 3, the sparse and the dense step."""
@@ -226,6 +265,7 @@ def profile_launches() -> list:
 def main():
     ok = trace_decode_step(None) and trace_decode_step("int8") and trace_decode_step("int4")
     triton.runtime.driver.set_active(sm90.HopperTarget())
+    ok &= compile_decode_step("int4")
     built = sm90.build_all(profile_launches())
     stamped = [k for _, k, e in built if e is None and "globaltimer" in k.asm["ptx"]]
     print(f"PROFILE builds: {len(built)}, {len(stamped)} with stamps")

@@ -125,3 +125,25 @@ def test_tune_gemv_candidates_launch_on_the_formats_weights(quant):
             assert 1 <= c.split_k <= max(1, K // (2 * c.block_k) + 1)
             if group:
                 assert group % c.block_k == 0 and c.block_n % 8 == 0 and not (glu and c.block_n > 256)
+
+
+def test_anchors_table_for_this_gpu_only(tmp_path):
+    anchors = {gpu_slug(GPU): {"date": "2026-01-01", "model": "a", "rows": [
+        {"engine": "upstream", "weights": "bf16", "tok_s": {"0.00": 90.0}},
+        {"engine": "fork", "weights": "fp16", "tok_s": {"0.00": 95.0, "0.50": 120.5}}]},
+        "other-gpu": {"date": "2026-01-01", "model": "a", "rows": [{"engine": "x", "weights": "y", "tok_s": {"0.9": 1.0}}]}}
+    (tmp_path / "anchors.json").write_text(json.dumps(anchors))
+    write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.5, 150.0)], [], [], "run")
+    md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
+    assert "| upstream | bf16 | 90.0 | – |" in md and "| fork | fp16 | 95.0 | 120.5 |" in md
+    assert "s=0.9" not in md and md.index("## Anchors") < md.index("## End to end")
+    (tmp_path / "anchors.json").unlink()
+    write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.5, 150.0)], [], [], "run")
+    assert "Anchors" not in (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
+
+
+def test_repo_anchors_parse():
+    from paths import REPO
+    f = REPO / "docs" / "bench" / "anchors.json"
+    for slug, a in json.loads(f.read_text()).items():
+        assert bench.anchor_lines(f.parent, slug)[0].startswith("## Anchors")
