@@ -11,6 +11,10 @@
    the one whose increase adds the least L2 error to the block output on the later tokens of each
    sequence (the block is fed its dense input). Done for both criteria; the table at model-level targets
    0 ... 0.9 keeps, per block, whichever of the greedy and the uniform allocation has less error there.
+3. The greedy levels re-aimed: on --aim-seqs sequences run as decoding runs them (every layer sparsified after the
+   first --skip positions), each projection's level moves by the share of inputs it missed, so that `--sparsity S`
+   measures S when it decodes (the levels were quantiles of dense activations; sparsified layers upstream shrink
+   the inputs of later ones, o's and down's above all).
 Default text: the calibration side of the Shakespeare split (texts.py), disjoint by play from evaluation.
 The model runs in --dtype (auto: bfloat16 on a GPU, float32 on a CPU); histograms and errors accumulate in float32
 or wider.
@@ -37,15 +41,18 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the block-wise greedy search scores on")
     p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
+    p.add_argument("--aim-seqs", type=int, default=8,
+                   help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")
     p.add_argument("--out", type=Path, default=None, help=f"calibration file to write (default: CKPT/{CALIB_FILE})")
     a = p.parse_args(argv)
-    if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1:
-        raise UserError("need --seq-len > --skip, --tokens >= --seq-len and 0 < --step <= 0.1")
+    if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1 or a.aim_seqs < 0:
+        raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1 and --aim-seqs >= 0")
     ckpt, model, tok, device = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()
-    calib = calibrate(model, tok, text, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step, source)
+    calib = calibrate(model, tok, text, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step, source,
+                      a.aim_seqs)
     out = a.out or ckpt / CALIB_FILE
     save_calibration(calib, out)
     print(f"wrote {out} ({calib.meta['tokens']} tokens, {time.time() - t0:.0f} s)", file=sys.stderr)

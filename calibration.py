@@ -9,6 +9,9 @@
    the one whose increase adds the least L2 error to the block output on the later tokens of each sequence (the
    block is fed its dense input; BlockProbe). Done for both criteria; the table at model-level targets 0 ... 0.9
    keeps, per block, whichever of the greedy and the uniform allocation has less error there.
+3. aim_levels: the greedy tables re-aimed so that decoding measures what they intend: a decode-like pass per target
+   (every layer sparsified) moves each projection's lookup level by the share it missed (stored beside the
+   greedy tables, which keep the levels meant).
 """
 import math
 import time
@@ -22,8 +25,8 @@ from checkpoint import write_safetensors
 from errors import UserError
 from kernels import reference
 from model import attention_mask
-from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, crit_key, input_hooks, owners,
-                      param_fractions)
+from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, SparsityCounter, apply_levels,
+                      crit_key, input_hooks, owners, param_fractions)
 
 # bins of |x| in float32: the exponent and the top MANT_BITS bits of the mantissa of each value, i.e. 256 equal bins
 # per octave (0.2-0.4% wide in value), from 2^LOG2_LO (smaller values and zeros: the first bin) to 2^LOG2_HI (larger:
@@ -242,6 +245,43 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
     return table
 
 
+@torch.no_grad()
+def aim_levels(model, calib: Calibration, criterion: str, batches: list, skip: int, steps: int = 1) -> torch.Tensor:
+    """The greedy table of `criterion` [n_layer, len(TARGETS), 7] re-aimed at what decoding measures: the levels to
+    look the thresholds up at. Its levels are
+    quantiles of dense activations; decoding sparsifies every layer, and a layer fed sparsified inputs upstream
+    (o and down above all: smaller attention outputs and MLP hiddens) drops more than its level says. Per target:
+    decode-like passes over `batches` (the first `skip` positions dense, the rest sparsified and counted) measure
+    each projection's share dropped, and its lookup level moves by what it missed (a secant step of slope one:
+    the measured share rises with the level one for one on the distribution it is measured on), `steps` times."""
+    table = calib.greedy[criterion].double().clone()
+    for ti in tqdm(range(1, len(TARGETS)), desc=f"aiming levels ({criterion})", unit="target"):
+        want = table[:, ti].clone()
+        look = want.clone()
+        for _ in range(steps):
+            apply_levels(model, calib, look, criterion)
+            counter = SparsityCounter(model)
+            with counter.counting(skip):
+                for b in batches:
+                    model(b, torch.arange(b.shape[1], device=b.device), sparse_from=skip, all_logits=False)
+            stats = counter.stats()
+            got = torch.tensor([[stats[(layer, p)] for p in PROJECTIONS] for layer in range(table.shape[0])],
+                               dtype=torch.float64)
+            look = torch.where(want > 0, (look + want - got).clamp(0.0, 0.99), 0.0)
+        table[:, ti] = look
+    apply_levels(model, calib, torch.zeros_like(table[:, 0]), criterion)
+    return table
+
+
+def aim_batches(batches: list, n_seqs: int, batch: int) -> list:
+    """n_seqs of the calibration sequences, evenly spaced over them (so over the whole text), in batches."""
+    seqs = torch.cat(batches)
+    if n_seqs <= 0:
+        return []
+    every = max(1, seqs.shape[0] // n_seqs)
+    return list(seqs[::every][:n_seqs].split(batch))
+
+
 def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, device) -> list:
     ids = tok.encode(text, bos=False)
     bos = tok.bos_id if tok.add_bos else None
@@ -257,7 +297,7 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
-              step: float, source: str) -> tuple:
+              step: float, source: str, aim_seqs: int = 8) -> tuple:
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
@@ -276,10 +316,14 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     for c in CRITERIA:
         for layer in tqdm(range(model.args.n_layer), desc=f"block-wise greedy ({c})", unit="block"):
             calib.greedy[c][layer] = greedy_block(probe, layer, c, w, step)
+    aim = aim_batches(batches, aim_seqs, batch)
+    for c in CRITERIA if aim else ():
+        calib.aimed[c] = aim_levels(model, calib, c, aim, skip).float()
     n_tok = sum(b.numel() for b in batches)
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
                   "seq_len": str(seq_len), "skip": str(skip), "step": str(step),
+                  "aim_tokens": str(sum(b.numel() for b in aim)),
                   "criteria": ",".join(CRITERIA), "created": time.strftime("%Y-%m-%d")}
     return calib
 

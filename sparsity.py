@@ -171,28 +171,35 @@ class Calibration:
 
     quantiles[c]: [n_layer, 7, len(LEVELS)] values of |x| (magnitude) or |x_i|·‖W[i,:]‖ (weight-aware);
     norms[p]: [n_layer, K_p] column norms; greedy[c]: [n_layer, len(TARGETS), 7] per-projection levels;
+    aimed[c] (None in files from before it): the greedy levels' lookup levels, whose thresholds drop the greedy
+    levels' shares when every layer decodes sparse (calibration.aim_levels);
     cats: [n_layer, len(LEVELS)] quantiles of |silu(gate)| (CATS-style MLP)."""
 
     def __init__(self, tensors: dict, meta: dict):
         self.meta = meta
         self.quantiles = {c: tensors[f"quantiles.{crit_key(c)}"] for c in CRITERIA}
         self.greedy = {c: tensors[f"greedy.{crit_key(c)}"] for c in CRITERIA}
+        self.aimed = {c: tensors.get(f"aimed.{crit_key(c)}") for c in CRITERIA}
         self.norms = {p: tensors[f"norms.{p}"] for p in PROJECTIONS}
         self.cats = tensors["quantiles.cats"]
 
     def tensors(self) -> dict:
         out = {f"quantiles.{crit_key(c)}": self.quantiles[c].float().contiguous() for c in CRITERIA}
         out.update({f"greedy.{crit_key(c)}": self.greedy[c].float().contiguous() for c in CRITERIA})
+        out.update({f"aimed.{crit_key(c)}": self.aimed[c].float().contiguous() for c in CRITERIA
+                    if self.aimed[c] is not None})
         out.update({f"norms.{p}": self.norms[p].float().contiguous() for p in PROJECTIONS})
         out["quantiles.cats"] = self.cats.float().contiguous()
         return out
 
-    def levels(self, sparsity: float, method: str, criterion: str) -> Tensor:
-        """[n_layer, 7] per-projection sparsity levels for a model-wide target."""
+    def levels(self, sparsity: float, method: str, criterion: str, aimed: bool = False) -> Tensor:
+        """[n_layer, 7] per-projection sparsity levels for a model-wide target; aimed: the levels to look the
+        thresholds up at (greedy with an aimed table; else the same levels)."""
         n_layer = self.quantiles[criterion].shape[0]
         if method == "uniform" or sparsity <= 0:
             return torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64)
-        table = self.greedy[criterion].double()  # [L, T, 7]
+        table = (self.aimed[criterion] if aimed and self.aimed[criterion] is not None
+                 else self.greedy[criterion]).double()  # [L, T, 7]
         if sparsity > TARGETS[-1] + 1e-9:
             raise UserError(f"greedy tables reach {TARGETS[-1]:.2f}; use --sparsity-method uniform above that")
         pos = sparsity / (TARGETS[1] - TARGETS[0])
@@ -246,7 +253,8 @@ def load_calibration(model: Transformer, path: Path) -> Calibration:
     shapes = a.linear_shapes()
     expect = {f"norms.{p}": (a.n_layer, shapes[p][0]) for p in PROJECTIONS}
     expect.update({f"quantiles.{crit_key(c)}": (a.n_layer, len(PROJECTIONS), len(LEVELS)) for c in CRITERIA})
-    expect.update({f"greedy.{crit_key(c)}": (a.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA})
+    expect.update({f"{t}.{crit_key(c)}": (a.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA
+                   for t in ("greedy", "aimed") if t == "greedy" or f"aimed.{crit_key(c)}" in tensors})
     expect["quantiles.cats"] = (a.n_layer, len(LEVELS))
     for k, shape in expect.items():
         if tuple(tensors[k].shape) != shape:
@@ -262,12 +270,19 @@ def apply_thresholds(model: Transformer, calib: Calibration, sparsity: float, me
     rows are dropped where |silu(gate)| is below its threshold."""
     if method not in METHODS or criterion not in CRITERIA:
         raise UserError(f"unknown sparsity method {method!r} or criterion {criterion!r}")
-    thr = calib.thresholds(calib.levels(sparsity, method, criterion), criterion)
     cats = calib.cats_thresholds(sparsity) if model.mlp == "cats" else None
+    apply_levels(model, calib, calib.levels(sparsity, method, criterion, aimed=True), criterion, cats)
+
+
+@torch.no_grad()
+def apply_levels(model: Transformer, calib: Calibration, levels: Tensor, criterion: str,
+                 cats: Optional[Tensor] = None):
+    """Copies the thresholds of per-projection levels [n_layer, 7] into the model's buffers; `cats`: [n_layer] up
+    thresholds of a CATS MLP (gate and down then stay dense)."""
+    thr = calib.thresholds(levels, criterion)
     for layer, name, mod, row in model.sparse_modules():
         if cats is not None and name in ("gate", "up", "down"):
-            value = cats[layer] if name == "up" and sparsity > 0 else 0.0
-            mod.threshold[row].fill_(value)
+            mod.threshold[row].fill_(cats[layer] if name == "up" else 0.0)
         elif mod.input_scale is not None:  # AWQ weights: the input is x / s of the source model's (awq.py)
             mod.threshold[row].copy_(thr[(layer, name)].to(mod.threshold) / mod.input_scale)
         else:
