@@ -1,6 +1,7 @@
 """Sweep launch configs of the batch-1 input-sparse GEMV for every projection shape of the given models
 (bf16 inputs; weights bf16, or quantized with --quant), timed the way bench.py times kernels (CUDA-graph replay over
-weight copies that L2 cannot hold). Needs a CUDA GPU. Prints the best configs per shape and writes every timing to
+weight copies that L2 cannot hold), each launch as the decode step makes it (StepLaunch: q/k/v and gate/up leave
+their split-K partials, down reads gate/up's partials under gate/up's default config). Needs a CUDA GPU. Prints the best configs per shape and writes every timing to
 --out (JSON) so heuristics can be read off.
 
     python scripts/tune_gemv.py [--models llama-2-7b,llama-3-8b] [--quant int4] [--out tune.json] [--sparsities 0,0.5,0.9]
@@ -44,6 +45,47 @@ def candidates(K: int, sizes, glu: bool, n_sm: int, fmt: QuantFormat) -> list:
     return list(dict.fromkeys(out))
 
 
+class StepLaunch:
+    """One projection's launch as the decode step makes it, into buffers made once (so that a CUDA graph of calls
+    holds the launch alone): q/k/v and gate/up write their split-K partials [P, 1 or 2, 1, N] for the next kernel;
+    o adds the residual; down also reads its input as gate/up's partials [P', 2, 1, K] (P' gate/up's split under
+    its default config: down's time moves with it, docs/perf-notes.md session 17). x: the input's values [1, K]
+    (thresholds and references are set on them)."""
+
+    def __init__(self, proj: str, K: int, sizes, glu: bool, cfg, fmt: QuantFormat, n_sm: int, dtype, device):
+        self.proj, self.sizes, self.glu, self.cfg, self.fmt = proj, tuple(sizes), glu, cfg, fmt
+        self.deferred = proj in ("qkv", "gate_up")
+        n_out = sizes[0] if glu else sum(sizes)
+        self.x = torch.randn(1, K, device=device, dtype=dtype)
+        self.xin = self.x
+        if proj == "down":
+            D = sizes[0]
+            gu = configs.default_config(1, D, (K, K), True, n_sm, fmt, group=fmt.group(D))
+            self.xin = torch.zeros(configs.k_layout(D, gu, fmt.group(D))[1], 2, 1, K, device=device)
+            self.xin[0] = torch.randn(2, 1, K, device=device) * 2
+            self.x = reference.parts_ref(self.xin, True, dtype)
+        self.res = torch.randn(1, n_out, device=device, dtype=dtype) if proj in ("o", "down") else None
+        self.t = torch.zeros(len(sizes), K, device=device)
+        self.counters = torch.zeros(configs.counters_size(sizes, glu, cfg.block_n), dtype=torch.int32, device=device)
+        if self.deferred:
+            P = configs.k_layout(K, cfg, fmt.group(K))[1]
+            self.out = torch.full((P, 2 if glu else 1, 1, n_out), float("nan"), device=device)
+        else:
+            self.out = torch.full((1, n_out), float("nan"), device=device, dtype=dtype)
+
+    def __call__(self, w, scale):
+        sparse_gemv.launch(self.xin, w, self.t, None if self.deferred else self.counters, self.sizes, self.glu,
+                           self.cfg, self.res, self.out, self.fmt, scale, partial_out=self.deferred)
+
+    def result(self):
+        """The output as its consumer sees it [1, N_OUT] (partials summed, GLU applied, in x's dtype)."""
+        return reference.parts_ref(self.out, self.glu, self.x.dtype) if self.deferred else self.out
+
+    def reference(self, w_ref):
+        return reference.sparse_gemv_ref(self.x.float(), w_ref, self.t, self.sizes, glu=self.glu,
+                                         residual=None if self.res is None else self.res.float())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", default="llama-2-7b,llama-3-8b", help="comma-separated configs whose shapes to sweep")
@@ -74,35 +116,36 @@ def main():
                  for _ in range(weight_copies(nbytes, torch.cuda.get_device_properties(0).L2_cache_size))]
         ws = [fmt.quantize_weight(w) if fmt.quantized else (w, None) for w in dense]  # (weights, scales)
         w_ref = fmt.dequantize(*ws[0]) if fmt.quantized else dense[0].float()
+        proj = name.split(":")[1]
         x = torch.randn(1, K, device="cuda", dtype=dtype)
-        n_out = sizes[0] if glu else N
-        res = torch.randn(1, n_out, device="cuda", dtype=dtype) if name.endswith(("o", "down")) else None
-        t = torch.zeros(len(sizes), K, device="cuda")
-        counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
         mm = graph_time_us([lambda w=w: torch.matmul(x, w) for w in dense])
         del dense
         default = configs.default_config(1, K, sizes, glu, n_sm, fmt, group=fmt.group(K))
         by_cfg = {}
         for cfg in dict.fromkeys(candidates(K, sizes, glu, n_sm, fmt) + [default]):
             row = {}
+            try:
+                step = StepLaunch(proj, K, sizes, glu, cfg, fmt, n_sm, dtype, "cuda")
+            except Exception as e:  # e.g. a config the launch refuses
+                print(f"  {tuple(cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            x = step.x
             for s in levels:
-                t.fill_(sparse_threshold(x, s))
-                ref = reference.sparse_gemv_ref(x.float(), w_ref, t, sizes, glu=glu,
-                                                  residual=None if res is None else res.float())
-                y = torch.full_like(ref, float("nan"), dtype=dtype)
+                step.t.fill_(sparse_threshold(x, s))
+                ref = step.reference(w_ref)
+                step.out.fill_(float("nan"))
                 try:
-                    sparse_gemv.launch(x, ws[0][0], t, counters, sizes, glu, cfg, res, y, fmt, ws[0][1])
+                    step(*ws[0])
                 except Exception as e:  # e.g. out of resources for a large tile
                     print(f"  {tuple(cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     break
+                y = step.result()
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                us = graph_time_us([lambda w=w, sc=sc: sparse_gemv.launch(x, w, t, counters, sizes, glu, cfg, res, y,
-                                                                         fmt, sc)
-                                    for w, sc in ws], launches=32, replays=10)
-                measured = (x.abs().float() <= t[0]).float().mean().item()
+                us = graph_time_us([lambda w=w, sc=sc: step(w, sc) for w, sc in ws], launches=32, replays=10)
+                measured = (x.abs().float() <= step.t[0]).float().mean().item()
                 rec = {"shape": name, "K": K, "sizes": list(sizes), "glu": glu, "config": list(cfg), "sparsity": s,
                        "us": us, "roofline_us": (1 - measured) * nbytes / bw * 1e6, "matmul_us": mm, "err": err,
-                       "ok": bool(err < 1.2e-2) and not bool(y.isnan().any()) and not bool(counters.any())}
+                       "ok": bool(err < 1.2e-2) and not bool(y.isnan().any()) and not bool(step.counters.any())}
                 records.append(rec)
                 row[s] = rec
             if len(row) == len(levels):

@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli import run_cli
+from kernels import configs
+from model import ModelArgs
 from scripts import bench, bench_server, profile_decode, profile_phases, tune_gemv
-from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, weight_copies,
-                           write_outputs)
+from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, projection_shapes,
+                           weight_copies, write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -125,6 +128,32 @@ def test_tune_gemv_candidates_launch_on_the_formats_weights(quant):
             assert 1 <= c.split_k <= max(1, K // (2 * c.block_k) + 1)
             if group:
                 assert group % c.block_k == 0 and c.block_n % 8 == 0 and not (glu and c.block_n > 256)
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_tune_gemv_step_launches_match_the_reference(quant):
+    """tune_gemv.py times each projection's launch as the decode step makes it (q/k/v and gate/up into split-K
+    partials, down from gate/up's partials, o and down with the residual): in the interpreter, on a small model's
+    shapes, what the consumer makes of each launch's output matches the reference at 50% on those inputs, and the
+    poisoned output buffers are written."""
+    from kernels.formats import quant_format
+    fmt = quant_format(quant)
+    args = ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=256, vocab_size=64)
+    torch.manual_seed(0)
+    for proj, (K, sizes, glu) in projection_shapes(args).items():
+        cfg = configs.default_config(1, K, sizes, glu, 4, fmt, group=fmt.group(K))
+        # float16: the interpreter truncates bf16 casts (GPUs round), which skews the GLU of down's input
+        step = tune_gemv.StepLaunch(proj, K, sizes, glu, cfg, fmt, 4, torch.float16, "cpu")
+        w = (torch.randn(K, sum(sizes)) / K ** 0.5).to(torch.float16)
+        wq, scale = fmt.quantize_weight(w) if fmt.quantized else (w, None)
+        w_ref = fmt.dequantize(wq, scale) if fmt.quantized else wq.float()
+        a = step.x.abs().float().flatten().sort().values  # a threshold in the gap at the median: no input sits on it
+        step.t.fill_(float(a[K // 2 - 1] + a[K // 2]) / 2)
+        step(wq, scale)
+        y, ref = step.result().float(), step.reference(w_ref)
+        assert not y.isnan().any() and ((y - ref).norm() / ref.norm()) < 1.2e-2, proj
+        assert step.xin.dim() == (4 if proj == "down" else 2) and step.out.dim() == (4 if step.deferred else 2)
+        assert not step.counters.any()
 
 
 def test_anchors_table_for_this_gpu_only(tmp_path):
