@@ -14,7 +14,7 @@ from errors import UserError
 from kernels import decode_attention, gate_up_rows, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
-from sparsity import PROJECTIONS, measure_sparsity, parameter_weighted, per_projection
+from sparsity import PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
 
 
 def opaque_ops() -> list:
@@ -33,6 +33,16 @@ def register_fallbacks():
     for op in opaque_ops():
         if op not in lowerings:
             make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True)))
+
+
+def set_sparsity(model, calib: Optional[Calibration], level: float, method: str = "greedy",
+                 criterion: str = "weight-aware"):
+    """Decode at `level` from now on: the calibration's thresholds into the model's buffers (calib None: the
+    thresholds stay as they are, e.g. set in-process by a benchmark) and the plan for the level (16-bit weights
+    decode dense through cuBLAS at 0). Copies only: compiled steps and their CUDA graphs stay valid."""
+    if calib is not None:
+        apply_thresholds(model, calib, level, method, criterion)
+    model.set_plan(model.plan.at_level(level))
 
 
 def compile_step(fn: Callable, **kwargs) -> Callable:

@@ -13,7 +13,7 @@ import torch
 from cli import (HelpFormatter, add_compile_args, add_model_args, add_quant_arg, add_sparsity_args, load_from_args,
                  run_cli)
 from engine import (Generator, bytes_per_token, common_prefix, decode_sparsity, linear_format, peak_memory_gb,
-                    sparsity_report)
+                    set_sparsity, sparsity_report)
 from plan import decode_plan
 from errors import UserError
 from sparsity import CALIB_FILE, apply_thresholds, load_calibration
@@ -195,11 +195,10 @@ def set_level(gen: Generator, calib, line: str, a):
               file=sys.stderr)
         return
     try:
-        apply_thresholds(gen.model, calib, level, a.sparsity_method, a.criterion)
+        set_sparsity(gen.model, calib, level, a.sparsity_method, a.criterion)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return
-    gen.model.set_plan(gen.model.plan.at_level(level))
     a.sparsity = level
     print(f"sparsity {level:.2f} ({a.sparsity_method}, {a.criterion})", file=sys.stderr)
 

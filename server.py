@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from engine import Generator, common_prefix
+from engine import Generator, common_prefix, set_sparsity
 from errors import UserError
-from sparsity import CRITERIA, METHODS, apply_thresholds
+from sparsity import CRITERIA, METHODS
 from tokenizer import StreamDecoder
 
 MAX_BODY = 8 << 20  # bytes of a request body
@@ -194,13 +194,10 @@ class Worker:
     def _set_level(self, level: float, method: str, criterion: str):
         if (level, method, criterion) == self.setting:
             return
-        model = self.gen.model
-        if self.calib is not None:
-            try:
-                apply_thresholds(model, self.calib, level, method, criterion)
-            except UserError as e:
-                raise ApiError(400, str(e), "sparsity") from None
-        model.set_plan(model.plan.at_level(level))
+        try:
+            set_sparsity(self.gen.model, self.calib, level, method, criterion)
+        except UserError as e:
+            raise ApiError(400, str(e), "sparsity") from None
         self.setting = (level, method, criterion)
         self.cached = []  # keys and values decoded at another level: prefill the conversation again
 

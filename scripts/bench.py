@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
-from engine import Generator, bytes_per_token
+from engine import Generator, bytes_per_token, set_sparsity
 from plan import decode_plan
 from errors import UserError
 from kernels import configs, decode_attention, reference, sparse_gemv, sparse_mlp
@@ -253,7 +253,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     records = []
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
-        model.set_plan(model.plan.at_level(s))  # what generate.py does
+        set_sparsity(model, None, s)  # the plan generate.py decodes level s with
         new, st = gen.generate(prompt, new_tokens)  # warm-up (the first one of each path compiles)
         speeds = []
         for _ in range(runs):

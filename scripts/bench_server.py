@@ -30,7 +30,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
-from engine import Generator
+from engine import Generator, set_sparsity
 from errors import UserError
 from kernels.formats import quant_format
 from loading import random_model
@@ -129,7 +129,7 @@ def main():
     records = []
     for s in levels:
         set_uniform_thresholds(model, captured, s)
-        model.set_plan(model.plan.at_level(s))
+        set_sparsity(model, None, s)
         service.default = worker.setting = (s, "uniform", "magnitude")  # what requests echo back
         t0 = time.perf_counter()
         worker.call(lambda: warm_up(gen, ids))
