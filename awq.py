@@ -11,7 +11,8 @@ W' = diag(s) W is quantized, and the input is divided by s, which folds exactly 
 Then each scaled weight group (a scale group of inputs, one output column) is clipped: its range [min, max] (zero
 included, as round-to-nearest sets it) shrunk by the ratio in 1, 0.95, ..., 0.5 that quantizes the group's share
 of the output best on the same activations (AWQ's clipping search). q and k are not clipped (their outputs go
-through the softmax, where a clipped outlier weighs most; AutoAWQ leaves them too).
+through the softmax, where a clipped outlier weighs most; AutoAWQ leaves them too). Last, each scaled linear is
+rounded with GPTQ's error feedback on the same activations (gptq_int4) rather than to nearest: the same int4 format.
 
 Sparsity: a linear's input becomes x / s, so a threshold t of the source model becomes t / s channel by channel
 and drops exactly the same inputs. Each scaled linear keeps s as its `input_scale` buffer (saved in the quantized
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kernels.formats import AWQ, QuantFormat, round_int4
+from kernels.formats import AWQ, QuantFormat, pack_int4, round_int4
 from model import Transformer
 from quantization import quantize_model
 from sparsity import input_hooks
@@ -91,21 +92,52 @@ def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 
 
 
 @torch.no_grad()
+def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.01) -> tuple:
+    """w [K, N] float32 rounded to int4 groups (rtn_int4's format) with GPTQ's error feedback (Frantar et al., ICLR
+    2023): inputs are rounded one at a time, in order, and each one's rounding error, weighted by the inverse Hessian
+    of the output error on x [T, K] (H = x^T x, damped), is pushed onto the inputs not rounded yet; a group's range
+    is taken when its first input comes up. -> (q int32 [K, N/8], scale float16 [2, K/group, N])."""
+    K, N = w.shape
+    H = (x.T.double() @ x.double())
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [K, K]
+    W = w.float().clone()
+    W[dead] = 0.0
+    Q = torch.empty_like(W)
+    S, M = W.new_empty(K // group, N), W.new_empty(K // group, N)
+    for g in range(K // group):
+        a, b = g * group, (g + 1) * group
+        _, s, m = round_int4(W[a:b][None], W[a:b].amin(0).clamp_max(0)[None], W[a:b].amax(0).clamp_min(0)[None])
+        S[g], M[g] = s[0], m[0]
+        err = W.new_empty(group, N)
+        for k in range(a, b):
+            Q[k] = ((W[k] - M[g]) / S[g]).round().clamp(0, 15)
+            err[k - a] = (W[k] - (Q[k] * S[g] + M[g])) / U[k, k]
+            W[k + 1:b] -= U[k, k + 1:b, None] * err[k - a][None, :]
+        W[b:] -= U[a:b, b:].T @ err
+    return pack_int4(Q.to(torch.int32)), torch.stack([S, M]).half()
+
+
+@torch.no_grad()
 def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
-                 progress: bool = True, clip: bool = True) -> dict:
-    """awq_scale, then the model quantized to `fmt` (in place). -> awq_scale's report."""
-    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip)
+                 progress: bool = True, clip: bool = True, gptq: bool = True) -> dict:
+    """awq_scale (the sparse linears rounded with GPTQ's error feedback with `gptq`, else to nearest), then the rest
+    of the model quantized to `fmt` (in place). -> awq_scale's report."""
+    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq)
     quantize_model(model, fmt)
     return report
 
 
 @torch.no_grad()
 def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
-              progress: bool = True, clip: bool = False) -> dict:
+              progress: bool = True, clip: bool = False, gptq: bool = False) -> dict:
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
     the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding
-    (search_clip), which changes the float model. -> {(layer, group): (α, relative output error once quantized,
-    before clipping)}."""
+    (search_clip), which changes the float model; with `gptq`, each layer's scaled linears are then quantized to
+    int4 by gptq_int4 on their (scaled) inputs. -> {(layer, group): (α, relative output error once quantized
+    to nearest, before clipping)}."""
     a = model.args
     H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
     q_cols, kv_cols = H * D, Hkv * D
@@ -132,4 +164,9 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
             fold(s)
             lin.register_buffer("input_scale", s.to(lin.weight.device))
             report[(i, name)] = (alpha, err)
+        # after the layer's folds (o's scales divide v's columns, down's divide up's): its weights are final
+        for lin in (att.wqkv, att.wo, ff.w13, ff.w2) if gptq else ():
+            K = lin.weight.shape[0]
+            q, scale = gptq_int4(lin.weight.float(), inputs[lin] / lin.input_scale, fmt.group(K))
+            lin.set_quantized(fmt, q.to(lin.weight.device), scale.to(lin.weight.device))
     return report
