@@ -248,8 +248,8 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
 @torch.no_grad()
 def aim_levels(model, calib: Calibration, criterion: str, batches: list, skip: int, steps: int = 1) -> torch.Tensor:
     """The greedy table of `criterion` [n_layer, len(TARGETS), 7] re-aimed at what decoding measures: the levels to
-    look the thresholds up at. Its levels are
-    quantiles of dense activations; decoding sparsifies every layer, and a layer fed sparsified inputs upstream
+    look the thresholds up at. Its levels are quantiles of dense activations; decoding sparsifies every layer, and a
+    layer fed sparsified inputs upstream
     (o and down above all: smaller attention outputs and MLP hiddens) drops more than its level says. Per target:
     decode-like passes over `batches` (the first `skip` positions dense, the rest sparsified and counted) measure
     each projection's share dropped, and its lookup level moves by what it missed (a secant step of slope one:
