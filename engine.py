@@ -11,7 +11,7 @@ from torch import Tensor
 from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
-from kernels import decode_attention, gate_up_rows, sparse_gemv, sparse_mlp
+from kernels import decode_attention, gate_up_rows, gluon_gemv, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
 from sparsity import PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
@@ -21,7 +21,8 @@ def opaque_ops() -> list:
     """The kernels' opaque ops (torch.library custom ops), as torch.compile meets them."""
     return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
-                                      gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op)]
+                                      gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
+                                      gluon_gemv._int4_parts_op)]
 
 
 def register_fallbacks():

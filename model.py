@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
+from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, reference, sparse_gemv, sparse_mlp
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, QuantFormat
@@ -178,6 +178,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("scale", None)  # quantized weights' scales
         self.register_buffer("input_scale", None)  # AWQ (awq.py): the input is x / input_scale of the source model's
         self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
+        self.hopper_config = None  # batch-1 int4 partials through kernels/gluon_gemv.py (None: not this shape)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
         """Hold weights q in format `fmt` with their scales (kernels/formats.py); the scales join the state dict."""
@@ -204,6 +205,8 @@ class SparseLinear(nn.Module):
         group = self.fmt.group_of(self.weight, self.scale)
         self.kernel_configs = {m: configs.default_config(m, K, self.sizes, self.glu, plan.n_sm, self.fmt, self.head,
                                                          group) for m in (1, 2, 4, 8)}
+        if self.fmt.code == 2 and not self.head:
+            self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
         n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
@@ -245,6 +248,9 @@ class SparseLinear(nn.Module):
         float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
         B, S, K = x.shape
         x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss, plan)
+        if plan.hopper_int4 and B * S == 1 and self.hopper_config is not None and x.element_size() == 2:
+            return gluon_gemv.int4_parts(x, self.weight, self.threshold, self.sizes, self.hopper_config, self.scale,
+                                         glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
         return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
                                              self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
                                              ss_in=ss_in, eps=eps, fmt=self.fmt, scale=self.scale)

@@ -6,12 +6,13 @@
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
    the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
-   configs the model uses, the int8 LM head included (check_quant_kernels);
+   configs the model uses, the int8 LM head included (check_quant_kernels); on sm_90, the Gluon int4 kernel against
+   the reference and the Triton kernel, bit for bit against itself (check_hopper_int4);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
    thresholds moved into wide gaps between the inputs of the reference decode, so that rounding differences
-   cannot flip a mask;
+   cannot flip a mask (the Gluon int4 kernel, 16-bit inputs only, decodes in the bf16 runs on sm_90);
 3. a new sparsity level (a copy_ into the threshold buffers) neither recompiles nor re-records graphs.
 
     python scripts/gpu_check.py [--layers 4] [--out DIR] [--kernels-only | --models-only]
@@ -29,7 +30,7 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, compile_step
-from kernels import configs, decode_attention, gate_up_rows, reference, sparse_gemv, sparse_mlp
+from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import ModelArgs
 from kernels.formats import INT4, INT8, quant_format
@@ -232,6 +233,42 @@ def check_quant_kernels(n_sm: int, shapes=QUANT_SHAPES, levels=(0.0, 0.5, 0.95),
     return failures
 
 
+HOPPER_SHAPES = {  # (K, sizes, glu, group): Llama-2-7B's q/k/v and gate/up, Llama-3's q/k/v, small and odd ones
+    "l2-qkv": (4096, (4096,) * 3, False, 128), "l2-gate_up": (4096, (11008,) * 2, True, 128),
+    "l3-qkv": (4096, (4096, 1024, 1024), False, 128), "small-g64": (1152, (384, 128, 128), False, 64),
+}
+
+
+def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
+    """The Gluon int4 kernel (kernels/gluon_gemv.py, sm_90) with the configs the model launches it with, bf16 and
+    fp16, RMSNorm fused or not: the sum of its partials against the float64 reference on the dequantized weights,
+    against the Triton kernel's partials (bounds of the dtype: both normalise the input themselves, and a near-tie
+    may round one input across its threshold), and bit for bit against a second run."""
+    failures, rows = [], 0
+    for (name, (K, sizes, glu, group)), dtype, norm in itertools.product(
+            HOPPER_SHAPES.items(), (torch.bfloat16, torch.float16), (True, False)):
+        q, scale = INT4.quantize(torch.randn(K, sum(sizes), device="cuda") / K ** 0.5, group)
+        w = INT4.dequantize(q, scale).double()
+        cfg = gluon_gemv.default_config(K, sizes, group, n_sm)
+        tcfg = configs.default_config(1, K, sizes, glu, n_sm, INT4, group=group)
+        for s in levels:
+            x, g, ss_in, xin = projection_input(1, K, dtype, norm=norm)
+            t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device="cuda")
+            ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), sizes)
+            parts = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
+            again = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
+            triton_parts = sparse_gemv.sparse_gemv_parts(x, q, t, sizes, tcfg, glu, g, ss_in, fmt=INT4, scale=scale)
+            y = parts.sum(0).reshape(1, -1)
+            err = rel_err(y, ref)
+            err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
+            rows += 1
+            if not err < BOUND[dtype] or not err_triton < BOUND[dtype] or not torch.equal(parts, again) or y.isnan().any():
+                failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
+                                f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
+    print(f"gluon int4 kernel: {rows} cases, {len(failures)} failures")
+    return failures
+
+
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
                 quant: Optional[str] = None) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
@@ -335,7 +372,9 @@ def main():
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     failures = [] if a.models_only else (check_kernels(n_sm) + check_quant_kernels(n_sm)
-                                         + check_quant_kernels(n_sm, quant="int4"))
+                                         + check_quant_kernels(n_sm, quant="int4")
+                                         + (check_hopper_int4(n_sm) if torch.cuda.get_device_capability() == (9, 0)
+                                            else []))
     if a.kernels_only:
         print("\n".join(failures) if failures else "ALL KERNEL CHECKS PASSED")
         sys.exit(1 if failures else 0)
@@ -351,7 +390,8 @@ def main():
                                                (a.sparsity, torch.float32, 1e-3, True, "int8"),
                                                (a.sparsity, torch.bfloat16, None, True, "int8"),
                                                (0.0, torch.bfloat16, 3e-2, True, "int4"),
-                                               (a.sparsity, torch.float32, 1e-3, True, "int4")):
+                                               (a.sparsity, torch.float32, 1e-3, True, "int4"),
+                                               (a.sparsity, torch.bfloat16, None, True, "int4")):
         torch._dynamo.reset()
         errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
                                                                        quant=quant)

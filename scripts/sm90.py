@@ -26,6 +26,7 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 from cli import HelpFormatter, run_cli
 from errors import UserError
@@ -79,8 +80,8 @@ def recorded_launches():
 
 
 def plan_as_on_gpu(n_sm: int = 132):
-    """The decode plan a GPU of n_sm multiprocessors gets (generate.py's), on a CPU machine."""
-    return decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, n_sm=n_sm)
+    """The decode plan an sm_90 GPU of n_sm multiprocessors gets (generate.py's), on a CPU machine."""
+    return decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, n_sm=n_sm, hopper_int4=True)
 
 
 def layer_model(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal"):
@@ -117,7 +118,8 @@ def distinct(launches) -> list:
 
 def build(launch):
     fn, sig, consts, attrs, opts = launch
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET, options=opts.__dict__)
+    source = GluonASTSource if getattr(fn, "is_gluon", lambda: False)() else ASTSource
+    return triton.compile(source(fn, sig, consts, attrs), target=TARGET, options=opts.__dict__)
 
 
 def build_all(launches) -> list:

@@ -1,0 +1,300 @@
+"""The batch-1 int4 input-sparse GEMV written in Gluon (Hopper fast path, first stage: the stream alone).
+
+Triton's int4 stream (kernels/stream.py) converts each step's group scales and input sums from the layout they are
+loaded in to the accumulator's, through shared memory and barriers, every step (docs/perf-notes.md, session 16):
+the stream is latency-bound at 5-7x its bandwidth time. Gluon states layouts, so here every tensor of a step is
+made in a slice of one 4-D layout L4 over [RPT, ROWS, W, 8] (a thread's RPT rows, rows across threads and warps,
+int32 words of eight nibbles, the nibbles):
+- weight words [RPT, ROWS, W] are loaded in SliceLayout(3, L4), VEC words (16 bytes) per thread and row;
+- nibbles are widened in place to 1 + q/16 (shift, and/or into a float's mantissa: no int -> float conversion);
+- the RPT rows of a thread fold in registers into the accumulator [ROWS, W, 8] (SliceLayout(0, L4));
+- group scales s and offsets m [W, 8] are loaded straight in the accumulator's slice, and applied once per step:
+  sum_k x_k (q_k s + m) = 16 s sum_k x_k f_k + (m - 16 s) sum_k x_k.
+Rows fold across threads once, at the end.
+
+Work decomposition as the Triton kernel's: program (pid_n, pid_k) lists the kept inputs of its K range (each scale
+group of GS inputs starts a new step of BK entries), then streams their rows, the next step's rows and scales in
+flight while a step is multiplied; with every threshold of the range at zero it streams the rows in order. Output:
+split-K partial sums out [SPLIT, N] (float32) for the consumer to sum, as sparse_gemv_parts hands them on.
+Reference: kernels/reference.py (int4_gemv_parts_ref). No CPU interpreter runs Gluon: tests build it for sm_90,
+scripts/gpu_check.py runs it against the reference.
+"""
+from functools import partial
+from itertools import accumulate
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import custom_op
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from kernels import reference
+from kernels.common import direct, skip
+from kernels.formats import INT4
+
+ROW_MASK = gl.constexpr(0x3FFF)  # list entries: the input's row in the K range (14 bits), KEEP, its 16-bit value above bit 16
+KEEP = gl.constexpr(0x4000)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _rms_scale(x, g, inv, NORM: gl.constexpr):
+    """x normalised as the reference RMSNorm rounds: x * inv to x's dtype, then times the weight g (NORM only)."""
+    if NORM:
+        x = ((x.to(gl.float32) * inv).to(x.dtype).to(gl.float32) * g.to(gl.float32)).to(x.dtype)
+    return x
+
+
+@gluon.jit
+def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, GS: gl.constexpr, BK: gl.constexpr,
+                CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr):
+    """Kept inputs of [k_begin, k_end) into scratch, CG groups of GS inputs at a time, each group's entries padded
+    with flagless ones (the group's first row) to a multiple of BK -> (entries listed, the largest threshold)."""
+    LC: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])  # [CG, GS]
+    LG: gl.constexpr = gl.SliceLayout(1, LC)
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    gi = gl.arange(0, CG, layout=LG)
+    ii = gl.arange(0, GS, layout=gl.SliceLayout(0, LC))
+    jf = gl.arange(0, BK, layout=gl.SliceLayout(0, LC))
+    n_kept = 0
+    t_max = 0.0
+    for c0 in range(k_begin, k_end, CG * GS):
+        first = c0 + gi * GS  # [CG]
+        ks = gl.expand_dims(first, 1) + gl.expand_dims(ii, 0)  # [CG, GS]
+        ok = ks < k_end
+        x = gl.load(x_ptr + ks, mask=ok, other=0.0)
+        t = gl.load(t_ptr + ks, mask=ok, other=0.0)
+        g = x
+        if NORM:
+            g = gl.load(nw_ptr + ks, mask=ok, other=0.0)
+        x = _rms_scale(x, g, inv, NORM)
+        keep = (gl.abs(x.to(gl.float32)) > t) & ok
+        t_max = gl.maximum(t_max, gl.max(gl.max(t, axis=1), axis=0))
+        kept = keep.to(gl.int32)
+        cnt = gl.sum(kept, axis=1)  # [CG]
+        padded = (cnt + BK - 1) // BK * BK
+        # (a scan needs a blocked layout of its own: the groups' counts are a slice of LC)
+        before = gl.convert_layout(gl.associative_scan(gl.convert_layout(padded, L1), 0, _add), LG) - padded
+        base = n_kept + before  # [CG]
+        pos = gl.expand_dims(base, 1) + gl.associative_scan(kept, 1, _add) - 1
+        entry = (ks - k_begin) | KEEP | (x.to(gl.uint16, bitcast=True).to(gl.int32) << 16)
+        gl.store(scratch + pos, entry, mask=keep)
+        fill = gl.expand_dims(base + cnt, 1) + gl.expand_dims(jf, 0)  # [CG, BK]
+        fill_ok = gl.expand_dims(jf, 0) < gl.expand_dims(padded - cnt, 1)
+        gl.store(scratch + fill, gl.expand_dims(first - k_begin, 1) + 0 * gl.expand_dims(jf, 0), mask=fill_ok)
+        n_kept += gl.sum(padded, axis=0)
+    return n_kept, t_max
+
+
+@gluon.jit
+def _widen(words, nib_mask, L4: gl.constexpr):
+    """int32 words [RPT, ROWS, W] (SliceLayout(3, L4)) -> float32 1 + q/16 of their nibbles [RPT, ROWS, W, 8]: nibble
+    i shifted to the top of the mantissa, the exponent of 1 or-ed in. nib_mask is 0x780000 handed in at run time: as
+    a constant, ptxas splits the and/or into two LOP3s (one immediate each); with the mask in a register it is one."""
+    i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L4))))
+    i4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(i, 0), 0), 0)  # [1, 1, 1, 8]
+    w4 = gl.expand_dims(words, 3)
+    v = gl.where(i4 <= 4, w4 << gl.maximum(19 - 4 * i4, 0), w4 >> gl.maximum(4 * i4 - 19, 0))
+    return ((v & nib_mask) | 0x3F800000).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _step(acc, x, words, s, m, nib_mask, L4: gl.constexpr):
+    """acc [ROWS, W, 8] + one step of one group: x [RPT, ROWS] float32, words [RPT, ROWS, W], s, m [W, 8] float16."""
+    f = _widen(words, nib_mask, L4)
+    x4 = gl.expand_dims(gl.expand_dims(x, 2), 3)
+    part = gl.sum(x4 * f, axis=0)  # [ROWS, W, 8], in registers
+    xs = gl.sum(x4, axis=0)  # [ROWS, 1, 1]
+    s16 = gl.expand_dims(16.0 * s.to(gl.float32), 0)
+    return acc + part * s16 + xs * (gl.expand_dims(m.to(gl.float32), 0) - s16)
+
+
+@gluon.jit
+def _input(x_ptr, nw_ptr, k, inv, NORM: gl.constexpr):
+    """The (normalised) input at k, float32 (the dense stream's)."""
+    x = gl.load(x_ptr + k)
+    if NORM:
+        x = _rms_scale(x, gl.load(nw_ptr + k), inv, NORM)
+    return x.to(gl.float32)
+
+
+@gluon.jit
+def _entry_x(e, xdt: gl.constexpr):
+    """The (normalised) input of list entries e, float32; 0 for flagless ones."""
+    return gl.where((e & KEEP) != 0, (e >> 16).to(gl.uint16).to(xdt, bitcast=True).to(gl.float32), 0.0)
+
+
+@gluon.jit
+def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr, K, N, G, K_SPLIT,
+                            TILE_END0, TILE_END1, N_SS, nib_mask,
+                            BN: gl.constexpr, GS: gl.constexpr, RPT: gl.constexpr, VEC: gl.constexpr,
+                            CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr, SS_BLOCK: gl.constexpr,
+                            EPS: gl.constexpr):
+    """Program (pid_n, pid_k): column tile pid_n (of segment 0, 1 or 2: tiles [0, TILE_END0), [TILE_END0,
+    TILE_END1), the rest; threshold row t[segment]) over K range pid_k -> out[pid_k, tile's columns]. NORM: x is the
+    residual stream, RMS-normalised by the weight at nw_ptr with the producer's sums of squares ss_ptr [N_SS]."""
+    W: gl.constexpr = BN // 8
+    TW: gl.constexpr = W // VEC
+    TR: gl.constexpr = 32 // TW
+    ROWS: gl.constexpr = TR * NW
+    BK: gl.constexpr = RPT * ROWS
+    L4: gl.constexpr = gl.BlockedLayout([RPT, 1, VEC, 8], [1, TR, TW, 1], [1, NW, 1, 1], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(3, L4)  # words [RPT, ROWS, W]
+    LE: gl.constexpr = gl.SliceLayout(2, LW)  # entries [RPT, ROWS]
+    LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # scales [W, 8]
+    xdt: gl.constexpr = x_ptr.dtype.element_ty
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n_split = gl.num_programs(1)
+    seg = (pid_n >= TILE_END0).to(gl.int32) + (pid_n >= TILE_END1).to(gl.int32)
+    t_row = t_ptr + seg * K
+    k_begin = pid_k * K_SPLIT
+    k_end = gl.minimum(k_begin + K_SPLIT, K)
+    inv = 1.0
+    if NORM:
+        sj = gl.arange(0, SS_BLOCK, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+        inv = gl.rsqrt(gl.sum(gl.load(ss_ptr + sj, mask=sj < N_SS, other=0.0), axis=0) / K + EPS)
+    scratch = scratch_ptr + (pid_n * n_split + pid_k) * K_SPLIT
+    n_kept, t_max = _build_list(x_ptr, t_row, nw_ptr, inv, scratch, k_begin, k_end, GS, BK, CG, NW, NORM)
+
+    NWORD = N // 8
+    wc = pid_n * W + gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(0, LW)))
+    w_cols = w_ptr + k_begin * NWORD + gl.expand_dims(gl.expand_dims(wc, 0), 0)  # [1, 1, W]
+    sw = pid_n * BN + 8 * gl.arange(0, W, layout=gl.SliceLayout(1, LS))
+    s_cols = gl.expand_dims(sw, 1) + gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LS)), 0)  # [W, 8]
+    ra = gl.arange(0, RPT, layout=gl.SliceLayout(1, LE))
+    rr = gl.arange(0, ROWS, layout=gl.SliceLayout(0, LE))
+    r = gl.expand_dims(ra, 1) * ROWS + gl.expand_dims(rr, 0)  # [RPT, ROWS]: a step's rows / entries
+    acc = gl.zeros([ROWS, W, 8], gl.float32, layout=gl.SliceLayout(0, L4))
+    if t_max == 0:  # dense: rows in order, no list
+        k = k_begin + r
+        xa = _input(x_ptr, nw_ptr, k, inv, NORM)
+        wa = gl.load(w_cols + gl.expand_dims(r, 2) * NWORD)
+        g = k_begin // GS
+        sa = gl.load(s_ptr + g * N + s_cols)
+        ma = gl.load(s_ptr + (G + g) * N + s_cols)
+        for j in range(BK, k_end - k_begin, BK):
+            k = k_begin + j + r
+            xb = _input(x_ptr, nw_ptr, k, inv, NORM)
+            wb = gl.load(w_cols + gl.expand_dims(j + r, 2) * NWORD)
+            g = (k_begin + j) // GS
+            sb = gl.load(s_ptr + g * N + s_cols)
+            mb = gl.load(s_ptr + (G + g) * N + s_cols)
+            acc = _step(acc, xa, wa, sa, ma, nib_mask, L4)
+            xa, wa, sa, ma = xb, wb, sb, mb
+        acc = _step(acc, xa, wa, sa, ma, nib_mask, L4)
+    else:
+        gl.thread_barrier()  # the list is complete and visible to every thread of the program
+        ea = gl.load(scratch + r, mask=r < n_kept, other=0, cache_modifier=".cg")
+        eb = gl.load(scratch + BK + r, mask=BK + r < n_kept, other=0, cache_modifier=".cg")
+        wa = gl.load(w_cols + gl.expand_dims(ea & ROW_MASK, 2) * NWORD, mask=gl.expand_dims((ea & KEEP) != 0, 2),
+                     other=0)
+        g = (k_begin + (gl.load(scratch, cache_modifier=".cg") & ROW_MASK)) // GS
+        sa = gl.load(s_ptr + g * N + s_cols)
+        ma = gl.load(s_ptr + (G + g) * N + s_cols)
+        for j in range(BK, n_kept, BK):
+            ec = gl.load(scratch + j + BK + r, mask=j + BK + r < n_kept, other=0, cache_modifier=".cg")
+            wb = gl.load(w_cols + gl.expand_dims(eb & ROW_MASK, 2) * NWORD,
+                         mask=gl.expand_dims((eb & KEEP) != 0, 2), other=0)
+            g = (k_begin + (gl.load(scratch + j, cache_modifier=".cg") & ROW_MASK)) // GS
+            sb = gl.load(s_ptr + g * N + s_cols)
+            mb = gl.load(s_ptr + (G + g) * N + s_cols)
+            acc = _step(acc, _entry_x(ea, xdt), wa, sa, ma, nib_mask, L4)
+            ea, wa, sa, ma = eb, wb, sb, mb
+            eb = ec
+        acc = _step(acc, _entry_x(ea, xdt), wa, sa, ma, nib_mask, L4)
+    y = gl.sum(acc, axis=0)  # [W, 8]: rows across threads folded once
+    gl.store(out_ptr + pid_k * N + s_cols, y)
+
+
+class Config(NamedTuple):
+    block_n: int  # columns per program (whole int32 words; tiles never straddle two segments)
+    rpt: int  # rows per thread in a step (a step is 64 list entries)
+    vec: int  # int32 words per thread and row
+    warps: int
+    split: int  # programs along K (K ranges are whole scale groups)
+
+
+def default_config(K: int, sizes, group: int, n_sm: int) -> Optional[Config]:
+    """The launch config of a batch-1 int4 projection with K inputs and output segments `sizes`, scale groups of
+    `group` inputs, or None where this kernel does not take the shape (the Triton kernel does). Three programs per SM
+    (the norm-fused builds take 128 registers), 256-column tiles where the segments allow, eight rows by two words
+    per thread (scripts/bench_gluon.py's sweep, docs/perf-notes.md session 18)."""
+    block_n = next((b for b in (256, 128) if all(s % b == 0 for s in sizes)), None)
+    if block_n is None or group not in (64, 128) or K % group:
+        return None
+    vec, warps = 2, 4
+    rows = 32 // (block_n // 8 // vec) * warps
+    split = max(1, min(round(3 * n_sm / (sum(sizes) // block_n)), K // group))
+    return Config(block_n, 64 // rows, vec, warps, split)
+
+
+def k_layout(K: int, group: int, split: int) -> tuple:
+    """(inputs per K range, programs along K): ranges of whole scale groups."""
+    k_split = triton.cdiv(triton.cdiv(K, split), group) * group
+    return k_split, triton.cdiv(K, k_split)
+
+
+def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, norm_weight: Optional[Tensor] = None,
+           ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct) -> Tensor:
+    """x [1, K] 16-bit (the residual stream with norm_weight and ss_in [1, n], the producer's sums of squares), int4
+    weights w [K, N/8] with scale [2, K/group, N], thresholds t [len(sizes), K] -> the split-K partial sums [P, N]
+    float32 (their sum over P is sparsify(x) @ W, each segment under its own threshold row)."""
+    K, N = w.shape[0], w.shape[1] * 8
+    block_n, rpt, vec, warps, split = config
+    group = INT4.group_of(w, scale)
+    assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+    assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
+    assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
+    assert all(s % block_n == 0 for s in sizes) and group % (rpt * 32 // (block_n // 8 // vec) * warps) == 0
+    assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
+    k_split, split = k_layout(K, group, split)
+    assert k_split <= 1 << 14, "list entries hold k - k_begin in 14 bits"
+    tiles = [s // block_n for s in sizes]
+    ends = (list(accumulate(tiles)) + [sum(tiles)] * 2)[:2]
+    out = x.new_empty((split, N), dtype=torch.float32)
+    scratch = x.new_empty((sum(tiles) * split * k_split,), dtype=torch.int32)
+    n_ss = ss_in.shape[1] if ss_in is not None else 1
+    wrap(_int4_gemv_parts_kernel)[(sum(tiles), split)](
+        x, t, w, scale, norm_weight if norm_weight is not None else x, ss_in if ss_in is not None else t, out, scratch,
+        K, N, K // group, k_split, ends[0], ends[1], n_ss, 0x780000,
+        BN=block_n, GS=group, RPT=rpt, VEC=vec, CG=warps, NW=warps, NORM=norm_weight is not None,
+        SS_BLOCK=triton.next_power_of_2(n_ss), EPS=eps, num_warps=warps)
+    return out
+
+
+def int4_parts_ref(x: Tensor, w: Tensor, t: Tensor, sizes, scale: Tensor, norm_weight: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> Tensor:
+    """Plain-PyTorch reference of the sum of launch's partials: [1, N] float32."""
+    if norm_weight is not None:
+        x = reference.rms_norm_ref(x, norm_weight, eps)
+    wf = INT4.dequantize(w, scale)  # [K, N]
+    parts = wf.split(list(sizes), dim=1)
+    return torch.cat([reference.sparsify(x.float(), t[j]) @ p for j, p in enumerate(parts)], dim=-1)
+
+
+def _parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
+    out = launch(x, w, t, sizes, Config(*config), scale, norm_weight, ss_in, eps, wrap)
+    return out.view(out.shape[0], 2, 1, -1) if glu else out.view(out.shape[0], 1, 1, -1)
+
+
+@custom_op("teal::int4_parts_sm90", mutates_args=())
+def _int4_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
+                   eps: float, sizes: list[int], glu: bool, config: list[int], scale: Tensor) -> Tensor:
+    return _parts(direct, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale)
+
+
+_int4_parts_op.register_fake(partial(_parts, skip))
+
+
+def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, glu: bool = False,
+               norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """sparse_gemv.sparse_gemv_parts for batch-1 int4 weights on sm_90: the partials [P, 2 if glu else 1, 1, N / (2
+    if glu else 1)] float32 that decode attention (q/k/v) and the down kernel (gate/up) read."""
+    return _int4_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
