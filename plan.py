@@ -78,15 +78,16 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
                 kernels: Optional[bool] = None, n_sm: Optional[int] = None, **flags) -> DecodePlan:
     """The plan for a model on `device` with weights in `fmt`, decoding at `sparsity`: the Triton kernels on CUDA, the
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4
-    (ablations; all on by default, hopper_int4 where the GPU is sm_90). kernels=True takes the kernels on a CPU too: in Triton's CPU interpreter (tests), or, with `n_sm`,
-    to build a GPU's launches without running them (scripts/sm90.py). Transformer.set_plan fits the plan to the
+    (ablations; all on by default, hopper_int4 where the GPU is sm_90). kernels=True takes the kernels on a CPU
+    too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
+    (scripts/sm90.py). Transformer.set_plan fits the plan to the
     model's weights and heads."""
     if kernels is None:
         kernels = device.type == "cuda"
-    if "hopper_int4" not in flags:
-        flags["hopper_int4"] = kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     elif kernels and device.type != "cuda" and not INTERPRETED and n_sm is None:
         raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
+    if "hopper_int4" not in flags:
+        flags["hopper_int4"] = kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,
                       **flags)
     return plan.at_level(sparsity)
