@@ -208,6 +208,8 @@ class SparseLinear(nn.Module):
         if self.fmt.code == 2 and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
         n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
+        if self.hopper_config is not None:
+            n = max(n, sum(self.sizes) // self.hopper_config.block_n)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
 
@@ -232,6 +234,10 @@ class SparseLinear(nn.Module):
                                             glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps, fmt=self.fmt,
                                             scale=self.scale)
                 return y.view(B, S, -1)
+            if self._on_hopper(plan, B * S, residual) and nw is None:
+                y, ss_out = gluon_gemv.int4_residual(x, self.weight, self.threshold, self.sizes, self.hopper_config,
+                                                     self.scale, self.counters, residual.view(1, -1))
+                return y.view(B, S, -1), ss_out
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                                    residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
                                                    fmt=self.fmt, scale=self.scale)
@@ -248,12 +254,17 @@ class SparseLinear(nn.Module):
         float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
         B, S, K = x.shape
         x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss, plan)
-        if plan.hopper_int4 and B * S == 1 and self.hopper_config is not None and x.element_size() == 2:
+        if self._on_hopper(plan, B * S, x):
             return gluon_gemv.int4_parts(x, self.weight, self.threshold, self.sizes, self.hopper_config, self.scale,
                                          glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
         return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
                                              self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
                                              ss_in=ss_in, eps=eps, fmt=self.fmt, scale=self.scale)
+
+    def _on_hopper(self, plan: DecodePlan, rows: int, like: Tensor) -> bool:
+        """Batch-1 int4 through kernels/gluon_gemv.py (sm_90), for shapes it takes and 16-bit activations (`like`:
+        the input, or the residual stream when the input is gate/up's partials)."""
+        return plan.hopper_int4 and rows == 1 and self.hopper_config is not None and like.element_size() == 2
 
     def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan):
         """(x, norm weight, sums of squares, eps) for a launch: the norm runs in the kernel when it can."""

@@ -52,8 +52,29 @@ def _rms_scale(x, g, inv, NORM: gl.constexpr):
 
 
 @gluon.jit
-def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, GS: gl.constexpr, BK: gl.constexpr,
-                CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr):
+def _load_in(x_ptr, nw_ptr, k, ok, inv, K, NORM: gl.constexpr, X_PARTS: gl.constexpr, xdt: gl.constexpr):
+    """The projection's input at k (0 where not ok), in xdt: x itself, RMS-normalised with NORM, or with X_PARTS
+    silu(gate) * up of gate/up's partials [X_PARTS, 2, 1, K] summed in split order and rounded where the
+    reference rounds (each sum to xdt, then silu, then the product)."""
+    if X_PARTS == 0:
+        x = gl.load(x_ptr + k, mask=ok, other=0.0)
+        if NORM:
+            x = _rms_scale(x, gl.load(nw_ptr + k, mask=ok, other=0.0), inv, NORM)
+    else:
+        gate = gl.load(x_ptr + k, mask=ok, other=0.0)
+        up = gl.load(x_ptr + K + k, mask=ok, other=0.0)
+        for p in gl.static_range(1, X_PARTS):
+            gate += gl.load(x_ptr + 2 * p * K + k, mask=ok, other=0.0)
+            up += gl.load(x_ptr + (2 * p + 1) * K + k, mask=ok, other=0.0)
+        g = gate.to(xdt).to(gl.float32)
+        silu = (g / (1.0 + gl.exp(-g))).to(xdt).to(gl.float32)
+        x = (silu * up.to(xdt).to(gl.float32)).to(xdt)
+    return x
+
+
+@gluon.jit
+def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, K, GS: gl.constexpr, BK: gl.constexpr,
+                CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr, X_PARTS: gl.constexpr, xdt: gl.constexpr):
     """Kept inputs of [k_begin, k_end) into scratch, CG groups of GS inputs at a time, each group's entries padded
     with flagless ones (the group's first row) to a multiple of BK -> (entries listed, the largest threshold)."""
     LC: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])  # [CG, GS]
@@ -68,12 +89,8 @@ def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, GS: gl.const
         first = c0 + gi * GS  # [CG]
         ks = gl.expand_dims(first, 1) + gl.expand_dims(ii, 0)  # [CG, GS]
         ok = ks < k_end
-        x = gl.load(x_ptr + ks, mask=ok, other=0.0)
+        x = _load_in(x_ptr, nw_ptr, ks, ok, inv, K, NORM, X_PARTS, xdt)
         t = gl.load(t_ptr + ks, mask=ok, other=0.0)
-        g = x
-        if NORM:
-            g = gl.load(nw_ptr + ks, mask=ok, other=0.0)
-        x = _rms_scale(x, g, inv, NORM)
         keep = (gl.abs(x.to(gl.float32)) > t) & ok
         t_max = gl.maximum(t_max, gl.max(gl.max(t, axis=1), axis=0))
         kept = keep.to(gl.int32)
@@ -116,12 +133,9 @@ def _step(acc, x, words, s, m, nib_mask, L4: gl.constexpr):
 
 
 @gluon.jit
-def _input(x_ptr, nw_ptr, k, inv, NORM: gl.constexpr):
-    """The (normalised) input at k, float32 (the dense stream's)."""
-    x = gl.load(x_ptr + k)
-    if NORM:
-        x = _rms_scale(x, gl.load(nw_ptr + k), inv, NORM)
-    return x.to(gl.float32)
+def _input(x_ptr, nw_ptr, k, inv, K, NORM: gl.constexpr, X_PARTS: gl.constexpr, xdt: gl.constexpr):
+    """The input at k as the list holds it, float32 (the dense stream's)."""
+    return _load_in(x_ptr, nw_ptr, k, k >= 0, inv, K, NORM, X_PARTS, xdt).to(gl.float32)
 
 
 @gluon.jit
@@ -131,14 +145,29 @@ def _entry_x(e, xdt: gl.constexpr):
 
 
 @gluon.jit
-def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr, K, N, G, K_SPLIT,
-                            TILE_END0, TILE_END1, N_SS, nib_mask,
-                            BN: gl.constexpr, GS: gl.constexpr, RPT: gl.constexpr, VEC: gl.constexpr,
-                            CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr, SS_BLOCK: gl.constexpr,
-                            EPS: gl.constexpr):
+def _epilogue(total, res_ptr, y_ptr, ss_out_ptr, cols, pid_n):
+    """y = res + total for the tile's columns cols [W, 8], rounded where the reference rounds (the projection to y's
+    dtype, then the sum), and the tile's sum of squares of y into ss_out_ptr[pid_n] (the next RMSNorm's)."""
+    dt: gl.constexpr = y_ptr.dtype.element_ty
+    y = (gl.load(res_ptr + cols).to(gl.float32) + total.to(dt).to(gl.float32)).to(dt)
+    gl.store(y_ptr + cols, y)
+    yf = y.to(gl.float32)
+    gl.store(ss_out_ptr + pid_n, gl.sum(gl.sum(yf * yf, axis=1), axis=0))
+
+
+@gluon.jit
+def _int4_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr, res_ptr, ws_ptr, cnt_ptr,
+                      ss_out_ptr, K, N, G, K_SPLIT, TILE_END0, TILE_END1, N_SS, nib_mask,
+                      BN: gl.constexpr, GS: gl.constexpr, RPT: gl.constexpr, VEC: gl.constexpr, CG: gl.constexpr,
+                      NW: gl.constexpr, NORM: gl.constexpr, SS_BLOCK: gl.constexpr, EPS: gl.constexpr,
+                      X_PARTS: gl.constexpr, RESIDUAL: gl.constexpr):
     """Program (pid_n, pid_k): column tile pid_n (of segment 0, 1 or 2: tiles [0, TILE_END0), [TILE_END0,
-    TILE_END1), the rest; threshold row t[segment]) over K range pid_k -> out[pid_k, tile's columns]. NORM: x is the
-    residual stream, RMS-normalised by the weight at nw_ptr with the producer's sums of squares ss_ptr [N_SS]."""
+    TILE_END1), the rest; threshold row t[segment]) over K range pid_k. NORM: x is the residual stream,
+    RMS-normalised by the weight at nw_ptr with the producer's sums of squares ss_ptr [N_SS]; X_PARTS: x is gate/up's
+    partials (_load_in). Out: the partial sums out[pid_k, tile's columns] (float32), or with RESIDUAL the tile of
+    out [1, N] = res + the sum over K ranges, reduced by the last program of the tile to arrive (counters at cnt_ptr,
+    partials through ws_ptr [programs along K, N]; sums in a fixed order), with its sum of squares in
+    ss_out_ptr[pid_n]."""
     W: gl.constexpr = BN // 8
     TW: gl.constexpr = W // VEC
     TR: gl.constexpr = 32 // TW
@@ -148,7 +177,10 @@ def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr,
     LW: gl.constexpr = gl.SliceLayout(3, L4)  # words [RPT, ROWS, W]
     LE: gl.constexpr = gl.SliceLayout(2, LW)  # entries [RPT, ROWS]
     LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # scales [W, 8]
-    xdt: gl.constexpr = x_ptr.dtype.element_ty
+    if X_PARTS > 0:  # the input's dtype: gate/up partials are rounded to the output's
+        xdt: gl.constexpr = out_ptr.dtype.element_ty
+    else:
+        xdt: gl.constexpr = x_ptr.dtype.element_ty
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     n_split = gl.num_programs(1)
@@ -161,7 +193,8 @@ def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr,
         sj = gl.arange(0, SS_BLOCK, layout=gl.BlockedLayout([1], [32], [NW], [0]))
         inv = gl.rsqrt(gl.sum(gl.load(ss_ptr + sj, mask=sj < N_SS, other=0.0), axis=0) / K + EPS)
     scratch = scratch_ptr + (pid_n * n_split + pid_k) * K_SPLIT
-    n_kept, t_max = _build_list(x_ptr, t_row, nw_ptr, inv, scratch, k_begin, k_end, GS, BK, CG, NW, NORM)
+    n_kept, t_max = _build_list(x_ptr, t_row, nw_ptr, inv, scratch, k_begin, k_end, K, GS, BK, CG, NW, NORM,
+                                 X_PARTS, xdt)
 
     NWORD = N // 8
     wc = pid_n * W + gl.arange(0, W, layout=gl.SliceLayout(0, gl.SliceLayout(0, LW)))
@@ -174,14 +207,14 @@ def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr,
     acc = gl.zeros([ROWS, W, 8], gl.float32, layout=gl.SliceLayout(0, L4))
     if t_max == 0:  # dense: rows in order, no list
         k = k_begin + r
-        xa = _input(x_ptr, nw_ptr, k, inv, NORM)
+        xa = _input(x_ptr, nw_ptr, k, inv, K, NORM, X_PARTS, xdt)
         wa = gl.load(w_cols + gl.expand_dims(r, 2) * NWORD)
         g = k_begin // GS
         sa = gl.load(s_ptr + g * N + s_cols)
         ma = gl.load(s_ptr + (G + g) * N + s_cols)
         for j in range(BK, k_end - k_begin, BK):
             k = k_begin + j + r
-            xb = _input(x_ptr, nw_ptr, k, inv, NORM)
+            xb = _input(x_ptr, nw_ptr, k, inv, K, NORM, X_PARTS, xdt)
             wb = gl.load(w_cols + gl.expand_dims(j + r, 2) * NWORD)
             g = (k_begin + j) // GS
             sb = gl.load(s_ptr + g * N + s_cols)
@@ -195,7 +228,8 @@ def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr,
         eb = gl.load(scratch + BK + r, mask=BK + r < n_kept, other=0, cache_modifier=".cg")
         wa = gl.load(w_cols + gl.expand_dims(ea & ROW_MASK, 2) * NWORD, mask=gl.expand_dims((ea & KEEP) != 0, 2),
                      other=0)
-        g = (k_begin + (gl.load(scratch, cache_modifier=".cg") & ROW_MASK)) // GS
+        # (a range may keep nothing: its scratch is then unwritten, and a group read from it could lie anywhere)
+        g = (k_begin + (gl.load(scratch, mask=n_kept > 0, other=0, cache_modifier=".cg") & ROW_MASK)) // GS
         sa = gl.load(s_ptr + g * N + s_cols)
         ma = gl.load(s_ptr + (G + g) * N + s_cols)
         for j in range(BK, n_kept, BK):
@@ -210,7 +244,22 @@ def _int4_gemv_parts_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr,
             eb = ec
         acc = _step(acc, _entry_x(ea, xdt), wa, sa, ma, nib_mask, L4)
     y = gl.sum(acc, axis=0)  # [W, 8]: rows across threads folded once
-    gl.store(out_ptr + pid_k * N + s_cols, y)
+    if RESIDUAL:
+        if n_split == 1:
+            _epilogue(y, res_ptr, out_ptr, ss_out_ptr, s_cols, pid_n)
+        else:
+            gl.store(ws_ptr + pid_k * N + s_cols, y)
+            gl.thread_barrier()  # every thread's partials are stored before the counter moves
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_split - 1:
+                # all K ranges' partials in one load, split s at (s // ROWS, s % ROWS) of a step's slots
+                s4 = gl.expand_dims(gl.expand_dims(r, 2), 3)  # [RPT, ROWS, 1, 1]
+                c4 = gl.expand_dims(gl.expand_dims(s_cols, 0), 0)  # [1, 1, W, 8]
+                parts = gl.load(ws_ptr + s4 * N + c4, mask=s4 < n_split, other=0.0, cache_modifier=".cg")
+                _epilogue(gl.sum(gl.sum(parts, axis=0), axis=0), res_ptr, out_ptr, ss_out_ptr, s_cols, pid_n)
+                gl.store(cnt_ptr + pid_n, 0)
+    else:
+        gl.store(out_ptr + pid_k * N + s_cols, y)
 
 
 class Config(NamedTuple):
@@ -242,36 +291,58 @@ def k_layout(K: int, group: int, split: int) -> tuple:
 
 
 def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, norm_weight: Optional[Tensor] = None,
-           ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct) -> Tensor:
-    """x [1, K] 16-bit (the residual stream with norm_weight and ss_in [1, n], the producer's sums of squares), int4
-    weights w [K, N/8] with scale [2, K/group, N], thresholds t [len(sizes), K] -> the split-K partial sums [P, N]
-    float32 (their sum over P is sparsify(x) @ W, each segment under its own threshold row)."""
+           ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct, residual: Optional[Tensor] = None,
+           counters: Optional[Tensor] = None):
+    """x [1, K] 16-bit (the residual stream with norm_weight and ss_in [1, n], the producer's sums of squares; or
+    gate/up's partials [P, 2, 1, K] float32, the input then silu(gate) * up), int4 weights w [K, N/8] with scale
+    [2, K/group, N], thresholds t [len(sizes), K] -> the split-K partial sums [P, N] float32 (their sum over P is
+    sparsify(x) @ W, each segment under its own threshold row); with a residual [1, N] (and counters [>= tiles]
+    int32, zero, left zero): (residual + sparsify(x) @ W in the residual's dtype, its per-tile sums of squares
+    [1, tiles] float32)."""
     K, N = w.shape[0], w.shape[1] * 8
     block_n, rpt, vec, warps, split = config
     group = INT4.group_of(w, scale)
-    assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+    x_parts = x.shape[0] if x.dim() == 4 else 0
+    if x_parts:
+        assert x.shape[1:] == (2, 1, K) and x.dtype == torch.float32 and x.is_contiguous() and residual is not None
+    else:
+        assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
     assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
     assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
-    assert all(s % block_n == 0 for s in sizes) and group % (rpt * 32 // (block_n // 8 // vec) * warps) == 0
+    step = rpt * 32 // (block_n // 8 // vec) * warps
+    assert all(s % block_n == 0 for s in sizes) and group % step == 0
     assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     k_split, split = k_layout(K, group, split)
     assert k_split <= 1 << 14, "list entries hold k - k_begin in 14 bits"
     tiles = [s // block_n for s in sizes]
-    ends = (list(accumulate(tiles)) + [sum(tiles)] * 2)[:2]
-    out = x.new_empty((split, N), dtype=torch.float32)
-    scratch = x.new_empty((sum(tiles) * split * k_split,), dtype=torch.int32)
+    n_tiles = sum(tiles)
+    ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
+    if residual is not None:
+        assert residual.shape == (1, N) and residual.dtype in (torch.bfloat16, torch.float16) and split <= step
+        assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= n_tiles
+        out = residual.new_empty((1, N))
+        ws = x.new_empty((split, N), dtype=torch.float32)
+        ss_out = x.new_empty((1, n_tiles), dtype=torch.float32)
+    else:
+        out = x.new_empty((split, N), dtype=torch.float32)
+        ws, ss_out, counters = out, out, t  # not touched
+    scratch = x.new_empty((n_tiles * split * k_split,), dtype=torch.int32)
     n_ss = ss_in.shape[1] if ss_in is not None else 1
-    wrap(_int4_gemv_parts_kernel)[(sum(tiles), split)](
-        x, t, w, scale, norm_weight if norm_weight is not None else x, ss_in if ss_in is not None else t, out, scratch,
+    wrap(_int4_gemv_kernel)[(n_tiles, split)](
+        x, t, w, scale, norm_weight if norm_weight is not None else t, ss_in if ss_in is not None else t, out, scratch,
+        residual if residual is not None else out, ws, counters, ss_out,
         K, N, K // group, k_split, ends[0], ends[1], n_ss, 0x780000,
         BN=block_n, GS=group, RPT=rpt, VEC=vec, CG=warps, NW=warps, NORM=norm_weight is not None,
-        SS_BLOCK=triton.next_power_of_2(n_ss), EPS=eps, num_warps=warps)
-    return out
+        SS_BLOCK=triton.next_power_of_2(n_ss), EPS=eps, X_PARTS=x_parts, RESIDUAL=residual is not None,
+        num_warps=warps)
+    return out if residual is None else (out, ss_out)
 
 
 def int4_parts_ref(x: Tensor, w: Tensor, t: Tensor, sizes, scale: Tensor, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5) -> Tensor:
-    """Plain-PyTorch reference of the sum of launch's partials: [1, N] float32."""
+    """Plain-PyTorch reference of the sum of a launch's partials: [1, N] float32. With a residual the launch computes
+    reference.sparse_gemv_ref(x, ..., residual=residual, fmt=INT4) and its sum_squares_ref (x from gate/up's
+    partials: reference.parts_ref(x, True, residual.dtype))."""
     if norm_weight is not None:
         x = reference.rms_norm_ref(x, norm_weight, eps)
     wf = INT4.dequantize(w, scale)  # [K, N]
@@ -282,6 +353,19 @@ def int4_parts_ref(x: Tensor, w: Tensor, t: Tensor, sizes, scale: Tensor, norm_w
 def _parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
     out = launch(x, w, t, sizes, Config(*config), scale, norm_weight, ss_in, eps, wrap)
     return out.view(out.shape[0], 2, 1, -1) if glu else out.view(out.shape[0], 1, 1, -1)
+
+
+def _residual(wrap, x, w, t, counters, residual, sizes, config, scale):
+    return launch(x, w, t, sizes, Config(*config), scale, wrap=wrap, residual=residual, counters=counters)
+
+
+@custom_op("teal::int4_residual_sm90", mutates_args=("counters",))
+def _int4_residual_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor, sizes: list[int],
+                      config: list[int], scale: Tensor) -> tuple[Tensor, Tensor]:
+    return _residual(direct, x, w, t, counters, residual, sizes, config, scale)
+
+
+_int4_residual_op.register_fake(partial(_residual, skip))
 
 
 @custom_op("teal::int4_parts_sm90", mutates_args=())
@@ -298,3 +382,10 @@ def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Te
     """sparse_gemv.sparse_gemv_parts for batch-1 int4 weights on sm_90: the partials [P, 2 if glu else 1, 1, N / (2
     if glu else 1)] float32 that decode attention (q/k/v) and the down kernel (gate/up) read."""
     return _int4_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
+
+
+def int4_residual(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, counters: Tensor,
+                  residual: Tensor) -> tuple:
+    """sparse_gemv.sparse_gemv_ss for batch-1 int4 weights on sm_90 (o; down, from gate/up's partials [P, 2, 1, K]):
+    (residual + sparsify(x) @ W, its per-tile sums of squares for the next fused RMSNorm)."""
+    return _int4_residual_op(x, w, t, counters, residual, list(sizes), list(config), scale)

@@ -7,7 +7,8 @@
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
    the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
    configs the model uses, the int8 LM head included (check_quant_kernels); on sm_90, the Gluon int4 kernel against
-   the reference and the Triton kernel, bit for bit against itself (check_hopper_int4);
+   the reference and the Triton kernel, bit for bit against itself, partials out (q/k/v, gate/up) and with the
+   residual added (o, down from gate/up's partials) (check_hopper_int4);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
@@ -265,6 +266,34 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             if not err < BOUND[dtype] or not err_triton < BOUND[dtype] or not torch.equal(parts, again) or y.isnan().any():
                 failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
                                 f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
+    # o, and down from gate/up's partials: the residual added, the split-K sums reduced in the kernel, the sums of
+    # squares written; against the reference, the Triton kernel, and a second run (counters must be left zero)
+    for (K, N, P), dtype in itertools.product(((4096, 4096, 0), (11008, 4096, 5), (1152, 384, 3)),
+                                              (torch.bfloat16, torch.float16)):
+        group = 128 if K % 128 == 0 else 64
+        q, scale = INT4.quantize(torch.randn(K, N, device="cuda") / K ** 0.5, group)
+        w = INT4.dequantize(q, scale).double()
+        cfg = gluon_gemv.default_config(K, (N,), group, n_sm)
+        tcfg = configs.default_config(1, K, (N,), False, n_sm, INT4, group=group)
+        for s in levels:
+            parts = torch.randn(P, 2, 1, K, device="cuda") * 2
+            x = parts if P else torch.randn(1, K, device="cuda", dtype=dtype)
+            xin = reference.parts_ref(parts, True, dtype) if P else x
+            t = spread_thresholds(xin, 1, s) if s > 0 else torch.zeros(1, K, device="cuda")
+            res = torch.randn(1, N, device="cuda", dtype=dtype)
+            counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
+            ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), (N,), residual=res.double())
+            y, ss = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
+            y2, ss2 = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
+            ty, _ = sparse_gemv.sparse_gemv_ss(x, q, t, (N,), counters, tcfg, res, fmt=INT4, scale=scale)
+            err, err_triton = rel_err(y, ref), rel_err(y, ty.double())
+            ss_err = rel_err(ss.sum(), reference.sum_squares_ref(y, N).sum().double())
+            rows += 1
+            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and ss_err < 1e-5 and torch.equal(y, y2)
+                    and torch.equal(ss, ss2) and not counters.any() and not y.isnan().any()):
+                failures.append(f"gluon int4 residual K={K} N={N} parts={P} {dtype} s={s} cfg={tuple(cfg)}: err "
+                                f"{err:.2e}, against Triton {err_triton:.2e}, sums of squares {ss_err:.2e}, "
+                                f"repeatable {torch.equal(y, y2)}, counters left {int(counters.sum())}")
     print(f"gluon int4 kernel: {rows} cases, {len(failures)} failures")
     return failures
 

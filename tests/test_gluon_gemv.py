@@ -67,3 +67,46 @@ def test_launch_allocates_partials_and_checks_inputs():
         gluon_gemv.launch(x.float(), q, t, sizes, cfg, scale, wrap=skip)  # 16-bit inputs only
     with pytest.raises(AssertionError):
         gluon_gemv.launch(x, q, t, sizes, cfg, scale, norm_weight=torch.ones(K, dtype=torch.bfloat16), wrap=skip)
+
+
+@pytest.mark.parametrize("from_parts", [False, True], ids=["o", "down"])
+def test_residual_reference_matches_the_triton_kernel(from_parts):
+    """What gpu_check holds the residual launch (o; down from gate/up's partials) to: reference.sparse_gemv_ref with
+    the residual (the input made from partials by reference.parts_ref) and its sums of squares, against the Triton
+    kernel's (float16, interpreter)."""
+    K, N, dtype = 256, 128, torch.float16
+    q, scale = quantized(K, N, 64)
+    parts = torch.randn(3, 2, 1, K) * 2
+    x = parts if from_parts else torch.randn(1, K, dtype=dtype)
+    xin = reference.parts_ref(parts, True, dtype) if from_parts else x
+    t = torch.quantile(xin.abs().float(), 0.5).expand(1, K).contiguous()
+    res = torch.randn(1, N, dtype=dtype)
+    cfg = configs.default_config(1, K, (N,), False, 4, INT4, group=64)
+    y, ss = sparse_gemv.sparse_gemv_ss(x, q, t, (N,), torch.zeros(64, dtype=torch.int32), cfg, res, fmt=INT4,
+                                       scale=scale)
+    ref = reference.sparse_gemv_ref(xin, q, t, (N,), residual=res, fmt=INT4, scale=scale)
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() < 3e-3
+    assert torch.allclose(ss.sum(), reference.sum_squares_ref(ref, 128).sum(), rtol=1e-2)
+
+
+def test_residual_launch_allocates_and_checks():
+    """The residual launch's fake: (y like the residual, sums of squares [1, tiles]); the counters it needs, at most
+    one step of K ranges (their partials are reduced in one load), gate/up partials only with a residual."""
+    K, N = 1152, 256
+    q, scale = quantized(K, N, 64)
+    cfg = gluon_gemv.default_config(K, (N,), 64, 4)
+    res = torch.randn(1, N, dtype=torch.bfloat16)
+    counters = torch.zeros(8, dtype=torch.int32)
+    y, ss = gluon_gemv._residual(skip, torch.randn(3, 2, 1, K), q, torch.zeros(1, K), counters, res, (N,), list(cfg),
+                                 scale)
+    assert y.shape == (1, N) and y.dtype == torch.bfloat16 and ss.shape == (1, N // cfg.block_n)
+    with pytest.raises(AssertionError):
+        gluon_gemv.launch(torch.randn(3, 2, 1, K), q, torch.zeros(1, K), (N,), cfg, scale, wrap=skip)
+    with pytest.raises(AssertionError):
+        gluon_gemv.launch(torch.randn(1, K, dtype=torch.bfloat16), q, torch.zeros(1, K), (N,), cfg, scale, wrap=skip,
+                          residual=res)  # no counters
+    K = 64 * 100
+    q, scale = quantized(K, N, 64)
+    with pytest.raises(AssertionError):  # more K ranges than one step's slots reduce
+        gluon_gemv.launch(torch.randn(1, K, dtype=torch.bfloat16), q, torch.zeros(1, K), (N,), cfg._replace(split=200),
+                          scale, wrap=skip, residual=res, counters=counters)
