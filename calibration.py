@@ -207,8 +207,11 @@ class BlockProbe:
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
-                 max_level: float = 0.99) -> torch.Tensor:
-    """[len(TARGETS), 7] levels reaching each target effective sparsity for one block."""
+                 max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.2) -> torch.Tensor:
+    """[len(TARGETS), 7] levels reaching each target effective sparsity for one block. uniform_floor: at a target
+    where the uniform allocation has less error on the scored positions, keep it instead. A candidate raises one
+    projection's level by step / its parameter share, at most max_move (k and v of a GQA block hold a few percent
+    of its parameters: uncapped, one step takes them from dense to max_level)."""
     levels = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
     path = [(0.0, levels.clone())]
     err_now = 0.0
@@ -220,7 +223,7 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
             if room <= 1e-9:
                 continue
             cand = levels.clone()
-            cand[j] += min(step / w[j].item(), room)
+            cand[j] += min(step / w[j].item(), max_move, room)
             gain = float(w @ cand) - float(w @ levels)
             err = probe.error(layer, cand, criterion)
             score = (err - err_now) / gain  # added error per unit of effective sparsity
@@ -239,7 +242,8 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
         table[ti] = l0 + f * (l1 - l0)
         # a greedy path can wander: never keep an allocation worse than uniform at the same sparsity
         uniform = torch.full_like(table[ti], target)
-        if target > 0 and probe.error(layer, uniform, criterion) < probe.error(layer, table[ti], criterion):
+        if uniform_floor and target > 0 and \
+                probe.error(layer, uniform, criterion) < probe.error(layer, table[ti], criterion):
             table[ti] = uniform
     probe.reset(layer)
     return table
@@ -297,7 +301,8 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
-              step: float, source: str, aim_seqs: int = 8) -> tuple:
+              step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
+              max_move: float = 0.2) -> tuple:
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
@@ -315,14 +320,15 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     w = param_fractions(model.args)
     for c in CRITERIA:
         for layer in tqdm(range(model.args.n_layer), desc=f"block-wise greedy ({c})", unit="block"):
-            calib.greedy[c][layer] = greedy_block(probe, layer, c, w, step)
+            calib.greedy[c][layer] = greedy_block(probe, layer, c, w, step, uniform_floor=uniform_floor,
+                                                  max_move=max_move)
     aim = aim_batches(batches, aim_seqs, batch)
     for c in CRITERIA if aim else ():
         calib.aimed[c] = aim_levels(model, calib, c, aim, skip).float()
     n_tok = sum(b.numel() for b in batches)
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
-                  "seq_len": str(seq_len), "skip": str(skip), "step": str(step),
+                  "seq_len": str(seq_len), "skip": str(skip), "step": str(step), "max_move": str(max_move),
                   "aim_tokens": str(sum(b.numel() for b in aim)),
                   "criteria": ",".join(CRITERIA), "created": time.strftime("%Y-%m-%d")}
     return calib

@@ -1,4 +1,4 @@
-"""The batch-1 int4 input-sparse GEMV written in Gluon (Hopper fast path, first stage: the stream alone).
+"""The batch-1 int4 input-sparse projection written in Gluon: the Hopper (sm_90) path of all four projections.
 
 Triton's int4 stream (kernels/stream.py) converts each step's group scales and input sums from the layout they are
 loaded in to the accumulator's, through shared memory and barriers, every step (docs/perf-notes.md, session 16):
@@ -14,10 +14,13 @@ Rows fold across threads once, at the end.
 
 Work decomposition as the Triton kernel's: program (pid_n, pid_k) lists the kept inputs of its K range (each scale
 group of GS inputs starts a new step of BK entries), then streams their rows, the next step's rows and scales in
-flight while a step is multiplied; with every threshold of the range at zero it streams the rows in order. Output:
-split-K partial sums out [SPLIT, N] (float32) for the consumer to sum, as sparse_gemv_parts hands them on.
-Reference: kernels/reference.py (int4_gemv_parts_ref). No CPU interpreter runs Gluon: tests build it for sm_90,
-scripts/gpu_check.py runs it against the reference.
+flight while a step is multiplied; with every threshold of the range at zero it streams the rows in order. Input:
+x (RMS-normalised in the launch with a norm), or gate/up's partials (silu(gate) * up made as they load). Output:
+split-K partial sums out [SPLIT, N] (float32) for the consumer to sum, as sparse_gemv_parts hands them on (q/k/v,
+gate/up), or with a residual (o, down) the reduced sum plus the residual and its per-tile sums of squares, as
+sparse_gemv_ss returns them. Stores go only to what the ops allocate (partials, output, list scratch, workspace) and
+the counters they declare mutated. Reference: int4_parts_ref below, kernels/reference.py's sparse_gemv_ref. No CPU
+interpreter runs Gluon: tests build every launch for sm_90, scripts/gpu_check.py runs it against the reference.
 """
 from functools import partial
 from itertools import accumulate

@@ -366,3 +366,55 @@ def test_calibration_without_aimed_tables_still_loads(calibrated, tmp_path):
     old = load_calibration(model, tmp_path / CALIB_FILE)
     assert all(v is None for v in old.aimed.values())
     apply_thresholds(model, old, 0.5, "greedy", "weight-aware")  # looks up the greedy levels themselves
+
+
+def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
+    """scripts/greedy_stability.py: the text split at a line boundary, a greedy table per half, and the agreement
+    figures (identical tables agree fully; the script's report has every criterion at every target)."""
+    from scripts import greedy_stability as gs
+    a, b = gs.halves("one\ntwo\nthree\nfour\n")
+    assert a + "\n" + b == "one\ntwo\nthree\nfour\n" and not a.endswith("\n")
+    t = torch.rand(3, 7)
+    same = gs.compare(t, t.clone(), torch.full((7,), 0.05))
+    assert same["max_abs"] == 0 and same["within_one_step"] == 1.0 and same["blocks_all_within"] == 3
+    apart = gs.compare(t, t + 0.2, torch.full((7,), 0.05))
+    assert apart["within_one_step"] == 0.0 and abs(apart["mean_abs"] - 0.2) < 1e-6
+    ckpt = make_ckpt(tmp_path / "ckpt")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 2)
+    out = tmp_path / "stability.json"
+    monkeypatch.setattr(sys, "argv", ["greedy_stability.py", "--checkpoint", str(ckpt), "--text", str(text),
+                                      "--tokens", "1536", "--seq-len", "128", "--skip", "16", "--batch", "4",
+                                      "--out", str(out)])
+    assert gs.main() == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware") for t in (0.4, 0.5)}
+    assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
+    assert "| magnitude, 0.5 |" in capsys.readouterr().out
+
+
+def test_greedy_step_moves_a_projection_by_at_most_max_move():
+    """A greedy candidate raises one projection's level by step / its parameter share, capped at max_move: k and v
+    of a GQA block (a few percent of its parameters) then climb in steps like the others instead of jumping; the
+    table still reaches every target. (TINY: a 0.05 step is 0.75 of k's level, 0.25 of gate's.)"""
+    w = param_fractions(ModelArgs(**TINY))
+    cost = torch.tensor([1.0, 0.1, 0.1, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # k and v cheapest
+
+    class Probe:  # a block whose output error grows with each level's square
+        def __init__(self):
+            self.seen = []
+
+        def error(self, layer, levels, criterion):
+            self.seen.append(levels.clone())
+            return float((cost * levels ** 2).sum())
+
+        def reset(self, layer):
+            pass
+
+    grid = torch.tensor([0.2 * i for i in range(5)] + [0.99], dtype=torch.float64)
+    for max_move, on_grid in ((0.2, True), (1.0, False)):
+        probe = Probe()
+        table = calibration.greedy_block(probe, 0, "magnitude", w, 0.05, uniform_floor=False, max_move=max_move)
+        assert torch.allclose(table @ w, TARGETS, atol=1e-6)
+        levels = torch.stack(probe.seen)  # every candidate scored
+        assert bool((levels[..., None] - grid).abs().min(-1).values.max() < 1e-9) == on_grid

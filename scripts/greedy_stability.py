@@ -1,0 +1,86 @@
+"""Is the block-wise greedy allocation stable? Calibrates on each half of the calibration text (split at a line
+boundary) and compares the two greedy tables, per (block, projection) level, at model targets: how far apart the
+halves' levels are, and the share within one greedy step of that projection (the search raises a projection's level
+by step / its parameter share at a time).
+
+    python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 2] [--no-uniform-floor]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from calibration import calibrate
+from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
+from errors import UserError
+from sparsity import CRITERIA, PROJECTIONS, TARGETS, param_fractions
+from texts import default_texts, read_texts
+
+
+def halves(text: str) -> tuple:
+    """The text split at the line boundary nearest its middle."""
+    cut = text.find("\n", len(text) // 2)
+    if cut < 0:
+        raise UserError("the calibration text has no line break past its middle to split it at")
+    return text[:cut], text[cut + 1:]
+
+
+def compare(a: torch.Tensor, b: torch.Tensor, one_step: torch.Tensor) -> dict:
+    """Two greedy tables' levels at one target [L, 7] -> agreement figures."""
+    d = (a - b).abs()
+    within = d <= one_step[None, :] + 1e-6
+    return {"mean_abs": d.mean().item(), "max_abs": d.max().item(), "within_one_step": within.float().mean().item(),
+            "blocks_all_within": int(within.all(dim=1).sum()), "blocks": a.shape[0],
+            "mean_by_projection": {p: (a[:, j].mean().item(), b[:, j].mean().item())
+                                   for j, p in enumerate(PROJECTIONS)}}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(p)
+    p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens for the activation statistics, per half")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the greedy search scores on, per half")
+    p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
+    p.add_argument("--uniform-floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the uniform allocation at a target where it has less error (calibrate.py does)")
+    p.add_argument("--targets", default="0.4,0.5", help="comma-separated model targets compared")
+    p.add_argument("--out", type=Path, default=None, help="JSON file of the comparison (default: none)")
+    a = p.parse_args()
+    targets = sparsity_list(a.targets, "--targets")
+    idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
+    _, model, tok, _ = load_from_args(a)
+    text = read_texts(a.text or default_texts("calibration"))
+    tables = []
+    for i, half in enumerate(halves(text)):
+        t0 = time.time()
+        calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
+                          f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor)
+        tables.append(calib.greedy)
+        print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
+    one_step = (a.step / param_fractions(model.args)).clamp(max=1.0).float()
+    report = {"greedy_seqs": a.greedy_seqs, "tokens": a.tokens, "step": a.step, "uniform_floor": a.uniform_floor,
+              "results": {}}
+    print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half, uniform floor {a.uniform_floor}; one step "
+          f"per projection: " + ", ".join(f"{p} {s:.3f}" for p, s in zip(PROJECTIONS, one_step.tolist())))
+    print("| criterion, target | mean abs difference | largest | pairs within one step | blocks all within |")
+    print("|---|---|---|---|---|")
+    for c in CRITERIA:
+        for t, ti in zip(targets, idx):
+            r = compare(tables[0][c][:, ti].float(), tables[1][c][:, ti].float(), one_step)
+            report["results"][f"{c}@{t}"] = r
+            print(f"| {c}, {t} | {r['mean_abs']:.3f} | {r['max_abs']:.2f} | {100 * r['within_one_step']:.0f}% | "
+                  f"{r['blocks_all_within']}/{r['blocks']} |")
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
