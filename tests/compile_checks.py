@@ -172,10 +172,13 @@ def trace_decode_step(quant: Optional[str]) -> bool:
         # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
         # (quantized weights: the MLP as two launches, gate/up partials then down, and the LM head streamed by the
         # GEMV)
-        q = quant is not None
+        # (int4 on sm_90: o and down on the Gluon kernel; this model's q/k/v and gate/up segments, 64 and 192 columns,
+        # are not whole tiles of it and stay on Triton)
+        q, hopper = quant is not None, quant == "int4"
         want = {"teal.sparse_gemv.default": 1 if q else 0,
                 "teal.sparse_gemv_parts.default": n_gemv * (2 if q else 1),
-                "teal.sparse_gemv_ss.default": n_gemv * (2 if q else 1),
+                "teal.sparse_gemv_ss.default": 0 if hopper else n_gemv * (2 if q else 1),
+                "teal.int4_residual_sm90.default": n_gemv * 2 if hopper else 0,
                 "teal.sparse_mlp.default": 0 if q else n_gemv, "teal.decode_attention.default": args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
