@@ -9,8 +9,9 @@
 2. Block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's effective
    sparsity (the parameter-weighted mean of its projections' levels) by --step through one projection (its level
    up by --step / its parameter share, at most --max-move), the one whose increase adds the least L2 error per unit
-   of sparsity to the block output on the later tokens of each sequence (the block is fed its dense input). Done for both criteria; the table at model-level targets
-   0 ... 0.9 keeps, per block, whichever of the greedy and the uniform allocation has less error there.
+   of sparsity to the block output on the later tokens of each sequence (the block is fed its dense input). Done for
+   both criteria; the table at model-level targets 0 ... 0.9 keeps, per block, whichever of the greedy and the
+   uniform allocation has less error there.
 3. The greedy levels re-aimed: on --aim-seqs sequences run as decoding runs them (every layer sparsified after the
    first --skip positions), each projection's level moves by the share of inputs it missed, so that `--sparsity S`
    measures S when it decodes (the levels were quantiles of dense activations; sparsified layers upstream shrink

@@ -178,7 +178,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("scale", None)  # quantized weights' scales
         self.register_buffer("input_scale", None)  # AWQ (awq.py): the input is x / input_scale of the source model's
         self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
-        self.hopper_config = None  # batch-1 int4 partials through kernels/gluon_gemv.py (None: not this shape)
+        self.hopper_config = None  # batch-1 int4 on kernels/gluon_gemv.py's launch config (None: not this shape)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
         """Hold weights q in format `fmt` with their scales (kernels/formats.py); the scales join the state dict."""

@@ -8,7 +8,7 @@ instead of keeping flags of its own:
 - `attention(rows, seq, active)`: one-token steps through the decode-attention kernel;
 - `defers(...)`: q/k/v and gate/up hand their split-K partials to the kernel that reads them;
 - `fused_mlp(...)`: the whole MLP of one token in one launch;
-- `hopper_int4`: batch-1 int4 q/k/v and gate/up stream through the Gluon kernel (kernels/gluon_gemv.py) on sm_90;
+- `hopper_int4`: batch-1 int4 projections (all four) run the Gluon kernel (kernels/gluon_gemv.py) on sm_90;
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
   kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -35,7 +35,7 @@ class DecodePlan:
     fuse_mlp: bool = True  # batch 1, norm fused, 16-bit weights: gate/up and down in one launch
     sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode through cuBLAS)
     quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
-    hopper_int4: bool = False  # batch-1 int4 partials (q/k/v, gate/up) through the Gluon kernel (sm_90 only)
+    hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -80,8 +80,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4
     (ablations; all on by default, hopper_int4 where the GPU is sm_90). kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
-    (scripts/sm90.py). Transformer.set_plan fits the plan to the
-    model's weights and heads."""
+    (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
     if kernels is None:
         kernels = device.type == "cuda"
     elif kernels and device.type != "cuda" and not INTERPRETED and n_sm is None:

@@ -37,7 +37,8 @@ from kernels import reference
 from kernels.common import direct, skip
 from kernels.formats import INT4
 
-ROW_MASK = gl.constexpr(0x3FFF)  # list entries: the input's row in the K range (14 bits), KEEP, its 16-bit value above bit 16
+# list entries: the input's row in the K range (14 bits), KEEP, its 16-bit value above bit 16
+ROW_MASK = gl.constexpr(0x3FFF)
 KEEP = gl.constexpr(0x4000)
 
 

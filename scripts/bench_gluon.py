@@ -93,8 +93,9 @@ def main():
                     err = ((y.sum(0) - ref).norm() / ref.norm()).item()
                     if not err < 1e-2:
                         raise AssertionError(f"gluon {proj} s={s} config {tuple(cfg)}: error {err}")
-                    us = graph_time_us([lambda w=w, sc=sc, cfg=cfg: gluon_gemv.launch(x[None], w, t2, sizes, cfg, sc, g, ss)
-                                        for w, sc in ws], 32, 10)
+                    launches = [lambda w=w, sc=sc, cfg=cfg: gluon_gemv.launch(x[None], w, t2, sizes, cfg, sc, g, ss)
+                                for w, sc in ws]
+                    us = graph_time_us(launches, 32, 10)
                     records.append({**row, "config": list(cfg), "gluon_us": us, "err": err, "default": per_sm is None})
                     if per_sm is None:
                         row["gluon_default_us"] = us

@@ -263,7 +263,8 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             err = rel_err(y, ref)
             err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
             rows += 1
-            if not err < BOUND[dtype] or not err_triton < BOUND[dtype] or not torch.equal(parts, again) or y.isnan().any():
+            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
+                    and not y.isnan().any()):
                 failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
                                 f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
     # o, and down from gate/up's partials: the residual added, the split-K sums reduced in the kernel, the sums of

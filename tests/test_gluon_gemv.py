@@ -37,7 +37,8 @@ def test_reference_is_the_sum_of_the_triton_partials(sizes, glu, group, norm, s)
 
 def test_default_config():
     """Llama-2-7B's q/k/v and gate/up: 256-column tiles, 8 rows of 2 words per thread (64-row steps), three programs
-    per SM (docs/perf-notes.md session 18); shapes it does not take (segments not whole 128-column tiles, groups of 32) go to the Triton kernel."""
+    per SM (docs/perf-notes.md session 18); shapes it does not take (segments not whole 128-column tiles, groups
+    of 32) go to the Triton kernel."""
     cfg = gluon_gemv.default_config(4096, (4096,) * 3, 128, 132)
     assert cfg == gluon_gemv.Config(256, 8, 2, 4, 8)
     assert gluon_gemv.default_config(4096, (11008,) * 2, 128, 132).split == 5
