@@ -13,7 +13,7 @@ from errors import UserError
 from loading import load_model
 from paths import CACHE
 from kernels.formats import QUANT_FORMATS, quant_format
-from sparsity import CRITERIA, METHODS
+from sparsity import CRITERIA, DEFAULT_CRITERION, METHODS
 from tokenizer import load_tokenizer
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -108,7 +108,7 @@ def add_compile_args(p: argparse.ArgumentParser):
 def add_sparsity_args(p: argparse.ArgumentParser):
     p.add_argument("--sparsity-method", choices=METHODS, default="greedy",
                    help="uniform: every projection at the target; greedy: TEAL's block-wise allocation")
-    p.add_argument("--criterion", choices=CRITERIA, default="weight-aware",
+    p.add_argument("--criterion", choices=CRITERIA, default=DEFAULT_CRITERION,
                    help="magnitude: |x_i| > t; weight-aware: |x_i|·‖W[i,:]‖ > t")
     p.add_argument("--mlp", choices=("teal", "cats"), default="teal",
                    help="cats: threshold |silu(gate)| and compute only the passing rows of up (ablation)")

@@ -11,10 +11,10 @@ from torch import Tensor
 from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
-from kernels import decode_attention, gate_up_rows, gluon_gemv, sparse_gemv, sparse_mlp
+from kernels import decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
-from sparsity import PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
+from sparsity import DEFAULT_CRITERION, PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
 
 
 def opaque_ops() -> list:
@@ -22,7 +22,8 @@ def opaque_ops() -> list:
     return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
                                       gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
-                                      gluon_gemv._int4_parts_op, gluon_gemv._int4_residual_op)]
+                                      gluon_gemv._int4_parts_op, gluon_gemv._int4_residual_op,
+                                      gluon_mma._int4_mma_parts_op)]
 
 
 def register_fallbacks():
@@ -37,7 +38,7 @@ def register_fallbacks():
 
 
 def set_sparsity(model, calib: Optional[Calibration], level: float, method: str = "greedy",
-                 criterion: str = "weight-aware"):
+                 criterion: str = DEFAULT_CRITERION):
     """Decode at `level` from now on: the calibration's thresholds into the model's buffers (calib None: the
     thresholds stay as they are, e.g. set in-process by a benchmark) and the plan for the level (16-bit weights
     decode dense through cuBLAS at 0). Copies only: compiled steps and their CUDA graphs stay valid."""

@@ -21,12 +21,12 @@ from typing import Optional
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli
 from paths import REPO
 from scripts.eval_ppl import Setting, evaluate, load_eval_text
-from sparsity import CALIB_FILE, CRITERIA, METHODS, PROJECTIONS, apply_thresholds, load_calibration
+from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION, METHODS, PROJECTIONS, apply_thresholds, load_calibration
 
 LEVELS = (0.25, 0.35, 0.4, 0.45, 0.5, 0.55, 0.65)
 CATS_LEVELS = (0.25, 0.4, 0.5)
 COMPARE_AT = {0.4: 0.7, 0.5: 0.6}  # measured sparsity -> the largest loss ratio to uniform-magnitude aimed for
-BASELINE, DEFAULT = "uniform magnitude", "greedy weight-aware"  # TEAL's released setting; ours
+BASELINE, DEFAULT = "uniform magnitude", f"greedy {DEFAULT_CRITERION}"  # TEAL's released setting; ours
 
 
 def at_measured(points: list, s: float) -> Optional[float]:

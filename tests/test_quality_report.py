@@ -22,16 +22,16 @@ def test_at_measured_interpolates_log_ppl_between_bracketing_points():
 
 
 def test_equal_sparsity_table_ratios_at_the_same_measured_sparsity():
-    """A method that only measures sparser at the same target is not charged for it: here 'greedy weight-aware'
-    has exactly uniform's curve, shifted along its targets, so its ratio is 1 at both measured levels."""
+    """A method that only measures sparser at the same target is not charged for it: here the default (greedy
+    magnitude) has exactly uniform's curve, shifted along its targets, so its ratio is 1 at both measured levels."""
     dense = 20.0
     curve = [(0.3, 22.0), (0.45, 26.0), (0.55, 34.0)]
     results = [{"name": f"uniform magnitude {t}", "sparsity": s, "ppl": p} for t, (s, p) in zip((0.3, 0.45, 0.5), curve)]
-    results += [{"name": f"greedy weight-aware {t}", "sparsity": s, "ppl": p}
+    results += [{"name": f"greedy magnitude {t}", "sparsity": s, "ppl": p}
                 for t, (s, p) in zip((0.35, 0.5, 0.55), curve)]
     lines = equal_sparsity_table(results, dense)
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "method" not in line}
-    assert rows["greedy weight-aware"].count("| 1.00") == 2, rows
+    assert rows["greedy magnitude"].count("| 1.00") == 2, rows
     assert any("ratio **1.00** (aim ≤ 0.6)" in line for line in lines), lines
 
 

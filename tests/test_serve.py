@@ -20,7 +20,7 @@ from engine import Generator
 from loading import load_model
 from plan import decode_plan
 from server import StopText
-from sparsity import CALIB_FILE, apply_thresholds, load_calibration
+from sparsity import CALIB_FILE, DEFAULT_CRITERION, apply_thresholds, load_calibration
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +36,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
+    # as many threads as this process (conftest): the CPU matmuls then sum in the same order, and a sparse answer
+    # cannot part from the local one at a near-tie of an input and its threshold
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", str(port), "--max-seq-len",
                              str(CONTEXT), "--name", "smol"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 180
     while True:
         try:
@@ -72,7 +75,7 @@ def local():
 
 def greedy_text(local, ids, n, level=0.0):
     gen, tok, calib = local
-    apply_thresholds(gen.model, calib, level, "greedy", "weight-aware")
+    apply_thresholds(gen.model, calib, level, "greedy", DEFAULT_CRITERION)  # what a request naming none gets
     gen.model.set_plan(gen.model.plan.at_level(level))
     new, _ = gen.generate(torch.tensor([ids]), n, tok.stop_ids)
     new = new[0].tolist()
