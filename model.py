@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, reference, sparse_gemv, sparse_mlp
+from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, QuantFormat
@@ -167,11 +167,12 @@ class SparseLinear(nn.Module):
     output segment. With glu=True there are two equal segments and the result is silu(gate) * up.
     """
 
-    def __init__(self, in_features: int, sizes: tuple, glu: bool = False, head: bool = False):
+    def __init__(self, in_features: int, sizes: tuple, glu: bool = False, head: bool = False, parts: bool = False):
         super().__init__()
         assert not glu or (len(sizes) == 2 and sizes[0] == sizes[1])
         self.sizes, self.glu = tuple(sizes), glu
         self.head = head  # the int8 LM head (quantize.py): never thresholded, so the kernel streams every row
+        self.parts = parts  # hands its split-K partials on (partial_sums) where the plan defers the reduction
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
         self.register_buffer("threshold", torch.zeros(len(sizes), in_features), persistent=False)
         self.fmt: QuantFormat = FLOAT  # how the weights are stored (kernels/formats.py); see set_quantized
@@ -179,6 +180,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("input_scale", None)  # AWQ (awq.py): the input is x / input_scale of the source model's
         self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
         self.hopper_config = None  # batch-1 int4 on kernels/gluon_gemv.py's launch config (None: not this shape)
+        self.mma_config = None  # batch-1 int4 partials on tensor cores (kernels/gluon_mma.py; weights in mma_weight)
+        self.register_buffer("mma_weight", None, persistent=False)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
         """Hold weights q in format `fmt` with their scales (kernels/formats.py); the scales join the state dict."""
@@ -188,6 +191,7 @@ class SparseLinear(nn.Module):
         self.fmt = fmt
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale)
+        self.mma_config, self.mma_weight = None, None  # remade from these weights by the next prepare
 
     @property
     def in_features(self) -> int:
@@ -207,6 +211,13 @@ class SparseLinear(nn.Module):
                                                          group) for m in (1, 2, 4, 8)}
         if self.fmt.code == 2 and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
+            mma = (gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
+                   if plan.hopper_mma and plan.defer_reduction and self.parts else None)
+            if mma is None or self.mma_config is None or mma.wb != self.mma_config.wb:
+                # a second copy of these weights, their columns in the tensor-core kernel's order (the batched and
+                # prefill paths read the first)
+                self.mma_weight = None if mma is None else gluon_mma.to_mma_layout(self.weight.data, mma.wb)
+            self.mma_config = mma
         n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         if self.hopper_config is not None:
             n = max(n, sum(self.sizes) // self.hopper_config.block_n)
@@ -254,6 +265,9 @@ class SparseLinear(nn.Module):
         float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
         B, S, K = x.shape
         x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss, plan)
+        if self._on_hopper(plan, B * S, x) and plan.hopper_mma and self.mma_config is not None:
+            return gluon_mma.int4_parts(x, self.mma_weight, self.threshold, self.sizes, self.mma_config, self.scale,
+                                        glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
         if self._on_hopper(plan, B * S, x):
             return gluon_gemv.int4_parts(x, self.weight, self.threshold, self.sizes, self.hopper_config, self.scale,
                                          glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
@@ -339,7 +353,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
         q, kv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-        self.wqkv = SparseLinear(a.dim, (q, kv, kv))
+        self.wqkv = SparseLinear(a.dim, (q, kv, kv), parts=True)
         self.wo = SparseLinear(q, (a.dim,))
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
@@ -376,7 +390,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True)
+        self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True, parts=True)
         self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
         self.down_config = None
 

@@ -9,6 +9,7 @@ instead of keeping flags of its own:
 - `defers(...)`: q/k/v and gate/up hand their split-K partials to the kernel that reads them;
 - `fused_mlp(...)`: the whole MLP of one token in one launch;
 - `hopper_int4`: batch-1 int4 projections (all four) run the Gluon kernel (kernels/gluon_gemv.py) on sm_90;
+  `hopper_mma`: of them q/k/v and gate/up on tensor cores (kernels/gluon_mma.py, from a second copy of their weights);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
   kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -36,6 +37,7 @@ class DecodePlan:
     sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode through cuBLAS)
     quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
     hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
+    hopper_mma: bool = False  # ... q/k/v and gate/up of them on tensor cores (kernels/gluon_mma.py)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -77,8 +79,8 @@ def n_sm_of(device: torch.device) -> int:
 def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float = 0.0,
                 kernels: Optional[bool] = None, n_sm: Optional[int] = None, **flags) -> DecodePlan:
     """The plan for a model on `device` with weights in `fmt`, decoding at `sparsity`: the Triton kernels on CUDA, the
-    reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4
-    (ablations; all on by default, hopper_int4 where the GPU is sm_90). kernels=True takes the kernels on a CPU
+    reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
+    hopper_mma (ablations; all on by default, the last two where the GPU is sm_90). kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
     if kernels is None:
@@ -87,6 +89,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
         raise UserError("the Triton kernels need a CUDA device; the reference path serves CPU")
     if "hopper_int4" not in flags:
         flags["hopper_int4"] = kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+    flags.setdefault("hopper_mma", flags["hopper_int4"])
     plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,
                       **flags)
     return plan.at_level(sparsity)

@@ -78,9 +78,11 @@ def _load_in(x_ptr, nw_ptr, k, ok, inv, K, NORM: gl.constexpr, X_PARTS: gl.const
 
 @gluon.jit
 def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, K, GS: gl.constexpr, BK: gl.constexpr,
-                CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr, X_PARTS: gl.constexpr, xdt: gl.constexpr):
+                CG: gl.constexpr, NW: gl.constexpr, NORM: gl.constexpr, X_PARTS: gl.constexpr, xdt: gl.constexpr,
+                xs=None, XSUM: gl.constexpr = False):
     """Kept inputs of [k_begin, k_end) into scratch, CG groups of GS inputs at a time, each group's entries padded
-    with flagless ones (the group's first row) to a multiple of BK -> (entries listed, the largest threshold)."""
+    with flagless ones (the group's first row) to a multiple of BK -> (entries listed, the largest threshold). XSUM:
+    each group's sum of kept inputs (float32 of the listed values) into xs[group in the range] too."""
     LC: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])  # [CG, GS]
     LG: gl.constexpr = gl.SliceLayout(1, LC)
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
@@ -99,6 +101,9 @@ def _build_list(x_ptr, t_ptr, nw_ptr, inv, scratch, k_begin, k_end, K, GS: gl.co
         t_max = gl.maximum(t_max, gl.max(gl.max(t, axis=1), axis=0))
         kept = keep.to(gl.int32)
         cnt = gl.sum(kept, axis=1)  # [CG]
+        if XSUM:
+            gl.store(xs + (first - k_begin) // GS, gl.sum(gl.where(keep, x.to(gl.float32), 0.0), axis=1),
+                     mask=first < k_end)
         padded = (cnt + BK - 1) // BK * BK
         # (a scan needs a blocked layout of its own: the groups' counts are a slice of LC)
         before = gl.convert_layout(gl.associative_scan(gl.convert_layout(padded, L1), 0, _add), LG) - padded

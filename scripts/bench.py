@@ -238,7 +238,8 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
-              fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None) -> list:
+              fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
+              hopper_mma: Optional[bool] = None) -> list:
     torch._dynamo.reset()
     model = random_model(args, "cuda", torch.bfloat16, seed=0)
     fmt = quant_format(quant)
@@ -246,7 +247,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp,
-                               **({} if hopper_int4 is None else {"hopper_int4": hopper_int4})))
+                               **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
+                               **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
@@ -464,7 +466,9 @@ def main():
     p.add_argument("--fuse-mlp", action=argparse.BooleanOptionalAction, default=True,
                    help="batch 1: gate/up and down in one launch")
     p.add_argument("--hopper-int4", action=argparse.BooleanOptionalAction, default=None,
-                   help="int4 q/k/v and gate/up through the Gluon kernel (default: on sm_90 GPUs)")
+                   help="batch-1 int4 projections through the Gluon kernels (default: on sm_90 GPUs)")
+    p.add_argument("--hopper-mma", action=argparse.BooleanOptionalAction, default=None,
+                   help="of them q/k/v and gate/up on tensor cores (default: with --hopper-int4)")
     add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]
@@ -495,7 +499,7 @@ def main():
             e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
-                                                      hopper_int4=a.hopper_int4)]
+                                                      hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma)]
             write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json:
         print(json.dumps(e2e))

@@ -8,7 +8,8 @@
    the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
    configs the model uses, the int8 LM head included (check_quant_kernels); on sm_90, the Gluon int4 kernel against
    the reference and the Triton kernel, bit for bit against itself, partials out (q/k/v, gate/up) and with the
-   residual added (o, down from gate/up's partials) (check_hopper_int4);
+   residual added (o, down from gate/up's partials), and the tensor-core kernel (kernels/gluon_mma.py) on the
+   partials shapes it takes (check_hopper_int4);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
@@ -31,7 +32,7 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, compile_step
-from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, reference, sparse_gemv, sparse_mlp
+from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import ModelArgs
 from kernels.formats import INT4, INT8, quant_format
@@ -234,9 +235,11 @@ def check_quant_kernels(n_sm: int, shapes=QUANT_SHAPES, levels=(0.0, 0.5, 0.95),
     return failures
 
 
-HOPPER_SHAPES = {  # (K, sizes, glu, group): Llama-2-7B's q/k/v and gate/up, Llama-3's q/k/v, small and odd ones
+HOPPER_SHAPES = {  # (K, sizes, glu, group): Llama-2-7B's q/k/v and gate/up, Llama-3's q/k/v and gate/up, small and
+    # odd ones (the tensor-core kernel takes all but the last: 512-column tiles where the segments allow, else 256)
     "l2-qkv": (4096, (4096,) * 3, False, 128), "l2-gate_up": (4096, (11008,) * 2, True, 128),
-    "l3-qkv": (4096, (4096, 1024, 1024), False, 128), "small-g64": (1152, (384, 128, 128), False, 64),
+    "l3-qkv": (4096, (4096, 1024, 1024), False, 128), "l3-gate_up": (4096, (14336,) * 2, True, 128),
+    "g64-256": (1152, (512, 256, 256), False, 64), "small-g64": (1152, (384, 128, 128), False, 64),
 }
 
 
@@ -252,6 +255,8 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
         w = INT4.dequantize(q, scale).double()
         cfg = gluon_gemv.default_config(K, sizes, group, n_sm)
         tcfg = configs.default_config(1, K, sizes, glu, n_sm, INT4, group=group)
+        mcfg = gluon_mma.default_config(K, sizes, group, n_sm)
+        qm = None if mcfg is None else gluon_mma.to_mma_layout(q, mcfg.wb)
         for s in levels:
             x, g, ss_in, xin = projection_input(1, K, dtype, norm=norm)
             t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device="cuda")
@@ -266,6 +271,19 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
                     and not y.isnan().any()):
                 failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
+                                f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
+            if mcfg is None or not norm:
+                continue
+            # the tensor-core kernel (q/k/v, gate/up: always norm-fused in the model), its weights in mma order
+            parts = gluon_mma.int4_parts(x, qm, t, sizes, mcfg, scale, glu, g, ss_in)
+            again = gluon_mma.int4_parts(x, qm, t, sizes, mcfg, scale, glu, g, ss_in)
+            y = parts.sum(0).reshape(1, -1)
+            err = rel_err(y, ref)
+            err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
+            rows += 1
+            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
+                    and not y.isnan().any()):
+                failures.append(f"gluon mma int4 {name} {dtype} s={s} cfg={tuple(mcfg)}: err {err:.2e}, "
                                 f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
     # o, and down from gate/up's partials: the residual added, the split-K sums reduced in the kernel, the sums of
     # squares written; against the reference, the Triton kernel, and a second run (counters must be left zero)
