@@ -23,7 +23,7 @@ def opaque_ops() -> list:
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
                                       gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
                                       gluon_gemv._int4_parts_op, gluon_gemv._int4_residual_op,
-                                      gluon_mma._int4_mma_parts_op)]
+                                      gluon_mma._int4_mma_parts_op, gluon_mma._int4_mma_residual_op)]
 
 
 def register_fallbacks():

@@ -180,8 +180,12 @@ class SparseLinear(nn.Module):
         self.register_buffer("input_scale", None)  # AWQ (awq.py): the input is x / input_scale of the source model's
         self.kernel_configs: dict = {}  # padded batch rows -> launch config, sized by prepare(plan)
         self.hopper_config = None  # batch-1 int4 on kernels/gluon_gemv.py's launch config (None: not this shape)
-        self.mma_config = None  # batch-1 int4 partials on tensor cores (kernels/gluon_mma.py; weights in mma_weight)
-        self.register_buffer("mma_weight", None, persistent=False)
+        # batch-1 int4 on tensor cores (kernels/gluon_mma.py): the weights are then held with each tile's
+        # columns in that kernel's order, the other paths read them with the scales in the same order (order_scale)
+        # and put their outputs back in column order (order_inv: each column's position)
+        self.mma_config = None
+        self.register_buffer("order_scale", None, persistent=False)
+        self.register_buffer("order_inv", None, persistent=False)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
         """Hold weights q in format `fmt` with their scales (kernels/formats.py); the scales join the state dict."""
@@ -191,7 +195,27 @@ class SparseLinear(nn.Module):
         self.fmt = fmt
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale)
-        self.mma_config, self.mma_weight = None, None  # remade from these weights by the next prepare
+        self.mma_config, self.order_scale, self.order_inv = None, None, None  # q is in column order
+
+    def _hold_in_mma_order(self, wb: int):
+        perm = gluon_mma.mma_order(self.out_features, wb, self.weight.device)  # position -> column
+        self.weight.data = gluon_mma.to_mma_layout(self.weight.data, wb)
+        self.order_scale = self.scale[..., perm].contiguous()
+        self.order_inv = torch.argsort(perm)
+
+    def _in_column_order(self, y: Tensor) -> Tensor:
+        """y [..., n] of a launch or the reference path on the held weights -> its columns in order (n: all
+        columns, or one of two GLU halves: tiles never straddle them, so a half's order is the first half's)."""
+        return y if self.order_inv is None else y[..., self.order_inv[: y.shape[-1]]]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.mma_config is not None:  # files hold the column order
+            destination[prefix + "weight"] = gluon_mma.from_mma_layout(self.weight.detach(), self.mma_config.wb)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.mma_config, self.order_scale, self.order_inv = None, None, None  # loaded weights are in column order
 
     @property
     def in_features(self) -> int:
@@ -211,13 +235,12 @@ class SparseLinear(nn.Module):
                                                          group) for m in (1, 2, 4, 8)}
         if self.fmt.code == 2 and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
-            mma = (gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
-                   if plan.hopper_mma and plan.defer_reduction and self.parts else None)
-            if mma is None or self.mma_config is None or mma.wb != self.mma_config.wb:
-                # a second copy of these weights, their columns in the tensor-core kernel's order (the batched and
-                # prefill paths read the first)
-                self.mma_weight = None if mma is None else gluon_mma.to_mma_layout(self.weight.data, mma.wb)
-            self.mma_config = mma
+            if self.mma_config is not None:  # held in its order since an earlier plan: configs for this one
+                self.mma_config = gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
+            elif plan.hopper_mma and (plan.defer_reduction or not self.parts):  # (its partials; o, down: all)
+                self.mma_config = gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
+                if self.mma_config is not None:
+                    self._hold_in_mma_order(self.mma_config.wb)
         n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         if self.hopper_config is not None:
             n = max(n, sum(self.sizes) // self.hopper_config.block_n)
@@ -243,19 +266,29 @@ class SparseLinear(nn.Module):
             if residual is None:
                 y = sparse_gemv.sparse_gemv(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                             glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps, fmt=self.fmt,
-                                            scale=self.scale)
-                return y.view(B, S, -1)
+                                            scale=self.scale if self.order_scale is None else self.order_scale)
+                return self._in_column_order(y).view(B, S, -1)
             if self._on_hopper(plan, B * S, residual) and nw is None:
-                y, ss_out = gluon_gemv.int4_residual(x, self.weight, self.threshold, self.sizes, self.hopper_config,
-                                                     self.scale, self.counters, residual.view(1, -1))
+                launch, hcfg = ((gluon_gemv.int4_residual, self.hopper_config) if self.mma_config is None
+                                else (gluon_mma.int4_residual, self.mma_config))
+                y, ss_out = launch(x, self.weight, self.threshold, self.sizes, hcfg, self.scale, self.counters,
+                                   residual.view(1, -1))
                 return y.view(B, S, -1), ss_out
+            if self.order_inv is not None:  # the residual added in the weights' order, the sums of squares unchanged
+                residual = residual[..., torch.argsort(self.order_inv)]
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
-                                                   residual.view(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
-                                                   fmt=self.fmt, scale=self.scale)
-            return y.view(B, S, -1), ss_out
+                                                   residual.reshape(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
+                                                   fmt=self.fmt,
+                                                   scale=self.scale if self.order_scale is None else self.order_scale)
+            return self._in_column_order(y).view(B, S, -1), ss_out
         assert x.dim() == 3, "partial sums exist only on the kernel path"
         if norm is not None:
             x = norm(x)
+        if self.order_inv is not None:
+            y = reference.sparse_gemv_ref(x, self.weight, self.threshold if route == "sparse" else None, self.sizes,
+                                          glu=self.glu, active=active, fmt=self.fmt, scale=self.order_scale)
+            y = self._in_column_order(y)
+            return y if residual is None else (residual + y, None)
         y = reference.sparse_gemv_ref(x, self.weight, self.threshold if route == "sparse" else None, self.sizes,
                                       glu=self.glu, residual=residual, active=active, fmt=self.fmt, scale=self.scale)
         return y if residual is None else (y, None)
@@ -265,20 +298,24 @@ class SparseLinear(nn.Module):
         float32 for a consuming kernel to add up (no GLU applied yet); `norm` and `ss` as in forward."""
         B, S, K = x.shape
         x, nw, ss_in, eps = self._kernel_input(x.view(B * S, K), norm, ss, plan)
-        if self._on_hopper(plan, B * S, x) and plan.hopper_mma and self.mma_config is not None:
-            return gluon_mma.int4_parts(x, self.mma_weight, self.threshold, self.sizes, self.mma_config, self.scale,
+        if self.mma_config is not None and self._on_hopper(plan, B * S, x):
+            return gluon_mma.int4_parts(x, self.weight, self.threshold, self.sizes, self.mma_config, self.scale,
                                         glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
-        if self._on_hopper(plan, B * S, x):
+        if self.mma_config is None and self._on_hopper(plan, B * S, x):
             return gluon_gemv.int4_parts(x, self.weight, self.threshold, self.sizes, self.hopper_config, self.scale,
                                          glu=self.glu, norm_weight=nw, ss_in=ss_in, eps=eps)
-        return sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
-                                             self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
-                                             ss_in=ss_in, eps=eps, fmt=self.fmt, scale=self.scale)
+        parts = sparse_gemv.sparse_gemv_parts(x, self.weight, self.threshold, self.sizes,
+                                              self.kernel_configs[next_pow2(B * S)], glu=self.glu, norm_weight=nw,
+                                              ss_in=ss_in, eps=eps, fmt=self.fmt,
+                                              scale=self.scale if self.order_scale is None else self.order_scale)
+        return self._in_column_order(parts)
 
     def _on_hopper(self, plan: DecodePlan, rows: int, like: Tensor) -> bool:
-        """Batch-1 int4 through kernels/gluon_gemv.py (sm_90), for shapes it takes and 16-bit activations (`like`:
-        the input, or the residual stream when the input is gate/up's partials)."""
-        return plan.hopper_int4 and rows == 1 and self.hopper_config is not None and like.element_size() == 2
+        """Batch-1 int4 through the Gluon kernels (sm_90: kernels/gluon_mma.py where the weights are held in its order,
+        else kernels/gluon_gemv.py), for shapes they take and 16-bit activations (`like`: the input, or the residual
+        stream when the input is gate/up's partials)."""
+        return (plan.hopper_int4 and rows == 1 and (self.hopper_config, self.mma_config) != (None, None)
+                and like.element_size() == 2)
 
     def _kernel_input(self, x: Tensor, norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan):
         """(x, norm weight, sums of squares, eps) for a launch: the norm runs in the kernel when it can."""

@@ -9,7 +9,8 @@ instead of keeping flags of its own:
 - `defers(...)`: q/k/v and gate/up hand their split-K partials to the kernel that reads them;
 - `fused_mlp(...)`: the whole MLP of one token in one launch;
 - `hopper_int4`: batch-1 int4 projections (all four) run the Gluon kernel (kernels/gluon_gemv.py) on sm_90;
-  `hopper_mma`: of them q/k/v and gate/up on tensor cores (kernels/gluon_mma.py, from a second copy of their weights);
+  `hopper_mma`: of them those whose shapes it takes on tensor cores (kernels/gluon_mma.py; their weights are then held
+  in its column order, which the other paths read with their scales in the same order);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
   kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -37,7 +38,7 @@ class DecodePlan:
     sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode through cuBLAS)
     quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
     hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
-    hopper_mma: bool = False  # ... q/k/v and gate/up of them on tensor cores (kernels/gluon_mma.py)
+    hopper_mma: bool = False  # ... on tensor cores where the shape allows (kernels/gluon_mma.py)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call

@@ -131,12 +131,15 @@ def _step(acc, e, wd, cb, ASM: gl.constexpr, xdt: gl.constexpr, AL: gl.constexpr
 
 
 @gluon.jit
-def _mma_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr, xs_ptr, K, N, G, K_SPLIT,
-                TILE_END0, TILE_END1, N_SS, GS: gl.constexpr, NORM: gl.constexpr, SS_BLOCK: gl.constexpr,
-                EPS: gl.constexpr, X_PARTS: gl.constexpr, ASM: gl.constexpr, OFFSET: gl.constexpr,
-                WB: gl.constexpr):
+def _mma_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr, xs_ptr, res_ptr, ws_ptr, cnt_ptr,
+                ss_out_ptr, K, N, G, K_SPLIT, TILE_END0, TILE_END1, N_SS, GS: gl.constexpr, NORM: gl.constexpr,
+                SS_BLOCK: gl.constexpr, EPS: gl.constexpr, X_PARTS: gl.constexpr, ASM: gl.constexpr,
+                OFFSET: gl.constexpr, WB: gl.constexpr, RESIDUAL: gl.constexpr):
     """Program (pid_n, pid_k): columns [BN pid_n, +BN) (of segment 0, 1 or 2 as in gluon_gemv) over K range pid_k
-    (at most 8 scale groups) -> out[pid_k, its columns] float32."""
+    (at most 8 scale groups) -> out[pid_k, its columns] float32; with RESIDUAL the tile of out [1, N] = res + the
+    sum over K ranges, reduced by the last program of the tile to arrive (counters at cnt_ptr, partials through
+    ws_ptr [programs along K, N], summed in a fixed order), its sum of squares in ss_out_ptr[pid_n]. X_PARTS: the
+    input is gate/up's partials (gluon_gemv._load_in)."""
     BN: gl.constexpr = 256 * WB
     BK: gl.constexpr = 64 // WB
     # layouts(WB), spelled out (a layout is no kernel argument)
@@ -212,7 +215,38 @@ def _mma_kernel(x_ptr, t_ptr, w_ptr, s_ptr, nw_ptr, ss_ptr, out_ptr, scratch_ptr
     m = gl.load(sp + G * N, mask=gl.expand_dims(ok, 0), other=0.0).to(gl.float32)
     xsum = gl.expand_dims(gl.load(xs + c, mask=ok, other=0.0), 0)
     y = gl.sum(acc * s + (m - OFFSET * s) * xsum, axis=1)
-    gl.store(out_ptr + pid_k * N + cols, y)
+    if RESIDUAL:
+        if n_split == 1:
+            _epilogue(y, res_ptr, out_ptr, ss_out_ptr, cols, pid_n)
+        else:
+            gl.store(ws_ptr + pid_k * N + cols, y)
+            gl.thread_barrier()  # every thread's partials are stored before the counter moves
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_split - 1:
+                LR: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, NW], [1, 0])  # [8 K ranges, BN]
+                cr = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LR))
+                pr = gl.arange(0, 8, layout=gl.SliceLayout(1, LR))
+                total = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(0, LR))
+                for p0 in range(0, n_split, 8):  # K ranges in order, eight at a time
+                    p = gl.expand_dims(p0 + pr, 1)
+                    part = gl.load(ws_ptr + p * N + gl.expand_dims(cr, 0), mask=p < n_split, other=0.0,
+                                   cache_modifier=".cg")
+                    total += gl.sum(part, axis=0)
+                _epilogue(total, res_ptr, out_ptr, ss_out_ptr, cr, pid_n)
+                gl.store(cnt_ptr + pid_n, 0)
+    else:
+        gl.store(out_ptr + pid_k * N + cols, y)
+
+
+@gluon.jit
+def _epilogue(total, res_ptr, y_ptr, ss_out_ptr, cols, pid_n):
+    """y = res + total for the tile's columns cols [BN], rounded where the reference rounds (the projection to y's
+    dtype, then the sum), and the tile's sum of squares of y into ss_out_ptr[pid_n] (the next RMSNorm's)."""
+    dt: gl.constexpr = y_ptr.dtype.element_ty
+    y = (gl.load(res_ptr + cols).to(gl.float32) + total.to(dt).to(gl.float32)).to(dt)
+    gl.store(y_ptr + cols, y)
+    yf = y.to(gl.float32)
+    gl.store(ss_out_ptr + pid_n, gl.sum(yf * yf, axis=0))
 
 
 class Config(NamedTuple):
@@ -234,14 +268,22 @@ def default_config(K: int, sizes, group: int, n_sm: int) -> Optional[Config]:
 
 
 def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, norm_weight: Optional[Tensor] = None,
-           ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct) -> Tensor:
-    """gluon_gemv.launch's partials mode for weights in mma_order: x [1, K] 16-bit (RMS-normalised with norm_weight
-    and ss_in), w [K, N/8] (to_mma_layout(., config.wb)) -> partials [P, N] float32 summing to sparsify(x) @ W."""
+           ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct, residual: Optional[Tensor] = None,
+           counters: Optional[Tensor] = None):
+    """gluon_gemv.launch for weights in mma_order: x [1, K] 16-bit (RMS-normalised with norm_weight and ss_in; or
+    gate/up's partials [P, 2, 1, K] float32 with a residual, the input then silu(gate) * up), w [K, N/8]
+    (to_mma_layout(., config.wb)) -> partials [P, N] float32 summing to sparsify(x) @ W; with a residual [1, N] (and
+    counters [>= tiles] int32, zero, left zero): (residual + sparsify(x) @ W in the residual's dtype, its per-tile
+    sums of squares [1, tiles] float32)."""
     K, N = w.shape[0], w.shape[1] * 8
     wb, split = config
     tn, bk = tile_n(wb), 64 // wb
     group = INT4.group_of(w, scale)
-    assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+    x_parts = x.shape[0] if x.dim() == 4 else 0
+    if x_parts:
+        assert x.shape[1:] == (2, 1, K) and x.dtype == torch.float32 and x.is_contiguous() and residual is not None
+    else:
+        assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
     assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
     assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
     assert all(s % tn == 0 for s in sizes) and group in (64, 128)
@@ -252,17 +294,27 @@ def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor
     tiles = [s // tn for s in sizes]
     n_tiles = sum(tiles)
     ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
-    out = x.new_empty((split, N), dtype=torch.float32)
+    if residual is not None:
+        assert residual.shape == (1, N) and residual.dtype in (torch.bfloat16, torch.float16)
+        assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= n_tiles
+        out = residual.new_empty((1, N))
+        ws = x.new_empty((split, N), dtype=torch.float32)
+        ss_out = x.new_empty((1, n_tiles), dtype=torch.float32)
+    else:
+        out = x.new_empty((split, N), dtype=torch.float32)
+        ws, ss_out, counters = out, out, t  # not touched
     scratch = x.new_empty((n_tiles * split * (k_split + 2 * bk),), dtype=torch.int32)
     xs = x.new_empty((n_tiles * split * 8,), dtype=torch.float32)
     n_ss = ss_in.shape[1] if ss_in is not None else 1
-    asm, offset = (ASM_BF16, 128.0) if x.dtype == torch.bfloat16 else (ASM_FP16, 1024.0)
+    xdt = residual.dtype if x_parts else x.dtype
+    asm, offset = (ASM_BF16, 128.0) if xdt == torch.bfloat16 else (ASM_FP16, 1024.0)
     wrap(_mma_kernel)[(n_tiles, split)](
         x, t, w, scale, norm_weight if norm_weight is not None else t, ss_in if ss_in is not None else t, out,
-        scratch, xs, K, N, K // group, k_split, ends[0], ends[1], n_ss,
-        GS=group, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss), EPS=eps, X_PARTS=0, ASM=asm,
-        OFFSET=offset, WB=wb, num_warps=WARPS)
-    return out
+        scratch, xs, residual if residual is not None else out, ws, counters, ss_out,
+        K, N, K // group, k_split, ends[0], ends[1], n_ss,
+        GS=group, NORM=norm_weight is not None, SS_BLOCK=triton.next_power_of_2(n_ss), EPS=eps, X_PARTS=x_parts,
+        ASM=asm, OFFSET=offset, WB=wb, RESIDUAL=residual is not None, num_warps=WARPS)
+    return out if residual is None else (out, ss_out)
 
 
 def _parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
@@ -277,6 +329,26 @@ def _int4_mma_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Te
 
 
 _int4_mma_parts_op.register_fake(partial(_parts, skip))
+
+
+def _residual(wrap, x, w, t, counters, residual, sizes, config, scale):
+    return launch(x, w, t, sizes, Config(*config), scale, wrap=wrap, residual=residual, counters=counters)
+
+
+@custom_op("teal::int4_mma_residual_sm90", mutates_args=("counters",))
+def _int4_mma_residual_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor, sizes: list[int],
+                          config: list[int], scale: Tensor) -> tuple[Tensor, Tensor]:
+    return _residual(direct, x, w, t, counters, residual, sizes, config, scale)
+
+
+_int4_mma_residual_op.register_fake(partial(_residual, skip))
+
+
+def int4_residual(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, counters: Tensor,
+                  residual: Tensor) -> tuple:
+    """gluon_gemv.int4_residual on tensor cores, weights w in to_mma_layout(., config.wb) (o; down, from gate/up's
+    partials [P, 2, 1, K]): (residual + sparsify(x) @ W, its per-tile sums of squares for the next fused RMSNorm)."""
+    return _int4_mma_residual_op(x, w, t, counters, residual, list(sizes), list(config), scale)
 
 
 def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, glu: bool = False,

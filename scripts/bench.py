@@ -468,7 +468,7 @@ def main():
     p.add_argument("--hopper-int4", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-1 int4 projections through the Gluon kernels (default: on sm_90 GPUs)")
     p.add_argument("--hopper-mma", action=argparse.BooleanOptionalAction, default=None,
-                   help="of them q/k/v and gate/up on tensor cores (default: with --hopper-int4)")
+                   help="of them those it takes on tensor cores (default: with --hopper-int4)")
     add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
     models = [m for m in a.models.split(",") if m]

@@ -1,5 +1,6 @@
 """The tensor-core int4 stream (kernels/gluon_mma.py) against the CUDA-core Gluon one (kernels/gluon_gemv.py) on one
-GPU: the partials projections of the given models (q/k/v, gate/up: the norm fused), RTN int4 weights (group 128),
+GPU: the projections of the given models (q/k/v, gate/up: partials out, the norm fused; o, down: the residual added,
+down from gate/up's partials), RTN int4 weights (group 128),
 batch 1, timed as bench.py times kernels (CUDA-graph replay over weight copies that L2 cannot hold). Every result is
 checked against the plain-PyTorch reference first (bf16, and fp16 for the first shape); a few K splits are swept.
 Needs an sm_90 GPU.
@@ -14,7 +15,7 @@ import torch
 
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
-from kernels import gluon_gemv, gluon_mma
+from kernels import gluon_gemv, gluon_mma, reference
 from kernels.formats import INT4
 from model import ModelArgs
 from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
@@ -26,6 +27,42 @@ def check(x, g, ss, t, sizes, w, sc, cfg) -> float:
     ref = gluon_gemv.int4_parts_ref(x, w, t, sizes, sc, g)
     y = gluon_mma.launch(x, gluon_mma.to_mma_layout(w, cfg.wb), t, sizes, cfg, sc, g, ss).sum(0, keepdim=True)
     return ((y - ref).norm() / ref.norm()).item()
+
+
+def residual_rows(m, proj, K, N, levels, n_sm, l2, bw) -> list:
+    """o (input x) and down (input gate/up's partials, 5 K ranges): the residual launch of both kernels."""
+    group = INT4.group(K)
+    nbytes = K * N // 2 + 2 * (K // group) * N * 2
+    gcfg, mcfg = gluon_gemv.default_config(K, (N,), group, n_sm), gluon_mma.default_config(K, (N,), group, n_sm)
+    ws = [INT4.quantize_weight((torch.randn(K, N, device="cuda") / K ** 0.5).to(torch.bfloat16))
+          for _ in range(weight_copies(nbytes, l2))]
+    wm = [(gluon_mma.to_mma_layout(w, mcfg.wb), sc) for w, sc in ws]
+    parts = torch.randn(5, 2, 1, K, device="cuda") * 2
+    x = parts if proj == "down" else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    xin = reference.parts_ref(parts, True, torch.bfloat16) if proj == "down" else x
+    res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+    cnt = torch.zeros(1024, dtype=torch.int32, device="cuda")
+    rows = []
+    for s in levels:
+        t = spread_thresholds(xin, 1, s) if s else torch.zeros(1, K, device="cuda")
+        ref = reference.sparse_gemv_ref(xin.double(), INT4.dequantize(*ws[0]).double(), t.double(), (N,),
+                                        residual=res.double())
+        y, _ = gluon_mma.int4_residual(x, wm[0][0], t, (N,), mcfg, wm[0][1], cnt, res)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < 1e-2 and not cnt.any(), f"mma {proj} s={s}: error {err}"
+        kept = (xin.abs().float() > t[0]).float().mean().item()
+        row = {"model": m, "proj": proj, "K": K, "N": N, "sparsity": s, "kept": kept,
+               "roofline_us": kept * nbytes / bw * 1e6, "err": err, "mma_config": list(mcfg)}
+        row["gluon_us"] = graph_time_us([lambda w=w, sc=sc: gluon_gemv.int4_residual(x, w, t, (N,), gcfg, sc, cnt, res)
+                                         for w, sc in ws], 32, 10)
+        row["mma_default_us"] = graph_time_us([lambda w=w, sc=sc: gluon_mma.int4_residual(x, w, t, (N,), mcfg, sc,
+                                                                                           cnt, res)
+                                               for w, sc in wm], 32, 10)
+        rows.append(row)
+        print(f"{m} {proj} K={K} N={N} s={s} (kept {kept:.3f}): roofline {row['roofline_us']:.1f} us | gluon "
+              f"{row['gluon_us']:.1f} us | mma {tuple(mcfg)} {row['mma_default_us']:.1f} us (error {err:.1e})",
+              flush=True)
+    return rows
 
 
 def main():
@@ -45,9 +82,10 @@ def main():
     for m in a.models.split(","):
         args = ModelArgs.from_name(m)
         for proj, (K, sizes, glu) in projection_shapes(args).items():
-            if proj in ("o", "down"):
-                continue
             N = sum(sizes)
+            if proj in ("o", "down"):
+                records += residual_rows(m, proj, K, N, levels, n_sm, l2, bw)
+                continue
             group = INT4.group(K)
             nbytes = K * N // 2 + 2 * (K // group) * N * 2
             default = gluon_mma.default_config(K, sizes, group, n_sm)

@@ -294,6 +294,8 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
         w = INT4.dequantize(q, scale).double()
         cfg = gluon_gemv.default_config(K, (N,), group, n_sm)
         tcfg = configs.default_config(1, K, (N,), False, n_sm, INT4, group=group)
+        mcfg = gluon_mma.default_config(K, (N,), group, n_sm)  # (not the last shape)
+        qm = None if mcfg is None else gluon_mma.to_mma_layout(q, mcfg.wb)
         for s in levels:
             parts = torch.randn(P, 2, 1, K, device="cuda") * 2
             x = parts if P else torch.randn(1, K, device="cuda", dtype=dtype)
@@ -312,6 +314,18 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
                     and torch.equal(ss, ss2) and not counters.any() and not y.isnan().any()):
                 failures.append(f"gluon int4 residual K={K} N={N} parts={P} {dtype} s={s} cfg={tuple(cfg)}: err "
                                 f"{err:.2e}, against Triton {err_triton:.2e}, sums of squares {ss_err:.2e}, "
+                                f"repeatable {torch.equal(y, y2)}, counters left {int(counters.sum())}")
+            if mcfg is None:
+                continue
+            y, ss = gluon_mma.int4_residual(x, qm, t, (N,), mcfg, scale, counters, res)
+            y2, ss2 = gluon_mma.int4_residual(x, qm, t, (N,), mcfg, scale, counters, res)
+            err, err_triton = rel_err(y, ref), rel_err(y, ty.double())
+            ss_err = rel_err(ss.sum(), reference.sum_squares_ref(y, N).sum().double())
+            rows += 1
+            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and ss_err < 1e-5 and torch.equal(y, y2)
+                    and torch.equal(ss, ss2) and not counters.any() and not y.isnan().any()):
+                failures.append(f"gluon mma int4 residual K={K} N={N} parts={P} {dtype} s={s} cfg={tuple(mcfg)}: "
+                                f"err {err:.2e}, against Triton {err_triton:.2e}, sums of squares {ss_err:.2e}, "
                                 f"repeatable {torch.equal(y, y2)}, counters left {int(counters.sum())}")
     print(f"gluon int4 kernel: {rows} cases, {len(failures)} failures")
     return failures

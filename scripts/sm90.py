@@ -147,7 +147,7 @@ def describe(launch) -> str:
     fn, sig, consts, attrs, opts = launch
     named = {fn.arg_names[k[0]]: v for k, v in consts.items()}
     shown = {k: v for k, v in named.items()  # the flags that are on, and the sizes that are not 1 (no asm text)
-             if k.isupper() and v is not False and v is not None and (v != 1 or k in ("M", "BLOCK_M"))
+             if k.isupper() and v is not False and v is not None and (v is True or v != 1 or k in ("M", "BLOCK_M"))
              and not isinstance(v, str)}
     return f"{fn.__name__} num_warps={opts.num_warps} {shown}"
 

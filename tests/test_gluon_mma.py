@@ -3,6 +3,8 @@ arithmetic (kept-input list, one B column per scale group, 128 + q with the offs
 PyTorch against the reference, launch configs, what a launch checks and allocates, and the model holding the second
 copy of its weights. Gluon has no CPU interpreter: the kernel is built for sm_90 by test_sm90.py and run against
 the reference and the Triton kernel by scripts/gpu_check.py."""
+import copy
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from loading import random_model
 from model import ModelArgs
 from plan import decode_plan
 from quantization import quantize_model
+from tests.kernel_cases import rel_err
 
 
 def quantized(K: int, N: int, group: int) -> tuple:
@@ -111,27 +114,73 @@ def test_launch_allocates_partials_and_checks_inputs():
     with pytest.raises(AssertionError):
         gluon_mma.launch(x, wm, t, sizes, gluon_mma.Config(1, 1), scale, wrap=skip)  # more than 8 groups a range
     assert torch.ops.teal.int4_mma_parts_sm90.default in opaque_ops()
+    res, cnt = torch.randn(1, 1024, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.int32)
+    one = gluon_mma.default_config(K, (1024,), 64, 4)
+    y, ss = gluon_mma._residual(skip, x, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res, (1024,),
+                                list(one), scale)
+    assert y.shape == (1, 1024) and y.dtype == torch.bfloat16 and ss.shape == (1, 1024 // gluon_mma.tile_n(one.wb))
+    parts = torch.randn(3, 2, 1, K)
+    assert gluon_mma._residual(skip, parts, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res,
+                               (1024,), list(one), scale)[0].shape == (1, 1024)
+    with pytest.raises(AssertionError):  # partials in need a residual
+        gluon_mma.launch(parts, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), (1024,), one, scale, wrap=skip)
+    assert torch.ops.teal.int4_mma_residual_sm90.default in opaque_ops()
 
 
-def test_model_holds_mma_weights_only_where_the_kernel_runs():
-    """On an sm_90 plan (int4): q/k/v and gate/up whose segments are whole tiles get their weights in the kernel's
-    order (a copy made once: a second prepare keeps it), the rest and other plans none; new weights drop it."""
+def test_model_holds_mma_order_only_where_the_kernel_runs():
+    """On an sm_90 plan (int4): projections whose segments are whole tiles are held in the kernel's column order
+    (once: a later plan keeps it), other shapes and plans not; the state dict still holds column order, and loaded
+    or newly quantized weights are taken in column order."""
     args = ModelArgs(dim=512, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=1024, vocab_size=64,
                      max_seq_len=64)
     model = random_model(args, "cpu", torch.bfloat16)
     quantize_model(model, INT4)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
     attn, mlp = model.layers[0].attention, model.layers[0].feed_forward
     model.set_plan(decode_plan(torch.device("cpu"), INT4, 0.5, kernels=True, n_sm=132, hopper_int4=True))
-    assert attn.wqkv.mma_config is not None and mlp.w13.mma_config is not None
-    assert attn.wo.mma_config is None and attn.wo.mma_weight is None
-    held = attn.wqkv.mma_weight
-    assert torch.equal(gluon_mma.from_mma_layout(held, attn.wqkv.mma_config.wb), attn.wqkv.weight)
-    model.set_plan(decode_plan(torch.device("cpu"), INT4, 0.25, kernels=True, n_sm=132, hopper_int4=True))
-    assert attn.wqkv.mma_weight is held
-    attn.wqkv.set_quantized(INT4, attn.wqkv.weight.data.clone(), attn.wqkv.scale)
-    assert attn.wqkv.mma_weight is None
+    assert attn.wqkv.mma_config == gluon_mma.Config(1, 4) and mlp.w13.mma_config.wb == 2
+    assert attn.wo.mma_config.wb == 2 and mlp.w2.mma_config.wb == 2 and attn.wo.order_inv is not None
+    held = attn.wqkv.weight.data.clone()
+    assert torch.equal(gluon_mma.from_mma_layout(held, 1), saved["layers.0.attention.wqkv.weight"])
+    model.set_plan(decode_plan(torch.device("cpu"), INT4, 0.25, kernels=True, n_sm=1, hopper_int4=True))
+    assert torch.equal(attn.wqkv.weight, held) and attn.wqkv.mma_config.split == 1
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    model.load_state_dict(saved, strict=True)
+    assert attn.wqkv.mma_config is None and torch.equal(attn.wqkv.weight, saved["layers.0.attention.wqkv.weight"])
     fresh = random_model(args, "cpu", torch.bfloat16)
     quantize_model(fresh, INT4)
     fresh.set_plan(decode_plan(torch.device("cpu"), INT4, 0.5, kernels=True, n_sm=132, hopper_int4=True,
                                hopper_mma=False))
-    assert fresh.layers[0].attention.wqkv.mma_weight is None
+    assert fresh.layers[0].attention.wqkv.mma_config is None
+    small = random_model(ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=256, vocab_size=64,
+                                   max_seq_len=64), "cpu", torch.bfloat16)
+    quantize_model(small, INT4)
+    small.set_plan(decode_plan(torch.device("cpu"), INT4, 0.5, kernels=True, n_sm=132, hopper_int4=True))
+    lins = [m for m in small.modules() if getattr(m, "fmt", None) is INT4 and not m.head]
+    assert [m.mma_config is not None for m in lins] == [False, False, True, False]  # gate/up: 2 x 256 columns
+
+
+@pytest.mark.slow
+def test_weights_in_mma_order_decode_as_in_column_order():
+    """The paths that read q/k/v and gate/up held in the kernel's order (the dense prefill on the reference path,
+    decode on the Triton kernels: float32 activations are not the tensor-core kernel's) give the logits of the
+    same model in column order (the Triton interpreter on CPU)."""
+    args = ModelArgs(dim=256, n_layer=1, n_head=2, n_kv_head=2, intermediate_size=512, vocab_size=101,
+                     max_seq_len=64)
+    ref = random_model(args, "cpu", torch.float32, seed=0)
+    quantize_model(ref, INT4)
+    for lin in (ref.layers[0].attention.wqkv, ref.layers[0].feed_forward.w13):
+        lin.threshold.copy_(torch.rand_like(lin.threshold) * 0.3)
+    model = copy.deepcopy(ref)
+    ref.set_plan(decode_plan(torch.device("cpu"), INT4, 0.5, kernels=True, hopper_int4=False))
+    model.set_plan(decode_plan(torch.device("cpu"), INT4, 0.5, kernels=True, hopper_int4=True))
+    assert model.layers[0].attention.wqkv.mma_config is not None
+    assert model.layers[0].feed_forward.w13.mma_config is not None
+    prompt, steps = torch.randint(0, 101, (1, 9)), torch.randint(0, 101, (1, 2))
+    with torch.no_grad():
+        for m in (ref, model):
+            m.setup_caches(1, 32)
+        assert rel_err(model(prompt, torch.arange(9), sparse_from=None), ref(prompt, torch.arange(9), sparse_from=None)) < 1e-6
+        for i in range(steps.shape[1]):
+            pos = torch.tensor([9 + i])
+            assert rel_err(model(steps[:, i:i + 1], pos), ref(steps[:, i:i + 1], pos)) < 1e-6, i
