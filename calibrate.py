@@ -6,11 +6,11 @@
    (q, k, v share the attention input; gate, up the MLP input) and the weight-aware score |x_i|·‖W[i,:]‖,
    plus |silu(gate)| for the CATS-style MLP, on bins of 1/256 of an octave, fine enough to set any sparsity level to
    well within ±0.5%. The quantile tables and the weights' column norms are stored.
-2. Block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's effective
+2. Block-wise greedy allocation (TEAL), for --criteria (default: the default criterion): per block, starting from 0, each step raises the block's effective
    sparsity (the parameter-weighted mean of its projections' levels) by --step through one projection (its level
    up by --step / its parameter share, at most --max-move), the one whose increase adds the least L2 error per unit
-   of sparsity to the block output on the later tokens of each sequence (the block is fed its dense input). Done for
-   both criteria; the table at model-level targets 0 ... 0.9 keeps, per block, whichever of the greedy and the
+   of sparsity to the block output on the later tokens of each sequence (the block is fed its dense input). The
+   table at model-level targets 0 ... 0.9 keeps, per block, whichever of the greedy and the
    uniform allocation has less error there.
 3. The greedy levels re-aimed: on --aim-seqs sequences run as decoding runs them (every layer sparsified after the
    first --skip positions), each projection's level moves by the share of inputs it missed, so that `--sparsity S`
@@ -28,7 +28,7 @@ from pathlib import Path
 from calibration import calibrate, save_calibration
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli
 from errors import UserError
-from sparsity import CALIB_FILE
+from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
 from texts import default_texts, read_texts
 
 
@@ -46,8 +46,14 @@ def main(argv=None):
                    help="largest level change of one projection in one greedy step (1: step / its parameter share)")
     p.add_argument("--aim-seqs", type=int, default=8,
                    help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")
+    p.add_argument("--criteria", default=DEFAULT_CRITERION,
+                   help=f"comma-separated criteria to make greedy tables for, of {', '.join(CRITERIA)} (each takes "
+                   "about half the time; uniform thresholds work for both either way)")
     p.add_argument("--out", type=Path, default=None, help=f"calibration file to write (default: CKPT/{CALIB_FILE})")
     a = p.parse_args(argv)
+    criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
+    if not criteria or len(criteria) != len(a.criteria.split(",")):
+        raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
     if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1 or a.aim_seqs < 0 or \
             not 0 < a.max_move <= 1:
         raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0 and "
@@ -57,7 +63,7 @@ def main(argv=None):
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()
     calib = calibrate(model, tok, text, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step, source,
-                      a.aim_seqs, max_move=a.max_move)
+                      a.aim_seqs, max_move=a.max_move, criteria=criteria)
     out = a.out or ckpt / CALIB_FILE
     save_calibration(calib, out)
     print(f"wrote {out} ({calib.meta['tokens']} tokens, {time.time() - t0:.0f} s)", file=sys.stderr)

@@ -302,7 +302,9 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
-              max_move: float = 0.2) -> tuple:
+              max_move: float = 0.2, criteria=CRITERIA) -> tuple:
+    """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
+    `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half)."""
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
@@ -311,26 +313,26 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     hists, cats_hist, block_inputs = collect(model, batches, skip, norms, greedy_batches)
     block_inputs = [x[:greedy_seqs] for x in block_inputs]
     q = {c: hist_quantiles(hists[c]) for c in CRITERIA}
-    greedy = {c: torch.zeros(model.args.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA}
+    greedy = {c: torch.zeros(model.args.n_layer, len(TARGETS), len(PROJECTIONS)) for c in criteria}
     calib = Calibration({**{f"quantiles.{crit_key(c)}": q[c] for c in CRITERIA},
-                         **{f"greedy.{crit_key(c)}": greedy[c] for c in CRITERIA},
+                         **{f"greedy.{crit_key(c)}": greedy[c] for c in criteria},
                          **{f"norms.{p}": norms[p] for p in PROJECTIONS},
                          "quantiles.cats": hist_quantiles(cats_hist)}, {})
     probe = BlockProbe(model, calib, block_inputs, skip)
     w = param_fractions(model.args)
-    for c in CRITERIA:
+    for c in criteria:
         for layer in tqdm(range(model.args.n_layer), desc=f"block-wise greedy ({c})", unit="block"):
             calib.greedy[c][layer] = greedy_block(probe, layer, c, w, step, uniform_floor=uniform_floor,
                                                   max_move=max_move)
     aim = aim_batches(batches, aim_seqs, batch)
-    for c in CRITERIA if aim else ():
+    for c in criteria if aim else ():
         calib.aimed[c] = aim_levels(model, calib, c, aim, skip).float()
     n_tok = sum(b.numel() for b in batches)
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
                   "seq_len": str(seq_len), "skip": str(skip), "step": str(step), "max_move": str(max_move),
                   "aim_tokens": str(sum(b.numel() for b in aim)),
-                  "criteria": ",".join(CRITERIA), "created": time.strftime("%Y-%m-%d")}
+                  "criteria": ",".join(criteria), "created": time.strftime("%Y-%m-%d")}
     return calib
 
 

@@ -179,15 +179,18 @@ class Calibration:
     def __init__(self, tensors: dict, meta: dict):
         self.meta = meta
         self.quantiles = {c: tensors[f"quantiles.{crit_key(c)}"] for c in CRITERIA}
-        self.greedy = {c: tensors[f"greedy.{crit_key(c)}"] for c in CRITERIA}
-        self.aimed = {c: tensors.get(f"aimed.{crit_key(c)}") for c in CRITERIA}
+        # greedy tables of the criteria calibrated (calibrate.py --criteria), at least one
+        self.greedy = {c: tensors[f"greedy.{crit_key(c)}"] for c in CRITERIA if f"greedy.{crit_key(c)}" in tensors}
+        if not self.greedy:
+            raise KeyError(f"greedy.{crit_key(DEFAULT_CRITERION)}")
+        self.aimed = {c: tensors.get(f"aimed.{crit_key(c)}") for c in self.greedy}
         self.norms = {p: tensors[f"norms.{p}"] for p in PROJECTIONS}
         self.cats = tensors["quantiles.cats"]
 
     def tensors(self) -> dict:
         out = {f"quantiles.{crit_key(c)}": self.quantiles[c].float().contiguous() for c in CRITERIA}
-        out.update({f"greedy.{crit_key(c)}": self.greedy[c].float().contiguous() for c in CRITERIA})
-        out.update({f"aimed.{crit_key(c)}": self.aimed[c].float().contiguous() for c in CRITERIA
+        out.update({f"greedy.{crit_key(c)}": self.greedy[c].float().contiguous() for c in self.greedy})
+        out.update({f"aimed.{crit_key(c)}": self.aimed[c].float().contiguous() for c in self.greedy
                     if self.aimed[c] is not None})
         out.update({f"norms.{p}": self.norms[p].float().contiguous() for p in PROJECTIONS})
         out["quantiles.cats"] = self.cats.float().contiguous()
@@ -199,6 +202,10 @@ class Calibration:
         n_layer = self.quantiles[criterion].shape[0]
         if method == "uniform" or sparsity <= 0:
             return torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64)
+        if criterion not in self.greedy:
+            raise UserError(f"this calibration has greedy levels for {', '.join(self.greedy)} only: use --criterion "
+                            f"{next(iter(self.greedy))}, --sparsity-method uniform, or calibrate again with "
+                            f"--criteria {','.join(CRITERIA)}")
         table = (self.aimed[criterion] if aimed and self.aimed[criterion] is not None
                  else self.greedy[criterion]).double()  # [L, T, 7]
         if sparsity > TARGETS[-1] + 1e-9:
@@ -254,7 +261,7 @@ def load_calibration(model: Transformer, path: Path) -> Calibration:
     shapes = a.linear_shapes()
     expect = {f"norms.{p}": (a.n_layer, shapes[p][0]) for p in PROJECTIONS}
     expect.update({f"quantiles.{crit_key(c)}": (a.n_layer, len(PROJECTIONS), len(LEVELS)) for c in CRITERIA})
-    expect.update({f"{t}.{crit_key(c)}": (a.n_layer, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA
+    expect.update({f"{t}.{crit_key(c)}": (a.n_layer, len(TARGETS), len(PROJECTIONS)) for c in calib.greedy
                    for t in ("greedy", "aimed") if t == "greedy" or f"aimed.{crit_key(c)}" in tensors})
     expect["quantiles.cats"] = (a.n_layer, len(LEVELS))
     for k, shape in expect.items():

@@ -61,7 +61,7 @@ def main():
     for i, half in enumerate(halves(text)):
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
-                          f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor)
+                          f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, criteria=CRITERIA)
         tables.append(calib.greedy)
         print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
     one_step = (a.step / param_fractions(model.args)).clamp(max=1.0).float()

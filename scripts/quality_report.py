@@ -88,7 +88,7 @@ def main(argv=None):
     settings = []
     for s in LEVELS:
         for method in METHODS:
-            for crit in CRITERIA:
+            for crit in (CRITERIA if method == "uniform" else calib.greedy):  # (greedy: the criteria calibrated)
                 settings.append(Setting(f"{method} {crit} {s}", model,
                                         lambda m, s=s, me=method, c=crit: apply_thresholds(m, calib, s, me, c)))
     for s in CATS_LEVELS:

@@ -17,7 +17,7 @@ from checkpoint import save_checkpoint
 from errors import UserError
 from loading import load_model, random_tensors
 from model import ModelArgs
-from sparsity import (CALIB_FILE, CRITERIA, PROJECTIONS, TARGETS, apply_thresholds, load_calibration, measure_sparsity,
+from sparsity import (CALIB_FILE, CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, apply_thresholds, load_calibration, measure_sparsity,
                       param_fractions, parameter_weighted, per_projection)
 from tokenizer import byte_tokenizer_files, load_tokenizer
 
@@ -56,7 +56,8 @@ def _segments(key, a):
 
 def run_calibrate(ckpt: Path, text_file: Path, *extra) -> Path:
     calibrate.main(["--checkpoint", str(ckpt), "--text", str(text_file), "--tokens", "1536", "--seq-len", "128",
-                    "--skip", "16", "--batch", "4", "--greedy-seqs", "2", "--step", "0.05", *extra])
+                    "--skip", "16", "--batch", "4", "--greedy-seqs", "2", "--step", "0.05",
+                    "--criteria", "magnitude,weight-aware", *extra])
     return ckpt / CALIB_FILE
 
 
@@ -421,3 +422,24 @@ def test_greedy_step_moves_a_projection_by_at_most_max_move():
         assert torch.allclose(table @ w, TARGETS, atol=1e-6)
         levels = torch.stack(probe.seen)  # every candidate scored
         assert bool((levels[..., None] - grid).abs().min(-1).values.max() < 1e-9) == on_grid
+
+
+def test_default_criteria_make_the_default_tables_only(tmp_path):
+    """calibrate.py makes greedy (and aimed) tables for the default criterion unless --criteria names more (each
+    criterion's search is about half the time); the other criterion's uniform thresholds still work, its greedy
+    ones are refused in one line that says what to do; a bad --criteria is one line too."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    ckpt = make_ckpt(tmp_path / "one")
+    path = run_calibrate(ckpt, text, "--criteria", DEFAULT_CRITERION)
+    model = load_model(ckpt)
+    calib = load_calibration(model, path)
+    assert list(calib.greedy) == [DEFAULT_CRITERION] and calib.meta["criteria"] == DEFAULT_CRITERION
+    other = next(c for c in CRITERIA if c != DEFAULT_CRITERION)
+    apply_thresholds(model, calib, 0.5, "greedy", DEFAULT_CRITERION)
+    apply_thresholds(model, calib, 0.5, "uniform", other)
+    with pytest.raises(UserError, match="--criteria"):
+        apply_thresholds(model, calib, 0.5, "greedy", other)
+    for bad in ("", "magnitude,nope", "magnitude,magnitude"):
+        with pytest.raises(UserError, match="--criteria"):
+            calibrate.main(["--checkpoint", str(ckpt), "--criteria", bad])
