@@ -42,7 +42,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the block-wise greedy search scores on")
     p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
-    p.add_argument("--max-move", type=float, default=0.2,
+    p.add_argument("--max-move", type=float, default=0.1,
                    help="largest level change of one projection in one greedy step (1: step / its parameter share)")
     p.add_argument("--aim-seqs", type=int, default=8,
                    help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")

@@ -207,7 +207,7 @@ class BlockProbe:
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
-                 max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.2) -> torch.Tensor:
+                 max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.1) -> torch.Tensor:
     """[len(TARGETS), 7] levels reaching each target effective sparsity for one block. uniform_floor: at a target
     where the uniform allocation has less error on the scored positions, keep it instead. A candidate raises one
     projection's level by step / its parameter share, at most max_move (k and v of a GQA block hold a few percent
@@ -302,7 +302,7 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
-              max_move: float = 0.2, criteria=CRITERIA) -> tuple:
+              max_move: float = 0.1, criteria=CRITERIA) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half)."""
     device = model.tok_embeddings.weight.device
