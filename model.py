@@ -185,6 +185,7 @@ class SparseLinear(nn.Module):
         # and put their outputs back in column order (order_inv: each column's position)
         self.mma_config = None
         self.register_buffer("order_scale", None, persistent=False)
+        self.register_buffer("order_perm", None, persistent=False)  # the column at each position
         self.register_buffer("order_inv", None, persistent=False)
 
     def set_quantized(self, fmt: QuantFormat, q: Tensor, scale: Tensor):
@@ -195,13 +196,19 @@ class SparseLinear(nn.Module):
         self.fmt = fmt
         self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("scale", scale)
-        self.mma_config, self.order_scale, self.order_inv = None, None, None  # q is in column order
+        self._in_order(None)  # q is in column order
 
     def _hold_in_mma_order(self, wb: int):
-        perm = gluon_mma.mma_order(self.out_features, wb, self.weight.device)  # position -> column
         self.weight.data = gluon_mma.to_mma_layout(self.weight.data, wb)
-        self.order_scale = self.scale[..., perm].contiguous()
-        self.order_inv = torch.argsort(perm)
+        self._in_order(gluon_mma.mma_order(self.out_features, wb, self.weight.device))
+
+    def _in_order(self, perm: Optional[Tensor]):
+        """The weights are held with column perm[p] at position p from now on (None: in column order)."""
+        self.order_perm = perm
+        self.order_scale = None if perm is None else self.scale[..., perm].contiguous()
+        self.order_inv = None if perm is None else torch.argsort(perm)
+        if perm is None:
+            self.mma_config = None
 
     def _in_column_order(self, y: Tensor) -> Tensor:
         """y [..., n] of a launch or the reference path on the held weights -> its columns in order (n: all
@@ -215,7 +222,7 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.mma_config, self.order_scale, self.order_inv = None, None, None  # loaded weights are in column order
+        self._in_order(None)  # loaded weights are in column order
 
     @property
     def in_features(self) -> int:
@@ -275,7 +282,7 @@ class SparseLinear(nn.Module):
                                    residual.view(1, -1))
                 return y.view(B, S, -1), ss_out
             if self.order_inv is not None:  # the residual added in the weights' order, the sums of squares unchanged
-                residual = residual[..., torch.argsort(self.order_inv)]
+                residual = residual[..., self.order_perm]
             y, ss_out = sparse_gemv.sparse_gemv_ss(x, self.weight, self.threshold, self.sizes, self.counters, cfg,
                                                    residual.reshape(B * S, -1), norm_weight=nw, ss_in=ss_in, eps=eps,
                                                    fmt=self.fmt,

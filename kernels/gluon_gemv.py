@@ -299,6 +299,35 @@ def k_layout(K: int, group: int, split: int) -> tuple:
     return k_split, triton.cdiv(K, k_split)
 
 
+def check_inputs(x: Tensor, w: Tensor, t: Tensor, sizes, scale: Tensor, norm_weight, ss_in, residual) -> int:
+    """The checks a batch-1 int4 launch of either Gluon kernel makes (shapes as `launch` says) -> the number of
+    gate/up partials x holds (0: x is the 16-bit input itself)."""
+    K, N = w.shape[0], w.shape[1] * 8
+    x_parts = x.shape[0] if x.dim() == 4 else 0
+    if x_parts:
+        assert x.shape[1:] == (2, 1, K) and x.dtype == torch.float32 and x.is_contiguous() and residual is not None
+    else:
+        assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+    assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
+    assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
+    assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
+    return x_parts
+
+
+def outputs(x: Tensor, t: Tensor, N: int, split: int, n_tiles: int, residual: Optional[Tensor],
+            counters: Optional[Tensor]) -> tuple:
+    """(out, workspace, sums of squares, counters) of a launch: partials [split, N] float32 (the other three then
+    stand-ins the kernel never touches), or with a residual out [1, N] in its dtype, the split-K workspace and the
+    per-tile sums of squares [1, n_tiles]."""
+    if residual is None:
+        out = x.new_empty((split, N), dtype=torch.float32)
+        return out, out, out, t
+    assert residual.shape == (1, N) and residual.dtype in (torch.bfloat16, torch.float16)
+    assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= n_tiles
+    return (residual.new_empty((1, N)), x.new_empty((split, N), dtype=torch.float32),
+            x.new_empty((1, n_tiles), dtype=torch.float32), counters)
+
+
 def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, norm_weight: Optional[Tensor] = None,
            ss_in: Optional[Tensor] = None, eps: float = 1e-5, wrap=direct, residual: Optional[Tensor] = None,
            counters: Optional[Tensor] = None):
@@ -311,30 +340,16 @@ def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor
     K, N = w.shape[0], w.shape[1] * 8
     block_n, rpt, vec, warps, split = config
     group = INT4.group_of(w, scale)
-    x_parts = x.shape[0] if x.dim() == 4 else 0
-    if x_parts:
-        assert x.shape[1:] == (2, 1, K) and x.dtype == torch.float32 and x.is_contiguous() and residual is not None
-    else:
-        assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
-    assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
-    assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
+    x_parts = check_inputs(x, w, t, sizes, scale, norm_weight, ss_in, residual)
     step = rpt * 32 // (block_n // 8 // vec) * warps
     assert all(s % block_n == 0 for s in sizes) and group % step == 0
-    assert (norm_weight is None) == (ss_in is None), "the fused norm needs its weight and the producer's sums"
     k_split, split = k_layout(K, group, split)
     assert k_split <= 1 << 14, "list entries hold k - k_begin in 14 bits"
     tiles = [s // block_n for s in sizes]
     n_tiles = sum(tiles)
     ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
-    if residual is not None:
-        assert residual.shape == (1, N) and residual.dtype in (torch.bfloat16, torch.float16) and split <= step
-        assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= n_tiles
-        out = residual.new_empty((1, N))
-        ws = x.new_empty((split, N), dtype=torch.float32)
-        ss_out = x.new_empty((1, n_tiles), dtype=torch.float32)
-    else:
-        out = x.new_empty((split, N), dtype=torch.float32)
-        ws, ss_out, counters = out, out, t  # not touched
+    assert residual is None or split <= step, "the last program sums the K ranges in one load"
+    out, ws, ss_out, counters = outputs(x, t, N, split, n_tiles, residual, counters)
     scratch = x.new_empty((n_tiles * split * k_split,), dtype=torch.int32)
     n_ss = ss_in.shape[1] if ss_in is not None else 1
     wrap(_int4_gemv_kernel)[(n_tiles, split)](

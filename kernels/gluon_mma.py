@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from kernels.common import direct, skip
 from kernels.formats import INT4, pack_int4, unpack_int4
-from kernels.gluon_gemv import ROW_MASK, _build_list
+from kernels.gluon_gemv import ROW_MASK, _build_list, check_inputs, outputs
 
 WARPS = 4  # each warp holds a quarter of a tile's columns: mma rows 16 w + 64 i (+ 256 v)
 NW = gl.constexpr(WARPS)
@@ -279,30 +279,15 @@ def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor
     wb, split = config
     tn, bk = tile_n(wb), 64 // wb
     group = INT4.group_of(w, scale)
-    x_parts = x.shape[0] if x.dim() == 4 else 0
-    if x_parts:
-        assert x.shape[1:] == (2, 1, K) and x.dtype == torch.float32 and x.is_contiguous() and residual is not None
-    else:
-        assert x.shape == (1, K) and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
-    assert w.dtype == torch.int32 and w.is_contiguous() and scale.dtype == torch.float16 and scale.is_contiguous()
-    assert t.shape == (len(sizes), K) and t.dtype == torch.float32 and sum(sizes) == N and len(sizes) <= 3
+    x_parts = check_inputs(x, w, t, sizes, scale, norm_weight, ss_in, residual)
     assert all(s % tn == 0 for s in sizes) and group in (64, 128)
-    assert (norm_weight is None) == (ss_in is None)
     k_split = triton.cdiv(triton.cdiv(K, split), group) * group
     split = triton.cdiv(K, k_split)
     assert k_split <= 8 * group
     tiles = [s // tn for s in sizes]
     n_tiles = sum(tiles)
     ends = (list(accumulate(tiles)) + [n_tiles] * 2)[:2]
-    if residual is not None:
-        assert residual.shape == (1, N) and residual.dtype in (torch.bfloat16, torch.float16)
-        assert counters is not None and counters.dtype == torch.int32 and counters.numel() >= n_tiles
-        out = residual.new_empty((1, N))
-        ws = x.new_empty((split, N), dtype=torch.float32)
-        ss_out = x.new_empty((1, n_tiles), dtype=torch.float32)
-    else:
-        out = x.new_empty((split, N), dtype=torch.float32)
-        ws, ss_out, counters = out, out, t  # not touched
+    out, ws, ss_out, counters = outputs(x, t, N, split, n_tiles, residual, counters)
     scratch = x.new_empty((n_tiles * split * (k_split + 2 * bk),), dtype=torch.int32)
     xs = x.new_empty((n_tiles * split * 8,), dtype=torch.float32)
     n_ss = ss_in.shape[1] if ss_in is not None else 1
