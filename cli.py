@@ -4,6 +4,7 @@ Libraries never import this module; CLIs (generate.py, calibrate.py, quantize.py
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,10 @@ def run_cli(main):
     try:
         return main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank meets the same error: rank 0 says it,
+            time.sleep(2)  # before torchrun stops the ranks on the first exit
+        else:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -116,10 +120,12 @@ def add_sparsity_args(p: argparse.ArgumentParser):
                    help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
 
 
-def load_from_args(args, mlp: str = "teal"):
-    """(CKPT, model, tokenizer, device) from the add_model_args (and add_quant_arg) flags."""
-    device = pick_device(args.device)
+def load_from_args(args, mlp: str = "teal", tp=None):
+    """(CKPT, model, tokenizer, device) from the add_model_args (and add_quant_arg) flags; tp: this rank's slices of
+    the model (tp.py), on its device."""
+    device = tp.device if tp is not None else pick_device(args.device)
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else parse_dtype(args.dtype)
     ckpt = args.checkpoint if args.checkpoint is not None else default_checkpoint()
-    model = load_model(ckpt, device, dtype, mlp=mlp, quant=quant_format(args.quant) if getattr(args, "quant", None) else None)
+    model = load_model(ckpt, device, dtype, mlp=mlp, quant=quant_format(args.quant) if getattr(args, "quant", None) else None,
+                       tp=tp)
     return ckpt, model, load_tokenizer(ckpt), device

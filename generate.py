@@ -2,22 +2,26 @@
 
     python generate.py                                   # embedded SmolLM2-135M-Instruct
     python generate.py --checkpoint CKPT --prompt "..." --sparsity 0.5 --compile
+    torchrun --nproc-per-node N generate.py --checkpoint CKPT --sparsity 0.5   # tensor parallel over N GPUs (tp.py)
 """
 import argparse
 import contextlib
+import os
+import random
 import sys
 import time
 
 import torch
 
 from cli import (HelpFormatter, add_compile_args, add_model_args, add_quant_arg, add_sparsity_args, load_from_args,
-                 run_cli)
+                 pick_device, run_cli)
 from engine import (Generator, bytes_per_token, common_prefix, decode_sparsity, linear_format, peak_memory_gb,
                     set_sparsity, sparsity_report)
 from plan import decode_plan
 from errors import UserError
 from sparsity import CALIB_FILE, apply_thresholds, load_calibration
 from tokenizer import StreamDecoder
+from tp import from_env
 
 
 def main(argv=None):
@@ -55,10 +59,24 @@ def main(argv=None):
         raise UserError(f"--sparse-prefill-from must be >= 0, got {a.sparse_prefill_from}")
     if not a.interactive and not a.prompt:
         raise UserError("--prompt is empty: give the text to continue")
-    if a.seed is not None:
-        torch.manual_seed(a.seed)
+    tp = from_env(pick_device(a.device).type)  # under torchrun: this rank's slices of the model
+    if tp is not None and a.interactive:
+        raise UserError("--interactive reads one terminal: run it in one process, without torchrun")
+    seed = a.seed
+    if tp is not None and seed is None:  # the ranks sample alike from the same logits: rank 0's seed for all
+        seed = int(tp.sum_values([random.getrandbits(31) if tp.rank == 0 else 0])[0])
+    if seed is not None:
+        torch.manual_seed(seed)
+    with contextlib.ExitStack() as quiet:
+        if tp is not None and tp.rank > 0:  # rank 0 prints; the others run the same steps silently
+            devnull = quiet.enter_context(open(os.devnull, "w"))
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        return run(a, tp)
 
-    ckpt, model, tok, device = load_from_args(a, mlp=a.mlp)
+
+def run(a, tp):
+    ckpt, model, tok, device = load_from_args(a, mlp=a.mlp, tp=tp)
     # --sparsity needs the calibration; --interactive loads it when there is one, for /sparsity
     calib = None
     if a.sparsity > 0 or (a.interactive and (ckpt / CALIB_FILE).exists()):

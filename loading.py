@@ -13,13 +13,14 @@ from errors import UserError
 from model import ModelArgs, Transformer
 from kernels.formats import QuantFormat, format_of_scheme
 from quantization import quant_file, quant_structure, quantize_model
+from tp import TP, check_split, read_shard
 
 
 def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = None, mlp: str = "teal",
-               quant: Optional[QuantFormat] = None):
+               quant: Optional[QuantFormat] = None, tp: Optional[TP] = None):
     """Build the model from CKPT with weights on `device` (in `dtype`, default: as stored). quant: the sparse linears
     in that format (kernels/formats.py), from CKPT/model-<name>.safetensors, or quantized here (quantization.py)
-    when there is none."""
+    when there is none. tp: this rank's slices only (tp.py), read as slices of the file."""
     args = read_config(ckpt)
     meta = read_metadata(ckpt)
     if meta.get("format") != FORMAT:
@@ -42,19 +43,25 @@ def load_model(ckpt: Path, device: str = "cpu", dtype: Optional[torch.dtype] = N
             raise UserError(f"{stored} does not hold {quant.name} weights of this checkpoint's {WEIGHTS} "
                             "(re-run quantize.py)")
         path = stored
+    if tp is not None:
+        check_split(args, tp.world, native or quant)
     with torch.device("meta"):
-        model = Transformer(args, mlp)
+        model = Transformer(args, mlp, tp)
     if path == stored:
         quant_structure(model, quant)
     elif native is not None:
         quant_structure(model, native, head=False)
+    tied = args.tie_embeddings and path != stored  # a quantized file holds the head's own int8 copy
     try:
-        sd = read_tensors(path, device)
+        if tp is not None:  # a tied head is this rank's slice of the embedding, a tensor of its own
+            sd = read_shard(path, args, tp, device, head_from="tok_embeddings.weight" if tied else None)
+            tied = False
+        else:
+            sd = read_tensors(path, device)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise UserError(f"could not read {path}: {e}") from None
     if dtype is not None:  # quantized weights and their scales stay as they are
         sd = {k: v if not v.is_floating_point() or k.endswith(".scale") else v.to(dtype) for k, v in sd.items()}
-    tied = args.tie_embeddings and path != stored  # a quantized file holds the head's own int8 copy
     if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     try:
@@ -82,12 +89,14 @@ def file_variant(fmt: QuantFormat, scheme: str) -> QuantFormat:
     return found if found.name == fmt.name else fmt
 
 
-def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0, vocab_zeros: bool = False):
+def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int = 0, vocab_zeros: bool = False,
+                   shapes: Optional[dict] = None):
     """(name, tensor) of a random-weight checkpoint, in file order: linears ~ N(0, 1/in_features),
     embeddings ~ N(0, 1), norm weights 1 (the benchmark protocol). Speed does not depend on the values.
-    vocab_zeros: the embedding and LM head as zeros (a real vocabulary's take seconds to draw on a CPU)."""
+    vocab_zeros: the embedding and LM head as zeros (a real vocabulary's take seconds to draw on a CPU).
+    shapes: name -> (shape, dtype) to draw instead of the checkpoint's (one rank's slices)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    for name, (shape, _) in state_dict_shapes(args, dtype).items():
+    for name, (shape, _) in (shapes or state_dict_shapes(args, dtype)).items():
         if name.endswith("norm.weight"):
             t = torch.ones(shape, dtype=dtype, device=device)
         elif vocab_zeros and name in ("tok_embeddings.weight", "output.weight"):
@@ -103,15 +112,20 @@ def random_tensors(args: ModelArgs, dtype: torch.dtype, device="cpu", seed: int 
 
 
 def random_model(args: ModelArgs, device, dtype: torch.dtype, seed: int = 0, mlp: str = "teal",
-                 vocab_zeros: bool = False) -> Transformer:
-    """A model with random weights built directly on `device` (what make_random_checkpoint.py saves)."""
+                 vocab_zeros: bool = False, tp: Optional[TP] = None) -> Transformer:
+    """A model with random weights built directly on `device` (what make_random_checkpoint.py saves); with tp, one
+    rank's slices of such a model (other random values)."""
+    if tp is not None:
+        check_split(args, tp.world)
     with torch.device("meta"):
-        model = Transformer(args, mlp)
-    sd = dict(random_tensors(args, dtype, device, seed, vocab_zeros))
-    if args.tie_embeddings:
+        model = Transformer(args, mlp, tp)
+    tied = args.tie_embeddings and tp is None
+    shapes = None if tp is None else {k: (tuple(v.shape), dtype) for k, v in model.state_dict().items()}
+    sd = dict(random_tensors(args, dtype, device, seed, vocab_zeros, shapes))
+    if tied:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     materialize_buffers(model, device)
     return model.eval().requires_grad_(False)

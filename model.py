@@ -19,6 +19,7 @@ from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, QuantFormat
 from plan import REFERENCE, DecodePlan
+from tp import TP, head_rows
 
 
 @dataclass
@@ -167,10 +168,12 @@ class SparseLinear(nn.Module):
     output segment. With glu=True there are two equal segments and the result is silu(gate) * up.
     """
 
-    def __init__(self, in_features: int, sizes: tuple, glu: bool = False, head: bool = False, parts: bool = False):
+    def __init__(self, in_features: int, sizes: tuple, glu: bool = False, head: bool = False, parts: bool = False,
+                 tp: Optional[TP] = None):
         super().__init__()
         assert not glu or (len(sizes) == 2 and sizes[0] == sizes[1])
         self.sizes, self.glu = tuple(sizes), glu
+        self.tp = tp  # row-parallel (tp.py): this rank holds input channels tp.part(K) of K; outputs summed over ranks
         self.head = head  # the int8 LM head (quantize.py): never thresholded, so the kernel streams every row
         self.parts = parts  # hands its split-K partials on (partial_sums) where the plan defers the reduction
         self.weight = nn.Parameter(torch.empty(in_features, sum(sizes)))
@@ -262,7 +265,15 @@ class SparseLinear(nn.Module):
         With a residual, returns (residual + y, its sums of squares [B*S, n_tiles] or None off the kernel path).
         x may also be gate/up partials [P, 2, B*S, K] (`partial_sums` of a glu projection, kernel path only;
         the residual gives B and S). `plan` says how the call runs (kernel, or reference path with or without
-        thresholds)."""
+        thresholds). Row-parallel (tp): each rank's partial product, the residual added on rank 0 only, summed
+        over the ranks (no launch sees the sum: its sums of squares are None)."""
+        if self.tp is None or residual is None:
+            return self._forward(x, sparse, active, residual, norm, ss, plan)
+        part = residual if self.tp.rank == 0 else torch.zeros_like(residual)
+        return self.tp.all_reduce(self._forward(x, sparse, active, part, norm, ss, plan)[0]), None
+
+    def _forward(self, x: Tensor, sparse: bool, active: Optional[Tensor], residual: Optional[Tensor],
+                 norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan):
         B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
         K = x.shape[-1]
         route = plan.projection(B * S, sparse, active)
@@ -393,12 +404,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = a.n_head, a.n_kv_head, a.head_dim
-        q, kv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+        world = tp.world if tp else 1  # each rank its query heads and their KV heads
+        self.n_head, self.n_kv_head, self.head_dim = a.n_head // world, a.n_kv_head // world, a.head_dim
+        q, kv = self.n_head * a.head_dim, self.n_kv_head * a.head_dim
         self.wqkv = SparseLinear(a.dim, (q, kv, kv), parts=True)
-        self.wo = SparseLinear(q, (a.dim,))
+        self.wo = SparseLinear(q, (a.dim,), tp=tp)
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
 
@@ -432,10 +444,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """TEAL: gate and up share one input-sparse launch (silu(gate) * up fused), down is input-sparse."""
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        self.w13 = SparseLinear(a.dim, (a.intermediate_size, a.intermediate_size), glu=True, parts=True)
-        self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
+        i = a.intermediate_size // (tp.world if tp else 1)
+        self.w13 = SparseLinear(a.dim, (i, i), glu=True, parts=True)
+        self.w2 = SparseLinear(i, (a.dim,), tp=tp)
         self.down_config = None
 
     def prepare(self, plan: DecodePlan):
@@ -467,12 +480,12 @@ class CatsFeedForward(nn.Module):
     Loads the same checkpoint as FeedForward: w13 is split into w1 (input-major) and w3 (row-major).
     """
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        self.intermediate_size = a.intermediate_size
-        self.w1 = SparseLinear(a.dim, (a.intermediate_size,))
-        self.w3 = RowSparseUp(a.dim, a.intermediate_size)
-        self.w2 = SparseLinear(a.intermediate_size, (a.dim,))
+        self.intermediate_size = i = a.intermediate_size // (tp.world if tp else 1)
+        self.w1 = SparseLinear(a.dim, (i,))
+        self.w3 = RowSparseUp(a.dim, i)
+        self.w2 = SparseLinear(i, (a.dim,), tp=tp)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "w13.weight"
@@ -491,10 +504,10 @@ class CatsFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs, mlp: str):
+    def __init__(self, a: ModelArgs, mlp: str, tp: Optional[TP] = None):
         super().__init__()
-        self.attention = Attention(a)
-        self.feed_forward = CatsFeedForward(a) if mlp == "cats" else FeedForward(a)
+        self.attention = Attention(a, tp)
+        self.feed_forward = CatsFeedForward(a, tp) if mlp == "cats" else FeedForward(a, tp)
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
 
@@ -505,16 +518,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, mlp: str = "teal"):
+    def __init__(self, args: ModelArgs, mlp: str = "teal", tp: Optional[TP] = None):
+        """tp: this process's rank of a tensor-parallel group (tp.py): the layers and the LM head hold its slices."""
         super().__init__()
         if mlp not in ("teal", "cats"):
             raise UserError(f"unknown MLP sparsity mode {mlp!r} (teal or cats)")
-        self.args, self.mlp = args, mlp
+        self.args, self.mlp, self.tp = args, mlp, tp
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, mlp) for _ in range(args.n_layer))
+        self.layers = nn.ModuleList(Block(args, mlp, tp) for _ in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        self.head_rows = head_rows(args.vocab_size, tp.world) if tp else args.vocab_size  # vocabulary entries held
+        self.output = nn.Linear(args.dim, self.head_rows, bias=False)
+        if args.tie_embeddings and tp is None:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", torch.zeros(0), persistent=False)
         self.max_batch_size, self.max_seq_len = 0, 0
@@ -531,7 +546,8 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         a = self.args
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, a.n_kv_head, a.head_dim, dtype).to(device)
+            att = layer.attention
+            att.kv_cache = KVCache(max_batch_size, max_seq_len, att.n_kv_head, a.head_dim, dtype).to(device)
         self.rope = rope_table(a, max_seq_len).to(device)
 
     def set_plan(self, plan: DecodePlan):
@@ -541,7 +557,8 @@ class Transformer(nn.Module):
         the buffers a captured CUDA graph reads stay where they are."""
         a = self.args
         quantized = any(m.fmt.quantized for m in self.modules() if isinstance(m, SparseLinear) and not m.head)
-        attention = plan.attention_kernel and decode_attention.supported(a.n_head, a.n_kv_head, a.head_dim)
+        att = self.layers[0].attention
+        attention = plan.attention_kernel and decode_attention.supported(att.n_head, att.n_kv_head, a.head_dim)
         plan = replace_fields(plan, quantized=quantized, attention_kernel=attention,
                               sparse_decode=plan.sparse_decode or quantized)
         if (plan.kernels, plan.n_sm) != (self.plan.kernels, self.plan.n_sm):
@@ -572,8 +589,12 @@ class Transformer(nn.Module):
         if not all_logits and x.shape[1] > 1:
             x, ss = x[:, -1:], None
         if isinstance(self.output, SparseLinear):  # int8 head (quantize.py): the final norm fused on the kernel path
-            return self.output(x, norm=self.norm, ss=ss, plan=plan)
-        return self.output(self.norm(x))
+            logits = self.output(x, norm=self.norm, ss=ss, plan=plan)
+        else:
+            logits = self.output(self.norm(x))
+        if self.tp is not None:  # each rank's slice of the vocabulary (the last one padded)
+            logits = self.tp.gather_last(logits)[..., : self.args.vocab_size]
+        return logits
 
     def sparse_modules(self):
         """(layer index, projection name, module, segment index) for each thresholded projection."""

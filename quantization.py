@@ -41,7 +41,7 @@ def quantize_model(model: Transformer, fmt: QuantFormat, progress: bool = False)
 def int8_head(model: Transformer, q: torch.Tensor, scale: torch.Tensor) -> SparseLinear:
     """The LM head as an INT8 SparseLinear: q [dim, vocab] input-major, its thresholds zero."""
     with torch.device("meta"):
-        head = SparseLinear(model.args.dim, (model.args.vocab_size,), head=True)
+        head = SparseLinear(model.args.dim, (model.head_rows,), head=True)
     head.set_quantized(INT8, q, scale)
     head.register_buffer("threshold", torch.zeros(head.threshold.shape, device=q.device), persistent=False)
     return head
@@ -57,7 +57,7 @@ def quant_structure(model: Transformer, fmt: QuantFormat, head: bool = True):
                 m.register_buffer("input_scale", torch.empty(m.in_features, device=m.weight.device))
     if head:
         a, device = model.args, model.tok_embeddings.weight.device
-        model.output = int8_head(model, *INT8.empty(a.dim, a.vocab_size, device))
+        model.output = int8_head(model, *INT8.empty(a.dim, model.head_rows, device))
 
 
 def quantized_shapes(args, fmt: QuantFormat, dtype: torch.dtype) -> dict:

@@ -101,8 +101,14 @@ class SparsityCounter:
             yield
 
     def stats(self) -> dict:
-        """{(layer, projection): fraction of inputs zeroed}."""
-        return {k: z / n for k, (z, n) in self.zeros.items() if n}
+        """{(layer, projection): fraction of inputs zeroed} (over all ranks of a tensor-parallel model: o's and
+        down's inputs are split among them)."""
+        zeros = self.zeros
+        if self.model.tp is not None:
+            keys = sorted(zeros)
+            summed = self.model.tp.sum_values([v for k in keys for v in zeros[k]])
+            zeros = {k: summed[2 * i: 2 * i + 2] for i, k in enumerate(keys)}
+        return {k: z / n for k, (z, n) in zeros.items() if n}
 
 
 @torch.no_grad()
@@ -289,9 +295,12 @@ def apply_levels(model: Transformer, calib: Calibration, levels: Tensor, criteri
     thresholds of a CATS MLP (gate and down then stay dense)."""
     thr = calib.thresholds(levels, criterion)
     for layer, name, mod, row in model.sparse_modules():
+        t = thr[(layer, name)]
+        if getattr(mod, "tp", None) is not None:  # row-parallel (tp.py): this rank's input channels
+            t = t[mod.tp.part(t.shape[0])]
         if cats is not None and name in ("gate", "up", "down"):
             mod.threshold[row].fill_(cats[layer] if name == "up" else 0.0)
         elif mod.input_scale is not None:  # AWQ weights: the input is x / s of the source model's (awq.py)
-            mod.threshold[row].copy_(thr[(layer, name)].to(mod.threshold) / mod.input_scale)
+            mod.threshold[row].copy_(t.to(mod.threshold) / mod.input_scale)
         else:
-            mod.threshold[row].copy_(thr[(layer, name)])
+            mod.threshold[row].copy_(t)

@@ -2,6 +2,8 @@
 
     python scripts/bench.py [--models llama-2-7b,llama-3-8b,mistral-7b-v0.1] [--sparsities 0,0.25,0.4,0.5,0.65]
                             [--skip-kernels] [--skip-e2e] [--out docs/bench] [--json]
+    torchrun --nproc-per-node N scripts/bench.py --models llama-2-70b --quant int8 --skip-kernels --merge
+                                                 # end to end, tensor parallel over N GPUs (tp.py)
 
 1. read bandwidth: a Triton streaming reduction over 4 GiB; every roofline below uses this number;
 2. kernels: every projection of each model at sparsity 0 ... 0.9, replayed in a CUDA graph over >= 4 weight
@@ -35,6 +37,7 @@ from paths import REPO
 from kernels.formats import quant_format
 from quantization import quantize_model
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
+from tp import TP, from_env
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 KERNEL_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -239,9 +242,12 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
-              hopper_mma: Optional[bool] = None) -> list:
+              hopper_mma: Optional[bool] = None, tp: Optional[TP] = None) -> list:
+    """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
-    model = random_model(args, "cuda", torch.bfloat16, seed=0)
+    torch.manual_seed(0)  # every rank the same prompt
+    model = random_model(args, tp.device if tp else "cuda", torch.bfloat16, seed=0, tp=tp)
+    world = tp.world if tp else 1
     fmt = quant_format(quant)
     if fmt.quantized:
         quantize_model(model, fmt)
@@ -249,7 +255,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
-    prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
+    prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True)
     gen.setup(1, prompt_len + new_tokens)
@@ -266,18 +272,30 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
         stats = measure_sparsity(model, torch.cat([prompt, new], 1), sparse_from=prompt_len, start=prompt_len)
         nbytes = bytes_per_token(args, stats, fmt=fmt)
         rec = {"model": name, "quant": quant or "none", "dtype": "bfloat16", "sparsity": s, "tok_s": round(tok_s, 1),
-               "roofline_frac": round(tok_s * nbytes / bw, 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
+               "tp": world, "roofline_frac": round(tok_s * nbytes / (bw * world), 3), "measured_sparsity": round(parameter_weighted(model, stats), 4),
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
                "decode_path": "sparse kernels" if model.plan.sparse_decode else "dense (cuBLAS projections)",
                "read_gb_s": round(bw / 1e9, 1)}
+        if tp is not None:
+            rec["all_reduce_us"] = round(all_reduce_us(tp, args.dim), 2)
         records.append(rec)
-        print(f"  {name} s={s:.2f}: {tok_s:7.1f} tok/s  measured {rec['measured_sparsity']:.3f}  "
-              f"{rec['gb_s']:6.0f} GB/s  {rec['roofline_frac'] * 100:5.1f}% of roofline", flush=True)
+        if tp is None or tp.rank == 0:
+            print(f"  {name} s={s:.2f}: {tok_s:7.1f} tok/s  measured {rec['measured_sparsity']:.3f}  "
+                  f"{rec['gb_s']:6.0f} GB/s  {rec['roofline_frac'] * 100:5.1f}% of roofline"
+                  + (f"  (TP {world}, all-reduce {rec['all_reduce_us']:.1f} µs)" if tp else ""), flush=True)
     del model, gen, captured
     torch.cuda.empty_cache()
     return records
+
+
+def all_reduce_us(tp: TP, dim: int, launches: int = 64) -> float:
+    """µs of one decode step's all-reduce (a [1, dim] bf16 sum over the ranks, as o and down make), replayed in a
+    CUDA graph as the compiled step makes it."""
+    x = torch.ones(1, dim, dtype=torch.bfloat16, device=tp.device)
+    fns = [lambda: torch.distributed.all_reduce(x, group=tp.group)]
+    return graph_time_us(fns, launches)
 
 
 def gpu_slug(gpu: str) -> str:
@@ -285,8 +303,8 @@ def gpu_slug(gpu: str) -> str:
 
 
 def e2e_key(r: dict) -> tuple:
-    """What an end-to-end rerun replaces: the records of one model with one weight quantization."""
-    return r["model"], r.get("quant", "none")
+    """What an end-to-end rerun replaces: the records of one model with one weight quantization on as many GPUs."""
+    return r["model"], r.get("quant", "none"), r.get("tp", 1)
 
 
 def kernel_key(r: dict) -> str:
@@ -308,7 +326,7 @@ def fixed_us_per_layer(r: dict):
     if not {"tok_s", "bytes_per_token", "read_gb_s"} <= set(r) or r["model"] not in CONFIGS:
         return None
     n_layer = ModelArgs.from_name(r["model"]).n_layer
-    return (1e6 / r["tok_s"] - r["bytes_per_token"] / (r["read_gb_s"] * 1e3)) / n_layer
+    return (1e6 / r["tok_s"] - r["bytes_per_token"] / (r["read_gb_s"] * 1e3 * r.get("tp", 1))) / n_layer
 
 
 def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, attention: list, cmd: str,
@@ -317,7 +335,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
     slug = gpu_slug(gpu)
     # merged runs: one order whatever ran last
     e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r.get("quant", "none"),
-                                     r["sparsity"]))
+                                     r.get("tp", 1), r["sparsity"]))
     kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
     attention = sorted(attention, key=lambda r: r["model"])
     if e2e:
@@ -344,7 +362,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
             pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
             fixed = fixed_us_per_layer(r)
             weights = "bf16" if r.get("quant", "none") == "none" else r["quant"]
-            lines.append(f"| {r['model']} | {weights} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | "
+            model = r["model"] + (f" (TP {r['tp']}, all-reduce {r['all_reduce_us']:.1f} µs)" if r.get("tp", 1) > 1 else "")
+            lines.append(f"| {model} | {weights} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | "
                          f"{r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
@@ -352,7 +371,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   "weights: through the kernels, thresholds zero, the LM head int8 too). "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
-                  "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches.",
+                  "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches. "
+                  "TP N: tensor parallel over N GPUs (`torchrun`), roofline and fixed part against N GPUs' bandwidth; "
+                  "all-reduce: one [1, dim] all-reduce in a CUDA graph (a layer makes two).",
                   ""]
     if kernels:
         lines += ["## Kernels (µs per launch in a CUDA graph; bf16, batch 1)", "",
@@ -471,6 +492,9 @@ def main():
                    help="of them those it takes on tensor cores (default: with --hopper-int4)")
     add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
+    tp = from_env("cuda") if torch.cuda.is_available() else None  # under torchrun: end to end only, rank 0 writes
+    if tp is not None and not a.skip_kernels:
+        raise UserError("tensor-parallel runs are end to end only: add --skip-kernels")
     models = [m for m in a.models.split(",") if m]
     configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
     levels = sparsity_list(a.sparsities, "--sparsities")
@@ -480,11 +504,12 @@ def main():
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     bw = read_bandwidth()
     print(f"{gpu}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    writes = tp is None or tp.rank == 0
     kernels, e2e, attention = [], [], []
-    cmd = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    cmd = (f"torchrun --nproc-per-node {tp.world} " if tp else "python ") + "scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
         rerun_k = set() if a.skip_kernels else set(models)
-        rerun_e = set() if a.skip_e2e else {(m, a.quant or "none") for m in models}
+        rerun_e = set() if a.skip_e2e else {(m, a.quant or "none", tp.world if tp else 1) for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e, e2e_key)
@@ -499,9 +524,10 @@ def main():
             e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
-                                                      hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma)]
-            write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
-    if a.json:
+                                                      hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp)]
+            if writes:
+                write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
+    if a.json and writes:
         print(json.dumps(e2e))
 
 

@@ -35,7 +35,7 @@ def test_merge_keeps_other_models(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.0, 100.0), e2e("a", 0.5, 150.0), e2e("b", 0.5, 120.0)],
                   [kernel("a", "qkv", 0.0, 11.0), kernel("b", "qkv", 0.0, 12.0)], [], "first")
     # a rerun of model a's end-to-end only: b's rows and every kernel row stay
-    kept = previous_records(tmp_path, GPU, "", {("a", "none")}, e2e_key)
+    kept = previous_records(tmp_path, GPU, "", {("a", "none", 1)}, e2e_key)
     assert [(r["model"], r["tok_s"]) for r in kept] == [("b", 120.0)]
     kernels = previous_records(tmp_path, GPU, "-kernels", set())
     assert len(kernels) == 2
@@ -61,10 +61,16 @@ def test_merge_keeps_other_models(tmp_path):
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
     assert previous_records(tmp_path / "missing", GPU, "", set(), e2e_key) == []
     # an int8 run of model a (`--quant int8 --merge`) keeps a's bf16 rows, and is kept by a later bf16 run of a
-    assert len(previous_records(tmp_path, GPU, "", {("a", "int8")}, e2e_key)) == 3
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1)}, e2e_key)) == 3
     write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 300.0), quant="int8")], [], [], "fourth")
-    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none")}, e2e_key)) == [120.0, 300.0]
+    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none", 1)}, e2e_key)) == [120.0, 300.0]
     assert "| a | int8 | 0.50 | 0.500 | 300.0 |" in (tmp_path / f"{slug}.md").read_text()
+    # a tensor-parallel run (`torchrun --nproc-per-node 2 ... --merge`) is its own row, kept by one-GPU reruns
+    rows = json.loads((tmp_path / f"{slug}.json").read_text())
+    write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 500.0), quant="int8", tp=2, all_reduce_us=7.25)],
+                  [], [], "fifth")
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1)}, e2e_key)) == 4
+    assert "| a (TP 2, all-reduce 7.2 µs) | int8 | 0.50 | 0.500 | 500.0 |" in (tmp_path / f"{slug}.md").read_text()
 
 
 def test_weight_copies_outgrow_l2():
@@ -78,6 +84,8 @@ def test_fixed_time_per_layer(tmp_path):
     # 4000 us per token, of which 6.4 GB at 3200 GB/s take 2000: 2000 us over 32 layers
     r = dict(e2e("llama-2-7b", 0.5, 250.0), bytes_per_token=6.4e9, read_gb_s=3200.0)
     assert abs(fixed_us_per_layer(r) - 62.5) < 1e-9
+    # on 2 GPUs the bytes read at twice the bandwidth: 4000 - 1000 us over 32 layers
+    assert abs(fixed_us_per_layer(dict(r, tp=2)) - 93.75) < 1e-9
     assert fixed_us_per_layer(e2e("a", 0.5, 150.0)) is None  # an unknown model, no byte count
     write_outputs(tmp_path, GPU, 3.2e12, [r, e2e("a", 0.5, 150.0)], [], [], "run")
     md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
