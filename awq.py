@@ -8,11 +8,10 @@ W' = diag(s) W is quantized, and the input is divided by s, which folds exactly 
   scales);
 - down: the up columns of gate/up (silu(gate) * up is linear in up).
 α is searched per group on a grid, minimising the squared error of the group's output on calibration activations.
-Then each scaled weight group (a scale group of inputs, one output column) is clipped: its range [min, max] (zero
-included, as round-to-nearest sets it) shrunk by the ratio in 1, 0.95, ..., 0.5 that quantizes the group's share
-of the output best on the same activations (AWQ's clipping search). q and k are not clipped (their outputs go
-through the softmax, where a clipped outlier weighs most; AutoAWQ leaves them too). Last, each scaled linear is
-rounded with GPTQ's error feedback on the same activations (gptq_int4) rather than to nearest: the same int4 format.
+Last, each scaled linear is rounded with GPTQ's error feedback on the same activations (gptq_int4, in act order with
+static groups) rather than to nearest: the same int4 format. AWQ's clipping search (search_clip: each weight group's range shrunk by the ratio
+that quantizes its share of the output best when rounded to nearest; q and k left alone) is there for rounding to
+nearest; ahead of GPTQ's rounding it lost quality on the default model (docs/quality-notes.md), so it is off.
 
 Sparsity: a linear's input becomes x / s, so a threshold t of the source model becomes t / s channel by channel
 and drops exactly the same inputs. Each scaled linear keeps s as its `input_scale` buffer (saved in the quantized
@@ -92,37 +91,52 @@ def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 
 
 
 @torch.no_grad()
-def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.01) -> tuple:
+def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.1, act_order: bool = True) -> tuple:
     """w [K, N] float32 rounded to int4 groups (rtn_int4's format) with GPTQ's error feedback (Frantar et al., ICLR
-    2023): inputs are rounded one at a time, in order, and each one's rounding error, weighted by the inverse Hessian
-    of the output error on x [T, K] (H = x^T x, damped), is pushed onto the inputs not rounded yet; a group's range
-    is taken when its first input comes up. -> (q int32 [K, N/8], scale float16 [2, K/group, N])."""
+    2023): inputs are rounded one at a time and each one's rounding error, weighted by the inverse Hessian of the
+    output error on x [T, K] (H = x^T x, damped), is pushed onto the inputs not rounded yet. act_order: the inputs
+    are rounded in order of decreasing H diagonal (those that carry the most first), with each group's range fixed
+    from the weights before any feedback (GPTQ's static groups: the file's groups stay contiguous); else in input
+    order, a group's range taken when its first input comes up. -> (q int32 [K, N/8], scale float16 [2, K/group,
+    N])."""
     K, N = w.shape
     H = (x.T.double() @ x.double())
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [K, K]
     W = w.float().clone()
     W[dead] = 0.0
-    Q = torch.empty_like(W)
     S, M = W.new_empty(K // group, N), W.new_empty(K // group, N)
-    for g in range(K // group):
-        a, b = g * group, (g + 1) * group
-        _, s, m = round_int4(W[a:b][None], W[a:b].amin(0).clamp_max(0)[None], W[a:b].amax(0).clamp_min(0)[None])
-        S[g], M[g] = s[0], m[0]
+    perm = torch.arange(K, device=W.device)
+    if act_order:
+        wg = W.reshape(K // group, group, N)
+        _, S, M = round_int4(wg, wg.amin(1).clamp_max(0), wg.amax(1).clamp_min(0))
+        perm = torch.argsort(H.diagonal(), descending=True)
+    H = H[perm][:, perm]
+    H += damp * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [K, K]
+    W = W[perm]
+    Q = torch.empty_like(W)
+    gid = (perm // group).tolist()  # each rounding step's group
+    for a in range(0, K, group):  # blocks of `group` steps: their feedback onto later blocks deferred to the end
+        b = a + group
+        if not act_order:  # the block is one group, its range from its weights as fed back so far
+            _, s, m = round_int4(W[a:b][None], W[a:b].amin(0).clamp_max(0)[None], W[a:b].amax(0).clamp_min(0)[None])
+            S[a // group], M[a // group] = s[0], m[0]
         err = W.new_empty(group, N)
         for k in range(a, b):
+            g = gid[k]
             Q[k] = ((W[k] - M[g]) / S[g]).round().clamp(0, 15)
             err[k - a] = (W[k] - (Q[k] * S[g] + M[g])) / U[k, k]
             W[k + 1:b] -= U[k, k + 1:b, None] * err[k - a][None, :]
         W[b:] -= U[a:b, b:].T @ err
-    return pack_int4(Q.to(torch.int32)), torch.stack([S, M]).half()
+    out = torch.empty_like(Q)
+    out[perm] = Q
+    return pack_int4(out.to(torch.int32)), torch.stack([S, M]).half()
 
 
 @torch.no_grad()
-def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
-                 progress: bool = True, clip: bool = True, gptq: bool = True) -> dict:
+def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
+                 progress: bool = True, clip: bool = False, gptq: bool = True) -> dict:
     """awq_scale (the sparse linears rounded with GPTQ's error feedback with `gptq`, else to nearest), then the rest
     of the model quantized to `fmt` (in place). -> awq_scale's report."""
     report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq)
@@ -131,7 +145,7 @@ def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid
 
 
 @torch.no_grad()
-def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 2048,
+def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
               progress: bool = True, clip: bool = False, gptq: bool = False) -> dict:
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
     the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding

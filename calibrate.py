@@ -36,7 +36,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens for the activation statistics")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens for the activation statistics")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out (dense in decode)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")

@@ -53,6 +53,40 @@ def compile_step(fn: Callable, **kwargs) -> Callable:
     return torch.compile(fn, fullgraph=True, **kwargs)
 
 
+class GraphStep:
+    """A step recorded as a CUDA graph of its eager launches, without torch.compile. On the kernel path a decode
+    step is a few opaque kernel launches per layer, and a graph replays them as the compiled step's graph does; the
+    eager glue between them (the first norm, the head's, sampling) is not fused. Recording takes a fraction of a
+    second where compiling takes seconds even from warm caches. One graph per (batch, key()): what the eager code
+    branches on; inputs are copied into the graph's own tensors, and the output is the graph's (copy it)."""
+
+    def __init__(self, fn: Callable, key: Callable):
+        self.fn, self.key, self.graphs, self.pool = fn, key, {}, None
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        k = (tuple(x.shape for x in inputs), self.key())
+        if k not in self.graphs:
+            self.graphs[k] = self._record(inputs)
+        graph, static, out = self.graphs[k]
+        for s, x in zip(static, inputs):
+            s.copy_(x)
+        graph.replay()
+        return out
+
+    def _record(self, inputs: tuple) -> tuple:
+        static = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a first run off the graph: kernels are built or loaded, handles made
+            self.fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # (the server's worker)
+            out = self.fn(*static)
+        self.pool = graph.pool()  # the graphs share their memory (only one runs at a time)
+        return graph, static, out
+
+
 SAMPLE_TOP = 1024  # the candidates top_k and top_p rank: a rule reaching past them keeps every token
 
 
@@ -101,10 +135,12 @@ class Generator:
     """Holds the model and its (optionally compiled) prefill and one-token decode step."""
 
     def __init__(self, model, compile: bool = False, temperature: float = 0.0, top_k: Optional[int] = None,
-                 sparse_prefill_from: Optional[int] = None, top_p: float = 1.0, compile_prefill: bool = False):
+                 sparse_prefill_from: Optional[int] = None, top_p: float = 1.0, compile_prefill: bool = False,
+                 graph: bool = False):
         """compile: the decode step through torch.compile (CUDA graphs on a GPU); compile_prefill: the prefill too
         (off by default, as in gpt-fast: its varying shapes cost a dynamic-shape compile, ~30 s on a 7B model even
-        from warm caches, for a few ms per prompt)."""
+        from warm caches, for a few ms per prompt). graph (CUDA): sparse decode steps (all kernels) recorded as a
+        CUDA graph of the eager step (GraphStep) instead of compiled; dense steps as `compile` says."""
         self.model = model
         self.sparse_prefill_from = sparse_prefill_from  # None: dense prefill (TEAL's attention-sink rule)
         self.device = model.tok_embeddings.weight.device
@@ -112,6 +148,9 @@ class Generator:
         self.greedy, self.params = True, torch.tensor([1.0, 0.0, 1.0], device=self.device)
         self.set_sampling(temperature, top_k, top_p)
         self.prefill_step, self.decode_step = self._prefill, self._decode
+        self.graph_step = None
+        if graph and self.device.type == "cuda":
+            self.graph_step = GraphStep(self._decode, lambda: (self.greedy, self.model.plan))
         if compile:
             cuda = self.device.type == "cuda"
             self.decode_step = compile_step(self._decode, mode="reduce-overhead" if cuda else None)
@@ -136,6 +175,12 @@ class Generator:
         # moving between 0 and a sparse level costs one more graph, not one per level
         logits = self.model(cur, input_pos, sparse_from=0 if self.model.plan.sparse_decode else None)
         return sample(logits[:, -1], None if self.greedy else self.params)
+
+    def next_token(self, cur: Tensor, input_pos: Tensor) -> Tensor:
+        """One decode step: a sparse one through the recorded graph (graph=True), else decode_step."""
+        if self.graph_step is not None and self.model.plan.sparse_decode:
+            return self.graph_step(cur, input_pos)
+        return self.decode_step(cur, input_pos)
 
     def setup(self, batch: int, max_seq_len: int):
         self.model.setup_caches(batch, max_seq_len)
@@ -173,7 +218,7 @@ class Generator:
         input_pos = torch.tensor([start + T], device=self.device, dtype=torch.long)
         t1 = time.perf_counter()
         for _ in range(max_new_tokens - 1):
-            nxt = self.decode_step(tok, input_pos).clone()
+            nxt = self.next_token(tok, input_pos).clone()
             input_pos += 1
             out.append(nxt)
             tok = nxt

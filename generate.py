@@ -83,9 +83,11 @@ def run(a, tp):
         calib = load_calibration(model, ckpt / CALIB_FILE)
         apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     compile_ = device.type == "cuda" if a.compile is None else a.compile
+    graph = a.graph and device.type == "cuda" and tp is None  # tensor parallel: the compiled step (its collectives)
     model.set_plan(decode_plan(device, sparsity=a.sparsity))  # the kernels on a GPU, the reference path on a CPU
     gen = Generator(model, compile=compile_, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    sparse_prefill_from=a.sparse_prefill_from, compile_prefill=compile_ and a.compile_prefill)
+                    sparse_prefill_from=a.sparse_prefill_from, compile_prefill=compile_ and a.compile_prefill,
+                    graph=graph)
 
     if a.interactive:
         return chat_loop(gen, tok, a, calib)
@@ -97,10 +99,12 @@ def run(a, tp):
                         f"context of {model.args.max_seq_len} tokens")
     gen.setup(1, min(max_seq, model.args.max_seq_len))
     prompt = torch.tensor([ids], device=device)
-    if compile_:  # compile (and record the CUDA graphs) before the first sample, so that it reports real speed
+    if compile_ or graph:  # compile (and record the CUDA graphs) before the first sample: it reports real speed
         t0 = time.perf_counter()
         gen.generate(prompt, min(a.max_new_tokens, 4))
-        what = f"the prefill of {len(ids)} tokens and the decode step" if gen.compiled_prefill else "the decode step"
+        what = "the decode step" + (" (a CUDA graph of its kernel launches)" if graph and model.plan.sparse_decode
+                                    else "")
+        what = f"the prefill of {len(ids)} tokens and {what}" if gen.compiled_prefill else what
         print(f"[compiled in {time.perf_counter() - t0:.1f} s: {what}]", file=sys.stderr)
     for i in range(a.num_samples):
         stream = StreamDecoder(tok, ids)

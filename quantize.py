@@ -2,7 +2,7 @@
 - int8: round to nearest, one symmetric scale per output channel (half the bytes of bf16);
 - int4: round to nearest, eight weights to an int32 word, an asymmetric scale and offset per group of 128 inputs (64
   or 32 where 128 does not divide the input size) and output channel (a bit over a quarter);
-- awq: int4 after an activation-aware scale search and a clipping search on calibration text (awq.py); the scales
+- awq: int4 after an activation-aware scale search on calibration text, rounded with GPTQ's error feedback (awq.py); the scales
   fold into the norms and the v and up projections, and each linear keeps its input scales so the checkpoint's
   sparsity calibration applies. Groups of 128 inputs, or --group 64 / 32 (`--quant awq` loads whichever the file
   holds).
@@ -57,7 +57,7 @@ def main(argv=None):
         tok = load_tokenizer(ckpt)
         text = read_texts(a.text if a.text else default_texts("calibration"))
         batches = token_batches(tok, text, a.tokens, a.seq_len, 4, device)
-        report = awq_quantize(model, batches, fmt)
+        report = awq_quantize(model, batches, fmt, max_rows=a.tokens)  # every calibration token in GPTQ's Hessian
         errs = [e for _, e in report.values()]
         print(f"awq: {len(report)} linear groups, output error {sum(errs) / len(errs):.2e} on average "
               f"(relative, squared)")

@@ -55,12 +55,13 @@ def main(argv=None):
         apply_thresholds(model, calib, a.sparsity, a.sparsity_method, a.criterion)
     model.set_plan(decode_plan(device, sparsity=a.sparsity))
     compile_ = device.type == "cuda" if a.compile is None else a.compile
+    graph = a.graph and device.type == "cuda"
     gen = Generator(model, compile=compile_, sparse_prefill_from=a.sparse_prefill_from,
-                    compile_prefill=compile_ and a.compile_prefill)
+                    compile_prefill=compile_ and a.compile_prefill, graph=graph)
     max_seq = min(a.max_seq_len, model.args.max_seq_len)
     gen.setup(1, max_seq)
     worker = Worker(gen, tok, calib, a.sparsity, a.sparsity_method, a.criterion, max_seq)
-    if compile_:
+    if compile_ or graph:
         t0 = time.perf_counter()
         worker.call(lambda: warm_up(gen, tok.encode("Hello")))
         print(f"[compiled in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)

@@ -256,10 +256,10 @@ class Config(NamedTuple):
 
 def default_config(K: int, sizes, group: int, n_sm: int) -> Optional[Config]:
     """Launch config of a batch-1 int4 projection on tensor cores, or None where this kernel does not take the
-    shape (segments of whole 256-column tiles, groups of 64 or 128): 512-column tiles where the segments allow,
+    shape (segments of whole 256-column tiles, groups of 32, 64 or 128): 512-column tiles where the segments allow,
     about three programs per SM."""
     wb = next((b for b in (2, 1) if all(s % tile_n(b) == 0 for s in sizes)), None)
-    if wb is None or group not in (64, 128) or K % group:
+    if wb is None or group not in (32, 64, 128) or K % group:
         return None
     tiles = sum(sizes) // tile_n(wb)
     groups = K // group
@@ -280,7 +280,7 @@ def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor
     tn, bk = tile_n(wb), 64 // wb
     group = INT4.group_of(w, scale)
     x_parts = check_inputs(x, w, t, sizes, scale, norm_weight, ss_in, residual)
-    assert all(s % tn == 0 for s in sizes) and group in (64, 128)
+    assert all(s % tn == 0 for s in sizes) and group in (32, 64, 128)
     k_split = triton.cdiv(triton.cdiv(K, split), group) * group
     split = triton.cdiv(K, k_split)
     assert k_split <= 8 * group

@@ -34,7 +34,7 @@ from kernels import configs, decode_attention, reference, sparse_gemv, sparse_ml
 from loading import random_model
 from model import CONFIGS, ModelArgs
 from paths import REPO
-from kernels.formats import quant_format
+from kernels.formats import int4_variant, quant_format
 from quantization import quantize_model
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
 from tp import TP, from_env
@@ -242,13 +242,17 @@ def bench_attention(name: str, args: ModelArgs, contexts=(384, 2048)) -> list:
 def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
-              hopper_mma: Optional[bool] = None, tp: Optional[TP] = None) -> list:
+              hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
+              group: int = 128) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
     model = random_model(args, tp.device if tp else "cuda", torch.bfloat16, seed=0, tp=tp)
     world = tp.world if tp else 1
     fmt = quant_format(quant)
+    if group != 128:  # int4 (or AWQ's int4: the same kernels and bytes) in smaller scale groups
+        fmt = int4_variant(group)
+        quant = f"{quant}-g{group}"
     if fmt.quantized:
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
@@ -257,7 +261,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
     captured = capture_inputs(model, prompt)
-    gen = Generator(model, compile=True)
+    gen = Generator(model, compile=True, graph=graph)
     gen.setup(1, prompt_len + new_tokens)
     records = []
     for s in sparsities:
@@ -277,7 +281,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
                "decode_path": "sparse kernels" if model.plan.sparse_decode else "dense (cuBLAS projections)",
-               "read_gb_s": round(bw / 1e9, 1)}
+               "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled"}
         if tp is not None:
             rec["all_reduce_us"] = round(all_reduce_us(tp, args.dim), 2)
         records.append(rec)
@@ -490,6 +494,11 @@ def main():
                    help="batch-1 int4 projections through the Gluon kernels (default: on sm_90 GPUs)")
     p.add_argument("--hopper-mma", action=argparse.BooleanOptionalAction, default=None,
                    help="of them those it takes on tensor cores (default: with --hopper-int4)")
+    p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
+                   help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
+                   "weights rounded to nearest stand for it)")
+    p.add_argument("--graph", action="store_true",
+                   help="sparse decode steps recorded as a CUDA graph of their eager launches, not compiled")
     add_quant_arg(p)  # end to end only: the kernel table stays bf16
     a = p.parse_args()
     tp = from_env("cuda") if torch.cuda.is_available() else None  # under torchrun: end to end only, rank 0 writes
@@ -498,6 +507,9 @@ def main():
     models = [m for m in a.models.split(",") if m]
     configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
     levels = sparsity_list(a.sparsities, "--sparsities")
+    if a.group != 128 and a.quant not in ("int4", "awq"):
+        raise UserError("--group applies to --quant int4 or awq")
+    quant_label = a.quant if a.group == 128 else f"{a.quant}-g{a.group}"
     if not torch.cuda.is_available():
         raise UserError("bench.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
@@ -509,7 +521,7 @@ def main():
     cmd = (f"torchrun --nproc-per-node {tp.world} " if tp else "python ") + "scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
         rerun_k = set() if a.skip_kernels else set(models)
-        rerun_e = set() if a.skip_e2e else {(m, a.quant or "none", tp.world if tp else 1) for m in models}
+        rerun_e = set() if a.skip_e2e else {(m, quant_label or "none", tp.world if tp else 1) for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e, e2e_key)
@@ -524,7 +536,8 @@ def main():
             e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
-                                                      hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp)]
+                                                      hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
+                                                      graph=a.graph, group=a.group)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -31,7 +31,7 @@ import torch
 import triton
 
 from cli import HelpFormatter
-from engine import Generator, compile_step
+from engine import Generator, GraphStep, compile_step
 from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import ModelArgs
@@ -240,6 +240,8 @@ HOPPER_SHAPES = {  # (K, sizes, glu, group): Llama-2-7B's q/k/v and gate/up, Lla
     "l2-qkv": (4096, (4096,) * 3, False, 128), "l2-gate_up": (4096, (11008,) * 2, True, 128),
     "l3-qkv": (4096, (4096, 1024, 1024), False, 128), "l3-gate_up": (4096, (14336,) * 2, True, 128),
     "g64-256": (1152, (512, 256, 256), False, 64), "small-g64": (1152, (384, 128, 128), False, 64),
+    # AWQ's groups of 32: the tensor-core kernel only (the CUDA-core one takes 64 and 128)
+    "l2-qkv-g32": (4096, (4096,) * 3, False, 32), "l2-gate_up-g32": (4096, (11008,) * 2, True, 32),
 }
 
 
@@ -261,17 +263,18 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             x, g, ss_in, xin = projection_input(1, K, dtype, norm=norm)
             t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device="cuda")
             ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), sizes)
-            parts = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
-            again = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
             triton_parts = sparse_gemv.sparse_gemv_parts(x, q, t, sizes, tcfg, glu, g, ss_in, fmt=INT4, scale=scale)
-            y = parts.sum(0).reshape(1, -1)
-            err = rel_err(y, ref)
-            err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
-            rows += 1
-            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
-                    and not y.isnan().any()):
-                failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
-                                f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
+            if cfg is not None:
+                parts = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
+                again = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
+                y = parts.sum(0).reshape(1, -1)
+                err = rel_err(y, ref)
+                err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
+                rows += 1
+                if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
+                        and not y.isnan().any()):
+                    failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
+                                    f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
             if mcfg is None or not norm:
                 continue
             # the tensor-core kernel (q/k/v, gate/up: always norm-fused in the model), its weights in mma order
@@ -287,9 +290,9 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
                                 f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
     # o, and down from gate/up's partials: the residual added, the split-K sums reduced in the kernel, the sums of
     # squares written; against the reference, the Triton kernel, and a second run (counters must be left zero)
-    for (K, N, P), dtype in itertools.product(((4096, 4096, 0), (11008, 4096, 5), (1152, 384, 3)),
-                                              (torch.bfloat16, torch.float16)):
-        group = 128 if K % 128 == 0 else 64
+    for (K, N, P, group), dtype in itertools.product(
+            ((4096, 4096, 0, 128), (11008, 4096, 5, 128), (1152, 384, 3, 64), (4096, 4096, 0, 32), (11008, 4096, 5, 32)),
+            (torch.bfloat16, torch.float16)):
         q, scale = INT4.quantize(torch.randn(K, N, device="cuda") / K ** 0.5, group)
         w = INT4.dequantize(q, scale).double()
         cfg = gluon_gemv.default_config(K, (N,), group, n_sm)
@@ -304,17 +307,18 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             res = torch.randn(1, N, device="cuda", dtype=dtype)
             counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
             ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), (N,), residual=res.double())
-            y, ss = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
-            y2, ss2 = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
             ty, _ = sparse_gemv.sparse_gemv_ss(x, q, t, (N,), counters, tcfg, res, fmt=INT4, scale=scale)
-            err, err_triton = rel_err(y, ref), rel_err(y, ty.double())
-            ss_err = rel_err(ss.sum(), reference.sum_squares_ref(y, N).sum().double())
-            rows += 1
-            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and ss_err < 1e-5 and torch.equal(y, y2)
-                    and torch.equal(ss, ss2) and not counters.any() and not y.isnan().any()):
-                failures.append(f"gluon int4 residual K={K} N={N} parts={P} {dtype} s={s} cfg={tuple(cfg)}: err "
-                                f"{err:.2e}, against Triton {err_triton:.2e}, sums of squares {ss_err:.2e}, "
-                                f"repeatable {torch.equal(y, y2)}, counters left {int(counters.sum())}")
+            if cfg is not None:
+                y, ss = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
+                y2, ss2 = gluon_gemv.int4_residual(x, q, t, (N,), cfg, scale, counters, res)
+                err, err_triton = rel_err(y, ref), rel_err(y, ty.double())
+                ss_err = rel_err(ss.sum(), reference.sum_squares_ref(y, N).sum().double())
+                rows += 1
+                if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and ss_err < 1e-5 and torch.equal(y, y2)
+                        and torch.equal(ss, ss2) and not counters.any() and not y.isnan().any()):
+                    failures.append(f"gluon int4 residual K={K} N={N} parts={P} {dtype} s={s} cfg={tuple(cfg)}: err "
+                                    f"{err:.2e}, against Triton {err_triton:.2e}, sums of squares {ss_err:.2e}, "
+                                    f"repeatable {torch.equal(y, y2)}, counters left {int(counters.sum())}")
             if mcfg is None:
                 continue
             y, ss = gluon_mma.int4_residual(x, qm, t, (N,), mcfg, scale, counters, res)
@@ -362,7 +366,10 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
     step = compile_step(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1],
                         mode="reduce-overhead")
     comp_logits = decode_logits(model, prompt, ref_tokens, step=step)
-    errs = [rel_err(c, r) for c, r in zip(comp_logits, ref_logits)]
+    # the same step's eager launches recorded as a CUDA graph (generate.py --graph)
+    graph_logits = decode_logits(model, prompt, ref_tokens, step=GraphStep(
+        lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1], lambda: None))
+    errs = [max(rel_err(c, r), rel_err(g, r)) for c, g, r in zip(comp_logits, graph_logits, ref_logits)]
     same = int((free_tokens == free_ref).all(dim=0).long().cumprod(0).sum().item())
     stats = measure_sparsity(model, torch.cat([prompt, ref_tokens], 1), sparse_from=64, start=64)
     return errs, same, parameter_weighted(model, stats), model, gen, prompt, margin
@@ -459,7 +466,7 @@ def main():
                                                                        quant=quant)
         worst = max(errs)
         print(f"model {dtype}{f' {quant} weights' if quant else ''} at {level} "
-              f"({'sparse kernels' if sparse else 'dense path'}): compiled vs eager decode: "
+              f"({'sparse kernels' if sparse else 'dense path'}): compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"
               + ("" if margin is None else f"; thresholds moved into gaps, smallest margin {margin:.1e}")

@@ -16,7 +16,7 @@ import torch
 from calibration import calibrate
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
 from errors import UserError
-from sparsity import CRITERIA, PROJECTIONS, TARGETS, param_fractions
+from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
 from texts import default_texts, read_texts
 
 
@@ -48,11 +48,16 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the greedy search scores on, per half")
     p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
+    p.add_argument("--max-move", type=float, default=0.1, help="largest level change of one projection in one step")
+    p.add_argument("--criteria", default=DEFAULT_CRITERION, help=f"comma-separated, of {', '.join(CRITERIA)}")
     p.add_argument("--uniform-floor", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the uniform allocation at a target where it has less error (calibrate.py does)")
     p.add_argument("--targets", default="0.4,0.5", help="comma-separated model targets compared")
     p.add_argument("--out", type=Path, default=None, help="JSON file of the comparison (default: none)")
     a = p.parse_args()
+    criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
+    if not criteria or len(criteria) != len(a.criteria.split(",")):
+        raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
     targets = sparsity_list(a.targets, "--targets")
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
     _, model, tok, _ = load_from_args(a)
@@ -61,17 +66,19 @@ def main():
     for i, half in enumerate(halves(text)):
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
-                          f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, criteria=CRITERIA)
+                          f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, max_move=a.max_move,
+                          criteria=criteria)
         tables.append(calib.greedy)
         print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
-    one_step = (a.step / param_fractions(model.args)).clamp(max=1.0).float()
-    report = {"greedy_seqs": a.greedy_seqs, "tokens": a.tokens, "step": a.step, "uniform_floor": a.uniform_floor,
+    one_step = (a.step / param_fractions(model.args)).clamp(max=min(a.max_move, 1.0)).float()
+    report = {"greedy_seqs": a.greedy_seqs, "tokens": a.tokens, "step": a.step, "max_move": a.max_move,
+              "uniform_floor": a.uniform_floor,
               "results": {}}
     print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half, uniform floor {a.uniform_floor}; one step "
           f"per projection: " + ", ".join(f"{p} {s:.3f}" for p, s in zip(PROJECTIONS, one_step.tolist())))
     print("| criterion, target | mean abs difference | largest | pairs within one step | blocks all within |")
     print("|---|---|---|---|---|")
-    for c in CRITERIA:
+    for c in criteria:
         for t, ti in zip(targets, idx):
             r = compare(tables[0][c][:, ti].float(), tables[1][c][:, ti].float(), one_step)
             report["results"][f"{c}@{t}"] = r

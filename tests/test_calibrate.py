@@ -389,10 +389,11 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     out = tmp_path / "stability.json"
     monkeypatch.setattr(sys, "argv", ["greedy_stability.py", "--checkpoint", str(ckpt), "--text", str(text),
                                       "--tokens", "1536", "--seq-len", "128", "--skip", "16", "--batch", "4",
-                                      "--out", str(out)])
+                                      "--criteria", "magnitude,weight-aware", "--out", str(out)])
     assert gs.main() == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware") for t in (0.4, 0.5)}
+    assert report["max_move"] == 0.1
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
 
@@ -443,3 +444,22 @@ def test_default_criteria_make_the_default_tables_only(tmp_path):
     for bad in ("", "magnitude,nope", "magnitude,magnitude"):
         with pytest.raises(UserError, match="--criteria"):
             calibrate.main(["--checkpoint", str(ckpt), "--criteria", bad])
+
+
+def test_greedy_search_on_threads_gives_the_same_tables(calibrated):
+    """Blocks searched by 3 threads (each its own probe, ops on one core) = one after another on one probe: a
+    block's search sets only that block's thresholds and cache."""
+    ckpt, _ = calibrated
+    model = load_model(ckpt)
+    tok = load_tokenizer(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    batches = calibration.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
+    model.setup_caches(4, 128)
+    _, _, inputs = calibration.collect(model, batches, 16, calibration.column_norms(model), 1)
+    inputs = [x[:2] for x in inputs]
+    threads = torch.get_num_threads()
+    one = calibration.greedy_tables(model, calib, inputs, 16, "magnitude", 0.05, True, 0.1, workers=1)
+    three = calibration.greedy_tables(model, calib, inputs, 16, "magnitude", 0.05, True, 0.1, workers=3)
+    assert torch.equal(one, three) and torch.get_num_threads() == threads
+    assert torch.allclose(one.double() @ param_fractions(model.args), TARGETS.expand(model.args.n_layer, -1), atol=2e-3)
+    assert all((mod.threshold == 0).all() for _, _, mod, _ in model.sparse_modules())  # blocks left dense

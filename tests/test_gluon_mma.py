@@ -75,9 +75,11 @@ def emulate(x, wm, t, sizes, scale, group, wb, k_split, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.9])
-def test_emulated_kernel_matches_the_reference(dtype, s):
-    """Three segments under their own thresholds, groups of 64, K ranges of 3 groups (the last one short)."""
-    K, sizes, group, wb = 448, (512, 256, 256), 64, 1
+@pytest.mark.parametrize("group", [64, 32])
+def test_emulated_kernel_matches_the_reference(dtype, s, group):
+    """Three segments under their own thresholds, groups of 64 (or 32, AWQ's smallest), K ranges of 3 groups (the
+    last one short)."""
+    K, sizes, wb = 7 * group, (512, 256, 256), 1
     q, scale = quantized(K, sum(sizes), group)
     x = torch.randn(1, K).to(dtype)
     t = torch.quantile(x.abs().float(), s) * (torch.rand(len(sizes), K) * 0.4 + 0.8) if s else \
@@ -95,7 +97,9 @@ def test_default_config():
     assert gluon_mma.default_config(4096, (11008,) * 2, 128, 132) == gluon_mma.Config(1, 5)
     assert gluon_mma.default_config(4096, (4096,), 128, 4) == gluon_mma.Config(2, 4)  # 32 groups: at least 4 ranges
     assert gluon_mma.default_config(1152, (384, 128, 128), 64, 132) is None
-    assert gluon_mma.default_config(4096, (4096,), 32, 132) is None
+    assert gluon_mma.default_config(4096, (4096,), 32, 132) == gluon_mma.Config(2, 50)  # AWQ g32: 3 groups a range
+    assert gluon_mma.default_config(4096, (4096,), 32, 4) == gluon_mma.Config(2, 16)  # at most 8 groups a range
+    assert gluon_mma.default_config(4096, (4096,), 16, 132) is None
 
 
 def test_launch_allocates_partials_and_checks_inputs():
