@@ -150,7 +150,9 @@ class Generator:
         self.prefill_step, self.decode_step = self._prefill, self._decode
         self.graph_step = None
         if graph and self.device.type == "cuda":
-            self.graph_step = GraphStep(self._decode, lambda: (self.greedy, self.model.plan))
+            # (a graph writes the caches it was recorded with: new caches, a new graph)
+            self.graph_step = GraphStep(self._decode, lambda: (self.greedy, self.model.plan, self.model.rope.data_ptr(),
+                                                               self.model.layers[0].attention.kv_cache.k.data_ptr()))
         if compile:
             cuda = self.device.type == "cuda"
             self.decode_step = compile_step(self._decode, mode="reduce-overhead" if cuda else None)
