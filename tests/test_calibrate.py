@@ -105,15 +105,20 @@ def test_greedy_tables_reach_targets(calibrated):
             assert abs(float((lv @ w).mean()) - 0.45) < 2e-3
 
 
-def test_greedy_never_worse_than_uniform_on_calibration_data(calibrated):
-    ckpt, text = calibrated
+def greedy_inputs(ckpt: Path) -> tuple:
+    """(model, its calibration, the block inputs of 2 calibration sequences) as calibrate.py's greedy search has
+    them (skip 16)."""
     model = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
-    batches = calibration.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
+    batches = calibration.token_batches(load_tokenizer(ckpt), TEXT, 1536, 128, 4, "cpu")
     model.setup_caches(4, 128)
     _, _, inputs = calibration.collect(model, batches, 16, calibration.column_norms(model), 1)
-    probe = calibration.BlockProbe(model, calib, [x[:2] for x in inputs], 16)
+    return model, calib, [x[:2] for x in inputs]
+
+
+def test_greedy_never_worse_than_uniform_on_calibration_data(calibrated):
+    model, calib, inputs = greedy_inputs(calibrated[0])
+    probe = calibration.BlockProbe(model, calib, inputs, 16)
     for crit in ("magnitude", "weight-aware"):
         for layer in range(model.args.n_layer):
             for ti in (4, 8, 10, 13):  # 0.2, 0.4, 0.5, 0.65
@@ -449,14 +454,7 @@ def test_default_criteria_make_the_default_tables_only(tmp_path):
 def test_greedy_search_on_threads_gives_the_same_tables(calibrated):
     """Blocks searched by 3 threads (each its own probe, ops on one core) = one after another on one probe: a
     block's search sets only that block's thresholds and cache."""
-    ckpt, _ = calibrated
-    model = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
-    calib = load_calibration(model, ckpt / CALIB_FILE)
-    batches = calibration.token_batches(tok, TEXT, 1536, 128, 4, "cpu")
-    model.setup_caches(4, 128)
-    _, _, inputs = calibration.collect(model, batches, 16, calibration.column_norms(model), 1)
-    inputs = [x[:2] for x in inputs]
+    model, calib, inputs = greedy_inputs(calibrated[0])
     threads = torch.get_num_threads()
     one = calibration.greedy_tables(model, calib, inputs, 16, "magnitude", 0.05, True, 0.1, workers=1)
     three = calibration.greedy_tables(model, calib, inputs, 16, "magnitude", 0.05, True, 0.1, workers=3)
