@@ -21,7 +21,7 @@ from plan import decode_plan
 from errors import UserError
 from sparsity import CALIB_FILE, apply_thresholds, load_calibration
 from tokenizer import StreamDecoder
-from tp import from_env
+from tp import close, from_env
 
 
 def main(argv=None):
@@ -72,7 +72,9 @@ def main(argv=None):
             devnull = quiet.enter_context(open(os.devnull, "w"))
             quiet.enter_context(contextlib.redirect_stdout(devnull))
             quiet.enter_context(contextlib.redirect_stderr(devnull))
-        return run(a, tp)
+        out = run(a, tp)
+    close(tp)
+    return out
 
 
 def run(a, tp):

@@ -71,6 +71,14 @@ def from_env(device_type: str) -> Optional[TP]:
     return TP(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, device)
 
 
+def close(tp: Optional[TP]):
+    """Ends the process group of a torchrun process (all ranks together): a process that exits with gloo's threads
+    still running can abort in its teardown."""
+    if tp is not None and dist.is_initialized():
+        dist.barrier(group=tp.group)
+        dist.destroy_process_group()
+
+
 def check_split(args, world: int, fmt=None):
     """One line for a model that does not split over `world` ranks (fmt: the weights' format; int4 splits o's and
     down's inputs at whole scale groups)."""

@@ -37,7 +37,7 @@ from paths import REPO
 from kernels.formats import int4_variant, quant_format
 from quantization import quantize_model
 from sparsity import capture_inputs, measure_sparsity, parameter_weighted, per_projection, set_uniform_thresholds
-from tp import TP, from_env
+from tp import TP, close, from_env
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 KERNEL_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -542,6 +542,7 @@ def main():
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:
         print(json.dumps(e2e))
+    close(tp)
 
 
 if __name__ == "__main__":
