@@ -19,7 +19,7 @@ from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, QuantFormat
 from plan import REFERENCE, DecodePlan
-from tp import TP, head_rows
+from tp import TP, head_rows, share
 
 
 @dataclass
@@ -406,8 +406,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        world = tp.world if tp else 1  # each rank its query heads and their KV heads
-        self.n_head, self.n_kv_head, self.head_dim = a.n_head // world, a.n_kv_head // world, a.head_dim
+        # each rank its query heads and their KV heads
+        self.n_head, self.n_kv_head, self.head_dim = share(tp, a.n_head), share(tp, a.n_kv_head), a.head_dim
         q, kv = self.n_head * a.head_dim, self.n_kv_head * a.head_dim
         self.wqkv = SparseLinear(a.dim, (q, kv, kv), parts=True)
         self.wo = SparseLinear(q, (a.dim,), tp=tp)
@@ -446,7 +446,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        i = a.intermediate_size // (tp.world if tp else 1)
+        i = share(tp, a.intermediate_size)
         self.w13 = SparseLinear(a.dim, (i, i), glu=True, parts=True)
         self.w2 = SparseLinear(i, (a.dim,), tp=tp)
         self.down_config = None
@@ -482,7 +482,7 @@ class CatsFeedForward(nn.Module):
 
     def __init__(self, a: ModelArgs, tp: Optional[TP] = None):
         super().__init__()
-        self.intermediate_size = i = a.intermediate_size // (tp.world if tp else 1)
+        self.intermediate_size = i = share(tp, a.intermediate_size)
         self.w1 = SparseLinear(a.dim, (i,))
         self.w3 = RowSparseUp(a.dim, i)
         self.w2 = SparseLinear(i, (a.dim,), tp=tp)

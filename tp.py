@@ -97,6 +97,11 @@ def check_split(args, world: int, fmt=None):
                             f"of {group}")
 
 
+def share(tp: Optional[TP], n: int) -> int:
+    """How many of n channels split evenly a rank holds (all of them without tensor parallelism)."""
+    return n // tp.world if tp is not None else n
+
+
 def head_rows(vocab: int, world: int) -> int:
     """Vocabulary entries per rank (the last rank's padded with zero rows)."""
     return -(-vocab // world)

@@ -252,7 +252,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     fmt = quant_format(quant)
     if group != 128:  # int4 (or AWQ's int4: the same kernels and bytes) in smaller scale groups
         fmt = int4_variant(group)
-        quant = f"{quant}-g{group}"
+    quant = quant_label(quant, group)
     if fmt.quantized:
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
@@ -292,6 +292,11 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     del model, gen, captured
     torch.cuda.empty_cache()
     return records
+
+
+def quant_label(quant: Optional[str], group: int) -> Optional[str]:
+    """A record's weights: the --quant name, with the scale group where it is not 128 (int4-g32)."""
+    return quant if group == 128 else f"{quant}-g{group}"
 
 
 def all_reduce_us(tp: TP, dim: int, launches: int = 64) -> float:
@@ -509,7 +514,6 @@ def main():
     levels = sparsity_list(a.sparsities, "--sparsities")
     if a.group != 128 and a.quant not in ("int4", "awq"):
         raise UserError("--group applies to --quant int4 or awq")
-    quant_label = a.quant if a.group == 128 else f"{a.quant}-g{a.group}"
     if not torch.cuda.is_available():
         raise UserError("bench.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
@@ -521,7 +525,8 @@ def main():
     cmd = (f"torchrun --nproc-per-node {tp.world} " if tp else "python ") + "scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
         rerun_k = set() if a.skip_kernels else set(models)
-        rerun_e = set() if a.skip_e2e else {(m, quant_label or "none", tp.world if tp else 1) for m in models}
+        rerun_e = set() if a.skip_e2e else {(m, quant_label(a.quant, a.group) or "none", tp.world if tp else 1)
+                                                    for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e, e2e_key)
