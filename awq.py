@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from calibration import token_batches
 from kernels.formats import AWQ, QuantFormat, pack_int4, round_int4
 from model import Transformer
 from quantization import quantize_model
@@ -132,6 +133,14 @@ def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.1, act_order: bo
     out = torch.empty_like(Q)
     out[perm] = Q
     return pack_int4(out.to(torch.int32)), torch.stack([S, M]).half()
+
+
+def awq_on_text(model: Transformer, tok, text: str, fmt: QuantFormat, tokens: int, seq_len: int,
+                progress: bool = True) -> dict:
+    """awq_quantize on `tokens` tokens of calibration text in sequences of seq_len, every one of them in GPTQ's
+    Hessian (quantize.py --mode awq; the quality report's AWQ rows). -> awq_scale's report."""
+    batches = token_batches(tok, text, tokens, seq_len, 4, model.tok_embeddings.weight.device)
+    return awq_quantize(model, batches, fmt, max_rows=tokens, progress=progress)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from errors import UserError
 from kernels import reference
 from model import attention_mask
 from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, SparsityCounter, apply_levels,
-                      crit_key, input_hooks, owners, param_fractions)
+                      crit_key, input_hooks, owners, param_fractions, set_threshold)
 
 # bins of |x| in float32: the exponent and the top MANT_BITS bits of the mantissa of each value, i.e. 256 equal bins
 # per octave (0.2-0.4% wide in value), from 2^LOG2_LO (smaller values and zeros: the first bin) to 2^LOG2_HI (larger:
@@ -66,10 +66,21 @@ def hist_quantiles(h: torch.Tensor) -> torch.Tensor:
 
 
 def column_norms(model) -> dict:
-    """{projection: [n_layer, K]} ‖W[i, :]‖ over each projection's own outputs (weights are [in, out])."""
-    out = {p: [None] * model.args.n_layer for p in PROJECTIONS}
+    """{projection: [n_layer, K]} ‖W[i, :]‖ over each projection's own outputs (weights are [in, out]), in the source
+    model's units: AWQ weights (awq.py) hold diag(s) W, with the scales of o and down also folded into v's and up's
+    columns; both are undone here."""
+    a = model.args
+    out = {p: [None] * a.n_layer for p in PROJECTIONS}
     for layer, p, mod, row in model.sparse_modules():
-        out[p][layer] = mod.weight.split(list(mod.sizes), dim=1)[row].float().norm(dim=1).cpu()
+        w = (mod.float_weight() if mod.fmt.quantized else mod.weight).split(list(mod.sizes), dim=1)[row].float()
+        if mod.input_scale is not None:
+            w = w / mod.input_scale[:, None]
+            b = model.layers[layer]
+            if p == "v":  # o's scales, shared by the query heads of a KV head
+                w = w * b.attention.wo.input_scale.view(a.n_kv_head, -1, a.head_dim)[:, 0].reshape(-1)
+            elif p == "up":
+                w = w * b.feed_forward.w2.input_scale
+        out[p][layer] = w.norm(dim=1).cpu()
     return {p: torch.stack(v) for p, v in out.items()}
 
 
@@ -86,13 +97,16 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
 
     def grab(mod, x):
         a = x[:, skip:].float().abs().reshape(-1, x.shape[-1])  # [N, K]
+        if mod.input_scale is not None:  # AWQ weights: x / s; statistics in the source model's units
+            a = a * mod.input_scale
         mag = value_hist(a)  # q, k, v (and gate, up) share one input
         for layer, p, _ in owner[mod]:
             j = PROJECTIONS.index(p)
             hists["magnitude"][layer, j] += mag
             hists["weight-aware"][layer, j] += value_hist(a * norms_dev[p][layer])
         if owner[mod][0][1] == "gate":  # CATS statistic: |silu(gate)|
-            gate = x[:, skip:].reshape(-1, x.shape[-1]) @ mod.weight[:, :I]
+            w = mod.float_weight().to(x.dtype) if mod.fmt.quantized else mod.weight
+            gate = x[:, skip:].reshape(-1, x.shape[-1]) @ w[:, :I]
             cats[layer] += value_hist(torch.nn.functional.silu(gate.float()).abs())
 
     block_inputs = [[] for _ in range(L)]
@@ -198,7 +212,7 @@ class BlockProbe:
         thr = self.calib.layer_thresholds(layer, levels, criterion)
         for i, p, mod, row in self.model.sparse_modules():
             if i == layer:
-                mod.threshold[row].copy_(thr[p])
+                set_threshold(mod, row, thr[p])
 
     def reset(self, layer: int):
         for i, _, mod, _ in self.model.sparse_modules():

@@ -5,7 +5,7 @@ Zero thresholds are exactly dense. Weights of sparse linears are stored input-ch
 ([in, out]) so that a skipped input channel skips one contiguous row of the weight.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
@@ -230,6 +230,13 @@ class SparseLinear(nn.Module):
     @property
     def in_features(self) -> int:
         return self.weight.shape[0]
+
+    def float_weight(self) -> Tensor:
+        """The weights as float32 [K, N] in column order (quantized ones dequantized)."""
+        if not self.fmt.quantized:
+            return self.weight.float()
+        w = self.weight if self.mma_config is None else gluon_mma.from_mma_layout(self.weight, self.mma_config.wb)
+        return self.fmt.dequantize(w, self.scale)
 
     @property
     def out_features(self) -> int:

@@ -19,8 +19,7 @@ apply unchanged.
 import argparse
 from pathlib import Path
 
-from awq import awq_quantize
-from calibration import token_batches
+from awq import awq_on_text
 from checkpoint import WEIGHTS, read_metadata
 from cli import HelpFormatter, add_model_args, parse_dtype, pick_device, run_cli
 from default_model import default_checkpoint
@@ -56,8 +55,7 @@ def main(argv=None):
     if fmt.calibrated:
         tok = load_tokenizer(ckpt)
         text = read_texts(a.text if a.text else default_texts("calibration"))
-        batches = token_batches(tok, text, a.tokens, a.seq_len, 4, device)
-        report = awq_quantize(model, batches, fmt, max_rows=a.tokens)  # every calibration token in GPTQ's Hessian
+        report = awq_on_text(model, tok, text, fmt, a.tokens, a.seq_len)
         errs = [e for _, e in report.values()]
         print(f"awq: {len(report)} linear groups, output error {sum(errs) / len(errs):.2e} on average "
               f"(relative, squared)")

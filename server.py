@@ -1,11 +1,18 @@
 """The OpenAI-compatible HTTP service behind serve.py: request schemas (OpenAI's fields that batch-1 decoding
 serves, plus `sparsity`, `sparsity_method`, `criterion`, `top_k`, `ignore_eos`), the decode worker (one thread that
 owns the model, serves jobs in arrival order, keeps the KV cache of the last conversation and sets each request's
-level and sampling), and the FastAPI app (JSON and server-sent-event responses, OpenAI-style errors)."""
+level and sampling), and the FastAPI app (JSON and server-sent-event responses, OpenAI-style errors).
+
+Under torchrun (tensor parallel, tp.py) rank 0 serves HTTP and its worker tells the other ranks, which run `follow`,
+what to decode: each job's prompt, level, sampling settings and seed before it starts, and after every token
+whether to stop (stop strings and client disconnects are known to rank 0 only). The ranks thus run the same steps
+and their collectives pair up; while idle the worker sends a keep-alive every `heartbeat` seconds, so the others'
+waiting broadcast never times out."""
 import asyncio
 import concurrent.futures
 import json
 import queue
+import random
 import threading
 import time
 import uuid
@@ -143,8 +150,10 @@ class Worker:
     """The one thread that touches the model: takes jobs in arrival order, keeps the KV cache of the last
     conversation, sets each job's sparsity level and sampling settings, and streams its text back."""
 
-    def __init__(self, gen: Generator, tok, calib, level: float, method: str, criterion: str, max_seq_len: int):
+    def __init__(self, gen: Generator, tok, calib, level: float, method: str, criterion: str, max_seq_len: int,
+                 tp=None, heartbeat: float = 30.0):
         self.gen, self.tok, self.calib = gen, tok, calib
+        self.tp, self.heartbeat = tp, heartbeat  # tp: rank 0's TP; the others follow (follow())
         self.setting = (level, method, criterion)
         self.max_seq_len = max_seq_len
         self.cached = []  # the ids whose keys and values the cache holds, in order
@@ -167,9 +176,29 @@ class Worker:
     def waiting(self) -> int:
         return self.jobs.qsize() + self.busy
 
+    def warm_up(self, ids: list):
+        """warm_up() on the worker's thread (and on every rank)."""
+        self.call(lambda: (self._tell("warm", ids=ids), warm_up(self.gen, ids)))
+
+    def close(self):
+        """Ends the worker thread after the jobs queued before; the other ranks' follow() returns."""
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _tell(self, op: str, **fields):
+        if self.tp is not None:
+            self.tp.broadcast({"op": op, **fields})
+
     def _run(self):
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get(timeout=self.heartbeat if self.tp is not None else None)
+            except queue.Empty:
+                self._tell("idle")
+                continue
+            if job is None:
+                self._tell("stop")
+                return
             if isinstance(job, tuple):
                 fn, done = job
                 try:
@@ -204,15 +233,30 @@ class Worker:
     def _serve(self, job: Job):
         self._set_level(job.level, job.method, job.criterion)
         gen, tok = self.gen, self.tok
-        gen.set_sampling(job.temperature if job.top_p > 0 else 0.0, job.top_k, job.top_p)
-        if job.seed is not None:
-            torch.manual_seed(job.seed)
+        sampling = (job.temperature if job.top_p > 0 else 0.0, job.top_k, job.top_p)
+        gen.set_sampling(*sampling)
+        seed = job.seed
+        if seed is None and self.tp is not None:  # the ranks sample alike from the same logits and seed
+            seed = random.getrandbits(63)
+        if seed is not None:
+            torch.manual_seed(seed)
         stop_ids = set() if job.ignore_eos else tok.stop_ids
         reuse = common_prefix(self.cached, job.ids[:-1])  # at least one token to prefill: it gives the first new one
         stream, stops = StreamDecoder(tok, job.ids), StopText(job.stops)
         state = {"n": 0, "finish": "length"}
+        self._tell("generate", ids=job.ids[reuse:], start=reuse, max_tokens=job.max_tokens, stop_ids=sorted(stop_ids),
+                   sampling=sampling, seed=seed, setting=self.setting)
 
         def on_tokens(tokens):
+            try:
+                stop = bool(decide(tokens))
+            except BaseException:
+                if self.tp is not None:  # the other ranks stop with this one
+                    self.tp.agree(True)
+                raise
+            return self.tp.agree(stop) if self.tp is not None else stop
+
+        def decide(tokens):
             if job.cancelled.is_set():
                 state["finish"] = None
                 return True
@@ -248,6 +292,25 @@ def warm_up(gen: Generator, ids: list):
     for temperature in (0.0, 1.0):
         gen.set_sampling(temperature)
         gen.generate(torch.tensor([ids], device=gen.device), 4)
+
+
+def follow(gen: Generator, calib, setting: tuple, tp):
+    """The loop of a rank > 0 under torchrun: the steps rank 0's worker runs, as it says (module docstring), until
+    it says stop. setting: the (level, method, criterion) the model's thresholds hold."""
+    while True:
+        cmd = tp.broadcast()
+        if cmd["op"] == "stop":
+            return
+        if cmd["op"] == "warm":
+            warm_up(gen, cmd["ids"])
+        elif cmd["op"] == "generate":
+            if cmd["setting"] != setting:
+                set_sparsity(gen.model, calib, *cmd["setting"])
+                setting = cmd["setting"]
+            gen.set_sampling(*cmd["sampling"])
+            torch.manual_seed(cmd["seed"])
+            gen.generate(torch.tensor([cmd["ids"]], device=gen.device), cmd["max_tokens"], cmd["stop_ids"],
+                         on_tokens=lambda _: tp.agree(), start=cmd["start"])
 
 
 # --- the HTTP side ---

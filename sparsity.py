@@ -300,7 +300,13 @@ def apply_levels(model: Transformer, calib: Calibration, levels: Tensor, criteri
             t = t[mod.tp.part(t.shape[0])]
         if cats is not None and name in ("gate", "up", "down"):
             mod.threshold[row].fill_(cats[layer] if name == "up" else 0.0)
-        elif mod.input_scale is not None:  # AWQ weights: the input is x / s of the source model's (awq.py)
-            mod.threshold[row].copy_(t.to(mod.threshold) / mod.input_scale)
         else:
-            mod.threshold[row].copy_(t)
+            set_threshold(mod, row, t)
+
+
+def set_threshold(mod, row: int, t: Tensor):
+    """Threshold row `row` of a sparse linear from t (a scalar or [K]) in the source model's units."""
+    if mod.input_scale is not None:  # AWQ weights: the input is x / s of the source model's (awq.py)
+        mod.threshold[row].copy_(torch.as_tensor(t).to(mod.threshold) / mod.input_scale)
+    else:
+        mod.threshold[row].copy_(t)

@@ -34,6 +34,7 @@ class TP:
     world: int
     group: object  # the ProcessGroup
     device: torch.device  # where its collectives run (a GPU for NCCL)
+    control: object = None  # a gloo group over the same ranks for host messages (the server's commands)
 
     def part(self, n: int) -> slice:
         """This rank's slice of n channels split evenly."""
@@ -54,6 +55,19 @@ class TP:
         g = _gather(x.movedim(-1, 0).contiguous(), 0, self.group)  # [world * n, ...]
         return g.movedim(0, -1)
 
+    def broadcast(self, obj=None):
+        """Rank 0's picklable `obj` on every rank, over the host group: no GPU stream is touched, so a decode step
+        already queued keeps running."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.control or self.group)
+        return box[0]
+
+    def agree(self, flag: bool = False) -> bool:
+        """Rank 0's flag on every rank (a cheaper broadcast of one bool, once per decoded token)."""
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.broadcast(t, src=0, group=self.control or self.group)
+        return bool(t.item())
+
 
 def from_env(device_type: str) -> Optional[TP]:
     """The TP group of a process started by torchrun (WORLD_SIZE > 1), else None. Sets the multicast switches
@@ -68,7 +82,8 @@ def from_env(device_type: str) -> Optional[TP]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return TP(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, device)
+    control = dist.new_group(backend="gloo") if device_type == "cuda" else None  # on CPUs WORLD is gloo already
+    return TP(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, device, control)
 
 
 def close(tp: Optional[TP]):

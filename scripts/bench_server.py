@@ -37,7 +37,7 @@ from loading import random_model
 from model import CONFIGS, ModelArgs
 from plan import decode_plan
 from quantization import quantize_model
-from server import Service, Worker, make_app, warm_up
+from server import Service, Worker, make_app
 from sparsity import capture_inputs, set_uniform_thresholds
 from tokenizer import load_tokenizer
 
@@ -132,7 +132,7 @@ def main():
         set_sparsity(model, None, s)
         service.default = worker.setting = (s, "uniform", "magnitude")  # what requests echo back
         t0 = time.perf_counter()
-        worker.call(lambda: warm_up(gen, ids))
+        worker.warm_up(ids)
         compile_s = time.perf_counter() - t0
 
         def in_process():

@@ -35,7 +35,7 @@ from engine import Generator, GraphStep, compile_step
 from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import ModelArgs
-from kernels.formats import INT4, INT8, quant_format
+from kernels.formats import INT4, quant_format
 from plan import decode_plan
 from quantization import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds

@@ -8,7 +8,9 @@ Shakespeare split. Rows: target sparsity 25/35/40/45/50/55/65% x {uniform, greed
 and the CATS-style MLP (|silu(gate)| threshold, attention uniform-magnitude) at 25/40/50%. Methods are then
 compared at equal *measured* model-wide sparsity (40% and 50%): each method's perplexity is interpolated along its
 own (measured sparsity, PPL) points, since a method that measures sparser than its target would otherwise look
-worse for sparsifying more, not for choosing worse.
+worse for sparsifying more, not for choosing worse. Last, the quantized weights (--weights: int8 and RTN int4 as
+`--quant` makes them, AWQ int4 with groups of 128 and 32 made here as `quantize.py --mode awq` makes them), each
+dense and at 50% with the default method, against the float model at the same setting.
 """
 import argparse
 import json
@@ -18,15 +20,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from awq import awq_on_text
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli
+from errors import UserError
+from kernels.formats import QUANT_FORMATS, awq_variant
+from loading import load_model
 from paths import REPO
 from scripts.eval_ppl import Setting, evaluate, load_eval_text
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION, METHODS, PROJECTIONS, apply_thresholds, load_calibration
+from texts import default_texts, read_texts
 
 LEVELS = (0.25, 0.35, 0.4, 0.45, 0.5, 0.55, 0.65)
 CATS_LEVELS = (0.25, 0.4, 0.5)
 COMPARE_AT = {0.4: 0.7, 0.5: 0.6}  # measured sparsity -> the largest loss ratio to uniform-magnitude aimed for
 BASELINE, DEFAULT = "uniform magnitude", f"greedy {DEFAULT_CRITERION}"  # TEAL's released setting; ours
+WEIGHTS = ("int8", "int4", "awq-g128", "awq-g32")  # --weights: the quantized rows
+WEIGHTS_AT = 0.5  # the sparse level of the quantized rows
 
 
 def at_measured(points: list, s: float) -> Optional[float]:
@@ -69,6 +78,42 @@ def equal_sparsity_table(results: list, dense: float) -> list:
     return lines
 
 
+def no_thresholds(model):
+    for *_, mod, _ in model.sparse_modules():
+        mod.threshold.zero_()
+
+
+def weight_models(a, ckpt, tok, device, dtype) -> dict:
+    """{name: the model in that weight format} for the names in --weights (WEIGHTS)."""
+    names = [w for w in a.weights.split(",") if w]
+    if any(w not in WEIGHTS for w in names):
+        raise UserError(f"--weights takes a comma-separated list of {', '.join(WEIGHTS)}; got {a.weights!r}")
+    out = {}
+    for w in names:
+        if w.startswith("awq-"):
+            model = load_model(ckpt, device, dtype)
+            text = read_texts(a.awq_text or default_texts("calibration"))
+            awq_on_text(model, tok, text, awq_variant(int(w[len("awq-g"):])), a.awq_tokens, 256)
+            out[w] = model
+        else:
+            out[w] = load_model(ckpt, device, dtype, quant=QUANT_FORMATS[w])
+    return out
+
+
+def weights_table(results: list, float_at: dict, dense: float) -> list:
+    """Markdown lines: each weight format's perplexity dense and at WEIGHTS_AT, against the float model's."""
+    lines = ["| weights | dense PPL | × float | KL | top-1 | "
+             f"PPL at {WEIGHTS_AT:.0%} ({DEFAULT}) | measured | × float at {WEIGHTS_AT:.0%} |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| float | {dense:.3f} | 1.000 | 0 | 1 | {float_at['ppl']:.3f} | {float_at['sparsity']:.3f} | 1.000 |"]
+    by = {r["name"]: r for r in results}
+    for w in dict.fromkeys(r["name"].split()[0] for r in results):
+        d, s = by[f"{w} dense"], by[f"{w} {WEIGHTS_AT}"]
+        lines.append(f"| {w} | {d['ppl']:.3f} | {d['ppl'] / dense:.3f} | {d['kl']:.4f} | {d['top1']:.3f} | "
+                     f"{s['ppl']:.3f} | {s['sparsity']:.3f} | {s['ppl'] / float_at['ppl']:.3f} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
@@ -79,6 +124,11 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=256, help="tokens between window starts")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "quality.md",
                    help="the Markdown report (and its .json beside it)")
+    p.add_argument("--weights", default=",".join(WEIGHTS),
+                   help=f"quantized weights to score dense and at {WEIGHTS_AT:.0%}, of {', '.join(WEIGHTS)} ('' for none)")
+    p.add_argument("--awq-text", nargs="+", type=Path, default=None,
+                   help="AWQ's calibration text (default: the calibration side of the Shakespeare split)")
+    p.add_argument("--awq-tokens", type=int, default=4096, help="AWQ's calibration tokens (quantize.py's default)")
     a = p.parse_args(argv)
     if a.dtype == "auto":
         a.dtype = "float32"
@@ -94,11 +144,18 @@ def main(argv=None):
     for s in CATS_LEVELS:
         settings.append(Setting(f"cats {s}", cats_model,
                                 lambda m, s=s: apply_thresholds(m, calib, s, "uniform", "magnitude")))
+    quantized = weight_models(a, ckpt, tok, device, model.tok_embeddings.weight.dtype)
+    n_sparse = len(settings)
+    for w, m in quantized.items():
+        settings.append(Setting(f"{w} dense", m, no_thresholds))
+        settings.append(Setting(f"{w} {WEIGHTS_AT}", m,
+                                lambda m: apply_thresholds(m, calib, WEIGHTS_AT, "greedy", DEFAULT_CRITERION)))
     ids = load_eval_text(tok, a.text)
     held_out = (", ".join(f.name for f in a.text) if a.text
                 else "the evaluation side of the Shakespeare split (disjoint by play)")
     t0 = time.time()
     results = evaluate(model, ids, settings, a.window, a.stride, a.max_tokens)
+    results, weight_results = results[:n_sparse], results[n_sparse:]
     dense = results[0]["dense_ppl"]
     lines = ["# Sparse quality report", "",
              f"`python scripts/quality_report.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')} "
@@ -123,9 +180,19 @@ def main(argv=None):
     lines += ["In the CATS rows, gate and down stay dense and their columns show the fraction of up rows skipped "
               "(`up`) and the resulting zeros in down's input (`down`); attention uses uniform-magnitude "
               "thresholds at the same level.", ""]
+    if weight_results:
+        float_at = next(r for r in results if r["name"] == f"{DEFAULT} {WEIGHTS_AT}")
+        lines += ["## Quantized weights", "",
+                  f"Each weight format dense and at {WEIGHTS_AT:.0%} ({DEFAULT}, the float model's calibration: AWQ's "
+                  "per-channel input scales divide its thresholds), against the float model at the same setting; "
+                  "KL and top-1 against the float model dense. int8 and int4 (round to nearest, groups of 128) as "
+                  "`--quant` makes them; AWQ as `quantize.py --mode awq [--group 32]` makes them "
+                  f"({a.awq_tokens} calibration tokens).", ""]
+        lines += weights_table(weight_results, float_at, dense) + [""]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text("\n".join(lines))
-    (a.out.with_suffix(".json")).write_text(json.dumps({"dense_ppl": dense, "results": results}, indent=1))
+    (a.out.with_suffix(".json")).write_text(json.dumps({"dense_ppl": dense, "results": results,
+                                                           "weights": weight_results}, indent=1))
     print(f"wrote {a.out}", file=sys.stderr)
 
 

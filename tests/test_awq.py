@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from awq import awq_quantize, awq_scale
+from calibration import BlockProbe, collect, column_norms, hist_quantiles
 from checkpoint import read_metadata, save_checkpoint
 from errors import UserError
 from kernels.formats import AWQ, INT4
@@ -191,3 +192,37 @@ def test_awq_with_gptq_beats_awq_rounded_to_nearest():
         assert all(lin.fmt is AWQ for lin in m.modules() if isinstance(lin, SparseLinear) and not lin.head)
         errs.append(rel(logits(m, held_out), ref))
     assert errs[1] < errs[0], errs
+
+
+def test_calibrating_awq_weights_gives_the_source_models_statistics():
+    """calibrate.py --quant awq: statistics, column norms and the greedy search's block errors are in the source
+    model's units, so an AWQ-scaled model (the same function) calibrates as its source does; quantized, its
+    norms are close."""
+    src = outlier_model(2)
+    scaled = copy.deepcopy(src)
+    awq_scale(scaled, batches(3), grid=10)
+    idx = batches(5, 1)[0]
+    got = []
+    for m in (src, scaled):
+        m.setup_caches(2, 48)
+        norms = column_norms(m)
+        hists, cats, inputs = collect(m, [idx], 8, norms, 1)
+        got.append((norms, {c: hist_quantiles(h) for c, h in hists.items()}, hist_quantiles(cats), inputs))
+    for p in PROJECTIONS:
+        assert torch.allclose(got[1][0][p], got[0][0][p], rtol=1e-4), p
+    for c in CRITERIA:  # bins are 0.27% wide: rounding moves a value by a bin at most
+        assert torch.allclose(got[1][1][c], got[0][1][c], rtol=0.01, atol=1e-6), c
+    assert torch.allclose(got[1][2], got[0][2], rtol=0.01, atol=1e-6)
+    tensors = {f"quantiles.{crit_key(c)}": got[0][1][c] for c in CRITERIA}
+    tensors.update({f"greedy.{crit_key(c)}": torch.zeros(2, len(TARGETS), len(PROJECTIONS)) for c in CRITERIA})
+    tensors.update({f"norms.{p}": got[0][0][p] for p in PROJECTIONS})
+    tensors["quantiles.cats"] = got[0][2]
+    calib = Calibration(tensors, {})
+    levels = torch.tensor([0.5, 0.3, 0.2, 0.6, 0.4, 0.5, 0.7], dtype=torch.float64)
+    for crit in CRITERIA:
+        errors = [BlockProbe(m, calib, g[3], 8).error(1, levels, crit) for m, g in zip((src, scaled), got)]
+        assert errors[1] == pytest.approx(errors[0], rel=1e-3), crit
+    quantize_model(scaled, AWQ)
+    norms = column_norms(scaled)
+    for p in PROJECTIONS:
+        assert ((norms[p] - got[0][0][p]).norm() / got[0][0][p].norm()).item() < 0.1, p

@@ -3,17 +3,24 @@ directory in AutoAWQ's exact on-disk layout (qweight / qzeros int32 [in, out/8] 
 values per word in the order 0, 2, 4, 6, 1, 3, 5, 7; scales float16 [in/g, out]; w = (q - z) * s), checked against
 a plain-PyTorch dequantization of those tensors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import calibrate
 from checkpoint import read_metadata
 from convert import convert_hf
 from errors import UserError
 from kernels.formats import FLOAT, INT4, INT8
 from loading import load_model
 from model import SparseLinear
+from sparsity import (CALIB_FILE, DEFAULT_CRITERION, apply_thresholds, load_calibration, measure_sparsity,
+                      parameter_weighted)
+from tokenizer import byte_tokenizer_files
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 HF = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
@@ -122,3 +129,25 @@ def test_quant_flag_of_another_format_is_refused(tmp_path):
     with pytest.raises(UserError, match="holds int4 weights"):
         load_model(tmp_path / "ckpt", quant=INT8)
     assert load_model(tmp_path / "ckpt", quant=INT4).layers[0].attention.wqkv.fmt.group_size == 64
+
+
+def test_converted_awq_checkpoint_calibrates(tmp_path):
+    """calibrate.py on a converted AutoAWQ checkpoint (no float weights anywhere): statistics and column norms of
+    the dequantized weights; its thresholds then measure about the level asked for."""
+    awq_dir(tmp_path / "hf", 64, seed=2)
+    ckpt = tmp_path / "ckpt"
+    convert_hf(tmp_path / "hf", ckpt)
+    for name, content in byte_tokenizer_files(300).items():
+        (ckpt / name).write_text(json.dumps(content) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text())
+    calibrate.main(["--checkpoint", str(ckpt), "--text", str(text), "--tokens", "512", "--seq-len", "64", "--skip",
+                    "8", "--batch", "4", "--greedy-seqs", "2", "--aim-seqs", "4"])
+    model = load_model(ckpt)
+    calib = load_calibration(model, ckpt / CALIB_FILE)
+    norms = calib.norms["down"]
+    assert norms.shape == (2, 192) and torch.isfinite(norms).all() and (norms > 0).all()
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3))
+    apply_thresholds(model, calib, 0.5, "greedy", DEFAULT_CRITERION)
+    got = parameter_weighted(model, measure_sparsity(model, idx, sparse_from=8, start=8))
+    assert abs(got - 0.5) < 0.1, got

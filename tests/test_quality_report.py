@@ -1,5 +1,5 @@
 """scripts/quality_report.py: methods compared at equal measured sparsity (interpolation along each method's own
-points), and the report written end to end on the default model."""
+points), and the report written end to end on the default model (with its quantized-weights rows)."""
 import json
 import math
 import subprocess
@@ -40,7 +40,8 @@ def test_report_written_on_the_default_model(tmp_path):
     out = tmp_path / "q.md"
     text = ROOT / "tests" / "data" / "shakespeare.txt"  # tests download nothing (conftest)
     r = subprocess.run([sys.executable, "scripts/quality_report.py", "--text", str(text), "--max-tokens", "48",
-                        "--window", "64", "--stride", "32", "--out", str(out)], capture_output=True, text=True,
+                        "--window", "64", "--stride", "32", "--out", str(out), "--weights", "int8,awq-g32",
+                        "--awq-text", str(text), "--awq-tokens", "256"], capture_output=True, text=True,
                        cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     report = out.read_text()
@@ -49,3 +50,8 @@ def test_report_written_on_the_default_model(tmp_path):
     assert len(rows) == 7 + 1, rows  # one per target level, one at equal measured sparsity
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["results"]) == 7 * 4 + 3
+    weights = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in report.split("## Quantized weights")[1]
+               .splitlines() if line.startswith("| ") and "weights" not in line}
+    assert list(weights) == ["float", "int8", "awq-g32"], weights
+    assert [r["name"] for r in data["weights"]] == ["int8 dense", "int8 0.5", "awq-g32 dense", "awq-g32 0.5"]
+    assert 0.9 < float(weights["int8"][2]) < 1.1 and 0.45 < float(weights["awq-g32"][6]) < 0.56, weights

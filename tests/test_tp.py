@@ -1,9 +1,12 @@
 """Tensor parallelism (tp.py) on CPUs: 2 processes over gloo against the single-process model."""
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,76 @@ def test_torchrun_generate_matches_one_process(checkpoints):
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == \
         ["error: 3 ranks do not divide the model's 2 KV heads (grouped-query attention splits whole KV heads with "
          "their 2 query heads each): use a divisor of the KV heads"]
+
+
+def _post(port: int, body: dict) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = {"ignore_eos": True, **body}  # (a random model's first token may be its end of text)
+    c.request("POST", "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    return json.loads(r.read())
+
+
+def _start_server(cmd: list, port: int, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: Ctrl-C reaches every rank
+    deadline = time.time() + 240
+    while True:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the server did not start: " + proc.communicate()[1][-3000:])
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_torchrun_serve_answers_what_one_process_serves(checkpoints):
+    """`torchrun --nproc-per-node 2 serve.py`: rank 0 serves, rank 1 decodes in step (server.follow); every answer
+    equals the one-process server's: greedy and seeded sampling, a stop string cutting a reply short (rank 0 alone
+    sees it), another level, a turn that reuses the KV cache, and requests after idle keep-alives; Ctrl-C ends all."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    serve = ["serve.py", "--checkpoint", str(checkpoints / "untied"), "--sparsity", "0.5", "--max-seq-len", "64"]
+    ports = free_port(), free_port()
+    one = _start_server([sys.executable, *serve, "--port", str(ports[0])], ports[0], env)
+    two = _start_server([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                         str(free_port()), *serve, "--port", str(ports[1]), "--heartbeat", "0.2"], ports[1], env)
+    try:
+        greedy = {"prompt": "abc", "max_tokens": 12, "temperature": 0}
+        first = [_post(p, greedy) for p in ports]
+        text = first[0]["choices"][0]["text"]
+        assert first[1]["choices"][0]["text"] == text and len(text) > 3
+        stop = text[len(text) // 2:len(text) // 2 + 1]
+        hot = {"max_tokens": 40, "temperature": 1.5}  # sampled long and flat: any difference of logits shows
+        bodies = [{**hot, "prompt": "abc", "seed": 7},
+                  {**greedy, "stop": [stop]},
+                  {**hot, "prompt": "abc", "seed": 3, "sparsity": 0.0},
+                  {**hot, "max_tokens": 20, "prompt": "abc" + text[:3] + "d", "seed": 5},
+                  {**hot, "prompt": "xyz", "seed": 9}]
+        for i, body in enumerate(bodies):
+            if i == len(bodies) - 1:
+                time.sleep(1.0)  # keep-alives while idle
+            got = [_post(p, body) for p in ports]
+            assert got[1]["choices"] == got[0]["choices"], body
+            assert got[1]["usage"] == got[0]["usage"], body
+        assert len(got[0]["choices"][0]["text"]) > 0
+        cut = [_post(p, {**greedy, "stop": [stop]}) for p in ports]
+        assert all(c["choices"][0]["finish_reason"] == "stop" for c in cut) and stop not in cut[1]["choices"][0]["text"]
+        reuse = [_post(p, {**hot, "max_tokens": 20, "prompt": "abcd", "seed": 5}) for p in ports]  # after "abc"
+        assert reuse[1]["choices"] == reuse[0]["choices"]
+        assert reuse[1]["usage"] == reuse[0]["usage"] and reuse[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    finally:
+        for proc in (one, two):
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc in (one, two):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("the server did not stop on Ctrl-C: " + proc.communicate()[1][-3000:])
