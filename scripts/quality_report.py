@@ -39,14 +39,22 @@ WEIGHTS_AT = 0.5  # the sparse level of the quantized rows
 
 
 def at_measured(points: list, s: float) -> Optional[float]:
-    """PPL at measured sparsity s from one method's (measured sparsity, PPL) points: log PPL interpolated linearly
-    between the two points that bracket s; None when none do."""
-    pts = sorted(points)
-    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
-        if s0 <= s <= s1 and s1 > s0:
-            f = (s - s0) / (s1 - s0)
-            return math.exp((1 - f) * math.log(p0) + f * math.log(p1))
-    return None
+    """PPL at measured sparsity s from one method's (measured sparsity, PPL) points: log PPL through the three points
+    nearest s (a parabola: log PPL bends upwards with sparsity, so a chord between two points 0.05 apart overstates
+    it between them, more for the flatter-then-steeper uniform curves); through two when there are only two; None
+    outside the points' range."""
+    pts = sorted(set(points))
+    if len(pts) < 2 or not pts[0][0] <= s <= pts[-1][0]:
+        return None
+    near = sorted(pts, key=lambda p: abs(p[0] - s))[:3]
+    out = 0.0
+    for i, (si, pi) in enumerate(near):  # Lagrange's form
+        w = 1.0
+        for j, (sj, _) in enumerate(near):
+            if j != i:
+                w *= (s - sj) / (si - sj)
+        out += w * math.log(pi)
+    return math.exp(out)
 
 
 def equal_sparsity_table(results: list, dense: float) -> list:
@@ -174,8 +182,8 @@ def main(argv=None):
         lines.append(f"| {' '.join(name)} | {float(level):.2f} | {r['ppl']:.3f} | {r['ppl'] - dense:+.3f} | {r['kl']:.4f} | "
                      f"{r['top1']:.3f} | {r['sparsity']:.3f} | {pp} |")
     lines += ["", "## At equal measured sparsity", "",
-              "Each method's perplexity at the same *measured* model-wide sparsity (log PPL interpolated between its two "
-              "rows that bracket it); ratio: its perplexity increase over uniform-magnitude's at that sparsity.", ""]
+              "Each method's perplexity at the same *measured* model-wide sparsity (log PPL interpolated through its three "
+              "rows nearest it); ratio: its perplexity increase over uniform-magnitude's at that sparsity.", ""]
     lines += equal_sparsity_table(results, dense) + [""]
     lines += ["In the CATS rows, gate and down stay dense and their columns show the fraction of up rows skipped "
               "(`up`) and the resulting zeros in down's input (`down`); attention uses uniform-magnitude "

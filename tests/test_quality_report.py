@@ -13,12 +13,16 @@ from scripts.quality_report import at_measured, equal_sparsity_table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_at_measured_interpolates_log_ppl_between_bracketing_points():
-    pts = [(0.52, 40.0), (0.25, 25.0), (0.41, 28.0)]  # any order
-    assert at_measured(pts, 0.41) == pytest.approx(28.0)
-    mid = at_measured(pts, 0.465)
-    assert mid == pytest.approx(math.sqrt(28.0 * 40.0))  # halfway in log PPL
-    assert at_measured(pts, 0.6) is None and at_measured(pts, 0.2) is None
+def test_at_measured_interpolates_log_ppl_through_the_nearest_points():
+    curve = lambda s: math.exp(2.0 + 3.0 * s + 9.0 * s * s)  # log PPL a parabola in the measured sparsity
+    pts = [(s, curve(s)) for s in (0.52, 0.25, 0.41, 0.3)]  # any order
+    assert at_measured(pts, 0.41) == pytest.approx(curve(0.41))
+    for s in (0.465, 0.35, 0.27, 0.5):
+        assert at_measured(pts, s) == pytest.approx(curve(s), rel=1e-9), s
+    chord = math.exp((math.log(curve(0.41)) + math.log(curve(0.52))) / 2)
+    assert at_measured(pts, 0.465) < chord  # the chord overstates a convex curve
+    assert at_measured(pts[:2], 0.4) == pytest.approx(math.exp((math.log(curve(0.25)) * 0.12 + math.log(curve(0.52)) * 0.15) / 0.27))
+    assert at_measured(pts, 0.6) is None and at_measured(pts, 0.2) is None and at_measured(pts[:1], 0.52) is None
 
 
 def test_equal_sparsity_table_ratios_at_the_same_measured_sparsity():
