@@ -11,7 +11,9 @@
    up by --step / its parameter share, at most --max-move), the one whose increase adds the least L2 error per unit
    of sparsity to the block output on the later tokens of each sequence (the block is fed its dense input). The
    table at model-level targets 0 ... 0.9 keeps, per block, whichever of the greedy and the
-   uniform allocation has less error there.
+   uniform allocation has less error there. Then (--blocks spread) the blocks' own sparsities at each model target
+   are chosen together, their mean the target: each grid step goes to the block whose output error (on --alloc-seqs
+   sequences), relative to its output's energy, grows least (TEAL's --blocks equal puts every block at the target).
 3. The greedy levels re-aimed: on --aim-seqs sequences run as decoding runs them (every layer sparsified after the
    first --skip positions), each projection's level moves by the share of inputs it missed, so that `--sparsity S`
    measures S when it decodes (the levels were quantiles of dense activations; sparsified layers upstream shrink
@@ -47,6 +49,11 @@ def main(argv=None):
                    help="largest level change of one projection in one greedy step (1: step / its parameter share)")
     p.add_argument("--aim-seqs", type=int, default=8,
                    help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")
+    p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
+                   help="spread: each block's effective sparsity chosen for the least relative output error, their "
+                   "mean the model's target; equal: every block at the target (TEAL's)")
+    p.add_argument("--alloc-seqs", type=int, default=8,
+                   help="sequences the blocks' output errors are measured on for --blocks spread")
     p.add_argument("--criteria", default=DEFAULT_CRITERION,
                    help=f"comma-separated criteria to make greedy tables for, of {', '.join(CRITERIA)} (each takes "
                    "about half the time; uniform thresholds work for both either way)")
@@ -56,15 +63,16 @@ def main(argv=None):
     if not criteria or len(criteria) != len(a.criteria.split(",")):
         raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
     if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1 or a.aim_seqs < 0 or \
-            not 0 < a.max_move <= 1:
-        raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0 and "
-                        "0 < --max-move <= 1")
+            not 0 < a.max_move <= 1 or a.alloc_seqs < 1:
+        raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0, "
+                        "0 < --max-move <= 1 and --alloc-seqs >= 1")
     ckpt, model, tok, device = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()
     calib = calibrate(model, tok, text, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step, source,
-                      a.aim_seqs, max_move=a.max_move, criteria=criteria)
+                      a.aim_seqs, max_move=a.max_move, criteria=criteria, spread=a.blocks == "spread",
+                      alloc_seqs=a.alloc_seqs)
     out = a.out or ckpt / CALIB_FILE
     save_calibration(calib, out)
     print(f"wrote {out} ({calib.meta['tokens']} tokens, {time.time() - t0:.0f} s)", file=sys.stderr)

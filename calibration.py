@@ -9,6 +9,8 @@
    the one whose increase adds the least L2 error to the block output on the later tokens of each sequence (the
    block is fed its dense input; BlockProbe). Done for both criteria; the table at model-level targets 0 ... 0.9
    keeps, per block, whichever of the greedy and the uniform allocation has less error there.
+   spread_over_blocks then sets the blocks' own effective sparsities for each model target (their mean the
+   target): water-filling on each block's output error relative to its output's energy, at its table's rows.
 3. aim_levels: the greedy tables re-aimed so that decoding measures what they intend: a decode-like pass per target
    (every layer sparsified) moves each projection's lookup level by the share it missed (stored beside the
    greedy tables, which keep the levels meant).
@@ -265,17 +267,15 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
     return table
 
 
-def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, step: float,
-                  uniform_floor: bool, max_move: float, workers: int) -> torch.Tensor:
-    """[n_layer, len(TARGETS), 7]: greedy_block of every block, by `workers` threads that take blocks in turn, each
-    with its own probe (a block's search sets only that block's thresholds and KV cache) and every op on one core:
-    on 2 CPU cores 1.2x faster than one thread with ops on both (the probe's ops are too small to split well)."""
-    w = param_fractions(model.args)
-    table = torch.zeros(model.args.n_layer, len(TARGETS), len(PROJECTIONS))
+def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers: int, fn, desc: str) -> list:
+    """[fn(probe, layer) for every layer], by `workers` threads that take blocks in turn, each with its own probe (a
+    block's work sets only that block's thresholds and KV cache) and every op on one core: on 2 CPU cores 1.2x
+    faster than one thread with ops on both (the probe's ops are too small to split well)."""
+    out = [None] * model.args.n_layer
     todo = queue.SimpleQueue()
     for layer in range(model.args.n_layer):
         todo.put(layer)
-    bar = tqdm(total=model.args.n_layer, desc=f"block-wise greedy ({criterion})", unit="block")
+    bar = tqdm(total=model.args.n_layer, desc=desc, unit="block")
 
     def work(probe: BlockProbe):
         while True:
@@ -283,8 +283,7 @@ def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, crit
                 layer = todo.get_nowait()
             except queue.Empty:
                 return
-            table[layer] = greedy_block(probe, layer, criterion, w, step, uniform_floor=uniform_floor,
-                                        max_move=max_move)
+            out[layer] = fn(probe, layer)
             bar.update()
 
     probes = [BlockProbe(model, calib, block_inputs, skip) for _ in range(workers)]
@@ -298,7 +297,77 @@ def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, crit
     finally:
         torch.set_num_threads(threads)
         bar.close()
-    return table
+    return out
+
+
+def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, step: float,
+                  uniform_floor: bool, max_move: float, workers: int) -> torch.Tensor:
+    """[n_layer, len(TARGETS), 7]: greedy_block of every block (per_block)."""
+    w = param_fractions(model.args)
+    rows = per_block(model, calib, block_inputs, skip, workers,
+                     lambda probe, layer: greedy_block(probe, layer, criterion, w, step, uniform_floor=uniform_floor,
+                                                       max_move=max_move), f"block-wise greedy ({criterion})")
+    return torch.stack(rows).float()
+
+
+def block_errors(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, table: torch.Tensor,
+                 workers: int) -> torch.Tensor:
+    """[n_layer, len(TARGETS)] each block's output error on block_inputs at each row of its greedy table,
+    relative to the energy of its dense output (the residual stream after the block, which the next norm divides
+    by its scale: a relative error is what the next block sees)."""
+    def errors(probe: BlockProbe, layer: int) -> torch.Tensor:
+        energy = probe.run(layer, False).float().pow(2).sum().item()
+        out = torch.tensor([probe.error(layer, lv, criterion) for lv in table[layer].double()], dtype=torch.float64)
+        probe.reset(layer)
+        return out / energy
+
+    return torch.stack(per_block(model, calib, block_inputs, skip, workers, errors, f"block errors ({criterion})"))
+
+
+def interp_rows(grid: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """rows [L, len(grid), ...] interpolated linearly along the grid at at [L] (one point per row)."""
+    i = torch.searchsorted(grid, at.clamp(float(grid[0]), float(grid[-1]))).clamp(1, len(grid) - 1)
+    f = ((at - grid[i - 1]) / (grid[i] - grid[i - 1])).clamp(0, 1)
+    f = f.view(-1, *([1] * (rows.dim() - 2)))
+    r = torch.arange(rows.shape[0])
+    return rows[r, i - 1] + f * (rows[r, i] - rows[r, i - 1])
+
+
+def block_sparsity(errors: torch.Tensor) -> torch.Tensor:
+    """[n_layer, len(TARGETS)] each block's effective sparsity at each model target, their mean the target: blocks
+    are raised one grid step at a time, each step the block whose relative error (block_errors) grows least per
+    unit of sparsity, the last step's overshoot taken back from the block it raised; where that sums to more error
+    than every block at the target, every block at the target."""
+    L, T = errors.shape
+    grid = TARGETS.double()
+    out = torch.zeros(L, T, dtype=torch.float64)
+    at = torch.zeros(L, dtype=torch.long)  # each block's grid index, only ever raised
+    rows = torch.arange(L)
+    for ti in range(1, T):
+        last = 0
+        while float(grid[at].mean()) < float(grid[ti]) - 1e-12:
+            nxt = (at + 1).clamp(max=T - 1)
+            cost = (errors[rows, nxt] - errors[rows, at]) / (grid[nxt] - grid[at]).clamp_min(1e-12)
+            cost[at + 1 >= T] = float("inf")
+            last = int(cost.argmin())
+            at[last] += 1
+        s = grid[at].clone()
+        s[last] -= (float(s.mean()) - float(grid[ti])) * L
+        equal = torch.full((L,), float(grid[ti]), dtype=torch.float64)
+        if interp_rows(grid, errors, s).sum() > interp_rows(grid, errors, equal).sum():
+            s = equal
+        out[:, ti] = s
+    return out
+
+
+def spread_over_blocks(table: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+    """The greedy table [n_layer, len(TARGETS), 7] with each block at its block_sparsity at each model target:
+    its levels there interpolated along its own rows."""
+    s = block_sparsity(errors)
+    out = torch.stack([interp_rows(TARGETS.double(), table.double(), s[:, ti]) for ti in range(len(TARGETS))], 1)
+    return out.to(table.dtype)
+
+
 
 
 @torch.no_grad()
@@ -354,17 +423,20 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
-              max_move: float = 0.1, criteria=CRITERIA, workers: int = 0) -> tuple:
+              max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
+              alloc_seqs: int = 8) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).
-    workers: threads of the greedy search (0: one per CPU core on a CPU, one on a GPU)."""
+    workers: threads of the greedy search (0: one per CPU core on a CPU, one on a GPU); spread: the blocks'
+    sparsities chosen together (spread_over_blocks, on the errors of alloc_seqs sequences), else every block at the
+    model's target (TEAL's)."""
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
     model.setup_caches(batch, seq_len)
-    greedy_batches = max(1, greedy_seqs // batch)
-    hists, cats_hist, block_inputs = collect(model, batches, skip, norms, greedy_batches)
-    block_inputs = [x[:greedy_seqs] for x in block_inputs]
+    kept = max(greedy_seqs, alloc_seqs if spread else 0)
+    hists, cats_hist, inputs = collect(model, batches, skip, norms, -(-kept // batch))
+    block_inputs = [x[:greedy_seqs] for x in inputs]
     q = {c: hist_quantiles(hists[c]) for c in CRITERIA}
     greedy = {c: torch.zeros(model.args.n_layer, len(TARGETS), len(PROJECTIONS)) for c in criteria}
     calib = Calibration({**{f"quantiles.{crit_key(c)}": q[c] for c in CRITERIA},
@@ -374,6 +446,9 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     workers = workers or (1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), model.args.n_layer)))
     for c in criteria:
         calib.greedy[c] = greedy_tables(model, calib, block_inputs, skip, c, step, uniform_floor, max_move, workers)
+        if spread:
+            errors = block_errors(model, calib, [x[:alloc_seqs] for x in inputs], skip, c, calib.greedy[c], workers)
+            calib.greedy[c] = spread_over_blocks(calib.greedy[c], errors)
     aim = aim_batches(batches, aim_seqs, batch)
     for c in criteria if aim else ():
         calib.aimed[c] = aim_levels(model, calib, c, aim, skip).float()
@@ -381,6 +456,7 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
                   "seq_len": str(seq_len), "skip": str(skip), "step": str(step), "max_move": str(max_move),
+                  "blocks": f"spread over {inputs[0][:alloc_seqs].shape[0] * seq_len} tokens" if spread else "equal",
                   "aim_tokens": str(sum(b.numel() for b in aim)),
                   "criteria": ",".join(criteria), "created": time.strftime("%Y-%m-%d")}
     return calib

@@ -52,6 +52,8 @@ def main():
     p.add_argument("--criteria", default=DEFAULT_CRITERION, help=f"comma-separated, of {', '.join(CRITERIA)}")
     p.add_argument("--uniform-floor", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the uniform allocation at a target where it has less error (calibrate.py does)")
+    p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
+                   help="the blocks' sparsities chosen together (calibrate.py's default) or each at the target")
     p.add_argument("--targets", default="0.4,0.5", help="comma-separated model targets compared")
     p.add_argument("--out", type=Path, default=None, help="JSON file of the comparison (default: none)")
     a = p.parse_args()
@@ -67,12 +69,12 @@ def main():
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
                           f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, max_move=a.max_move,
-                          criteria=criteria)
+                          criteria=criteria, spread=a.blocks == "spread")
         tables.append(calib.greedy)
         print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
     one_step = (a.step / param_fractions(model.args)).clamp(max=min(a.max_move, 1.0)).float()
     report = {"greedy_seqs": a.greedy_seqs, "tokens": a.tokens, "step": a.step, "max_move": a.max_move,
-              "uniform_floor": a.uniform_floor,
+              "uniform_floor": a.uniform_floor, "blocks": a.blocks,
               "results": {}}
     print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half, uniform floor {a.uniform_floor}; one step "
           f"per projection: " + ", ".join(f"{p} {s:.3f}" for p, s in zip(PROJECTIONS, one_step.tolist())))
