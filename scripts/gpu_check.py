@@ -264,30 +264,26 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
             t = spread_thresholds(xin, len(sizes), s) if s > 0 else torch.zeros(len(sizes), K, device="cuda")
             ref = reference.sparse_gemv_ref(xin.double(), w, t.double(), sizes)
             triton_parts = sparse_gemv.sparse_gemv_parts(x, q, t, sizes, tcfg, glu, g, ss_in, fmt=INT4, scale=scale)
-            if cfg is not None:
-                parts = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
-                again = gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in)
+            def check(label: str, launch):  # a second run must give the same bits
+                parts, again = launch(), launch()
                 y = parts.sum(0).reshape(1, -1)
                 err = rel_err(y, ref)
                 err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
-                rows += 1
                 if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
                         and not y.isnan().any()):
-                    failures.append(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}: err {err:.2e}, "
-                                    f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
+                    failures.append(f"{label}: err {err:.2e}, against Triton {err_triton:.2e}, repeatable "
+                                    f"{torch.equal(parts, again)}")
+
+            if cfg is not None:
+                check(f"gluon int4 {name} {dtype} norm={norm} s={s} cfg={tuple(cfg)}",
+                      lambda: gluon_gemv.int4_parts(x, q, t, sizes, cfg, scale, glu, g, ss_in))
+                rows += 1
             if mcfg is None or not norm:
                 continue
             # the tensor-core kernel (q/k/v, gate/up: always norm-fused in the model), its weights in mma order
-            parts = gluon_mma.int4_parts(x, qm, t, sizes, mcfg, scale, glu, g, ss_in)
-            again = gluon_mma.int4_parts(x, qm, t, sizes, mcfg, scale, glu, g, ss_in)
-            y = parts.sum(0).reshape(1, -1)
-            err = rel_err(y, ref)
-            err_triton = rel_err(y, triton_parts.sum(0).reshape(1, -1).double())
+            check(f"gluon mma int4 {name} {dtype} s={s} cfg={tuple(mcfg)}",
+                  lambda: gluon_mma.int4_parts(x, qm, t, sizes, mcfg, scale, glu, g, ss_in))
             rows += 1
-            if not (err < BOUND[dtype] and err_triton < BOUND[dtype] and torch.equal(parts, again)
-                    and not y.isnan().any()):
-                failures.append(f"gluon mma int4 {name} {dtype} s={s} cfg={tuple(mcfg)}: err {err:.2e}, "
-                                f"against Triton {err_triton:.2e}, repeatable {torch.equal(parts, again)}")
     # o, and down from gate/up's partials: the residual added, the split-K sums reduced in the kernel, the sums of
     # squares written; against the reference, the Triton kernel, and a second run (counters must be left zero)
     for (K, N, P, group), dtype in itertools.product(
