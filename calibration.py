@@ -7,7 +7,9 @@
 2. greedy_block: block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's
    effective sparsity (the parameter-weighted mean of its projections' levels) by `step` through one projection,
    the one whose increase adds the least L2 error to the block output on the later tokens of each sequence (the
-   block is fed its dense input; BlockProbe). Done for both criteria; the table at model-level targets 0 ... 0.9
+   block is fed its dense input; BlockProbe, which scores every `greedy_every`-th position: more sequences for the
+   same work); candidates within `ties` standard errors of the best (paired over the sequences) count as tied,
+   and the tied one whose level lags the block's most is taken. The table at model-level targets 0 ... 0.9
    keeps, per block, whichever of the greedy and the uniform allocation has less error there.
    spread_over_blocks then sets the blocks' own effective sparsities for each model target (their mean the
    target): water-filling on each block's output error relative to its output's energy, at its table's rows.
@@ -28,7 +30,9 @@ from tqdm import tqdm
 from checkpoint import write_safetensors
 from errors import UserError
 from kernels import reference
-from model import attention_mask
+from kernels.decode_attention import apply_rope
+from model import attention_mask, rope_table
+from plan import REFERENCE
 from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Calibration, SparsityCounter, apply_levels,
                       crit_key, input_hooks, owners, param_fractions, set_threshold)
 
@@ -36,6 +40,7 @@ from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Cali
 # per octave (0.2-0.4% wide in value), from 2^LOG2_LO (smaller values and zeros: the first bin) to 2^LOG2_HI (larger:
 # the last). A bin index is a shift of the float's bits, so a histogram is one bincount (6x faster than histc of log2).
 MANT_BITS, LOG2_LO, LOG2_HI = 8, -40, 16
+TIES = 0.0  # the greedy search's default tie band, in standard errors (greedy_block; 0: none)
 N_BINS = (LOG2_HI - LOG2_LO) << MANT_BITS
 _FIRST = (127 + LOG2_LO) << MANT_BITS  # the biased-exponent-and-mantissa prefix of 2^LOG2_LO
 
@@ -131,52 +136,93 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
 
 class BlockProbe:
     """Runs one block on its dense calibration input with given per-projection levels; returns the L2 error
-    of its output against the dense output on positions >= skip.
+    of its output against the dense output, per sequence, on the scored positions: every `every`-th from skip
+    (keys and values are made at every position; queries, o and the MLP, which mixes no positions, only at the
+    scored ones: more sequences for the same work, and sequences differ more than neighbouring positions).
 
     What a search step asks for is mostly known already, so it is reused, never approximated: errors by
-    (layer, criterion, levels) (a greedy path's points are the tables' targets again); the attention half's output
-    by the attention projections' levels (the gate/up/down candidates of a step share it, and the next step starts
-    from the chosen candidate's); with it, gate's and up's outputs by their own levels (a gate candidate reuses up's,
-    an up candidate gate's, a down candidate both); the MLP half runs on the scored positions only (it mixes no
-    positions)."""
+    (layer, criterion, levels) (a greedy path's points are the tables' targets again); q, k and v by their own
+    levels and the attention output by theirs (a q candidate reuses k and v, an o candidate all three); the
+    attention half's output by the attention projections' levels (the gate/up/down candidates of a step share it,
+    and the next step starts from the chosen candidate's); with it, gate's and up's outputs by their own levels (a
+    gate candidate reuses up's, an up candidate gate's, a down candidate both)."""
 
     N_ATTN = PROJECTIONS.index("o") + 1  # q, k, v, o: the levels the attention half depends on
     GATE, UP = PROJECTIONS.index("gate"), PROJECTIONS.index("up")
 
-    def __init__(self, model, calib: Calibration, block_inputs: list, skip: int):
+    def __init__(self, model, calib: Calibration, block_inputs: list, skip: int, every: int = 1):
         self.model, self.calib, self.inputs, self.skip = model, calib, block_inputs, skip
         B, S, _ = block_inputs[0].shape
         dev = model.tok_embeddings.weight.device
-        model.setup_caches(B, S)
         self.pos = torch.arange(S, device=dev)
-        self.rope = model.rope[self.pos]
-        self.mask = attention_mask(self.pos, S, model.args.sliding_window)
+        self.scored = torch.arange(skip, S, every, device=dev)  # the positions whose outputs are compared
+        self.rope = rope_table(model.args, S).to(dev)  # (no KV cache: the probe's attention keeps its own k and v)
+        self.mask = attention_mask(self.scored, S, model.args.sliding_window)  # [n, S]
         self.active = self.pos >= skip
         self.dense = [None] * len(block_inputs)
-        # (layer, criterion, levels) -> error; attention levels -> {"h": output, "x": MLP input, (j, level): gate/up}
+        # (layer, criterion, levels) -> errors per sequence; attention levels -> {"h": output, "x": MLP input,
+        # (j, level): gate/up}
         self.errors, self.halves = {}, {}
         self.gate_up = None  # (layer, [(weight, scale) of gate, of up]): contiguous copies, faster to multiply
+        self.qkv = None  # (layer, the normalised input, [(weight, scale) of q, k, v])
+        self.parts = {}  # q, k, v by their levels, their attention output by q's, k's and v's
 
     def run(self, layer: int, sparse: bool):
         return self.mlp(layer, self.attention(layer, sparse), sparse)
 
-    def attention(self, layer: int, sparse: bool) -> torch.Tensor:
-        """The residual stream after the attention half [B, S, dim]."""
+    def attention(self, layer: int, sparse: bool, levels: tuple = (), criterion: str = "") -> torch.Tensor:
+        """The residual stream after the attention half at the scored positions [B, n, dim]: keys and values at
+        every position, queries (and o) at the scored ones only; the reference path's operations
+        (kernels/reference.py), one projection at a time. With `levels` (the thresholds set for them and
+        `criterion`), q, k, v and their attention output are kept by the levels they depend on (a q candidate reuses
+        k and v, ...)."""
         b = self.model.layers[layer]
-        return b.attention(self.inputs[layer], None, b.attention_norm, self.rope, self.mask, self.pos, sparse,
-                           self.active, self.model.plan)[0]
+        att, x, P = b.attention, self.inputs[layer], self.scored
+        H, Hkv, D = att.n_head, att.n_kv_head, att.head_dim
+        B, S, n = x.shape[0], x.shape[1], len(P)
+        wqkv = att.wqkv
+        keep = self.parts if levels else {}
+        if self.qkv is None or self.qkv[0] != layer:
+            xn = b.attention_norm(x)
+            parts = wqkv.weight.split([m // wqkv.fmt.per_word for m in wqkv.sizes], dim=1)
+            scales = wqkv.scale.split(list(wqkv.sizes), dim=-1) if wqkv.scale is not None else (None,) * 3
+            self.qkv = layer, xn, [(w.contiguous(), sc) for w, sc in zip(parts, scales)]
+        xn, weights = self.qkv[1:]
+
+        def project(j: int) -> torch.Tensor:  # q [B, H, n, D], k and v [B, Hkv, S, D]
+            key = (layer, criterion, j, levels[j] if levels else None)
+            if key not in keep:
+                xj, active = (xn[:, P], None) if j == 0 else (xn, self.active)  # scored positions: all sparsified
+                xj = reference.sparsify(xj, wqkv.threshold[j], active) if sparse else xj
+                y = reference.matmul_ref(xj, weights[j][0], wqkv.fmt, weights[j][1])
+                if j == 2:
+                    keep[key] = y.view(B, S, Hkv, D).transpose(1, 2)
+                else:
+                    rows = (n, H) if j == 0 else (S, Hkv)
+                    keep[key] = apply_rope(y.view(B, rows[0], rows[1], D), self.rope[P] if j == 0 else self.rope
+                                           ).transpose(1, 2)
+            return keep[key]
+
+        key = (layer, criterion, 3, tuple(levels[:3]) if levels else None)
+        if key not in keep:
+            if len(keep) >= 64:  # older steps' candidates
+                for old in list(keep)[:16]:
+                    keep.pop(old)
+            y = F.scaled_dot_product_attention(project(0), project(1), project(2), attn_mask=self.mask,
+                                               enable_gqa=H != Hkv)
+            keep[key] = y.transpose(1, 2).reshape(B, n, H * D)
+        return att.wo(keep[key], sparse, None, residual=x[:, P], plan=REFERENCE)[0]
 
     def mlp(self, layer: int, h: torch.Tensor, sparse: bool) -> torch.Tensor:
-        """The block's output on the scored positions [B, S - skip, dim]."""
+        """The block's output at the scored positions [B, n, dim] from h, the attention half's there."""
         b = self.model.layers[layer]
-        return b.feed_forward(h[:, self.skip:], None, b.ffn_norm, sparse, self.active[self.skip:],
-                              self.model.plan)[0]
+        return b.feed_forward(h, None, b.ffn_norm, sparse, None, REFERENCE)[0]
 
     def sparse_mlp(self, layer: int, half: dict, levels: tuple) -> torch.Tensor:
         """mlp(layer, half["h"], True) at the thresholds set for `levels`, from gate's and up's outputs kept in
         `half` by their levels: the reference path's operations (kernels/reference.py), one projection at a time."""
         b = self.model.layers[layer]
-        w13, h = b.feed_forward.w13, half["h"][:, self.skip:]
+        w13, h = b.feed_forward.w13, half["h"]
         if "x" not in half:
             half["x"] = b.ffn_norm(h)
         if self.gate_up is None or self.gate_up[0] != layer:
@@ -191,10 +237,14 @@ class BlockProbe:
                                                           w13.fmt, sc)
             out.append(half[j, levels[p]])
         g = F.silu(out[0]) * out[1]
-        return b.feed_forward.w2(g, True, self.active[self.skip:], residual=h, plan=self.model.plan)[0]
+        return b.feed_forward.w2(g, True, None, residual=h, plan=REFERENCE)[0]
+
+    def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
+        return float(self.seq_errors(layer, levels, criterion).sum())
 
     @torch.no_grad()
-    def error(self, layer: int, levels: torch.Tensor, criterion: str) -> float:
+    def seq_errors(self, layer: int, levels: torch.Tensor, criterion: str) -> torch.Tensor:
+        """The squared error of each sequence's block output [B] float64."""
         key = (layer, criterion, tuple(levels.tolist()))
         if key in self.errors:
             return self.errors[key]
@@ -205,9 +255,9 @@ class BlockProbe:
         if attn_key not in self.halves:
             if len(self.halves) >= 16:  # older steps' candidates
                 self.halves.pop(next(iter(self.halves)))
-            self.halves[attn_key] = {"h": self.attention(layer, True)}
+            self.halves[attn_key] = {"h": self.attention(layer, True, key[2], criterion)}
         y = self.sparse_mlp(layer, self.halves[attn_key], key[2]).float()
-        self.errors[key] = (y - self.dense[layer]).pow(2).sum().item()
+        self.errors[key] = (y - self.dense[layer]).pow(2).flatten(1).sum(1).double()
         return self.errors[key]
 
     def set_levels(self, layer: int, levels: torch.Tensor, criterion: str):
@@ -221,21 +271,27 @@ class BlockProbe:
             if i == layer:
                 mod.threshold.zero_()
         self.halves.clear()
-        self.dense[layer], self.gate_up = None, None
+        self.parts.clear()
+        self.dense[layer], self.gate_up, self.qkv = None, None, None
 
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
-                 max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.1) -> torch.Tensor:
+                 max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.1,
+                 ties: float = 0.0) -> torch.Tensor:
     """[len(TARGETS), 7] levels reaching each target effective sparsity for one block. uniform_floor: at a target
     where the uniform allocation has less error on the scored positions, keep it instead. A candidate raises one
     projection's level by step / its parameter share, at most max_move (k and v of a GQA block hold a few percent
-    of its parameters: uncapped, one step takes them from dense to max_level)."""
+    of its parameters: uncapped, one step takes them from dense to max_level). ties: a candidate whose score is
+    above the best one's by at most `ties` standard errors (paired over the sequences) is as good as the best, and
+    of those the one whose level lags the block's effective sparsity most is taken (0: always the best): where the
+    calibration text cannot tell the candidates apart, the allocation stays near uniform instead of following
+    noise."""
     levels = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
     path = [(0.0, levels.clone())]
-    err_now = 0.0
+    err_now = torch.zeros(1, dtype=torch.float64)
     top = float(TARGETS[-1]) + 1e-9
     while float(w @ levels) < top:
-        best = None
+        cands = []  # (score per sequence, levels, errors per sequence, projection)
         for j in range(len(PROJECTIONS)):
             room = max_level - levels[j].item()
             if room <= 1e-9:
@@ -243,13 +299,21 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
             cand = levels.clone()
             cand[j] += min(step / w[j].item(), max_move, room)
             gain = float(w @ cand) - float(w @ levels)
-            err = probe.error(layer, cand, criterion)
-            score = (err - err_now) / gain  # added error per unit of effective sparsity
-            if best is None or score < best[0]:
-                best = (score, cand, err)
-        if best is None:
+            err = probe.seq_errors(layer, cand, criterion)
+            cands.append(((err - err_now) / gain, cand, err, j))  # added error per unit of effective sparsity
+        if not cands:
             break
-        _, levels, err_now = best
+        best = min(cands, key=lambda c: float(c[0].sum()))
+        if ties > 0 and len(best[0]) > 1:
+            eff = float(w @ levels)
+            n = len(best[0])
+
+            def tied(c) -> bool:
+                d = c[0] - best[0]
+                return float(d.sum()) <= ties * float(d.std()) * n ** 0.5
+
+            best = min((c for c in cands if tied(c)), key=lambda c: (float(levels[c[3]]) - eff, float(c[0].sum())))
+        _, levels, err_now, _ = best
         path.append((float(w @ levels), levels.clone()))
     table = torch.zeros(len(TARGETS), len(PROJECTIONS), dtype=torch.float64)
     effs = torch.tensor([e for e, _ in path], dtype=torch.float64)
@@ -267,7 +331,8 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
     return table
 
 
-def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers: int, fn, desc: str) -> list:
+def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers: int, fn, desc: str,
+              every: int = 1) -> list:
     """[fn(probe, layer) for every layer], by `workers` threads that take blocks in turn, each with its own probe (a
     block's work sets only that block's thresholds and KV cache) and every op on one core: on 2 CPU cores 1.2x
     faster than one thread with ops on both (the probe's ops are too small to split well)."""
@@ -286,7 +351,7 @@ def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers:
             out[layer] = fn(probe, layer)
             bar.update()
 
-    probes = [BlockProbe(model, calib, block_inputs, skip) for _ in range(workers)]
+    probes = [BlockProbe(model, calib, block_inputs, skip, every) for _ in range(workers)]
     threads = torch.get_num_threads()
     if workers > 1:
         torch.set_num_threads(1)
@@ -301,12 +366,14 @@ def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers:
 
 
 def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, step: float,
-                  uniform_floor: bool, max_move: float, workers: int) -> torch.Tensor:
+                  uniform_floor: bool, max_move: float, workers: int, every: int = 1, ties: float = 0.0) -> torch.Tensor:
     """[n_layer, len(TARGETS), 7]: greedy_block of every block (per_block)."""
     w = param_fractions(model.args)
     rows = per_block(model, calib, block_inputs, skip, workers,
                      lambda probe, layer: greedy_block(probe, layer, criterion, w, step, uniform_floor=uniform_floor,
-                                                       max_move=max_move), f"block-wise greedy ({criterion})")
+                                                       max_move=max_move, ties=ties),
+                     f"block-wise greedy ({criterion})",
+                     every)
     return torch.stack(rows).float()
 
 
@@ -424,12 +491,12 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
               max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
-              alloc_seqs: int = 8) -> tuple:
+              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).
-    workers: threads of the greedy search (0: one per CPU core on a CPU, one on a GPU); spread: the blocks'
-    sparsities chosen together (spread_over_blocks, on the errors of alloc_seqs sequences), else every block at the
-    model's target (TEAL's)."""
+    workers: threads of the greedy search (0: one per CPU core on a CPU, one on a GPU); greedy_every, ties: the
+    greedy search's scored positions and tie band (greedy_block); spread: the blocks' sparsities chosen together
+    (spread_over_blocks, on the errors of alloc_seqs sequences), else every block at the model's target (TEAL's)."""
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
@@ -445,7 +512,8 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
                          "quantiles.cats": hist_quantiles(cats_hist)}, {})
     workers = workers or (1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), model.args.n_layer)))
     for c in criteria:
-        calib.greedy[c] = greedy_tables(model, calib, block_inputs, skip, c, step, uniform_floor, max_move, workers)
+        calib.greedy[c] = greedy_tables(model, calib, block_inputs, skip, c, step, uniform_floor, max_move, workers,
+                                        greedy_every, ties)
         if spread:
             errors = block_errors(model, calib, [x[:alloc_seqs] for x in inputs], skip, c, calib.greedy[c], workers)
             calib.greedy[c] = spread_over_blocks(calib.greedy[c], errors)
@@ -455,6 +523,7 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     n_tok = sum(b.numel() for b in batches)
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
+                  "greedy_every": str(greedy_every), "ties": str(ties),
                   "seq_len": str(seq_len), "skip": str(skip), "step": str(step), "max_move": str(max_move),
                   "blocks": f"spread over {inputs[0][:alloc_seqs].shape[0] * seq_len} tokens" if spread else "equal",
                   "aim_tokens": str(sum(b.numel() for b in aim)),

@@ -16,7 +16,7 @@ import calibration
 from checkpoint import save_checkpoint
 from errors import UserError
 from loading import load_model, random_tensors
-from model import ModelArgs
+from model import ModelArgs, attention_mask
 from sparsity import (CALIB_FILE, CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, apply_thresholds, load_calibration, measure_sparsity,
                       param_fractions, parameter_weighted, per_projection)
 from tokenizer import byte_tokenizer_files, load_tokenizer
@@ -176,33 +176,39 @@ def test_block_sparsity_gives_more_to_blocks_that_lose_less():
                           table[0, int(torch.argmin((grid - at_grid).abs()))].double())
 
 
-def test_block_probe_reuse_gives_the_whole_block_error(calibrated):
-    """The probe's reuse (errors by levels, the attention half by its levels, the MLP on scored positions only)
-    gives what a whole block forward gives, whatever order the levels come in."""
+@pytest.mark.parametrize("every", [1, 3])
+def test_block_probe_reuse_gives_the_whole_block_error(calibrated, every):
+    """The probe's reuse (errors by levels, q/k/v and the attention half by their levels, queries and the MLP at the
+    scored positions only: every `every`-th from skip) gives what a whole block forward gives there, whatever order
+    the levels come in."""
     ckpt, _ = calibrated
     model = load_model(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
-    skip = 16
-    x = torch.randn(2, 64, model.args.dim)
-    probe = calibration.BlockProbe(model, calib, [x, x * 0.5], skip)
+    skip, S = 16, 64
+    x = torch.randn(2, S, model.args.dim)
+    probe = calibration.BlockProbe(model, calib, [x, x * 0.5], skip, every)
+    mask = attention_mask(probe.pos, S, model.args.sliding_window)
 
     def whole(layer, levels, crit):
         b = model.layers[layer]
-        run = lambda sparse: b(x if layer == 0 else x * 0.5, None, probe.rope, probe.mask, probe.pos, sparse,
-                               probe.active, model.plan)[0][:, skip:]
+        run = lambda sparse: b(x if layer == 0 else x * 0.5, None, probe.rope, mask, probe.pos, sparse,
+                               probe.active, model.plan)[0][:, skip::every]
         dense = run(False)
         probe.set_levels(layer, levels, crit)
-        return (run(True) - dense).pow(2).sum().item()
+        return (run(True) - dense).pow(2).sum(dim=(1, 2))
 
     base = torch.full((7,), 0.3, dtype=torch.float64)
-    mlp_only, attn_too = base.clone(), base.clone()
+    mlp_only, attn_too, q_only = base.clone(), base.clone(), base.clone()
     mlp_only[5] = 0.6
     attn_too[1] = 0.7
+    q_only[0] = 0.5
     for layer, levels, crit in [(0, base, "magnitude"), (0, mlp_only, "magnitude"), (0, attn_too, "magnitude"),
-                                (0, base, "weight-aware"), (1, mlp_only, "magnitude"), (0, base, "magnitude"),
-                                (0, mlp_only, "weight-aware")]:
-        got = probe.error(layer, levels, crit)
-        assert got == pytest.approx(whole(layer, levels, crit), rel=1e-4), (layer, levels.tolist(), crit)
+                                (0, q_only, "magnitude"), (0, base, "weight-aware"), (1, mlp_only, "magnitude"),
+                                (0, base, "magnitude"), (0, mlp_only, "weight-aware")]:
+        want = whole(layer, levels, crit)
+        got = probe.seq_errors(layer, levels, crit)
+        assert got.shape == (2,) and torch.allclose(got.float(), want, rtol=1e-4), (layer, levels.tolist(), crit)
+        assert probe.error(layer, levels, crit) == pytest.approx(want.sum().item(), rel=1e-4)
 
 
 def test_sparsity_zero_is_dense(calibrated):
@@ -446,8 +452,9 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
                                       "--criteria", "magnitude,weight-aware", "--out", str(out)])
     assert gs.main() == 0
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware") for t in (0.4, 0.5)}
-    assert report["max_move"] == 0.1
+    assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware") for t in (0.4, 0.5, "all")}
+    assert report["results"]["magnitude@all"]["blocks"] == 2 * (len(TARGETS) - 1)  # TINY: 2 layers
+    assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
 
@@ -463,9 +470,12 @@ def test_greedy_step_moves_a_projection_by_at_most_max_move():
         def __init__(self):
             self.seen = []
 
-        def error(self, layer, levels, criterion):
+        def seq_errors(self, layer, levels, criterion):
             self.seen.append(levels.clone())
-            return float((cost * levels ** 2).sum())
+            return (cost * levels ** 2).sum().view(1)
+
+        def error(self, layer, levels, criterion):
+            return float(self.seq_errors(layer, levels, criterion).sum())
 
         def reset(self, layer):
             pass
@@ -477,6 +487,43 @@ def test_greedy_step_moves_a_projection_by_at_most_max_move():
         assert torch.allclose(table @ w, TARGETS, atol=1e-6)
         levels = torch.stack(probe.seen)  # every candidate scored
         assert bool((levels[..., None] - grid).abs().min(-1).values.max() < 1e-9) == on_grid
+
+
+def test_greedy_ties_keep_levels_near_uniform():
+    """With `ties`, a candidate within that many paired standard errors of the best counts as tied, and the tied
+    candidate whose level lags the block's effective sparsity most is taken: where per-sequence errors cannot tell
+    the projections apart, the levels climb together; where they can (every sequence agrees), the best still wins."""
+    w = param_fractions(ModelArgs(**TINY))
+    cost = torch.tensor([1.0, 0.1, 0.1, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # k and v cheapest
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    noise = 10 * signs[:, None] * torch.tensor([(-1.0) ** j for j in range(7)], dtype=torch.float64)  # [4, 7]
+
+    class Probe:  # four sequences: the same mean error per level as above, or that plus noise (means unchanged)
+        def __init__(self, noisy):
+            self.noisy = noisy
+
+        def seq_errors(self, layer, levels, criterion):
+            per = cost * levels ** 2 * (1 + (noise if self.noisy else 0 * noise))  # [4, 7]
+            return per.sum(-1)
+
+        def error(self, layer, levels, criterion):
+            return float(self.seq_errors(layer, levels, criterion).sum())
+
+        def reset(self, layer):
+            pass
+
+    def spread(table):
+        return (table.max(-1).values - table.min(-1).values)[1:]  # per target, the levels' range
+
+    clear = calibration.greedy_block(Probe(False), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1,
+                                     ties=1.0)
+    plain = calibration.greedy_block(Probe(False), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1)
+    assert torch.equal(clear, plain)  # no noise: no ties, the best candidate every time
+    assert spread(plain).max() > 0.5  # k and v run far ahead
+    noisy = calibration.greedy_block(Probe(True), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1,
+                                     ties=1.0)
+    assert torch.allclose(noisy @ w, TARGETS, atol=1e-6)
+    assert spread(noisy).max() <= 0.2 + 1e-9  # every projection within two moves of the others
 
 
 def test_default_criteria_make_the_default_tables_only(tmp_path):
@@ -498,6 +545,9 @@ def test_default_criteria_make_the_default_tables_only(tmp_path):
     for bad in ("", "magnitude,nope", "magnitude,magnitude"):
         with pytest.raises(UserError, match="--criteria"):
             calibrate.main(["--checkpoint", str(ckpt), "--criteria", bad])
+    for flag, bad in (("--greedy-every", "0"), ("--ties", "-1"), ("--greedy-seqs", "0"), ("--alloc-seqs", "0")):
+        with pytest.raises(UserError, match="--greedy-every >= 1"):
+            calibrate.main(["--checkpoint", str(ckpt), flag, bad])
 
 
 def test_greedy_search_on_threads_gives_the_same_tables(calibrated):
