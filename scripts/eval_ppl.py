@@ -6,8 +6,8 @@ agreement against the dense model, and the measured sparsity (parameter-weighted
                                [--max-tokens N] [--window W] [--stride S] [--json]
 
 --at-measured: --sparsity is the model-wide sparsity to *measure* on the text, not the target: the target that
-measures it (within 0.002, on the first windows) is found by bisection first, so that two methods can be compared
-at equal measured sparsity.
+measures it (within 0.001, on the same scored tokens) is solved for first (secant steps, a sparse pass each: about
+three), so that two methods can be compared at equal measured sparsity.
 
 Default text: the evaluation side of the Shakespeare split (texts.py), disjoint by play from calibration.
 Every token of a window is sparsified (--dense-prefix N keeps the first N of each window dense); each
@@ -103,35 +103,43 @@ def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, m
 
 
 @torch.no_grad()
-def solve_target(model, ids: list, apply_at: Callable, s: float, window: int, stride: int, tokens: int = 2048,
-                 dense_prefix: int = 0, tol: float = 0.002) -> float:
-    """The target level whose thresholds (apply_at(model, level)) measure model-wide sparsity s on the first
-    `tokens` scored tokens of ids (windows and counted positions as in evaluate): bisection, measured sparsity
-    growing with the level."""
+def solve_target(model, ids: list, apply_at: Callable, s: float, window: int, stride: int, tokens: int,
+                 dense_prefix: int = 0, tol: float = 0.001) -> float:
+    """The target level whose thresholds (apply_at(model, level)) measure model-wide sparsity s on the `tokens`
+    scored tokens of ids (windows and counted positions as in evaluate, so the evaluation then measures s): secant
+    steps from the level s (the first with slope one: measured sparsity follows the level about one for one),
+    kept inside the bracket found so far (bisection where a step leaves it). Each step is one sparse pass."""
     spans = windows(len(ids), window, stride, tokens)
     ensure_cache(model, 1, window)
     dev = model.tok_embeddings.weight.device
 
-    def measured(level: float) -> float:
+    def miss(level: float) -> float:  # measured sparsity - s
         apply_at(model, level)
         counter = SparsityCounter(model)
         for begin, end, first in spans:
             with counter.counting(max(max(first, 1) - 1, dense_prefix)):
                 model(torch.tensor([ids[begin:end]], device=dev), torch.arange(end - begin, device=dev),
                       sparse_from=dense_prefix)
-        return parameter_weighted(model, counter.stats())
+        return parameter_weighted(model, counter.stats()) - s
 
-    lo, hi = 0.0, float(TARGETS[-1])  # the greedy tables' last target
-    if measured(hi) < s:
-        raise UserError(f"no level up to {hi} measures sparsity {s} on this text")
-    level = s
+    top = float(TARGETS[-1])  # the greedy tables' last target
+    lo, hi = 0.0, top  # levels measuring below / above s
+    x0, f0 = s, miss(s)
+    x1 = min(max(x0 - f0, 0.0), top)
+    f1 = f0 if x1 == x0 else miss(x1)
     for _ in range(20):
-        got = measured(level)
-        if abs(got - s) <= tol:
-            break
-        lo, hi = (level, hi) if got < s else (lo, level)
-        level = (lo + hi) / 2
-    return level
+        if abs(f1) <= tol:
+            return x1
+        for x, f in ((x0, f0), (x1, f1)):
+            lo, hi = (max(lo, x), hi) if f < 0 else (lo, min(hi, x))
+        if x1 >= top and f1 < 0:
+            raise UserError(f"no level up to {top} measures sparsity {s} on this text")
+        x2 = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else (lo + hi) / 2
+        if not lo < x2 < hi:
+            x2 = (lo + hi) / 2
+        x0, f0, x1 = x1, f1, x2
+        f1 = miss(x1)
+    return x1
 
 
 def load_eval_text(tok, files) -> list:
@@ -169,7 +177,7 @@ def main(argv=None):
     if a.at_measured and calib:
         level = solve_target(sparse_model, ids, lambda m, t: apply_thresholds(m, calib, t, a.sparsity_method,
                                                                               a.criterion), a.sparsity, a.window, a.stride,
-                             min(2048, a.max_tokens), a.dense_prefix)
+                             a.max_tokens, a.dense_prefix)
         print(f"target {level:.4f} measures {a.sparsity} on this text", file=sys.stderr)
     apply = (lambda m: apply_thresholds(m, calib, level, a.sparsity_method, a.criterion)) if calib else (lambda m: None)
     setting = Setting(f"{a.mlp} {a.sparsity_method} {a.criterion} {level:.4g}", sparse_model, apply)
