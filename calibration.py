@@ -134,6 +134,14 @@ def collect(model, batches: list, skip: int, norms: dict, greedy_batches: int):
     return hists, cats, [torch.cat(x) for x in block_inputs]
 
 
+def part_weights(lin) -> list:
+    """[(weight, scale or None)] of each part of a fused SparseLinear (q/k/v, gate/up) in column order: contiguous
+    copies, faster to multiply one part at a time (kernels/reference.py's matmul_ref) than slices of the whole."""
+    parts = lin.weight.split([n // lin.fmt.per_word for n in lin.sizes], dim=1)
+    scales = lin.scale.split(list(lin.sizes), dim=-1) if lin.scale is not None else (None,) * len(parts)
+    return [(w.contiguous(), sc) for w, sc in zip(parts, scales)]
+
+
 class BlockProbe:
     """Runs one block on its dense calibration input with given per-projection levels; returns the L2 error
     of its output against the dense output, per sequence, on the scored positions: every `every`-th from skip
@@ -184,9 +192,7 @@ class BlockProbe:
         keep = self.parts if levels else {}
         if self.qkv is None or self.qkv[0] != layer:
             xn = b.attention_norm(x)
-            parts = wqkv.weight.split([m // wqkv.fmt.per_word for m in wqkv.sizes], dim=1)
-            scales = wqkv.scale.split(list(wqkv.sizes), dim=-1) if wqkv.scale is not None else (None,) * 3
-            self.qkv = layer, xn, [(w.contiguous(), sc) for w, sc in zip(parts, scales)]
+            self.qkv = layer, xn, part_weights(wqkv)
         xn, weights = self.qkv[1:]
 
         def project(j: int) -> torch.Tensor:  # q [B, H, n, D], k and v [B, Hkv, S, D]
@@ -226,9 +232,7 @@ class BlockProbe:
         if "x" not in half:
             half["x"] = b.ffn_norm(h)
         if self.gate_up is None or self.gate_up[0] != layer:
-            parts = w13.weight.split([n // w13.fmt.per_word for n in w13.sizes], dim=1)
-            scales = w13.scale.split(list(w13.sizes), dim=-1) if w13.scale is not None else (None, None)
-            self.gate_up = layer, [(w.contiguous(), sc) for w, sc in zip(parts, scales)]
+            self.gate_up = layer, part_weights(w13)
         out = []
         for j, p in enumerate((self.GATE, self.UP)):
             if (j, levels[p]) not in half:
@@ -334,7 +338,7 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
 def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers: int, fn, desc: str,
               every: int = 1) -> list:
     """[fn(probe, layer) for every layer], by `workers` threads that take blocks in turn, each with its own probe (a
-    block's work sets only that block's thresholds and KV cache) and every op on one core: on 2 CPU cores 1.2x
+    block's work sets only that block's thresholds) and every op on one core: on 2 CPU cores 1.2x
     faster than one thread with ops on both (the probe's ops are too small to split well)."""
     out = [None] * model.args.n_layer
     todo = queue.SimpleQueue()
