@@ -95,7 +95,7 @@ def main():
     add_quant_arg(p)
     a = p.parse_args()
     fmt = quant_format(a.quant)
-    configs = {m: ModelArgs.from_name(m) for m in a.models.split(",") if m}
+    models = {m: ModelArgs.from_name(m) for m in a.models.split(",") if m}
     levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available():
         raise UserError("tune_gemv.py needs a CUDA GPU")
@@ -103,7 +103,7 @@ def main():
     bw = read_bandwidth()
     print(f"{torch.cuda.get_device_name()}: read bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     shapes = {}
-    for m, args in configs.items():
+    for m, args in models.items():
         for proj, (K, sizes, glu) in projection_shapes(args).items():
             shapes.setdefault((K, sizes, glu), f"{m}:{proj}")
     records = []
