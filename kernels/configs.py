@@ -56,6 +56,9 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, fmt: Quant
     if fmt is INT8 and len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns, 128-row steps, K ranges >= 1024 inputs
         block_n = next((b for b in reversed(fits) if b >= 64), block_n)
         return Config(block_n, 128, per_sm(3, block_n, 1024), 4, 1, 0)
+    if len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns, four programs per SM (H200 sweep, session 23)
+        block_n = next((b for b in reversed(fits) if b >= 64), block_n)
+        return Config(block_n, 64, per_sm(4, block_n, 512), 4, 1, 0)
     if glu:  # two programs along K; the narrower tile while two per tile still fit three programs per SM
         block_n = next((b for b in reversed(fits) if b >= 64 and 2 * counters_size(sizes, glu, b) <= 3 * n_sm),
                        block_n)
