@@ -1,6 +1,6 @@
 """Launch configs of the input-sparse GEMV family as data: what each projection of a decode step launches with, by
-batch, shape and weight format. The numbers come from sweeps on an H100 (scripts/tune_gemv.py); the evidence for
-each rule is in docs/perf-notes.md ("Launch configs"). Nothing here launches anything.
+batch, shape and weight format. The numbers come from sweeps on an H100 and an H200 (scripts/tune_gemv.py); the
+evidence for each rule is in docs/perf-notes.md ("Launch configs"). Nothing here launches anything.
 """
 from typing import NamedTuple
 
@@ -53,11 +53,11 @@ def default_config(M: int, K: int, sizes, glu: bool, n_sm: int = 132, fmt: Quant
     if fmt is INT8 and glu:  # half the bytes per row: four K ranges where they stay within three programs per SM
         split = 4 if 4 * counters_size(sizes, glu, block_n) <= 3 * n_sm else 2
         return Config(block_n, 64, max(1, min(split, K // 1024)), 4, 1, 0)
-    if fmt is INT8 and len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns, 128-row steps, K ranges >= 1024 inputs
+    if len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns; int8 128-row steps, three programs per SM and K ranges
+        # of >= 1024 inputs, 16-bit four programs per SM (H200 sweep, session 23)
         block_n = next((b for b in reversed(fits) if b >= 64), block_n)
-        return Config(block_n, 128, per_sm(3, block_n, 1024), 4, 1, 0)
-    if len(sizes) == 1 and K <= sizes[0]:  # o: 64 columns, four programs per SM (H200 sweep, session 23)
-        block_n = next((b for b in reversed(fits) if b >= 64), block_n)
+        if fmt is INT8:
+            return Config(block_n, 128, per_sm(3, block_n, 1024), 4, 1, 0)
         return Config(block_n, 64, per_sm(4, block_n, 512), 4, 1, 0)
     if glu:  # two programs along K; the narrower tile while two per tile still fit three programs per SM
         block_n = next((b for b in reversed(fits) if b >= 64 and 2 * counters_size(sizes, glu, b) <= 3 * n_sm),

@@ -510,7 +510,7 @@ def main():
     if tp is not None and not a.skip_kernels:
         raise UserError("tensor-parallel runs are end to end only: add --skip-kernels")
     models = [m for m in a.models.split(",") if m]
-    configs = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
+    model_args = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
     levels = sparsity_list(a.sparsities, "--sparsities")
     if a.group != 128 and a.quant not in ("int4", "awq"):
         raise UserError("--group applies to --quant int4 or awq")
@@ -533,12 +533,12 @@ def main():
     run = {"cmd": cmd, "date": time.strftime("%Y-%m-%d")}
     if not a.skip_kernels:
         for m in models:
-            kernels += [dict(r, **run) for r in bench_kernels(m, configs[m], bw, n_sm)]
-            attention += [dict(r, **run) for r in bench_attention(m, configs[m])]
+            kernels += [dict(r, **run) for r in bench_kernels(m, model_args[m], bw, n_sm)]
+            attention += [dict(r, **run) for r in bench_attention(m, model_args[m])]
         write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if not a.skip_e2e:
         for m in models:  # files rewritten after each model: a run cut short still leaves its results
-            e2e += [dict(r, **run) for r in bench_e2e(m, configs[m], levels, bw, fuse_norm=a.fuse_norm,
+            e2e += [dict(r, **run) for r in bench_e2e(m, model_args[m], levels, bw, fuse_norm=a.fuse_norm,
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
