@@ -5,7 +5,8 @@
 - awq: int4 after an activation-aware scale search on calibration text, rounded with GPTQ's error feedback (awq.py); the scales
   fold into the norms and the v and up projections, and each linear keeps its input scales so the checkpoint's
   sparsity calibration applies. Groups of 128 inputs, or --group 64 / 32 (`--quant awq` loads whichever the file
-  holds).
+  holds). Sparse-aware: each linear is also fitted to its inputs as the checkpoint's calibration thresholds them at
+  --sparse-level (default 0.5; 0 for dense inputs only).
 The LM head is int8 under every scheme; norms keep their dtype.
 
     python quantize.py [--checkpoint CKPT] [--mode int8|int4|awq] [--group 32]   ->  CKPT/model-<mode>.safetensors
@@ -27,6 +28,7 @@ from loading import load_model
 from errors import UserError
 from kernels.formats import QUANT_FORMATS, awq_variant
 from quantization import quantize_model, save_quantized
+from sparsity import CALIB_FILE, load_calibration
 from texts import default_texts, read_texts
 from tokenizer import load_tokenizer
 
@@ -42,9 +44,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=4096, help="awq: calibration tokens")
     p.add_argument("--seq-len", type=int, default=256, help="awq: tokens per calibration sequence")
     p.add_argument("--group", type=int, default=128, help="awq: inputs per scale group (128, 64 or 32)")
+    p.add_argument("--sparse-level", type=float, default=0.5,
+                   help="awq: also fit each linear to its inputs as the checkpoint's calibration thresholds them at "
+                        "this sparsity (0: dense inputs only)")
     a = p.parse_args(argv)
     if a.tokens < a.seq_len or a.seq_len < 2:
         raise UserError("need --tokens >= --seq-len >= 2")
+    if not 0 <= a.sparse_level < 1:
+        raise UserError(f"--sparse-level must be in [0, 1); got {a.sparse_level}")
     if a.group != 128 and a.mode != "awq":
         raise UserError(f"--group applies to --mode awq; {a.mode} weights use groups of 128 (int4) or none (int8)")
     fmt = awq_variant(a.group) if a.mode == "awq" else QUANT_FORMATS[a.mode]
@@ -55,7 +62,13 @@ def main(argv=None):
     if fmt.calibrated:
         tok = load_tokenizer(ckpt)
         text = read_texts(a.text if a.text else default_texts("calibration"))
-        report = awq_on_text(model, tok, text, fmt, a.tokens, a.seq_len)
+        calib = None
+        if a.sparse_level > 0 and (ckpt / CALIB_FILE).exists():
+            calib = load_calibration(model, ckpt / CALIB_FILE)
+        elif a.sparse_level > 0:
+            print(f"awq: no {CALIB_FILE} in {ckpt}: fitted to dense inputs only (run calibrate.py first to fit the "
+                  f"weights to sparse ones too)")
+        report = awq_on_text(model, tok, text, fmt, a.tokens, a.seq_len, calib=calib, level=a.sparse_level)
         errs = [e for _, e in report.values()]
         print(f"awq: {len(report)} linear groups, output error {sum(errs) / len(errs):.2e} on average "
               f"(relative, squared)")

@@ -153,6 +153,8 @@ def test_awq_groups_of_32_round_trip(tmp_path):
         quantize_main(["--checkpoint", str(tmp_path), "--mode", "int4", "--group", "32"])
     with pytest.raises(UserError, match="groups of 128, 64 or 32"):
         quantize_main(["--checkpoint", str(tmp_path), "--mode", "awq", "--group", "16"])
+    with pytest.raises(UserError, match=r"--sparse-level must be in \[0, 1\)"):
+        quantize_main(["--checkpoint", str(tmp_path), "--mode", "awq", "--sparse-level", "1.5"])
 
 
 def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
@@ -226,3 +228,46 @@ def test_calibrating_awq_weights_gives_the_source_models_statistics():
     norms = column_norms(scaled)
     for p in PROJECTIONS:
         assert ((norms[p] - got[0][0][p]).norm() / got[0][0][p].norm()).item() < 0.1, p
+
+
+def test_sparse_aware_awq_fits_each_segment_to_its_thresholded_inputs():
+    """segment_inputs: without thresholds, x for every column; with them, per output segment (q, k, v here) x and
+    below it x as that segment's threshold row leaves it. level_thresholds reads the default method's thresholds
+    off the buffers and puts them back. Thresholds above every input add only zero rows: the same weights as the
+    dense fit; real ones change them."""
+    from awq import level_thresholds, linear_groups, segment_inputs
+    src = outlier_model(2)
+    wqkv = src.layers[0].attention.wqkv
+    x = torch.randn(10, 128)
+    (only, cols), = segment_inputs(wqkv, x, None)
+    assert only is x and cols == slice(None)
+    t = torch.stack([torch.full((128,), v) for v in (0.5, 1.0, 1.5)])
+    parts = segment_inputs(wqkv, x, t)
+    assert [c for _, c in parts] == [slice(0, 128), slice(128, 192), slice(192, 256)]
+    for (xp, _), v in zip(parts, (0.5, 1.0, 1.5)):
+        assert torch.equal(xp[:10], x) and torch.equal(xp[10:], torch.where(x.abs() > v, x, 0.0))
+
+    calib = tables(src, batches(2)[0])
+    L, T = src.args.n_layer, len(TARGETS)
+    calib.greedy["magnitude"] = TARGETS.float()[None, :, None].expand(L, T, len(PROJECTIONS)).clone()
+    calib.aimed["magnitude"] = None
+    for *_, mod, _ in src.sparse_modules():
+        mod.threshold.fill_(0.25)
+    at_half = level_thresholds(src, calib, 0.5)
+    assert all(mod.threshold.eq(0.25).all() for *_, mod, _ in src.sparse_modules())  # put back
+    apply_thresholds(src, calib, 0.5, "greedy", "magnitude")
+    assert set(at_half) == {(i, g) for i in range(L) for g in ("qkv", "o", "gate_up", "down")}
+    for i, layer in enumerate(src.layers):
+        for name, lin in linear_groups(layer):
+            assert torch.equal(lin.threshold, at_half[(i, name)]) and at_half[(i, name)].gt(0).all()
+            lin.threshold.zero_()
+
+    def quantized(thresholds):
+        m = copy.deepcopy(src)
+        awq_quantize(m, batches(3), grid=4, progress=False, thresholds=thresholds)
+        return [(mod.weight, mod.scale) for *_, mod, _ in m.sparse_modules()]
+
+    dense = quantized(None)
+    drop_all = quantized({k: torch.full_like(t, 1e9) for k, t in at_half.items()})
+    assert all(torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], rtol=1e-3) for a, b in zip(dense, drop_all))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(dense, quantized(at_half)))
