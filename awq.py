@@ -16,9 +16,9 @@ nearest; ahead of GPTQ's rounding it lost quality on the default model (docs/qua
 Sparse-aware (`level`): decoding at a sparsity level, a linear sees its inputs with the small ones dropped. Given the
 source model's thresholds at that level, each segment of a linear (q, k, v; gate, up: each has its own threshold)
 is fitted to its dense inputs and, as many rows again, the same inputs as its thresholds leave them: the scale
-search sums both errors (and takes mean|x| over both), and GPTQ's Hessian covers both. At 50% on the default model
-this takes AWQ g128 from 1.12x to about 1.08x the float model's perplexity, dense unchanged (docs/quality-notes.md,
-session 24).
+search sums both errors (and takes mean|x| over both), and GPTQ's Hessian covers both. Off by default: over three
+calibration draws of the default model, AWQ g128 at 50% read 1.098x the float model's perplexity with it and 1.091x
+without (one draw varies by ±1.5%; docs/quality-notes.md, session 25).
 
 Sparsity: a linear's input becomes x / s, so a threshold t of the source model becomes t / s channel by channel
 and drops exactly the same inputs. Each scaled linear keeps s as its `input_scale` buffer (saved in the quantized

@@ -91,9 +91,8 @@ def no_thresholds(model):
         mod.threshold.zero_()
 
 
-def weight_models(a, ckpt, tok, device, dtype, calib) -> dict:
-    """{name: the model in that weight format} for the names in --weights (WEIGHTS); AWQ sparse-aware at WEIGHTS_AT
-    as quantize.py makes it by default."""
+def weight_models(a, ckpt, tok, device, dtype) -> dict:
+    """{name: the model in that weight format} for the names in --weights (WEIGHTS)."""
     names = [w for w in a.weights.split(",") if w]
     if any(w not in WEIGHTS for w in names):
         raise UserError(f"--weights takes a comma-separated list of {', '.join(WEIGHTS)}; got {a.weights!r}")
@@ -102,8 +101,7 @@ def weight_models(a, ckpt, tok, device, dtype, calib) -> dict:
         if w.startswith("awq-"):
             model = load_model(ckpt, device, dtype)
             text = read_texts(a.awq_text or default_texts("calibration"))
-            awq_on_text(model, tok, text, awq_variant(int(w[len("awq-g"):])), a.awq_tokens, 256, calib=calib,
-                        level=WEIGHTS_AT)
+            awq_on_text(model, tok, text, awq_variant(int(w[len("awq-g"):])), a.awq_tokens, 256)
             out[w] = model
         else:
             out[w] = load_model(ckpt, device, dtype, quant=QUANT_FORMATS[w])
@@ -154,7 +152,7 @@ def main(argv=None):
     for s in CATS_LEVELS:
         settings.append(Setting(f"cats {s}", cats_model,
                                 lambda m, s=s: apply_thresholds(m, calib, s, "uniform", "magnitude")))
-    quantized = weight_models(a, ckpt, tok, device, model.tok_embeddings.weight.dtype, calib)
+    quantized = weight_models(a, ckpt, tok, device, model.tok_embeddings.weight.dtype)
     n_sparse = len(settings)
     for w, m in quantized.items():
         settings.append(Setting(f"{w} dense", m, no_thresholds))
