@@ -9,7 +9,8 @@ W' = diag(s) W is quantized, and the input is divided by s, which folds exactly 
 - down: the up columns of gate/up (silu(gate) * up is linear in up).
 α is searched per group on a grid, minimising the squared error of the group's output on calibration activations.
 Last, each scaled linear is rounded with GPTQ's error feedback on the same activations (gptq_int4, in act order with
-static groups) rather than to nearest: the same int4 format. AWQ's clipping search (search_clip: each weight group's range shrunk by the ratio
+static groups) rather than to nearest, and its group scales and offsets are then refitted to the codes GPTQ chose
+(refit_scales, least squares on the same activations): the same int4 format. AWQ's clipping search (search_clip: each weight group's range shrunk by the ratio
 that quantizes its share of the output best when rounded to nearest; q and k left alone) is there for rounding to
 nearest; ahead of GPTQ's rounding it lost quality on the default model (docs/quality-notes.md), so it is off.
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from calibration import token_batches
-from kernels.formats import AWQ, QuantFormat, pack_int4, round_int4
+from kernels.formats import AWQ, QuantFormat, pack_int4, round_int4, unpack_int4
 from model import Transformer
 from quantization import quantize_model
 from sparsity import DEFAULT_CRITERION, Calibration, apply_thresholds, input_hooks
@@ -148,6 +149,39 @@ def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.1, act_order: bo
     return pack_int4(out.to(torch.int32)), torch.stack([S, M]).half()
 
 
+@torch.no_grad()
+def refit_scales(w: Tensor, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """The group scales and offsets of int4 weights q (pack_int4 words [K, N/8], scale [2, G, N]) refitted to w [K, N]
+    on x [T, K] with the codes kept: per output column, the 2G values minimising the output error ||x (q s + m - w)||²
+    (a least-squares problem in them: GPTQ chose each code for the scales it had, and its error feedback leaves the
+    group ranges where they no longer fit the codes best). A column keeps its scales where the refit does not lower
+    its error (after float16 rounding). -> scale [2, G, N] float16."""
+    K, N = w.shape
+    G = scale.shape[1]
+    group = K // G
+    qg = unpack_int4(q).double().view(G, group, N)
+    H = x.T.double() @ x.double()
+    H += 1e-6 * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    Hq = torch.einsum("kgj,gjn->kgn", H.view(K, G, group), qg)  # [K, G, N]: H restricted to each group's codes
+    H1 = H.view(K, G, group).sum(-1)  # [K, G]
+    A = torch.empty(N, 2 * G, 2 * G, dtype=H.dtype, device=H.device)  # normal equations of (s, m) per column
+    A[:, :G, :G] = torch.einsum("gjn,gjhn->ngh", qg, Hq.view(G, group, G, N))
+    A[:, :G, G:] = torch.einsum("gjn,gjh->ngh", qg, H1.view(G, group, G))
+    A[:, G:, :G] = A[:, :G, G:].transpose(1, 2)
+    A[:, G:, G:] = H1.view(G, group, G).sum(1)
+    Hw = (H @ w.double()).view(G, group, N)
+    b = torch.cat([(qg * Hw).sum(1), Hw.sum(1)]).T  # [N, 2G]
+    fit = torch.linalg.solve_ex(A, b[..., None])[0][..., 0].T.reshape(2, G, N).half()  # [2, G, N]
+
+    def err(sc):  # per column
+        d = qg * sc[0].double()[:, None] + sc[1].double()[:, None] - w.double().view(G, group, N)
+        d = d.reshape(K, N)
+        return ((H @ d) * d).sum(0)
+
+    better = torch.isfinite(fit.float()).all(0).all(0) & (err(fit) < err(scale))
+    return torch.where(better, fit, scale)
+
+
 def awq_on_text(model: Transformer, tok, text: str, fmt: QuantFormat, tokens: int, seq_len: int,
                 progress: bool = True, calib: Optional[Calibration] = None, level: float = 0.0) -> dict:
     """awq_quantize on `tokens` tokens of calibration text in sequences of seq_len, every one of them in GPTQ's
@@ -194,9 +228,9 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
     the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding
     (search_clip), which changes the float model; with `gptq`, each layer's scaled linears are then quantized to
-    int4 by gptq_int4 on their (scaled) inputs. thresholds: {(layer, group): [segments, K] in the source model's
-    units} (level_thresholds): sparse-aware (module docstring). -> {(layer, group): (α, relative output error once
-    quantized to nearest, before clipping)}."""
+    int4 by gptq_int4 on their (scaled) inputs and their scales refitted (refit_scales). thresholds: {(layer,
+    group): [segments, K] in the source model's units} (level_thresholds): sparse-aware (module docstring). ->
+    {(layer, group): (α, relative output error once quantized to nearest, before clipping)}."""
     a = model.args
     thresholds = thresholds or {}
     H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
@@ -229,8 +263,10 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
         for name, lin in linear_groups(layer) if gptq else ():
             K = lin.weight.shape[0]
             w = lin.weight.float()
-            done = [gptq_int4(w[:, cols], xp / lin.input_scale, fmt.group(K))
-                    for xp, cols in segment_inputs(lin, inputs[lin], thresholds.get((i, name)))]
+            done = []
+            for xp, cols in segment_inputs(lin, inputs[lin], thresholds.get((i, name))):
+                q, scale = gptq_int4(w[:, cols], xp / lin.input_scale, fmt.group(K))
+                done.append((q, refit_scales(w[:, cols], xp / lin.input_scale, q, scale)))
             q, scale = torch.cat([d[0] for d in done], 1), torch.cat([d[1] for d in done], 2)  # packs of 8 columns
             lin.set_quantized(fmt, q.to(lin.weight.device), scale.to(lin.weight.device))
     return report

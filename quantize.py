@@ -2,11 +2,12 @@
 - int8: round to nearest, one symmetric scale per output channel (half the bytes of bf16);
 - int4: round to nearest, eight weights to an int32 word, an asymmetric scale and offset per group of 128 inputs (64
   or 32 where 128 does not divide the input size) and output channel (a bit over a quarter);
-- awq: int4 after an activation-aware scale search on calibration text, rounded with GPTQ's error feedback (awq.py); the scales
-  fold into the norms and the v and up projections, and each linear keeps its input scales so the checkpoint's
-  sparsity calibration applies. Groups of 128 inputs, or --group 64 / 32 (`--quant awq` loads whichever the file
-  holds). --sparse-level S also fits each linear to its inputs as the checkpoint's calibration thresholds them at
-  S (default 0: dense inputs only; over three calibration draws it did not pay, docs/quality-notes.md).
+- awq: int4 after an activation-aware scale search on calibration text, rounded with GPTQ's error feedback, group
+  scales refitted to the codes (awq.py); the scales fold into the norms and the v and up projections, and each
+  linear keeps its input scales so the checkpoint's sparsity calibration applies. Groups of 128 inputs, or --group
+  64 / 32 (`--quant awq` loads whichever the file holds). --sparse-level S also fits each linear to its inputs as
+  the checkpoint's calibration thresholds them at S (default 0: dense inputs only; over three calibration draws it
+  did not pay, docs/quality-notes.md).
 The LM head is int8 under every scheme; norms keep their dtype.
 
     python quantize.py [--checkpoint CKPT] [--mode int8|int4|awq] [--group 32]   ->  CKPT/model-<mode>.safetensors
