@@ -10,9 +10,11 @@ W' = diag(s) W is quantized, and the input is divided by s, which folds exactly 
 α is searched per group on a grid, minimising the squared error of the group's output on calibration activations.
 Last, each scaled linear is rounded with GPTQ's error feedback on the same activations (gptq_int4, in act order with
 static groups) rather than to nearest, and its group scales and offsets are then refitted to the codes GPTQ chose
-(refit_scales, least squares on the same activations): the same int4 format. AWQ's clipping search (search_clip: each weight group's range shrunk by the ratio
-that quantizes its share of the output best when rounded to nearest; q and k left alone) is there for rounding to
-nearest; ahead of GPTQ's rounding it lost quality on the default model (docs/quality-notes.md), so it is off.
+(refit_scales, least squares on the same activations): the same int4 format. Both read the activations through
+their Gram matrix xᵀx, made once per linear (gram). AWQ's clipping search (search_clip: each weight group's range
+shrunk by the ratio that quantizes its share of the output best when rounded to nearest; q and k left alone) is
+there for rounding to nearest; ahead of GPTQ's rounding it lost quality on the default model
+(docs/quality-notes.md), so it is off.
 
 Sparse-aware (`level`): decoding at a sparsity level, a linear sees its inputs with the small ones dropped. Given the
 source model's thresholds at that level, each segment of a linear (q, k, v; gate, up: each has its own threshold)
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from calibration import token_batches
 from kernels.formats import AWQ, QuantFormat, pack_int4, round_int4, unpack_int4
-from model import Transformer
+from model import Transformer, attention_mask
 from quantization import quantize_model
 from sparsity import DEFAULT_CRITERION, Calibration, apply_thresholds, input_hooks
 
@@ -55,6 +57,38 @@ def capture(model: Transformer, batches: list, max_rows: int) -> dict:
             model.setup_caches(max(idx.shape[0], model.max_batch_size), max(idx.shape[1], model.max_seq_len))
             model(idx, torch.arange(idx.shape[1], device=idx.device), sparse_from=None)
     return {m: torch.cat(r)[:max_rows] for m, r in out.items()}
+
+
+@torch.no_grad()
+def layer_inputs(model: Transformer, batches: list, max_rows: int):
+    """Yields (layer index, {module: its input x [rows, K] float32}) layer by layer, dense, each layer's inputs
+    taken from the layers before it as the caller has left them by then (quantized: GPTQ's sequential
+    calibration, so a layer is fitted to the errors of those before it); at most max_rows rows each."""
+    model.setup_caches(max(max(b.shape[0] for b in batches), model.max_batch_size),
+                       max(max(b.shape[1] for b in batches), model.max_seq_len))
+    states = []  # per batch: (residual stream [B, S, dim] entering the next layer, positions [S])
+    for idx in batches:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        states.append((model.tok_embeddings(idx), pos))
+    window = model.args.sliding_window
+
+    def run(layer, x, pos):
+        mask = attention_mask(pos, model.max_seq_len, window)
+        return layer(x, None, model.rope[pos], mask, pos, False, None, model.plan)[0]
+
+    for i, layer in enumerate(model.layers):
+        out = {}
+
+        def grab(mod, a):
+            rows = out.setdefault(mod, [])
+            if sum(r.shape[0] for r in rows) < max_rows:
+                rows.append(a.detach().float().reshape(-1, a.shape[-1]))
+
+        with input_hooks(model, grab):
+            for x, pos in states:
+                run(layer, x, pos)
+        yield i, {m: torch.cat(r)[:max_rows] for m, r in out.items()}
+        states = [(run(layer, x, pos), pos) for x, pos in states]  # through the layer as the caller left it
 
 
 def search_scale(x: Tensor, w: Tensor, fmt: QuantFormat, grid: int, tie=None, parts=None) -> tuple:
@@ -105,17 +139,23 @@ def search_clip(x: Tensor, w: Tensor, group: int, ratios: int = 11, rows: int = 
     return out
 
 
+def gram(x: Tensor) -> Tensor:
+    """x [T, K] -> xᵀx [K, K] float64: the Hessian of a linear's squared output error on inputs x."""
+    return x.T.double() @ x.double()
+
+
 @torch.no_grad()
-def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.1, act_order: bool = True) -> tuple:
+def gptq_int4(w: Tensor, h: Tensor, group: int, damp: float = 0.1, act_order: bool = True) -> tuple:
     """w [K, N] float32 rounded to int4 groups (rtn_int4's format) with GPTQ's error feedback (Frantar et al., ICLR
     2023): inputs are rounded one at a time and each one's rounding error, weighted by the inverse Hessian of the
-    output error on x [T, K] (H = x^T x, damped), is pushed onto the inputs not rounded yet. act_order: the inputs
+    output error (h = gram(x) [K, K] of the inputs x, damped here; h is not changed), is pushed onto the inputs not
+    rounded yet. act_order: the inputs
     are rounded in order of decreasing H diagonal (those that carry the most first), with each group's range fixed
     from the weights before any feedback (GPTQ's static groups: the file's groups stay contiguous); else in input
     order, a group's range taken when its first input comes up. -> (q int32 [K, N/8], scale float16 [2, K/group,
     N])."""
     K, N = w.shape
-    H = (x.T.double() @ x.double())
+    H = h.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W = w.float().clone()
@@ -150,18 +190,17 @@ def gptq_int4(w: Tensor, x: Tensor, group: int, damp: float = 0.1, act_order: bo
 
 
 @torch.no_grad()
-def refit_scales(w: Tensor, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+def refit_scales(w: Tensor, h: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """The group scales and offsets of int4 weights q (pack_int4 words [K, N/8], scale [2, G, N]) refitted to w [K, N]
-    on x [T, K] with the codes kept: per output column, the 2G values minimising the output error ||x (q s + m - w)||²
-    (a least-squares problem in them: GPTQ chose each code for the scales it had, and its error feedback leaves the
-    group ranges where they no longer fit the codes best). A column keeps its scales where the refit does not lower
-    its error (after float16 rounding). -> scale [2, G, N] float16."""
+    on inputs x [T, K] (through h = gram(x) [K, K]) with the codes kept: per output column, the 2G values minimising
+    the output error ||x (q s + m - w)||² (a least-squares problem in them: GPTQ chose each code for the scales it
+    had, and its error feedback leaves the group ranges where they no longer fit the codes best). A column keeps its
+    scales where the refit does not lower its error (after float16 rounding). -> scale [2, G, N] float16."""
     K, N = w.shape
     G = scale.shape[1]
     group = K // G
     qg = unpack_int4(q).double().view(G, group, N)
-    H = x.T.double() @ x.double()
-    H += 1e-6 * H.diagonal().mean() * torch.eye(K, dtype=H.dtype, device=H.device)
+    H = h + 1e-6 * h.diagonal().mean() * torch.eye(K, dtype=h.dtype, device=h.device)
     Hq = torch.einsum("kgj,gjn->kgn", H.view(K, G, group), qg)  # [K, G, N]: H restricted to each group's codes
     H1 = H.view(K, G, group).sum(-1)  # [K, G]
     A = torch.empty(N, 2 * G, 2 * G, dtype=H.dtype, device=H.device)  # normal equations of (s, m) per column
@@ -183,13 +222,15 @@ def refit_scales(w: Tensor, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
 
 def awq_on_text(model: Transformer, tok, text: str, fmt: QuantFormat, tokens: int, seq_len: int,
-                progress: bool = True, calib: Optional[Calibration] = None, level: float = 0.0) -> dict:
+                progress: bool = True, calib: Optional[Calibration] = None, level: float = 0.0,
+                sequential: bool = False) -> dict:
     """awq_quantize on `tokens` tokens of calibration text in sequences of seq_len, every one of them in GPTQ's
     Hessian (quantize.py --mode awq; the quality report's AWQ rows), sparse-aware at `level` with the source model's
     calibration `calib` (the default method's thresholds). -> awq_scale's report."""
     batches = token_batches(tok, text, tokens, seq_len, 4, model.tok_embeddings.weight.device)
     thresholds = level_thresholds(model, calib, level) if calib is not None and level > 0 else None
-    return awq_quantize(model, batches, fmt, max_rows=tokens, progress=progress, thresholds=thresholds)
+    return awq_quantize(model, batches, fmt, max_rows=tokens, progress=progress, thresholds=thresholds,
+                        sequential=sequential)
 
 
 def level_thresholds(model: Transformer, calib: Calibration, level: float) -> dict:
@@ -213,10 +254,10 @@ def linear_groups(layer) -> list:
 @torch.no_grad()
 def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
                  progress: bool = True, clip: bool = False, gptq: bool = True,
-                 thresholds: Optional[dict] = None) -> dict:
+                 thresholds: Optional[dict] = None, sequential: bool = False) -> dict:
     """awq_scale (the sparse linears rounded with GPTQ's error feedback with `gptq`, else to nearest), then the rest
     of the model quantized to `fmt` (in place). -> awq_scale's report."""
-    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq, thresholds)
+    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq, thresholds, sequential)
     quantize_model(model, fmt)
     return report
 
@@ -224,7 +265,7 @@ def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid
 @torch.no_grad()
 def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
               progress: bool = True, clip: bool = False, gptq: bool = False,
-              thresholds: Optional[dict] = None) -> dict:
+              thresholds: Optional[dict] = None, sequential: bool = False) -> dict:
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
     the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding
     (search_clip), which changes the float model; with `gptq`, each layer's scaled linears are then quantized to
@@ -235,18 +276,25 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
     thresholds = thresholds or {}
     H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
     q_cols, kv_cols = H * D, Hkv * D
-    inputs = capture(model, batches, max_rows)
+    if sequential:
+        layers = layer_inputs(model, batches, max_rows)
+    else:
+        inputs = capture(model, batches, max_rows)
+        layers = ((i, inputs) for i in range(len(model.layers)))
     report = {}
-    for i, layer in enumerate(tqdm(model.layers, desc="awq", unit="layer", disable=not progress)):
+    for i, inputs in tqdm(layers, desc="awq", unit="layer", total=len(model.layers), disable=not progress):
+        layer = model.layers[i]
         att, ff = layer.attention, layer.feed_forward
         gqa = (lambda s: s.view(Hkv, H // Hkv, D).mean(1, keepdim=True).expand(Hkv, H // Hkv, D).reshape(-1))
         v_cols = slice(q_cols + kv_cols, q_cols + 2 * kv_cols)
-        for name, lin, tie, fold in (
-                ("qkv", att.wqkv, None, lambda s: layer.attention_norm.weight.div_(s.to(layer.attention_norm.weight))),
-                ("o", att.wo, gqa, lambda s: att.wqkv.weight[:, v_cols].div_(
-                    s.view(Hkv, H // Hkv, D)[:, 0].reshape(-1).to(att.wqkv.weight)[None, :])),
-                ("gate_up", ff.w13, None, lambda s: layer.ffn_norm.weight.div_(s.to(layer.ffn_norm.weight))),
-                ("down", ff.w2, None, lambda s: ff.w13.weight[:, I:].div_(s.to(ff.w13.weight)[None, :]))):
+        folds = {  # 1/s into the op before each group
+            "qkv": lambda s: layer.attention_norm.weight.div_(s.to(layer.attention_norm.weight)),
+            "o": lambda s: att.wqkv.weight[:, v_cols].div_(
+                s.view(Hkv, H // Hkv, D)[:, 0].reshape(-1).to(att.wqkv.weight)[None, :]),
+            "gate_up": lambda s: layer.ffn_norm.weight.div_(s.to(layer.ffn_norm.weight)),
+            "down": lambda s: ff.w13.weight[:, I:].div_(s.to(ff.w13.weight)[None, :])}
+        for name, lin in linear_groups(layer):
+            tie, fold = gqa if name == "o" else None, folds[name]
             w = lin.weight.float()
             x = inputs[lin]
             parts = segment_inputs(lin, x, thresholds.get((i, name)))
@@ -265,8 +313,9 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
             w = lin.weight.float()
             done = []
             for xp, cols in segment_inputs(lin, inputs[lin], thresholds.get((i, name))):
-                q, scale = gptq_int4(w[:, cols], xp / lin.input_scale, fmt.group(K))
-                done.append((q, refit_scales(w[:, cols], xp / lin.input_scale, q, scale)))
+                h = gram(xp / lin.input_scale)
+                q, scale = gptq_int4(w[:, cols], h, fmt.group(K))
+                done.append((q, refit_scales(w[:, cols], h, q, scale)))
             q, scale = torch.cat([d[0] for d in done], 1), torch.cat([d[1] for d in done], 2)  # packs of 8 columns
             lin.set_quantized(fmt, q.to(lin.weight.device), scale.to(lin.weight.device))
     return report

@@ -5,6 +5,7 @@ timing it (docs/perf-notes.md, session 8). tests/compile_checks.py builds the sa
 GPU compiler refuses.
 
     python scripts/sm90.py [--model llama-2-7b] [--quant int8|int4] [--dtype bfloat16] [--batch 1] [--dense]
+                           [--sass KERNEL]
 
 One layer of the model at its real shapes, launch configs as an H100 (132 SMs) gets them; the launches are
 recorded (Triton's own binder specialises them as a launch would: aligned pointers, multiples of 16, ones as
@@ -153,15 +154,15 @@ def describe(launch) -> str:
 
 
 def inspect(cubin: bytes) -> tuple:
-    """(resources, loops) of a kernel's cubin: {"REG", "STACK", "LOCAL", "SHARED": ...} from cuobjdump -res-usage
-    (spilled registers live in the STACK frame), and its innermost loops (see loops)."""
+    """(resources, loops, SASS) of a kernel's cubin: {"REG", "STACK", "LOCAL", "SHARED": ...} from cuobjdump
+    -res-usage (spilled registers live in the STACK frame), its innermost loops (see loops) and nvdisasm's text."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage, sass = (subprocess.run([os.path.join(TOOLS, tool), *flags, f.name], capture_output=True, text=True,
                                       check=True).stdout
                        for tool, flags in (("cuobjdump", ["-res-usage"]), ("nvdisasm", ["-c"])))
-    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}, loops(sass)
+    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}, loops(sass), sass
 
 
 def loops(sass: str) -> list:
@@ -197,6 +198,8 @@ def main():
     p.add_argument("--batch", type=int, default=1, help="decode batch size, 1..8")
     p.add_argument("--dense", action="store_true", help="the dense step (generate.py --sparsity 0) instead")
     p.add_argument("--top", type=int, default=8, help="opcodes shown per loop")
+    p.add_argument("--sass", metavar="KERNEL", help="also print the whole SASS of this kernel's launches "
+                   "(e.g. _decode_attention_kernel)")
     a = p.parse_args()
     if a.model not in CONFIGS:
         raise UserError(f"unknown model {a.model!r}; choose one of {', '.join(CONFIGS)}")
@@ -211,12 +214,14 @@ def main():
         if error:
             print(error)
             continue
-        r, found = inspect(k.asm["cubin"])
+        r, found, sass = inspect(k.asm["cubin"])
         print(f"{describe(launch)}\n  registers {r.get('REG')}, stack frame (spills) {r.get('STACK')} bytes, "
               f"local {r.get('LOCAL')} bytes, shared {r.get('SHARED')} bytes")
         for label, n, ops in found:
             print(f"  loop at {label}: {n} instructions: "
                   + ", ".join(f"{op} {c}" for op, c in ops.most_common(a.top)))
+        if launch[0].__name__ == a.sass:
+            print(sass)
     return 1 if any(e for _, _, e in built) else 0
 
 if __name__ == "__main__":

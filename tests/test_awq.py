@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from awq import awq_quantize, awq_scale
+from awq import awq_quantize, awq_scale, linear_groups
 from calibration import BlockProbe, collect, column_norms, hist_quantiles
 from checkpoint import read_metadata, save_checkpoint
 from errors import UserError
@@ -161,14 +161,16 @@ def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
     """gptq_int4 writes rtn_int4's format (words and float16 group scales, q in 0..15) and, where inputs are
     correlated (as activations are), its output error on them is a fraction of round-to-nearest's; on inputs it
     has never seen from the same distribution too."""
-    from awq import gptq_int4
+    from awq import gptq_int4, gram
     from kernels.formats import dequantize_int4, rtn_int4, unpack_int4
     g = torch.Generator().manual_seed(0)
     K, N, group = 256, 64, 128
     mix = torch.randn(32, K, generator=g)
     x, held = [torch.randn(n, 32, generator=g) @ mix + 0.3 * torch.randn(n, K, generator=g) for n in (2048, 512)]
     w = torch.randn(K, N, generator=g) / 16
-    q, scale = gptq_int4(w, x, group)
+    h = gram(x)
+    q, scale = gptq_int4(w, h, group)
+    assert h.equal(gram(x))  # not changed
     assert q.dtype == torch.int32 and q.shape == (K, N // 8) and scale.dtype == torch.float16
     assert scale.shape == (2, K // group, N) and unpack_int4(q).max() <= 15
 
@@ -179,7 +181,7 @@ def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
     assert err(dequantize_int4(q, scale), x) < 0.2 * err(rtn, x)
     assert err(dequantize_int4(q, scale), held) < 0.5 * err(rtn, held)
     # in input order (ranges as the feedback leaves them): also far under round-to-nearest, above act order here
-    q_in, scale_in = gptq_int4(w, x, group, act_order=False)
+    q_in, scale_in = gptq_int4(w, h, group, act_order=False)
     assert err(dequantize_int4(q, scale), x) < err(dequantize_int4(q_in, scale_in), x) < 0.2 * err(rtn, x)
 
 
@@ -187,7 +189,7 @@ def test_refit_scales_recovers_exact_scales_and_only_lowers_the_error():
     """refit_scales: weights that are exactly codes times float16 scales plus offsets get those scales back from
     wrong ones; on GPTQ's output it lowers the output error on the fitted inputs, keeps the codes and the format,
     and lowers it on held-out inputs of the same distribution too."""
-    from awq import gptq_int4, refit_scales
+    from awq import gptq_int4, gram, refit_scales
     from kernels.formats import dequantize_int4, pack_int4
     g = torch.Generator().manual_seed(0)
     K, N, group = 256, 64, 64
@@ -197,12 +199,12 @@ def test_refit_scales_recovers_exact_scales_and_only_lowers_the_error():
     exact = torch.stack([torch.rand(K // group, N, generator=g) / 50 + 0.01,
                          -torch.rand(K // group, N, generator=g) / 5]).half()
     w = dequantize_int4(pack_int4(codes), exact)
-    fit = refit_scales(w, x, pack_int4(codes), (exact.float() * 1.1).half())
+    fit = refit_scales(w, gram(x), pack_int4(codes), (exact.float() * 1.1).half())
     assert torch.allclose(fit.float(), exact.float(), rtol=2e-3, atol=1e-4)
 
     w = torch.randn(K, N, generator=g) / 16
-    q, scale = gptq_int4(w, x, group)
-    fit = refit_scales(w, x, q, scale)
+    q, scale = gptq_int4(w, gram(x), group)
+    fit = refit_scales(w, gram(x), q, scale)
     assert fit.dtype == torch.float16 and fit.shape == scale.shape
 
     def err(sc, data):
@@ -223,6 +225,34 @@ def test_awq_with_gptq_beats_awq_rounded_to_nearest():
         assert all(lin.fmt is AWQ for lin in m.modules() if isinstance(lin, SparseLinear) and not lin.head)
         errs.append(rel(logits(m, held_out), ref))
     assert errs[1] < errs[0], errs
+
+
+def test_sequential_inputs_follow_the_quantized_layers_before():
+    """layer_inputs: on a float model each layer's inputs are capture()'s; scaling alone (the float function kept)
+    picks the same scales either way; with GPTQ each layer's inputs come through the layers already quantized, so
+    the fits differ from one-pass capture's from the second layer on, and the first layer's are the same."""
+    from awq import capture, layer_inputs
+    src, data = outlier_model(3), batches(13, 2)
+    whole = capture(src, data, 10 ** 6)
+    seen = set()
+    for i, inputs in layer_inputs(src, data, 10 ** 6):
+        assert set(inputs) == {lin for _, lin in linear_groups(src.layers[i])}
+        for mod, x in inputs.items():
+            torch.testing.assert_close(x, whole[mod], rtol=1e-5, atol=1e-5)
+        seen.add(i)
+    assert seen == {0, 1}
+    one, seq = copy.deepcopy(src), copy.deepcopy(src)
+    r1, r2 = awq_scale(one, data, grid=10, progress=False), awq_scale(seq, data, grid=10, progress=False,
+                                                                       sequential=True)
+    assert {k: v[0] for k, v in r1.items()} == {k: v[0] for k, v in r2.items()}
+    one, seq = copy.deepcopy(src), copy.deepcopy(src)
+    awq_quantize(one, data, grid=4, progress=False)
+    awq_quantize(seq, data, grid=4, progress=False, sequential=True)
+    words = [(a.weight.equal(b.weight), i) for i, (la, lb) in enumerate(zip(one.layers, seq.layers))
+             for (_, a), (_, b) in zip(linear_groups(la), linear_groups(lb))]
+    assert all(same for same, i in words if i == 0) and not all(same for same, i in words if i == 1)
+    held_out = batches(14, 1)[0]
+    assert rel(logits(seq, held_out), logits(src, held_out)) < 0.6
 
 
 def test_calibrating_awq_weights_gives_the_source_models_statistics():

@@ -72,3 +72,17 @@ def test_int4_on_hopper_takes_the_gluon_stream_without_conversions():
         assert "stack frame (spills) 0 bytes" in b, b
         streams = [ops for ops in re.findall(r"loop at \.L_x_\d+: \d+ instructions: (.*)", b) if loop_op in ops]
         assert streams and not any("LDS" in ops or "BAR" in ops for ops in streams), b
+
+
+
+def test_sass_of_one_kernel_is_printed_in_order():
+    """--sass KERNEL: that kernel's whole SASS after its report (addresses ascending), for reading instruction order
+    (docs/perf-notes.md, session 27: where a prefetch landed among the loads); no other kernel's."""
+    r = sm90("--model", "llama-2-7b", "--sass", "_decode_attention_kernel", interpret=False)
+    assert r.returncode == 0, r.stderr
+    head, sass = r.stdout.split("_decode_attention_kernel num_warps", 1)
+    sass = re.split(r"\n_\w+_kernel num_warps", sass)[0]  # up to the next launch's report
+    addrs = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]{4})\*/", sass)]
+    assert len(addrs) > 100 and addrs == sorted(addrs), sass[:2000]
+    assert "LDG.E.128" in sass and "EXIT" in sass
+    assert not re.findall(r"/\*[0-9a-f]{4}\*/", head), head[:2000]  # kernels before it: reports only
