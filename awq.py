@@ -43,33 +43,16 @@ from sparsity import DEFAULT_CRITERION, Calibration, apply_thresholds, input_hoo
 
 
 @torch.no_grad()
-def capture(model: Transformer, batches: list, max_rows: int) -> dict:
-    """{module: its input x [rows, K] float32 (signed)} over the batches, at most max_rows rows each, dense."""
-    out = {}
-
-    def grab(mod, a):
-        rows = out.setdefault(mod, [])
-        if sum(r.shape[0] for r in rows) < max_rows:
-            rows.append(a.detach().float().reshape(-1, a.shape[-1]))
-
-    with input_hooks(model, grab):
-        for idx in batches:
-            model.setup_caches(max(idx.shape[0], model.max_batch_size), max(idx.shape[1], model.max_seq_len))
-            model(idx, torch.arange(idx.shape[1], device=idx.device), sparse_from=None)
-    return {m: torch.cat(r)[:max_rows] for m, r in out.items()}
-
-
-@torch.no_grad()
 def layer_inputs(model: Transformer, batches: list, max_rows: int):
-    """Yields (layer index, {module: its input x [rows, K] float32}) layer by layer, dense, each layer's inputs
-    taken from the layers before it as the caller has left them by then (quantized: GPTQ's sequential
-    calibration, so a layer is fitted to the errors of those before it); at most max_rows rows each."""
+    """Yields (layer index, {module: its input x [rows, K] float32}) layer by layer, dense, at most max_rows rows
+    each: the inputs the float model gives each linear. One layer's are held at a time (a 7B model's for all layers
+    at 4,096 rows would be ~12 GB): each layer's outputs, the next one's inputs, are made in the same pass, before
+    the caller changes the layer (its scales folded into its norms, v and up; its linears quantized)."""
     model.setup_caches(max(max(b.shape[0] for b in batches), model.max_batch_size),
                        max(max(b.shape[1] for b in batches), model.max_seq_len))
     states = []  # per batch: (residual stream [B, S, dim] entering the next layer, positions [S])
     for idx in batches:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        states.append((model.tok_embeddings(idx), pos))
+        states.append((model.tok_embeddings(idx), torch.arange(idx.shape[1], device=idx.device)))
     window = model.args.sliding_window
 
     def run(layer, x, pos):
@@ -84,11 +67,9 @@ def layer_inputs(model: Transformer, batches: list, max_rows: int):
             if sum(r.shape[0] for r in rows) < max_rows:
                 rows.append(a.detach().float().reshape(-1, a.shape[-1]))
 
-        with input_hooks(model, grab):
-            for x, pos in states:
-                run(layer, x, pos)
+        with input_hooks(model, grab):  # the layer's outputs made while it is still the float model's
+            states = [(run(layer, x, pos), pos) for x, pos in states]
         yield i, {m: torch.cat(r)[:max_rows] for m, r in out.items()}
-        states = [(run(layer, x, pos), pos) for x, pos in states]  # through the layer as the caller left it
 
 
 def search_scale(x: Tensor, w: Tensor, fmt: QuantFormat, grid: int, tie=None, parts=None) -> tuple:
@@ -149,11 +130,10 @@ def gptq_int4(w: Tensor, h: Tensor, group: int, damp: float = 0.1, act_order: bo
     """w [K, N] float32 rounded to int4 groups (rtn_int4's format) with GPTQ's error feedback (Frantar et al., ICLR
     2023): inputs are rounded one at a time and each one's rounding error, weighted by the inverse Hessian of the
     output error (h = gram(x) [K, K] of the inputs x, damped here; h is not changed), is pushed onto the inputs not
-    rounded yet. act_order: the inputs
-    are rounded in order of decreasing H diagonal (those that carry the most first), with each group's range fixed
-    from the weights before any feedback (GPTQ's static groups: the file's groups stay contiguous); else in input
-    order, a group's range taken when its first input comes up. -> (q int32 [K, N/8], scale float16 [2, K/group,
-    N])."""
+    rounded yet. act_order: the inputs are rounded in order of decreasing H diagonal (those that carry the most
+    first), with each group's range fixed from the weights before any feedback (GPTQ's static groups: the file's
+    groups stay contiguous); else in input order, a group's range taken when its first input comes up. -> (q int32
+    [K, N/8], scale float16 [2, K/group, N])."""
     K, N = w.shape
     H = h.clone()
     dead = H.diagonal() == 0
@@ -222,15 +202,13 @@ def refit_scales(w: Tensor, h: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 
 
 def awq_on_text(model: Transformer, tok, text: str, fmt: QuantFormat, tokens: int, seq_len: int,
-                progress: bool = True, calib: Optional[Calibration] = None, level: float = 0.0,
-                sequential: bool = False) -> dict:
+                progress: bool = True, calib: Optional[Calibration] = None, level: float = 0.0) -> dict:
     """awq_quantize on `tokens` tokens of calibration text in sequences of seq_len, every one of them in GPTQ's
     Hessian (quantize.py --mode awq; the quality report's AWQ rows), sparse-aware at `level` with the source model's
     calibration `calib` (the default method's thresholds). -> awq_scale's report."""
     batches = token_batches(tok, text, tokens, seq_len, 4, model.tok_embeddings.weight.device)
     thresholds = level_thresholds(model, calib, level) if calib is not None and level > 0 else None
-    return awq_quantize(model, batches, fmt, max_rows=tokens, progress=progress, thresholds=thresholds,
-                        sequential=sequential)
+    return awq_quantize(model, batches, fmt, max_rows=tokens, progress=progress, thresholds=thresholds)
 
 
 def level_thresholds(model: Transformer, calib: Calibration, level: float) -> dict:
@@ -254,10 +232,10 @@ def linear_groups(layer) -> list:
 @torch.no_grad()
 def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
                  progress: bool = True, clip: bool = False, gptq: bool = True,
-                 thresholds: Optional[dict] = None, sequential: bool = False) -> dict:
+                 thresholds: Optional[dict] = None) -> dict:
     """awq_scale (the sparse linears rounded with GPTQ's error feedback with `gptq`, else to nearest), then the rest
     of the model quantized to `fmt` (in place). -> awq_scale's report."""
-    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq, thresholds, sequential)
+    report = awq_scale(model, batches, fmt, grid, max_rows, progress, clip, gptq, thresholds)
     quantize_model(model, fmt)
     return report
 
@@ -265,7 +243,7 @@ def awq_quantize(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid
 @torch.no_grad()
 def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: int = 20, max_rows: int = 4096,
               progress: bool = True, clip: bool = False, gptq: bool = False,
-              thresholds: Optional[dict] = None, sequential: bool = False) -> dict:
+              thresholds: Optional[dict] = None) -> dict:
     """Scale every layer's linear groups for `fmt` and fold the scales into the ops before them (module docstring):
     the float model computes the same function; with `clip`, weight groups are also clipped for `fmt`'s rounding
     (search_clip), which changes the float model; with `gptq`, each layer's scaled linears are then quantized to
@@ -276,13 +254,9 @@ def awq_scale(model: Transformer, batches: list, fmt: QuantFormat = AWQ, grid: i
     thresholds = thresholds or {}
     H, Hkv, D, I = a.n_head, a.n_kv_head, a.head_dim, a.intermediate_size
     q_cols, kv_cols = H * D, Hkv * D
-    if sequential:
-        layers = layer_inputs(model, batches, max_rows)
-    else:
-        inputs = capture(model, batches, max_rows)
-        layers = ((i, inputs) for i in range(len(model.layers)))
     report = {}
-    for i, inputs in tqdm(layers, desc="awq", unit="layer", total=len(model.layers), disable=not progress):
+    for i, inputs in tqdm(layer_inputs(model, batches, max_rows), desc="awq", unit="layer", total=len(model.layers),
+                          disable=not progress):
         layer = model.layers[i]
         att, ff = layer.attention, layer.feed_forward
         gqa = (lambda s: s.view(Hkv, H // Hkv, D).mean(1, keepdim=True).expand(Hkv, H // Hkv, D).reshape(-1))
