@@ -126,14 +126,16 @@ def gram(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def gptq_int4(w: Tensor, h: Tensor, group: int, damp: float = 0.1, act_order: bool = True) -> tuple:
+def gptq_int4(w: Tensor, h: Tensor, group: int, damp: float = 0.3, act_order: bool = True) -> tuple:
     """w [K, N] float32 rounded to int4 groups (rtn_int4's format) with GPTQ's error feedback (Frantar et al., ICLR
     2023): inputs are rounded one at a time and each one's rounding error, weighted by the inverse Hessian of the
     output error (h = gram(x) [K, K] of the inputs x, damped here; h is not changed), is pushed onto the inputs not
     rounded yet. act_order: the inputs are rounded in order of decreasing H diagonal (those that carry the most
     first), with each group's range fixed from the weights before any feedback (GPTQ's static groups: the file's
-    groups stay contiguous); else in input order, a group's range taken when its first input comes up. -> (q int32
-    [K, N/8], scale float16 [2, K/group, N])."""
+    groups stay contiguous); else in input order, a group's range taken when its first input comes up. damp: the
+    multiple of h's mean diagonal added to it (0.3: on the default model 0.03 and 0.1 fitted the calibration rows
+    closer and lost held-out perplexity, docs/quality-notes.md). -> (q int32 [K, N/8], scale float16 [2, K/group,
+    N])."""
     K, N = w.shape
     H = h.clone()
     dead = H.diagonal() == 0
