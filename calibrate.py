@@ -8,7 +8,8 @@
    well within ±0.5%. The quantile tables and the weights' column norms are stored.
 2. Block-wise greedy allocation (TEAL), for --criteria (default: the default criterion): per block, starting from
    0, each step raises the block's effective sparsity (the parameter-weighted mean of its projections' levels) by
-   --step through one projection (its level up by --step / its parameter share, at most --max-move), the one whose
+   --step through one projection, or k and v together (--tie-kv; their level up by --step / their parameter share,
+   at most --max-move), the one whose
    increase adds the least L2 error per unit of sparsity to the block output on every --greedy-every-th of the
    later tokens of --greedy-seqs sequences (the block is fed its dense input); candidates within --ties standard
    errors of the best are tied, and the tied one whose level lags the block's most is raised (where the text
@@ -22,15 +23,15 @@
    measures S when it decodes (the levels were quantiles of dense activations; sparsified layers upstream shrink
    the inputs of later ones, o's and down's above all).
 Default text: the calibration side of the Shakespeare split (texts.py), disjoint by play from evaluation.
-The model runs in --dtype (auto: bfloat16 on a GPU, float32 on a CPU); histograms and errors accumulate in float32
-or wider.
+The model runs in --dtype (auto: bfloat16 on a GPU, float32 on a CPU; on a CPU with bf16 matrix units (AMX)
+--dtype bfloat16 multiplies about 5x faster); histograms and errors accumulate in float32 or wider.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from calibration import TIES, calibrate, save_calibration
+from calibration import GREEDY_SEQS, TIES, calibrate, save_calibration
 from cli import HelpFormatter, add_model_args, add_quant_arg, load_from_args, run_cli
 from errors import UserError
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
@@ -46,7 +47,10 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out (dense in decode)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the block-wise greedy search scores on")
+    p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
+                   help="sequences the block-wise greedy search scores on")
+    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=False,
+                   help="k and v raised together by the greedy search (default: each projection alone, TEAL's)")
     p.add_argument("--greedy-every", type=int, default=1,
                    help="the greedy search scores every N-th position of its sequences (keys and values at all)")
     p.add_argument("--ties", type=float, default=TIES,
@@ -81,7 +85,7 @@ def main(argv=None):
     t0 = time.time()
     calib = calibrate(model, tok, text, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step, source,
                       a.aim_seqs, max_move=a.max_move, criteria=criteria, spread=a.blocks == "spread",
-                      alloc_seqs=a.alloc_seqs, greedy_every=a.greedy_every, ties=a.ties)
+                      alloc_seqs=a.alloc_seqs, greedy_every=a.greedy_every, ties=a.ties, tie_kv=a.tie_kv)
     out = a.out or ckpt / CALIB_FILE
     save_calibration(calib, out)
     print(f"wrote {out} ({calib.meta['tokens']} tokens, {time.time() - t0:.0f} s)", file=sys.stderr)

@@ -5,12 +5,13 @@
    |silu(gate)| for the CATS-style MLP, on bins of 1/256 of an octave, fine enough to set any sparsity level to
    well within ±0.5%; hist_quantiles turns them into the stored quantile tables, with the weights' column norms.
 2. greedy_block: block-wise greedy allocation (TEAL): per block, starting from 0, each step raises the block's
-   effective sparsity (the parameter-weighted mean of its projections' levels) by `step` through one projection,
-   the one whose increase adds the least L2 error to the block output on the later tokens of each sequence (the
-   block is fed its dense input; BlockProbe, which scores every `greedy_every`-th position: more sequences for the
-   same work); candidates within `ties` standard errors of the best (paired over the sequences) count as tied,
-   and the tied one whose level lags the block's most is taken. The table at model-level targets 0 ... 0.9
-   keeps, per block, whichever of the greedy and the uniform allocation has less error there.
+   effective sparsity (the parameter-weighted mean of its projections' levels) by `step` through one projection
+   (or k and v together: KV_TIED), the one whose increase adds the least L2 error to the block output on the
+   later tokens of each sequence (the block is fed its dense input; BlockProbe, which scores every
+   `greedy_every`-th position: more sequences for the same work); candidates within `ties` standard errors of the
+   best (paired over the sequences) count as tied, and the tied one whose level lags the block's most is taken.
+   The table at model-level targets 0 ... 0.9 keeps, per block, whichever of the greedy and the uniform
+   allocation has less error there.
    spread_over_blocks then sets the blocks' own effective sparsities for each model target (their mean the
    target): water-filling on each block's output error relative to its output's energy, at its table's rows.
 3. aim_levels: the greedy tables re-aimed so that decoding measures what they intend: a decode-like pass per target
@@ -41,6 +42,13 @@ from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Cali
 # the last). A bin index is a shift of the float's bits, so a histogram is one bincount (6x faster than histc of log2).
 MANT_BITS, LOG2_LO, LOG2_HI = 8, -40, 16
 TIES = 0.0  # the greedy search's default tie band, in standard errors (greedy_block; 0: none)
+GREEDY_SEQS = 2  # sequences the greedy search scores on by default (8 are more stable between halves: session 28)
+# what one greedy candidate raises: every projection alone (TEAL's, the default), or k and v together: they share the
+# input and hold a few percent of a GQA block each, so their single moves barely change the block's error, and which
+# of the two goes first is decided by noise (docs/quality-notes.md, session 28)
+ALONE = tuple((j,) for j in range(len(PROJECTIONS)))
+KV_TIED = tuple(g for g in ALONE if PROJECTIONS[g[0]] not in ("k", "v")) + \
+    ((PROJECTIONS.index("k"), PROJECTIONS.index("v")),)
 N_BINS = (LOG2_HI - LOG2_LO) << MANT_BITS
 _FIRST = (127 + LOG2_LO) << MANT_BITS  # the biased-exponent-and-mantissa prefix of 2^LOG2_LO
 
@@ -281,7 +289,7 @@ class BlockProbe:
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
                  max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.1,
-                 ties: float = 0.0) -> torch.Tensor:
+                 ties: float = 0.0, moves: tuple = ALONE) -> torch.Tensor:
     """[len(TARGETS), 7] levels reaching each target effective sparsity for one block. uniform_floor: at a target
     where the uniform allocation has less error on the scored positions, keep it instead. A candidate raises one
     projection's level by step / its parameter share, at most max_move (k and v of a GQA block hold a few percent
@@ -289,22 +297,23 @@ def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor,
     above the best one's by at most `ties` standard errors (paired over the sequences) is as good as the best, and
     of those the one whose level lags the block's effective sparsity most is taken (0: always the best): where the
     calibration text cannot tell the candidates apart, the allocation stays near uniform instead of following
-    noise."""
+    noise. moves: the projections each candidate raises together (ALONE, KV_TIED), by step / their parameter share.
+    """
     levels = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
     path = [(0.0, levels.clone())]
     err_now = torch.zeros(1, dtype=torch.float64)
     top = float(TARGETS[-1]) + 1e-9
     while float(w @ levels) < top:
-        cands = []  # (score per sequence, levels, errors per sequence, projection)
-        for j in range(len(PROJECTIONS)):
-            room = max_level - levels[j].item()
+        cands = []  # (score per sequence, levels, errors per sequence, the move's first projection)
+        for g in moves:
+            room = max_level - max(levels[j].item() for j in g)
             if room <= 1e-9:
                 continue
             cand = levels.clone()
-            cand[j] += min(step / w[j].item(), max_move, room)
+            cand[list(g)] += min(step / sum(w[j].item() for j in g), max_move, room)
             gain = float(w @ cand) - float(w @ levels)
             err = probe.seq_errors(layer, cand, criterion)
-            cands.append(((err - err_now) / gain, cand, err, j))  # added error per unit of effective sparsity
+            cands.append(((err - err_now) / gain, cand, err, g[0]))  # added error per unit of effective sparsity
         if not cands:
             break
         best = min(cands, key=lambda c: float(c[0].sum()))
@@ -370,12 +379,13 @@ def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers:
 
 
 def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, step: float,
-                  uniform_floor: bool, max_move: float, workers: int, every: int = 1, ties: float = 0.0) -> torch.Tensor:
+                  uniform_floor: bool, max_move: float, workers: int, every: int = 1, ties: float = 0.0,
+                  moves: tuple = ALONE) -> torch.Tensor:
     """[n_layer, len(TARGETS), 7]: greedy_block of every block (per_block)."""
     w = param_fractions(model.args)
     rows = per_block(model, calib, block_inputs, skip, workers,
                      lambda probe, layer: greedy_block(probe, layer, criterion, w, step, uniform_floor=uniform_floor,
-                                                       max_move=max_move, ties=ties),
+                                                       max_move=max_move, ties=ties, moves=moves),
                      f"block-wise greedy ({criterion})",
                      every)
     return torch.stack(rows).float()
@@ -495,12 +505,16 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
               max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
-              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0) -> tuple:
+              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = False,
+              trace: dict = None) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).
     workers: threads of the greedy search (0: one per CPU core on a CPU, one on a GPU); greedy_every, ties: the
-    greedy search's scored positions and tie band (greedy_block); spread: the blocks' sparsities chosen together
-    (spread_over_blocks, on the errors of alloc_seqs sequences), else every block at the model's target (TEAL's)."""
+    greedy search's scored positions and tie band (greedy_block); tie_kv: k and v raised together (KV_TIED); spread:
+    the blocks' sparsities chosen together (spread_over_blocks, on the errors of alloc_seqs sequences), else every
+    block at the model's target (TEAL's). trace: a dict that receives, per criterion, the greedy table before the
+    spread ("unspread") and the blocks' own sparsities ("blocks", [n_layer, len(TARGETS)]), for
+    scripts/greedy_stability.py."""
     device = model.tok_embeddings.weight.device
     batches = token_batches(tok, text, n_tokens, seq_len, batch, device)
     norms = column_norms(model)
@@ -517,9 +531,11 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     workers = workers or (1 if device.type == "cuda" else max(1, min(torch.get_num_threads(), model.args.n_layer)))
     for c in criteria:
         calib.greedy[c] = greedy_tables(model, calib, block_inputs, skip, c, step, uniform_floor, max_move, workers,
-                                        greedy_every, ties)
+                                        greedy_every, ties, KV_TIED if tie_kv else ALONE)
         if spread:
             errors = block_errors(model, calib, [x[:alloc_seqs] for x in inputs], skip, c, calib.greedy[c], workers)
+            if trace is not None:
+                trace[c] = {"unspread": calib.greedy[c], "blocks": block_sparsity(errors)}
             calib.greedy[c] = spread_over_blocks(calib.greedy[c], errors)
     aim = aim_batches(batches, aim_seqs, batch)
     for c in criteria if aim else ():
@@ -527,7 +543,8 @@ def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, bat
     n_tok = sum(b.numel() for b in batches)
     calib.meta = {"format": CALIB_FORMAT, "fingerprint": model.fingerprint, "text": source,
                   "tokens": str(n_tok), "greedy_tokens": str(block_inputs[0].shape[0] * seq_len),
-                  "greedy_every": str(greedy_every), "ties": str(ties),
+                  "greedy_every": str(greedy_every), "ties": str(ties), "tie_kv": str(tie_kv),
+                  "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
                   "seq_len": str(seq_len), "skip": str(skip), "step": str(step), "max_move": str(max_move),
                   "blocks": f"spread over {inputs[0][:alloc_seqs].shape[0] * seq_len} tokens" if spread else "equal",
                   "aim_tokens": str(sum(b.numel() for b in aim)),

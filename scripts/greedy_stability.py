@@ -3,7 +3,8 @@ boundary) and compares the two greedy tables, per (block, projection) level, at 
 halves' levels are, and the share within one greedy step of that projection (the search raises a projection's level
 by step / its parameter share at a time).
 
-    python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 2] [--greedy-every 1] [--ties Z] [--no-uniform-floor]
+    python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 2] [--greedy-every 1]
+        [--ties Z] [--tie-kv] [--dtype bfloat16] [--no-uniform-floor]
 """
 import argparse
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import TIES, calibrate
+from calibration import GREEDY_SEQS, TIES, calibrate
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
 from errors import UserError
 from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
@@ -46,7 +47,10 @@ def main():
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
     p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--greedy-seqs", type=int, default=2, help="sequences the greedy search scores on, per half")
+    p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
+                   help="sequences the greedy search scores on, per half")
+    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=False,
+                   help="k and v raised together (as calibrate.py --tie-kv)")
     p.add_argument("--greedy-every", type=int, default=1, help="the greedy search scores every N-th position")
     p.add_argument("--ties", type=float, default=TIES, help="standard errors within which greedy candidates tie")
     p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
@@ -66,16 +70,23 @@ def main():
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
     _, model, tok, _ = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
-    tables = []
+    tables, traces = [], []
     for i, half in enumerate(halves(text)):
+        traces.append({})
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
                           f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, max_move=a.max_move,
-                          criteria=criteria, spread=a.blocks == "spread", greedy_every=a.greedy_every, ties=a.ties)
+                          criteria=criteria, spread=a.blocks == "spread", greedy_every=a.greedy_every, ties=a.ties,
+                          tie_kv=a.tie_kv, trace=traces[-1])
         tables.append(calib.greedy)
         print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
-    one_step = (a.step / param_fractions(model.args)).clamp(max=min(a.max_move, 1.0)).float()
-    report = {"greedy_seqs": a.greedy_seqs, "greedy_every": a.greedy_every, "ties": a.ties, "tokens": a.tokens,
+    share = param_fractions(model.args)
+    if a.tie_kv:  # k and v move together: by step / their joint share
+        kv = [PROJECTIONS.index("k"), PROJECTIONS.index("v")]
+        share[kv] = share[kv].sum()
+    one_step = (a.step / share).clamp(max=min(a.max_move, 1.0)).float()
+    report = {"greedy_seqs": a.greedy_seqs, "greedy_every": a.greedy_every, "ties": a.ties, "tie_kv": a.tie_kv,
+              "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "tokens": a.tokens,
               "step": a.step, "max_move": a.max_move, "uniform_floor": a.uniform_floor, "blocks": a.blocks,
               "results": {}}
     print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half (every {a.greedy_every}th position scored, "
@@ -95,6 +106,17 @@ def main():
         report["results"][f"{c}@all"] = r
         print(f"| {c}, every target | {r['mean_abs']:.3f} | {r['max_abs']:.2f} | {100 * r['within_one_step']:.1f}% | "
               f"{r['blocks_all_within']}/{r['blocks']} (block, target) pairs |")
+        if a.blocks == "spread":  # the two searches apart: the greedy paths at equal block sparsity, the spread
+            r = compare(*(t[c]["unspread"][:, 1:].float().reshape(-1, len(PROJECTIONS)) for t in traces), one_step)
+            r.pop("mean_by_projection")
+            grid = float(TARGETS[1] - TARGETS[0])
+            gap = (traces[0][c]["blocks"] - traces[1][c]["blocks"])[:, 1:].abs()
+            r["blocks_within_one_grid_step"] = int((gap <= grid + 1e-6).sum())
+            report["results"][f"{c}@all-before-spread"] = r
+            print(f"| {c}, every target, before the spread | {r['mean_abs']:.3f} | {r['max_abs']:.2f} | "
+                  f"{100 * r['within_one_step']:.1f}% | {r['blocks_all_within']}/{r['blocks']} (block, target) "
+                  f"pairs; block sparsities within one grid step ({grid:.2f}): "
+                  f"{r['blocks_within_one_grid_step']}/{gap.numel()} |")
     if a.out:
         a.out.write_text(json.dumps(report, indent=1))
     return 0

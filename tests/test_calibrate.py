@@ -452,8 +452,12 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
                                       "--criteria", "magnitude,weight-aware", "--out", str(out)])
     assert gs.main() == 0
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware") for t in (0.4, 0.5, "all")}
+    assert set(report["results"]) == {f"{c}@{t}" for c in ("magnitude", "weight-aware")
+                                      for t in (0.4, 0.5, "all", "all-before-spread")}
     assert report["results"]["magnitude@all"]["blocks"] == 2 * (len(TARGETS) - 1)  # TINY: 2 layers
+    before = report["results"]["magnitude@all-before-spread"]
+    assert before["blocks"] == 2 * (len(TARGETS) - 1) and 0 <= before["blocks_within_one_grid_step"] <= before["blocks"]
+    assert report["tie_kv"] is False and report["dtype"] == "float32"  # --dtype auto on a CPU
     assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
@@ -562,3 +566,51 @@ def test_greedy_search_on_threads_gives_the_same_tables(calibrated):
     assert torch.equal(e1, e3)
     assert torch.allclose(one.double() @ param_fractions(model.args), TARGETS.expand(model.args.n_layer, -1), atol=2e-3)
     assert all((mod.threshold == 0).all() for _, _, mod, _ in model.sparse_modules())  # blocks left dense
+
+
+def test_greedy_with_k_and_v_tied_raises_them_together():
+    """moves=KV_TIED (calibrate.py --tie-kv): one candidate raises k and v together, by step / their joint share
+    (capped at max_move), so their levels are equal at every target; each projection alone (TEAL's) lets the
+    cheaper of the two run ahead. Both tables reach every target."""
+    w = param_fractions(ModelArgs(**TINY))
+    k, v = PROJECTIONS.index("k"), PROJECTIONS.index("v")
+    cost = torch.tensor([1.0, 0.05, 0.3, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # k much cheaper than v
+
+    class Probe:
+        def __init__(self):
+            self.seen = []
+
+        def seq_errors(self, layer, levels, criterion):
+            self.seen.append(levels.clone())
+            return (cost * levels ** 2).sum().view(1)
+
+        def error(self, layer, levels, criterion):
+            return float(self.seq_errors(layer, levels, criterion).sum())
+
+        def reset(self, layer):
+            pass
+
+    probe = Probe()
+    tied = calibration.greedy_block(probe, 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1,
+                                    moves=calibration.KV_TIED)
+    alone = calibration.greedy_block(Probe(), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1)
+    for table in (tied, alone):
+        assert torch.allclose(table @ w, TARGETS, atol=1e-6)
+    assert torch.equal(tied[:, k], tied[:, v])
+    assert all(bool(s[k] == s[v]) for s in probe.seen)  # no candidate moved one without the other
+    assert (alone[:, k] - alone[:, v]).max() > 0.3
+    assert set(calibration.KV_TIED) - set(calibration.ALONE) == {(k, v)} and len(calibration.KV_TIED) == 6
+
+
+def test_calibrate_records_how_it_searched(calibrated, tmp_path):
+    """The file's metadata says how the greedy search ran (k and v tied or not: TEAL's each alone by default) and in
+    which dtype the model ran (--dtype auto: float32 on a CPU; an explicit --dtype wins)."""
+    meta = load_calibration(load_model(calibrated[0]), calibrated[0] / CALIB_FILE).meta
+    assert meta["tie_kv"] == "False" and meta["dtype"] == "float32"
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    ckpt = make_ckpt(tmp_path / "ckpt")
+    path = run_calibrate(ckpt, text, "--criteria", "magnitude", "--tie-kv", "--dtype", "bfloat16", "--aim-seqs", "0",
+                         "--blocks", "equal")
+    meta = load_calibration(load_model(ckpt), path).meta
+    assert meta["tie_kv"] == "True" and meta["dtype"] == "bfloat16"
