@@ -463,6 +463,24 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
 
 
+class SquareProbe:
+    """A stand-in BlockProbe for greedy_block: a block whose output error is sum(cost * level^2); remembers every
+    candidate it scored."""
+
+    def __init__(self, cost: torch.Tensor):
+        self.cost, self.seen = cost, []
+
+    def seq_errors(self, layer, levels, criterion):
+        self.seen.append(levels.clone())
+        return (self.cost * levels ** 2).sum().view(1)
+
+    def error(self, layer, levels, criterion):
+        return float(self.seq_errors(layer, levels, criterion).sum())
+
+    def reset(self, layer):
+        pass
+
+
 def test_greedy_step_moves_a_projection_by_at_most_max_move():
     """A greedy candidate raises one projection's level by step / its parameter share, capped at max_move: k and v
     of a GQA block (a few percent of its parameters) then climb in steps like the others instead of jumping; the
@@ -470,23 +488,9 @@ def test_greedy_step_moves_a_projection_by_at_most_max_move():
     w = param_fractions(ModelArgs(**TINY))
     cost = torch.tensor([1.0, 0.1, 0.1, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # k and v cheapest
 
-    class Probe:  # a block whose output error grows with each level's square
-        def __init__(self):
-            self.seen = []
-
-        def seq_errors(self, layer, levels, criterion):
-            self.seen.append(levels.clone())
-            return (cost * levels ** 2).sum().view(1)
-
-        def error(self, layer, levels, criterion):
-            return float(self.seq_errors(layer, levels, criterion).sum())
-
-        def reset(self, layer):
-            pass
-
     grid = torch.tensor([0.2 * i for i in range(5)] + [0.99], dtype=torch.float64)
     for max_move, on_grid in ((0.2, True), (1.0, False)):
-        probe = Probe()
+        probe = SquareProbe(cost)
         table = calibration.greedy_block(probe, 0, "magnitude", w, 0.05, uniform_floor=False, max_move=max_move)
         assert torch.allclose(table @ w, TARGETS, atol=1e-6)
         levels = torch.stack(probe.seen)  # every candidate scored
@@ -576,24 +580,10 @@ def test_greedy_with_k_and_v_tied_raises_them_together():
     k, v = PROJECTIONS.index("k"), PROJECTIONS.index("v")
     cost = torch.tensor([1.0, 0.05, 0.3, 1.0, 2.0, 2.0, 2.0], dtype=torch.float64)  # k much cheaper than v
 
-    class Probe:
-        def __init__(self):
-            self.seen = []
-
-        def seq_errors(self, layer, levels, criterion):
-            self.seen.append(levels.clone())
-            return (cost * levels ** 2).sum().view(1)
-
-        def error(self, layer, levels, criterion):
-            return float(self.seq_errors(layer, levels, criterion).sum())
-
-        def reset(self, layer):
-            pass
-
-    probe = Probe()
+    probe = SquareProbe(cost)
     tied = calibration.greedy_block(probe, 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1,
                                     moves=calibration.KV_TIED)
-    alone = calibration.greedy_block(Probe(), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1)
+    alone = calibration.greedy_block(SquareProbe(cost), 0, "magnitude", w, 0.05, uniform_floor=False, max_move=0.1)
     for table in (tied, alone):
         assert torch.allclose(table @ w, TARGETS, atol=1e-6)
     assert torch.equal(tied[:, k], tied[:, v])
