@@ -250,6 +250,8 @@ class SparseLinear(nn.Module):
         group = self.fmt.group_of(self.weight, self.scale)
         self.kernel_configs = {m: configs.default_config(m, K, self.sizes, self.glu, plan.n_sm, self.fmt, self.head,
                                                          group) for m in (1, 2, 4, 8)}
+        if plan.masked_stream and not group and not self.head:
+            self.kernel_configs[1] = self.kernel_configs[1]._replace(masked=1)
         if self.fmt.code == 2 and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
             if self.mma_config is not None:  # held in its order since an earlier plan: configs for this one
@@ -568,7 +570,8 @@ class Transformer(nn.Module):
         attention = plan.attention_kernel and decode_attention.supported(att.n_head, att.n_kv_head, a.head_dim)
         plan = replace_fields(plan, quantized=quantized, attention_kernel=attention,
                               sparse_decode=plan.sparse_decode or quantized)
-        if (plan.kernels, plan.n_sm) != (self.plan.kernels, self.plan.n_sm):
+        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream)  # noqa: E731  (what the launch configs depend on)
+        if sized_by(plan) != sized_by(self.plan):
             for m in self.modules():  # projections before the MLPs that read their configs
                 if isinstance(m, (SparseLinear, RowSparseUp)):
                     m.prepare(plan)

@@ -11,6 +11,9 @@ instead of keeping flags of its own:
 - `hopper_int4`: batch-1 int4 projections (all four) run the Gluon kernel (kernels/gluon_gemv.py) on sm_90;
   `hopper_mma`: of them those whose shapes it takes on tensor cores (kernels/gluon_mma.py; their weights are then held
   in its column order, which the other paths read with their scales in the same order);
+- `masked_stream`: every batch-1 16/8-bit projection (and the one-launch MLP's gate/up) skips the kept-row list and
+  streams its rows in order, loading a row only where its input passes (kernels/stream.py, _masked_stream); off by
+  default, where the launch configs take it for 16-bit o alone (docs/perf-notes.md, session 29);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
   kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -39,6 +42,7 @@ class DecodePlan:
     quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
     hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
     hopper_mma: bool = False  # ... on tensor cores where the shape allows (kernels/gluon_mma.py)
+    masked_stream: bool = False  # every batch-1 16/8-bit projection streams with masked loads, no kept list
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -81,7 +85,8 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
                 kernels: Optional[bool] = None, n_sm: Optional[int] = None, **flags) -> DecodePlan:
     """The plan for a model on `device` with weights in `fmt`, decoding at `sparsity`: the Triton kernels on CUDA, the
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
-    hopper_mma (ablations; all on by default, the last two where the GPU is sm_90). kernels=True takes the kernels on a CPU
+    hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off).
+    kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
     if kernels is None:

@@ -27,12 +27,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import custom_op
 
-from kernels.common import (INTERPRETED, MAX_ROWS, SLOTS, _column_scales, _finish, _note,
+from kernels.common import (INTERPRETED, MAX_ROWS, SLOTS, _column_scales, _finish, _inv_rms, _note,
                             _stamp, _stamp_after, _tile_columns, _word_columns, direct, skip)
 from kernels.configs import acc_rows, counters_size, k_layout
 from kernels.formats import FORMATS, QuantFormat
 from kernels.sparse_gemv_batch import _sparse_gemv_batch_kernel
-from kernels.stream import ROW_BITS, _build_list, _dense_stream, _fold, _list_stream
+from kernels.stream import ROW_BITS, _build_list, _dense_stream, _fold, _list_stream, _masked_stream
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _sparse_gemv_kernel(
     IS_SPLIT: tl.constexpr, NORM: tl.constexpr, SS_BLOCK: tl.constexpr, EMIT_SS: tl.constexpr,
     RED_BLOCK: tl.constexpr, EPS: tl.constexpr, X_PARTS: tl.constexpr, PARTIAL_OUT: tl.constexpr,
     QUANT: tl.constexpr, GS: tl.constexpr, ACC_ROWS: tl.constexpr, COMPACT: tl.constexpr,
-    prof_ptr, PROFILE: tl.constexpr,
+    prof_ptr, PROFILE: tl.constexpr, MASKED: tl.constexpr = False,
 ):
     """One row: program (pid_n, pid_k) computes column tile pid_n over K range pid_k (see kernels/stream.py).
     PROFILE: the program stamps its phases into prof_ptr [programs, SLOTS] (scripts/profile_phases.py)."""
@@ -87,21 +87,30 @@ def _sparse_gemv_kernel(
     xdt = y_ptr.dtype.element_ty if X_PARTS > 0 else x_ptr.dtype.element_ty
     X32: tl.constexpr = xdt.primitive_bitwidth == 32
     scratch = idx_ptr + (pid_n * SPLIT_K + pid_k) * K_SPLIT * (2 if X32 else 1)
-    n_kept, t_max, inv = _build_list(x_ptr, t_ptr + seg * K, t_ptr + K, nw_ptr, ss, scratch, k_begin, k_end, K,
-                                     K_SPLIT, COMPACT, BLOCK_K, GLU, NORM, EPS, X_PARTS, QUANT, GS, xdt, prof,
-                                     PROFILE)
-    _stamp(prof, 2, n_kept, PROFILE)
-    _note(prof, 12, n_kept, PROFILE)
     w_rows = w_ptr + k_begin * stride_wk + w_cols[None, :]
-    if t_max == 0:  # zero thresholds: every row counts, streamed in order
-        part, part_up = _dense_stream(x_ptr, nw_ptr, inv, w_rows, col_ok_w, s_cols, s_ok, k_begin, k_end, K,
-                                      stride_wk, N_W, N_OUT, n_tot, K // GS, BLOCK_K, BLOCK_N, EVEN_N, GLU, NORM,
-                                      X_PARTS, xdt, ACC_ROWS, QUANT, GS)
+    if MASKED:  # no list: rows in order, loaded where their input passes (kernels/stream.py, _masked_stream)
+        inv = 0.0
+        if NORM:
+            inv = tl.sum(_inv_rms(ss, K, EPS), axis=0)
+        _stamp(prof, 2, k_begin, PROFILE)  # (profile_phases then reads the whole stream as one phase)
+        part, part_up = _masked_stream(x_ptr, nw_ptr, inv, t_ptr + seg * K, t_ptr + K, w_rows, col_ok_w, k_begin,
+                                       k_end, K, stride_wk, N_W, BLOCK_K, BLOCK_N, EVEN_N, GLU, NORM, X_PARTS, xdt,
+                                       ACC_ROWS, QUANT)
     else:
-        tl.debug_barrier()  # the list is complete and visible to every thread of the program
-        part, part_up = _list_stream(scratch, n_kept, K_SPLIT, w_rows, col_ok_w, s_cols, s_ok, k_begin, stride_wk,
-                                     N_W, N_OUT, n_tot, K // GS, BLOCK_K, BLOCK_N, EVEN_N, GLU, xdt, ACC_ROWS, QUANT,
-                                     GS, prof, PROFILE)
+        n_kept, t_max, inv = _build_list(x_ptr, t_ptr + seg * K, t_ptr + K, nw_ptr, ss, scratch, k_begin, k_end, K,
+                                         K_SPLIT, COMPACT, BLOCK_K, GLU, NORM, EPS, X_PARTS, QUANT, GS, xdt, prof,
+                                         PROFILE)
+        _stamp(prof, 2, n_kept, PROFILE)
+        _note(prof, 12, n_kept, PROFILE)
+        if t_max == 0:  # zero thresholds: every row counts, streamed in order
+            part, part_up = _dense_stream(x_ptr, nw_ptr, inv, w_rows, col_ok_w, s_cols, s_ok, k_begin, k_end, K,
+                                          stride_wk, N_W, N_OUT, n_tot, K // GS, BLOCK_K, BLOCK_N, EVEN_N, GLU, NORM,
+                                          X_PARTS, xdt, ACC_ROWS, QUANT, GS)
+        else:
+            tl.debug_barrier()  # the list is complete and visible to every thread of the program
+            part, part_up = _list_stream(scratch, n_kept, K_SPLIT, w_rows, col_ok_w, s_cols, s_ok, k_begin,
+                                         stride_wk, N_W, N_OUT, n_tot, K // GS, BLOCK_K, BLOCK_N, EVEN_N, GLU, xdt,
+                                         ACC_ROWS, QUANT, GS, prof, PROFILE)
     _stamp_after(prof, 22, part, PROFILE)
     part = _fold(part, QUANT)[None, :]  # [1, BN]
     part_up = _fold(part_up, QUANT)[None, :]
@@ -135,7 +144,9 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
         assert x.shape[1] == 2 and x.dtype == torch.float32 and x.is_contiguous(), "gate/up partials"
         assert norm_weight is None, "partials feed the down projection, which has no norm"
     M, K = x.shape[-2:]
-    block_n, block_k, split, warps, stages, dot = config
+    block_n, block_k, split, warps, stages, dot = config[:6]
+    masked = len(config) > 6 and bool(config[6])
+    assert not (masked and (dot or fmt.code == 2)), "the masked stream is batch 1's, for 16/8-bit weights"
     assert dot or M == 1, "the FMA path serves one row; batches use dot=1"
     assert 1 <= M <= MAX_ROWS and w.shape[0] == K and w.stride(1) == 1 and x.stride(-1) == 1
     assert len(sizes) in (1, 2, 3) and sum(sizes) == w.shape[1] * fmt.per_word and t.shape == (len(sizes), K)
@@ -184,11 +195,11 @@ def launch(x: Tensor, w: Tensor, t: Tensor, counters: Optional[Tensor], sizes, g
             DOT_F32=INTERPRETED and torch.bfloat16 in (w.dtype, out.dtype, x.dtype))
         return out
     x_bytes = out.element_size() if x_parts else x.element_size()
-    lists = x.new_empty((n_tiles * split * k_split * (2 if x_bytes == 4 else 1),), dtype=torch.int32)
+    lists = x.new_empty((1 if masked else n_tiles * split * k_split * (2 if x_bytes == 4 else 1),), dtype=torch.int32)
     wrap(_sparse_gemv_kernel)[(n_tiles, split)](
         **args, idx_ptr=lists, RED_BLOCK=min(32, triton.next_power_of_2(split)),
         ACC_ROWS=min(block_k, acc_rows(block_n, warps, fmt.bits)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
-        prof_ptr=prof if prof is not None else t, PROFILE=prof is not None)
+        prof_ptr=prof if prof is not None else t, PROFILE=prof is not None, MASKED=masked)
     return out
 
 

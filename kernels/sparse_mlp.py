@@ -25,10 +25,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import custom_op
 
-from kernels.common import _column_scales, _glu, direct, skip
+from kernels.common import _column_scales, _glu, _inv_rms, direct, skip
 from kernels.configs import acc_rows, counters_size, k_layout, mlp_counters_size
 from kernels.formats import FLOAT, FORMATS, QuantFormat
-from kernels.stream import KEEP, ROW_BITS, VALUE_SHIFT, _build_list, _dense_stream, _fold, _list_stream
+from kernels.stream import (KEEP, ROW_BITS, VALUE_SHIFT, _build_list, _dense_stream, _fold, _list_stream,
+                            _masked_stream)
 
 
 @triton.jit
@@ -38,7 +39,7 @@ def _sparse_mlp_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, IS_SPLIT: tl.constexpr,
     NORM: tl.constexpr, SS_BLOCK: tl.constexpr, EPS: tl.constexpr, QUANT: tl.constexpr, ACC_ROWS: tl.constexpr,
     COMPACT: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_D: tl.constexpr, ACC_D: tl.constexpr, EVEN_D: tl.constexpr,
-    N_RED: tl.constexpr, RED_D: tl.constexpr, RED_P: tl.constexpr,
+    N_RED: tl.constexpr, RED_D: tl.constexpr, RED_P: tl.constexpr, MASKED: tl.constexpr = False,
 ):
     """x [D] -> y [D]; w [D, 2I] gate | up with thresholds t [2, D]; wd [I, D] with td [I]; int8: scales s [2I],
     sd [D]. cnt_ptr: [P] tile counters, [P] queue, then started, taken, finished tiles, units done, left (see
@@ -72,16 +73,25 @@ def _sparse_mlp_kernel(
     xdt = x_ptr.dtype.element_ty
     X32: tl.constexpr = xdt.primitive_bitwidth == 32
     scratch = idx_ptr + (pid_n * SPLIT_K + pid_k) * K_SPLIT * (2 if X32 else 1)
-    n_kept, t_max, inv = _build_list(x_ptr, t_ptr, t_ptr + K, nw_ptr, ss, scratch, k_begin, k_end, K, K_SPLIT,
-                                     COMPACT, BLOCK_K, True, NORM, EPS, 0, QUANT, 1, xdt, y_ptr, False)
     w_rows = w_ptr + k_begin * (2 * I) + cols[None, :]
-    if t_max == 0:
-        part, part_up = _dense_stream(x_ptr, nw_ptr, inv, w_rows, col_ok, s_ptr, col_ok, k_begin, k_end, K, 2 * I, I,
-                                      I, 2 * I, K, BLOCK_K, BLOCK_N, EVEN_N, True, NORM, 0, xdt, ACC_ROWS, QUANT, 1)
+    if MASKED:  # no list (kernels/stream.py, _masked_stream)
+        inv = 0.0
+        if NORM:
+            inv = tl.sum(_inv_rms(ss, K, EPS), axis=0)
+        part, part_up = _masked_stream(x_ptr, nw_ptr, inv, t_ptr, t_ptr + K, w_rows, col_ok, k_begin, k_end, K, 2 * I,
+                                       I, BLOCK_K, BLOCK_N, EVEN_N, True, NORM, 0, xdt, ACC_ROWS, QUANT)
     else:
-        tl.debug_barrier()  # the list is complete and visible to every thread of the program
-        part, part_up = _list_stream(scratch, n_kept, K_SPLIT, w_rows, col_ok, s_ptr, col_ok, k_begin, 2 * I, I, I,
-                                     2 * I, K, BLOCK_K, BLOCK_N, EVEN_N, True, xdt, ACC_ROWS, QUANT, 1, y_ptr, False)
+        n_kept, t_max, inv = _build_list(x_ptr, t_ptr, t_ptr + K, nw_ptr, ss, scratch, k_begin, k_end, K, K_SPLIT,
+                                         COMPACT, BLOCK_K, True, NORM, EPS, 0, QUANT, 1, xdt, y_ptr, False)
+        if t_max == 0:
+            part, part_up = _dense_stream(x_ptr, nw_ptr, inv, w_rows, col_ok, s_ptr, col_ok, k_begin, k_end, K,
+                                          2 * I, I, I, 2 * I, K, BLOCK_K, BLOCK_N, EVEN_N, True, NORM, 0, xdt,
+                                          ACC_ROWS, QUANT, 1)
+        else:
+            tl.debug_barrier()  # the list is complete and visible to every thread of the program
+            part, part_up = _list_stream(scratch, n_kept, K_SPLIT, w_rows, col_ok, s_ptr, col_ok, k_begin, 2 * I, I,
+                                         I, 2 * I, K, BLOCK_K, BLOCK_N, EVEN_N, True, xdt, ACC_ROWS, QUANT, 1, y_ptr,
+                                         False)
     part = _fold(part, QUANT)
     part_up = _fold(part_up, QUANT)
     if QUANT == 1:
@@ -209,7 +219,7 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
     scale_down [D] float32). wrap: as in sparse_gemv.launch."""
     M, D = x.shape
     I = w_down.shape[0]
-    block_n, block_k, split, warps, stages, dot = config
+    block_n, block_k, split, warps, stages, dot = config[:6]
     block_d, rows_d, n_red = down_config
     assert M == 1 and not dot, "the fused MLP serves batch 1"
     assert w.shape == (D, 2 * I) and w_down.shape == (I, D) and t.shape == (2, D) and t_down.shape == (1, I)
@@ -238,7 +248,7 @@ def launch_mlp(x: Tensor, w: Tensor, t: Tensor, w_down: Tensor, t_down: Tensor, 
         ACC_ROWS=min(block_k, acc_rows(block_n, warps, fmt.bits)), COMPACT=min(2048, triton.next_power_of_2(k_split)),
         BLOCK_D=block_d, ROWS_D=rows_d, ACC_D=min(rows_d, acc_rows(block_d, warps, fmt.bits)),
         EVEN_D=D % block_d == 0, N_RED=n_red, RED_D=red_d, RED_P=triton.next_power_of_2(n_tiles),
-        num_warps=warps, num_stages=stages,
+        MASKED=len(config) > 6 and bool(config[6]), num_warps=warps, num_stages=stages,
     )
     return out, ss_out
 

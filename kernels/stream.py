@@ -9,6 +9,9 @@
    is exactly dense), the next step's weight rows (and the step after's entries) in flight while the current step
    is multiplied. Rows k and k + ACC_ROWS sit in one thread, so folding a [BK, BN] step into an [ACC_ROWS, BN]
    accumulator stays in registers. The bytes in flight per step do not shrink as sparsity grows; the steps do.
+3. Or, with no list at all (16/8-bit, a launch config's `masked`): the rows in order, each loaded only where its input
+   passes its threshold (_masked_stream). Its steps are (1 - s) empty at sparsity s, so it pays only where the list's
+   own phases cost more than that: o's short K ranges at 40-65% (docs/perf-notes.md, session 29).
 
 Weight formats (QUANT, see kernels/formats.py): 0 16/32-bit floats, 1 int8 rows (widened exactly by a magic
 number, per-column scales applied by the caller to the sums), 2 int4 (eight weights per int32 word, a scale and
@@ -158,6 +161,62 @@ def _dense_group(x_ptr, nw_ptr, inv_rms, w_cols, k_begin, j, k_end, K, stride_wk
     if GLU:
         w_up = _load_rows(rows + N_W, ok, col_ok, EVEN_N)
     return x.to(tl.float32), w, w_up
+
+
+@triton.jit
+def _masked_inputs(x_ptr, nw_ptr, inv, t_seg, t_up_ptr, k_begin, j, k_end, K, BLOCK_K: tl.constexpr,
+                   GLU: tl.constexpr, NORM: tl.constexpr, X_PARTS: tl.constexpr, xdt: tl.constexpr):
+    """Inputs k_begin+j .. +BK as the list path sees them (float32, normalised) and which pass their threshold
+    (the first segment's, and up's with GLU): the masked stream's step without a list."""
+    ks = k_begin + j + tl.arange(0, BLOCK_K)
+    ok = ks < k_end
+    x = _load_x(x_ptr, ks, ok, K, X_PARTS, xdt)
+    t = tl.load(t_seg + ks, mask=ok, other=0.0)
+    if NORM:
+        x = _rms_scale(x, tl.load(nw_ptr + ks, mask=ok, other=0.0).to(tl.float32), inv)
+    xf = x.to(tl.float32)
+    keep = (tl.abs(xf) > t) & ok
+    keep_up = keep
+    if GLU:
+        keep_up = (tl.abs(xf) > tl.load(t_up_ptr + ks, mask=ok, other=0.0)) & ok
+    return xf, keep, keep_up
+
+
+@triton.jit
+def _masked_stream(x_ptr, nw_ptr, inv, t_seg, t_up_ptr, w_cols, col_ok, k_begin, k_end, K, stride_wk, N_W,
+                   BLOCK_K: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr,
+                   NORM: tl.constexpr, X_PARTS: tl.constexpr, xdt: tl.constexpr, ACC_ROWS: tl.constexpr,
+                   QUANT: tl.constexpr):
+    """Stage 2 without a list: the rows in order, each step's rows loaded only where their input passes its
+    threshold (a dropped row costs an instruction slot, no bytes), inputs two steps ahead of the products and rows
+    one step ahead. No list store, barrier and reload; at sparsity s the steps are (1 - s) empty. 16/8-bit."""
+    acc = _acc_zeros(ACC_ROWS, BN, QUANT)
+    acc_up = _acc_zeros(ACC_ROWS, BN, QUANT)
+    jj = tl.arange(0, BLOCK_K)
+    xa, ka, kua = _masked_inputs(x_ptr, nw_ptr, inv, t_seg, t_up_ptr, k_begin, 0, k_end, K, BLOCK_K, GLU, NORM,
+                                 X_PARTS, xdt)
+    xb, kb, kub = _masked_inputs(x_ptr, nw_ptr, inv, t_seg, t_up_ptr, k_begin, BLOCK_K, k_end, K, BLOCK_K, GLU,
+                                 NORM, X_PARTS, xdt)
+    rows = w_cols + jj[:, None] * stride_wk
+    wa = _load_rows(rows, ka, col_ok, EVEN_N)
+    wua = wa
+    if GLU:
+        wua = _load_rows(rows + N_W, kua, col_ok, EVEN_N)
+    for j in range(BLOCK_K, k_end - k_begin, BLOCK_K):
+        xc, kc, kuc = _masked_inputs(x_ptr, nw_ptr, inv, t_seg, t_up_ptr, k_begin, j + BLOCK_K, k_end, K, BLOCK_K,
+                                     GLU, NORM, X_PARTS, xdt)
+        rows = w_cols + (j + jj)[:, None] * stride_wk
+        wb = _load_rows(rows, kb, col_ok, EVEN_N)
+        wub = wb
+        if GLU:
+            wub = _load_rows(rows + N_W, kub, col_ok, EVEN_N)
+        acc, acc_up = _step_fma(acc, acc_up, tl.where(ka, xa, 0.0), tl.where(kua, xa, 0.0), wa, wua, 0.0, 0.0,
+                                0.0, 0.0, ACC_ROWS, GLU, QUANT)
+        xa, ka, kua, wa, wua = xb, kb, kub, wb, wub
+        xb, kb, kub = xc, kc, kuc
+    acc, acc_up = _step_fma(acc, acc_up, tl.where(ka, xa, 0.0), tl.where(kua, xa, 0.0), wa, wua, 0.0, 0.0, 0.0, 0.0,
+                            ACC_ROWS, GLU, QUANT)
+    return acc, acc_up
 
 
 @triton.jit

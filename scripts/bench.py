@@ -243,7 +243,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
-              group: int = 128) -> list:
+              group: int = 128, masked_stream: bool = False) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -256,7 +256,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     if fmt.quantized:
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
-                               defer_reduction=defer_reduction, fuse_mlp=fuse_mlp,
+                               defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -499,6 +499,8 @@ def main():
                    help="batch-1 int4 projections through the Gluon kernels (default: on sm_90 GPUs)")
     p.add_argument("--hopper-mma", action=argparse.BooleanOptionalAction, default=None,
                    help="of them those it takes on tensor cores (default: with --hopper-int4)")
+    p.add_argument("--masked-stream", action="store_true",
+                   help="batch-1 16/8-bit projections stream their rows in order with masked loads, no kept list")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -542,7 +544,8 @@ def main():
                                                       attention=a.attention_kernel, defer_reduction=a.defer_reduction,
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
-                                                      graph=a.graph, group=a.group)]
+                                                      graph=a.graph, group=a.group,
+                                                      masked_stream=a.masked_stream)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -2,7 +2,8 @@
 
 1. every kernel on real and odd shapes, fp16/bf16, batch 1/3/8, sparsity 0/0.5/0.95, against a float64
    reference: relative error within dtype bounds, every output written, tile counters left at zero; the GEMV
-   also with its RMSNorm fused (sums of squares in) and with the sums of squares it emits (out); decode
+   also with its RMSNorm fused (sums of squares in) and with the sums of squares it emits (out), and at batch 1
+   with the masked stream in place of the kept list (plan.masked_stream); decode
    attention over real head layouts, context lengths, positions and a sliding window; the deferred split-K
    reduction: q/k/v and gate/up partials summed by the attention and down kernels; the one-launch MLP against
    the two launches it replaces, bit-identical over three runs; int8 weights under bf16 activations with the
@@ -75,8 +76,10 @@ def check_kernels(n_sm: int) -> list:
         # q/k/v and gate/up take RMSNorm fused; o and down take their input as it comes, down also as gate/up
         # partials (the deferred reduction)
         variants = ("plain", "norm") if not has_res else ("plain", "parts") if "down" in name else ("plain",)
-        for dtype, M, s, var in itertools.product((torch.float16, torch.bfloat16), (1, 3, 8), (0.0, 0.5, 0.95),
-                                                  variants):
+        for dtype, M, s, var, masked in itertools.product((torch.float16, torch.bfloat16), (1, 3, 8),
+                                                          (0.0, 0.5, 0.95), variants, (False, True)):
+            if masked and M > 1:  # the masked stream (plan.masked_stream) is batch 1's
+                continue
             norm = var == "norm"
             if var == "parts":  # what a gate/up launch with two programs along K hands over
                 x = torch.randn(2, 2, M, K, device="cuda") * 2
@@ -89,7 +92,7 @@ def check_kernels(n_sm: int) -> list:
             t = spread_thresholds(xin, len(sizes), s)
             ref = reference.sparse_gemv_ref(xin.double(), w.double(), t.double(), sizes, glu=glu,
                                               residual=None if res is None else res.double())
-            cfg = configs.default_config(M, K, sizes, glu, n_sm)
+            cfg = configs.default_config(M, K, sizes, glu, n_sm)._replace(masked=int(masked))
             counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
             out = torch.full((M, n_out), float("nan"), device="cuda", dtype=dtype)
             n_tiles = configs.counters_size(sizes, glu, cfg[0])

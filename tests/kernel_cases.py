@@ -65,8 +65,11 @@ INT4_CASES = {  # name: (K, sizes, glu, residual): sizes whole int32 words (mult
 
 def configs_for(M, K, sizes, glu, fmt=FLOAT):
     # batch 1: one program per column tile, split-K with a K range of several chunks, one warp (the list
-    # compaction then spans several passes of the warp), and the default (int8 weights have their own)
+    # compaction then spans several passes of the warp), the masked stream, and the default (int8 weights have
+    # their own)
     fma = [C(16, 16, 1, 4, 1, 0), C(16, 32, 3, 4, 1, 0), C(32, 16, 2, 1, 1, 0)] if M == 1 else []
+    if M == 1:  # rows in order with masked loads instead of a list (16/8-bit)
+        fma.append(C(16, 32, 2, 4, 1, 0, 1))
     if fmt is INT8 and M == 1:  # what Llama-2-7B's int8 o and gate/up launch with on an H100 (128-row groups for o)
         fma += [configs.default_config(1, 4096, (4096,), False, fmt=INT8),
                 configs.default_config(1, 4096, (11008, 11008), True, fmt=INT8)]

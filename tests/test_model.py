@@ -97,18 +97,22 @@ def test_meta_model_has_kernel_layout():
     assert tuple(m.layers[0].feed_forward.w13.weight.shape) == (4096, 2 * 14336)
 
 
-@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,quant", [(True, True, True, True, None)] + [
+@pytest.mark.parametrize("fuse_norm,attention,defer,fuse_mlp,quant,masked", [(True, True, True, True, None, False)] + [
     pytest.param(*p, marks=pytest.mark.slow) for p in [
-        (True, True, True, False, None), (True, True, False, False, None), (False, False, True, True, None),
-        (True, True, True, True, "int8"), (True, True, False, False, "int8"), (True, True, True, True, "int4")]])
-def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, quant, monkeypatch):
+        (True, True, True, False, None, False), (True, True, False, False, None, False),
+        (False, False, True, True, None, False), (True, True, True, True, None, True),
+        (True, True, True, True, "int8", False), (True, True, False, False, "int8", True),
+        (True, True, True, True, "int4", False)]])
+def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_mlp, quant, masked, monkeypatch):
     """Decode through the Triton kernels (Triton's interpreter on CPU) equals the reference path: sparse
     projections, RMSNorm fused from the residual kernels' sums of squares, RoPE + cache write + attention
     in one kernel, q/k/v and gate/up partials summed by the kernels that read them (defer), and the whole MLP
     in one launch (fuse_mlp; with the norm fused only), over positions that cross a split of the attention
-    kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too."""
+    kernel, GQA and a sliding window; with int8 and int4 weights (quantize.py) too, and the masked stream in
+    place of kept-row lists (masked)."""
     ref_model, model = reference_and_kernel_models(2, 256, 40, quant=quant, fuse_norm=fuse_norm,
-                                                   attention_kernel=attention, defer_reduction=defer, fuse_mlp=fuse_mlp)
+                                                   attention_kernel=attention, defer_reduction=defer, fuse_mlp=fuse_mlp,
+                                                   masked_stream=masked)
     prompt, steps = torch.randint(0, 101, (1, 62)), torch.randint(0, 101, (1, 3))  # positions 62..64
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
     launch_mlp = sparse_mlp.sparse_mlp

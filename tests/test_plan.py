@@ -115,3 +115,22 @@ def test_set_plan_keeps_buffers_when_only_flags_change():
     assert all(a is c and b is d and e is f for (a, b, e), (c, d, f) in zip(before, buffers()))
     model.set_plan(replace(model.plan, n_sm=8))
     assert all(b is not d for (_, b, _), (_, d, _) in zip(before, buffers()))
+
+
+def test_masked_stream_sets_the_batch1_configs():
+    """plan.masked_stream: every batch-1 16/8-bit projection (not the int8 LM head, never thresholded) launches the
+    masked stream (without it, 16-bit o alone), and a model's launch configs are made anew when the flag changes
+    (the decode's logits: tests/test_model.py)."""
+    model = small_model()
+    model.set_plan(kernel_plan(sparsity=0.5))
+    linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    o = [m.kernel_configs[1].masked == 1 for m in linears if len(m.sizes) == 1 and m.in_features <= m.sizes[0]]
+    assert o and all(o) and sum(m.kernel_configs[1].masked for m in linears) == len(o)  # by default: 16-bit o alone
+    model.set_plan(replace(model.plan, masked_stream=True))
+    assert all(m.kernel_configs[1].masked == 1 and m.kernel_configs[2].masked == 0 for m in linears)
+    quantized = small_model()
+    quantize_model(quantized, INT8)
+    quantized.set_plan(replace(kernel_plan(sparsity=0.5), masked_stream=True))
+    heads = [m.head for m in quantized.modules() if isinstance(m, SparseLinear)]
+    assert any(heads) and all(m.kernel_configs[1].masked == (0 if m.head else 1) for m in quantized.modules()
+                              if isinstance(m, SparseLinear))

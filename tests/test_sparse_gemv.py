@@ -218,7 +218,7 @@ def test_sparse_gemv_fused_rmsnorm(case, sparsity, M, dtype):
     t = torch.full((len(sizes), K), float((v[i - 1] + v[i]) / 2) if sparsity else 0.0, device=DEVICE)
     # the normalised input rounded to the dtype, as the model's RMSNorm and the kernel round it
     ref = reference.sparse_gemv_ref(xn.float(), w.float(), t, sizes, glu=glu)
-    for config, tiles in zip(configs_for(M, K, sizes, glu), (16, 7, 32, 64, 128)):
+    for config, tiles in zip(configs_for(M, K, sizes, glu), (16, 7, 32, 3, 64, 128)):
         counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
         out = poisoned(ref.shape, dtype)
         sparse_gemv.launch(x, w, t, counters, sizes, glu, config, None, out, norm_weight=g,
