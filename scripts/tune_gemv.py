@@ -53,9 +53,8 @@ class StepLaunch:
     its default config: down's time moves with it, docs/perf-notes.md session 17). x: the input's values [1, K]
     (thresholds and references are set on them)."""
 
-    def __init__(self, proj: str, K: int, sizes, glu: bool, cfg, fmt: QuantFormat, n_sm: int, dtype, device,
-                 masked: bool = False):
-        self.proj, self.sizes, self.glu, self.cfg, self.fmt, self.masked = proj, tuple(sizes), glu, cfg, fmt, masked
+    def __init__(self, proj: str, K: int, sizes, glu: bool, cfg, fmt: QuantFormat, n_sm: int, dtype, device):
+        self.proj, self.sizes, self.glu, self.cfg, self.fmt = proj, tuple(sizes), glu, cfg, fmt
         self.deferred = proj in ("qkv", "gate_up")
         n_out = sizes[0] if glu else sum(sizes)
         self.x = torch.randn(1, K, device=device, dtype=dtype)
@@ -77,8 +76,7 @@ class StepLaunch:
 
     def __call__(self, w, scale):
         sparse_gemv.launch(self.xin, w, self.t, None if self.deferred else self.counters, self.sizes, self.glu,
-                           self.cfg._replace(masked=int(self.masked)), self.res, self.out, self.fmt, scale,
-                           partial_out=self.deferred)
+                           self.cfg, self.res, self.out, self.fmt, scale, partial_out=self.deferred)
 
     def result(self):
         """The output as its consumer sees it [1, N_OUT] (partials summed, GLU applied, in x's dtype)."""
@@ -125,11 +123,12 @@ def main():
         del dense
         default = configs.default_config(1, K, sizes, glu, n_sm, fmt, group=fmt.group(K))
         by_cfg = {}
-        cands = list(dict.fromkeys(candidates(K, sizes, glu, n_sm, fmt) + [default]))
-        for cfg, masked in [(c, False) for c in cands] + ([(c, True) for c in cands] if not fmt.group(K) else []):
+        cands = candidates(K, sizes, glu, n_sm, fmt)
+        cands += [] if fmt.group(K) else [c._replace(masked=1) for c in cands]  # the masked stream: 16/8-bit
+        for cfg in dict.fromkeys(cands + [default]):
             row = {}
             try:
-                step = StepLaunch(proj, K, sizes, glu, cfg, fmt, n_sm, dtype, "cuda", masked)
+                step = StepLaunch(proj, K, sizes, glu, cfg, fmt, n_sm, dtype, "cuda")
             except Exception as e:  # e.g. a config the launch refuses
                 print(f"  {tuple(cfg)}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                 continue
@@ -147,25 +146,24 @@ def main():
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 us = graph_time_us([lambda w=w, sc=sc: step(w, sc) for w, sc in ws], launches=32, replays=10)
                 measured = (x.abs().float() <= step.t[0]).float().mean().item()
-                rec = {"shape": name, "K": K, "sizes": list(sizes), "glu": glu, "config": list(cfg), "masked": masked,
-                       "sparsity": s,
+                rec = {"shape": name, "K": K, "sizes": list(sizes), "glu": glu, "config": list(cfg), "sparsity": s,
                        "us": us, "roofline_us": (1 - measured) * nbytes / bw * 1e6, "matmul_us": mm, "err": err,
                        "ok": bool(err < 1.2e-2) and not bool(y.isnan().any()) and not bool(step.counters.any())}
                 records.append(rec)
                 row[s] = rec
             if len(row) == len(levels):
-                by_cfg[(cfg, masked)] = row
+                by_cfg[cfg] = row
         score = lambda r: sum(v["us"] / max(v["roofline_us"], 1e-3) for v in r.values())  # noqa: E731
         ranked = sorted(by_cfg.items(), key=lambda kv: score(kv[1]))
         print(f"{name} K={K} N={N} glu={glu}: matmul {mm:.1f} us, roofline s0 {nbytes / bw * 1e6:.1f} us "
               f"({time.time() - t0:.0f} s, {len(by_cfg)} configs)", flush=True)
-        shown = ranked[: a.top] + ([] if any(c == (default, False) for c, _ in ranked[: a.top]) else
-                                   [((default, False), by_cfg.get((default, False), {}))])
-        best_masked = next(((c, r) for c, r in ranked if c[1]), None)
-        if best_masked is not None and best_masked not in shown:
+        shown = ranked[: a.top] + ([] if any(c == default for c, _ in ranked[: a.top]) else
+                                   [(default, by_cfg.get(default, {}))])
+        best_masked = next(((c, r) for c, r in ranked if c.masked), None)
+        if best_masked is not None and all(c != best_masked[0] for c, _ in shown):
             shown.append(best_masked)
-        for (cfg, masked), row in shown:
-            tag = ("default " if (cfg, masked) == (default, False) else "") + ("masked " if masked else "")
+        for cfg, row in shown:
+            tag = ("default " if cfg == default else "") + ("masked " if cfg.masked else "")
             print(f"   {tag}{tuple(cfg)} "
                   + " ".join(f"s{s}:{r['us']:.1f}/{r['roofline_us']:.1f}{'' if r['ok'] else ' BAD'}"
                              for s, r in row.items()), flush=True)
