@@ -35,19 +35,37 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def run_cli(main):
     """Call main(); a UserError (or Ctrl-C) ends the process with one line on stderr, no traceback. torch.compile's
-    caches live under .cache/compile (keep_compile_caches)."""
+    caches live under .cache/compile (keep_compile_caches). A torchrun rank ends through end_rank."""
     keep_compile_caches()
     try:
-        return main()
+        out = main()
     except UserError as e:
         if os.environ.get("RANK", "0") != "0":  # under torchrun every rank meets the same error: rank 0 says it,
             time.sleep(2)  # before torchrun stops the ranks on the first exit
         else:
             print(f"error: {e}", file=sys.stderr)
+        end_rank(2)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        end_rank(130)
         sys.exit(130)
+    end_rank(out if isinstance(out, int) else 0)
+    return out
+
+
+def end_rank(code: int):
+    """Under torchrun, exit now without Python's finalization: gloo's worker threads may still be dropping a finished
+    collective's tensors, which takes the GIL, and a thread that meets a finalizing interpreter aborts the process
+    (std::terminate, SIGABRT) after all its work was done. Outside torchrun: nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a closed reader (`| head`) or a closed stream
+            pass
+    os._exit(code)
 
 
 def keep_compile_caches():

@@ -87,8 +87,8 @@ def from_env(device_type: str) -> Optional[TP]:
 
 
 def close(tp: Optional[TP]):
-    """Ends the process group of a torchrun process (all ranks together): a process that exits with gloo's threads
-    still running can abort in its teardown."""
+    """Ends the process group of a torchrun process (all ranks together, after their last collective). The process
+    itself then ends through cli.end_rank, without Python's finalization, which gloo's threads can abort."""
     if tp is not None and dist.is_initialized():
         dist.barrier(group=tp.group)
         dist.destroy_process_group()

@@ -160,6 +160,20 @@ def test_splits_that_do_not_fit_are_refused():
         check_split(ModelArgs(**{**ARGS, "n_kv_head": 4}), 4, quant_format("int4"))
 
 
+def test_a_torchrun_rank_ends_without_finalization():
+    """Under torchrun, run_cli flushes what main printed and exits with its code, skipping Python's finalization (where
+    gloo's threads, freeing a finished collective's tensors, abort the process); outside torchrun it finalizes."""
+    script = ("import atexit, sys; from cli import run_cli\n"
+              "atexit.register(lambda: print('finalized', flush=True))\n"
+              "print('out', end=''); print('err', end='', file=sys.stderr)\n"
+              "run_cli(lambda: int(sys.argv[1]))\n")
+    for world, code, want in (("2", 0, "out"), ("2", 3, "out"), ("1", 0, "outfinalized\n")):
+        env = {**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(REPO)}
+        r = subprocess.run([sys.executable, "-c", script, str(code)], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (code, want, "err"), (world, code, r)
+
+
 @pytest.mark.slow
 def test_torchrun_generate_matches_one_process(checkpoints):
     """`torchrun --nproc-per-node 2 generate.py` prints what one process prints; 3 ranks: one line, non-zero."""
