@@ -99,6 +99,9 @@ def run(a, tp):
     if len(ids) + a.max_new_tokens > model.args.max_seq_len:
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} exceed the model's "
                         f"context of {model.args.max_seq_len} tokens")
+    if len(ids) + a.max_new_tokens > max_seq:  # said before the prompt is echoed
+        raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} exceed --max-seq-len "
+                        f"{max_seq}")
     gen.setup(1, min(max_seq, model.args.max_seq_len))
     prompt = torch.tensor([ids], device=device)
     if compile_ or graph:  # compile (and record the CUDA graphs) before the first sample: it reports real speed

@@ -73,6 +73,12 @@ def windows(n: int, window: int, stride: int, max_tokens: int) -> list:
 
 
 @torch.no_grad()
+def check_windows(a):
+    """One line for window flags that score nothing (eval_ppl.py and quality_report.py)."""
+    if not 0 < a.stride <= a.window or a.max_tokens < 1:
+        raise UserError("need 0 < --stride <= --window and --max-tokens >= 1")
+
+
 def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, max_tokens: int,
              dense_prefix: int = 0, progress: bool = True) -> list:
     dev = dense_model.tok_embeddings.weight.device
@@ -165,8 +171,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not 0 <= a.sparsity < 1:
         raise UserError(f"--sparsity must be in [0, 1), got {a.sparsity}")
-    if not 0 < a.stride <= a.window or a.max_tokens < 1:
-        raise UserError("need 0 < --stride <= --window and --max-tokens >= 1")
+    check_windows(a)
+    if a.dense_prefix < 0:
+        raise UserError(f"--dense-prefix must be >= 0, got {a.dense_prefix}")
     ckpt, model, tok, device = load_from_args(a)
     sparse_model = model
     if a.mlp == "cats":

@@ -26,7 +26,7 @@ from errors import UserError
 from kernels.formats import QUANT_FORMATS, awq_variant
 from loading import load_model
 from paths import REPO
-from scripts.eval_ppl import Setting, evaluate, load_eval_text
+from scripts.eval_ppl import Setting, check_windows, evaluate, load_eval_text
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION, METHODS, PROJECTIONS, apply_thresholds, load_calibration
 from texts import default_texts, read_texts
 
@@ -36,6 +36,7 @@ COMPARE_AT = {0.4: 0.7, 0.5: 0.6}  # measured sparsity -> the largest loss ratio
 BASELINE, DEFAULT = "uniform magnitude", f"greedy {DEFAULT_CRITERION}"  # TEAL's released setting; ours
 WEIGHTS = ("int8", "int4", "awq-g128", "awq-g32")  # --weights: the quantized rows
 WEIGHTS_AT = 0.5  # the sparse level of the quantized rows
+AWQ_SEQ = 256  # tokens per AWQ calibration sequence (quantize.py's --seq-len default)
 
 
 def at_measured(points: list, s: float) -> Optional[float]:
@@ -91,17 +92,21 @@ def no_thresholds(model):
         mod.threshold.zero_()
 
 
+def weight_names(flag: str) -> list:
+    names = [w for w in flag.split(",") if w]
+    if any(w not in WEIGHTS for w in names):
+        raise UserError(f"--weights takes a comma-separated list of {', '.join(WEIGHTS)}; got {flag!r}")
+    return names
+
+
 def weight_models(a, ckpt, tok, device, dtype) -> dict:
     """{name: the model in that weight format} for the names in --weights (WEIGHTS)."""
-    names = [w for w in a.weights.split(",") if w]
-    if any(w not in WEIGHTS for w in names):
-        raise UserError(f"--weights takes a comma-separated list of {', '.join(WEIGHTS)}; got {a.weights!r}")
     out = {}
-    for w in names:
+    for w in weight_names(a.weights):
         if w.startswith("awq-"):
             model = load_model(ckpt, device, dtype)
             text = read_texts(a.awq_text or default_texts("calibration"))
-            awq_on_text(model, tok, text, awq_variant(int(w[len("awq-g"):])), a.awq_tokens, 256)
+            awq_on_text(model, tok, text, awq_variant(int(w[len("awq-g"):])), a.awq_tokens, AWQ_SEQ)
             out[w] = model
         else:
             out[w] = load_model(ckpt, device, dtype, quant=QUANT_FORMATS[w])
@@ -138,6 +143,9 @@ def main(argv=None):
                    help="AWQ's calibration text (default: the calibration side of the Shakespeare split)")
     p.add_argument("--awq-tokens", type=int, default=4096, help="AWQ's calibration tokens (quantize.py's default)")
     a = p.parse_args(argv)
+    check_windows(a)
+    if any(w.startswith("awq-") for w in weight_names(a.weights)) and a.awq_tokens < AWQ_SEQ:
+        raise UserError(f"--awq-tokens must be at least one sequence of {AWQ_SEQ}, got {a.awq_tokens}")
     if a.dtype == "auto":
         a.dtype = "float32"
     ckpt, model, tok, device = load_from_args(a)

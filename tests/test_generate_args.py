@@ -21,6 +21,12 @@ def test_bad_arguments_are_one_line(argv, what):
     assert "\n" not in str(e.value)
 
 
+def test_a_prompt_over_max_seq_len_is_refused_before_it_is_echoed(capsys):
+    with pytest.raises(UserError, match=r"prompt \(1 tokens\) \+ --max-new-tokens 8 exceed --max-seq-len 4"):
+        generate.main(["--max-seq-len", "4", "--prompt", "hello", "--max-new-tokens", "8"])
+    assert capsys.readouterr().out == ""
+
+
 def test_checkpoint_that_is_a_file_or_lacks_shape_keys(tmp_path):
     f = tmp_path / "model.gguf"
     f.write_text("not a directory")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from errors import UserError
+from scripts import eval_ppl, quality_report
 from scripts.quality_report import at_measured, equal_sparsity_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +61,16 @@ def test_report_written_on_the_default_model(tmp_path):
     assert list(weights) == ["float", "int8", "awq-g32"], weights
     assert [r["name"] for r in data["weights"]] == ["int8 dense", "int8 0.5", "awq-g32 dense", "awq-g32 0.5"]
     assert 0.9 < float(weights["int8"][2]) < 1.1 and 0.45 < float(weights["awq-g32"][6]) < 0.56, weights
+
+
+@pytest.mark.parametrize("script,argv,what", [
+    (quality_report, ["--max-tokens", "-1"], "--max-tokens >= 1"),
+    (quality_report, ["--stride", "600"], "0 < --stride <= --window"),
+    (quality_report, ["--weights", "int3"], "--weights takes a comma-separated list"),
+    (quality_report, ["--awq-tokens", "10"], "--awq-tokens must be at least one sequence of 256"),
+    (eval_ppl, ["--sparsity", "0.5", "--window", "0"], "0 < --stride <= --window"),
+    (eval_ppl, ["--sparsity", "0.5", "--dense-prefix", "-1"], "--dense-prefix must be >= 0"),
+])
+def test_bad_arguments_are_refused_before_any_model_work(script, argv, what):
+    with pytest.raises(UserError, match=what):
+        script.main(argv)
