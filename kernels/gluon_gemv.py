@@ -24,7 +24,7 @@ interpreter runs Gluon: tests build every launch for sm_90, scripts/gpu_check.py
 """
 from functools import partial
 from itertools import accumulate
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -374,42 +374,55 @@ def int4_parts_ref(x: Tensor, w: Tensor, t: Tensor, sizes, scale: Tensor, norm_w
     return torch.cat([reference.sparsify(x.float(), t[j]) @ p for j, p in enumerate(parts)], dim=-1)
 
 
-def _parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
-    out = launch(x, w, t, sizes, Config(*config), scale, norm_weight, ss_in, eps, wrap)
-    return out.view(out.shape[0], 2, 1, -1) if glu else out.view(out.shape[0], 1, 1, -1)
+class Int4Ops(NamedTuple):
+    parts: Callable
+    residual: Callable
+    custom_ops: tuple  # (parts', residual's): what engine.opaque_ops lists
+    fake_parts: Callable  # the registered fakes (shapes only, no launch), with the custom ops' signatures
+    fake_residual: Callable
 
 
-def _residual(wrap, x, w, t, counters, residual, sizes, config, scale):
-    return launch(x, w, t, sizes, Config(*config), scale, wrap=wrap, residual=residual, counters=counters)
+def int4_ops(name: str, launch_fn: Callable, config_type: type) -> Int4Ops:
+    """The two opaque ops (torch.library.custom_op, so that a compiled decode step sees one op per launch) of an sm_90
+    int4 kernel whose `launch_fn` has this module's launch signature, named teal::{name}_parts_sm90 and
+    teal::{name}_residual_sm90:
+    - parts(x, w, t, sizes, config, scale, glu=False, norm_weight=None, ss_in=None, eps=1e-5): sparse_gemv_parts for
+      batch-1 int4 weights, the partials [P, 2 if glu else 1, 1, N / (2 if glu else 1)] float32 that decode attention
+      (q/k/v) and the down kernel (gate/up) read;
+    - residual(x, w, t, sizes, config, scale, counters, residual): sparse_gemv_ss (o; down, from gate/up's partials
+      [P, 2, 1, K]): (residual + sparsify(x) @ W, its per-tile sums of squares for the next fused RMSNorm)."""
+    def parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
+        out = launch_fn(x, w, t, sizes, config_type(*config), scale, norm_weight, ss_in, eps, wrap)
+        return out.view(out.shape[0], 2 if glu else 1, 1, -1)
+
+    def residual_sum(wrap, x, w, t, counters, residual, sizes, config, scale):
+        return launch_fn(x, w, t, sizes, config_type(*config), scale, wrap=wrap, residual=residual,
+                         counters=counters)
+
+    @custom_op(f"teal::{name}_parts_sm90", mutates_args=())
+    def parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
+                 eps: float, sizes: list[int], glu: bool, config: list[int], scale: Tensor) -> Tensor:
+        return parts(direct, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale)
+
+    @custom_op(f"teal::{name}_residual_sm90", mutates_args=("counters",))
+    def residual_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor, sizes: list[int],
+                    config: list[int], scale: Tensor) -> tuple[Tensor, Tensor]:
+        return residual_sum(direct, x, w, t, counters, residual, sizes, config, scale)
+
+    fake_parts, fake_residual = partial(parts, skip), partial(residual_sum, skip)
+    parts_op.register_fake(fake_parts)
+    residual_op.register_fake(fake_residual)
+
+    def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config, scale: Tensor, glu: bool = False,
+                   norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+        return parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
+
+    def int4_residual(x: Tensor, w: Tensor, t: Tensor, sizes, config, scale: Tensor, counters: Tensor,
+                      residual: Tensor) -> tuple:
+        return residual_op(x, w, t, counters, residual, list(sizes), list(config), scale)
+
+    return Int4Ops(int4_parts, int4_residual, (parts_op, residual_op), fake_parts, fake_residual)
 
 
-@custom_op("teal::int4_residual_sm90", mutates_args=("counters",))
-def _int4_residual_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor, sizes: list[int],
-                      config: list[int], scale: Tensor) -> tuple[Tensor, Tensor]:
-    return _residual(direct, x, w, t, counters, residual, sizes, config, scale)
-
-
-_int4_residual_op.register_fake(partial(_residual, skip))
-
-
-@custom_op("teal::int4_parts_sm90", mutates_args=())
-def _int4_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
-                   eps: float, sizes: list[int], glu: bool, config: list[int], scale: Tensor) -> Tensor:
-    return _parts(direct, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale)
-
-
-_int4_parts_op.register_fake(partial(_parts, skip))
-
-
-def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, glu: bool = False,
-               norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """sparse_gemv.sparse_gemv_parts for batch-1 int4 weights on sm_90: the partials [P, 2 if glu else 1, 1, N / (2
-    if glu else 1)] float32 that decode attention (q/k/v) and the down kernel (gate/up) read."""
-    return _int4_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
-
-
-def int4_residual(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, counters: Tensor,
-                  residual: Tensor) -> tuple:
-    """sparse_gemv.sparse_gemv_ss for batch-1 int4 weights on sm_90 (o; down, from gate/up's partials [P, 2, 1, K]):
-    (residual + sparsify(x) @ W, its per-tile sums of squares for the next fused RMSNorm)."""
-    return _int4_residual_op(x, w, t, counters, residual, list(sizes), list(config), scale)
+OPS = int4_ops("int4", launch, Config)
+int4_parts, int4_residual = OPS.parts, OPS.residual

@@ -16,21 +16,19 @@ range, and the scales apply once at the end: y = sum_c s_c acc_c + (m_c - O s_c)
 (made by the list build). Work decomposition, list and partials out as kernels/gluon_gemv.py. Reference:
 gluon_gemv.int4_parts_ref (after mma_order's inverse).
 """
-from functools import partial
 from itertools import accumulate
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 from torch import Tensor
-from torch.library import custom_op
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from kernels.common import direct, skip
+from kernels.common import direct
 from kernels.formats import INT4, pack_int4, unpack_int4
-from kernels.gluon_gemv import ROW_MASK, _build_list, check_inputs, outputs
+from kernels.gluon_gemv import ROW_MASK, _build_list, check_inputs, int4_ops, outputs
 
 WARPS = 4  # each warp holds a quarter of a tile's columns: mma rows 16 w + 64 i (+ 256 v)
 NW = gl.constexpr(WARPS)
@@ -302,42 +300,6 @@ def launch(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor
     return out if residual is None else (out, ss_out)
 
 
-def _parts(wrap, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale):
-    out = launch(x, w, t, sizes, Config(*config), scale, norm_weight, ss_in, eps, wrap)
-    return out.view(out.shape[0], 2, 1, -1) if glu else out.view(out.shape[0], 1, 1, -1)
-
-
-@custom_op("teal::int4_mma_parts_sm90", mutates_args=())
-def _int4_mma_parts_op(x: Tensor, w: Tensor, t: Tensor, norm_weight: Optional[Tensor], ss_in: Optional[Tensor],
-                       eps: float, sizes: list[int], glu: bool, config: list[int], scale: Tensor) -> Tensor:
-    return _parts(direct, x, w, t, norm_weight, ss_in, eps, sizes, glu, config, scale)
-
-
-_int4_mma_parts_op.register_fake(partial(_parts, skip))
-
-
-def _residual(wrap, x, w, t, counters, residual, sizes, config, scale):
-    return launch(x, w, t, sizes, Config(*config), scale, wrap=wrap, residual=residual, counters=counters)
-
-
-@custom_op("teal::int4_mma_residual_sm90", mutates_args=("counters",))
-def _int4_mma_residual_op(x: Tensor, w: Tensor, t: Tensor, counters: Tensor, residual: Tensor, sizes: list[int],
-                          config: list[int], scale: Tensor) -> tuple[Tensor, Tensor]:
-    return _residual(direct, x, w, t, counters, residual, sizes, config, scale)
-
-
-_int4_mma_residual_op.register_fake(partial(_residual, skip))
-
-
-def int4_residual(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, counters: Tensor,
-                  residual: Tensor) -> tuple:
-    """gluon_gemv.int4_residual on tensor cores, weights w in to_mma_layout(., config.wb) (o; down, from gate/up's
-    partials [P, 2, 1, K]): (residual + sparsify(x) @ W, its per-tile sums of squares for the next fused RMSNorm)."""
-    return _int4_mma_residual_op(x, w, t, counters, residual, list(sizes), list(config), scale)
-
-
-def int4_parts(x: Tensor, w: Tensor, t: Tensor, sizes, config: Config, scale: Tensor, glu: bool = False,
-               norm_weight: Optional[Tensor] = None, ss_in: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """gluon_gemv.int4_parts on tensor cores, weights w in to_mma_layout(., config.wb): the partials [P, 2 if glu
-    else 1, 1, N / (2 if glu else 1)] float32 that decode attention (q/k/v) and the down kernel (gate/up) read."""
-    return _int4_mma_parts_op(x, w, t, norm_weight, ss_in, eps, list(sizes), glu, list(config), scale)
+# gluon_gemv's two ops on tensor cores, weights w in to_mma_layout(., config.wb)
+OPS = int4_ops("int4_mma", launch, Config)
+int4_parts, int4_residual = OPS.parts, OPS.residual

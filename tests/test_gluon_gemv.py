@@ -59,10 +59,10 @@ def test_launch_allocates_partials_and_checks_inputs():
     out = gluon_gemv.launch(x, q, t, sizes, cfg, scale, wrap=skip)
     k_split, P = gluon_gemv.k_layout(K, 64, cfg.split)
     assert out.shape == (P, 640) and out.dtype == torch.float32 and k_split % 64 == 0 and P * k_split >= K
-    assert gluon_gemv._parts(skip, x, q, t, None, None, 1e-5, sizes, False, list(cfg), scale).shape == (P, 1, 1, 640)
+    assert gluon_gemv.OPS.fake_parts(x, q, t, None, None, 1e-5, sizes, False, list(cfg), scale).shape == (P, 1, 1, 640)
     qg, sg = quantized(K, 256, 64)
     glu_cfg = gluon_gemv.default_config(K, (128, 128), 64, 4)
-    assert gluon_gemv._parts(skip, x, qg, torch.zeros(2, K), None, None, 1e-5, (128, 128), True, list(glu_cfg),
+    assert gluon_gemv.OPS.fake_parts(x, qg, torch.zeros(2, K), None, None, 1e-5, (128, 128), True, list(glu_cfg),
                              sg).shape[1:] == (2, 1, 128)
     with pytest.raises(AssertionError):
         gluon_gemv.launch(x.float(), q, t, sizes, cfg, scale, wrap=skip)  # 16-bit inputs only
@@ -98,7 +98,7 @@ def test_residual_launch_allocates_and_checks():
     cfg = gluon_gemv.default_config(K, (N,), 64, 4)
     res = torch.randn(1, N, dtype=torch.bfloat16)
     counters = torch.zeros(8, dtype=torch.int32)
-    y, ss = gluon_gemv._residual(skip, torch.randn(3, 2, 1, K), q, torch.zeros(1, K), counters, res, (N,), list(cfg),
+    y, ss = gluon_gemv.OPS.fake_residual(torch.randn(3, 2, 1, K), q, torch.zeros(1, K), counters, res, (N,), list(cfg),
                                  scale)
     assert y.shape == (1, N) and y.dtype == torch.bfloat16 and ss.shape == (1, N // cfg.block_n)
     with pytest.raises(AssertionError):

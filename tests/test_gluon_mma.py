@@ -110,7 +110,7 @@ def test_launch_allocates_partials_and_checks_inputs():
     wm = gluon_mma.to_mma_layout(q, cfg.wb)
     out = gluon_mma.launch(x, wm, t, sizes, cfg, scale, wrap=skip)
     assert out.shape[1] == 1024 and out.dtype == torch.float32 and out.shape[0] * 8 * 64 >= K
-    assert gluon_mma._parts(skip, x, wm, t, None, None, 1e-5, sizes, False, list(cfg), scale).shape[1:] == (1, 1, 1024)
+    assert gluon_mma.OPS.fake_parts(x, wm, t, None, None, 1e-5, sizes, False, list(cfg), scale).shape[1:] == (1, 1, 1024)
     with pytest.raises(AssertionError):
         gluon_mma.launch(x.float(), wm, t, sizes, cfg, scale, wrap=skip)  # 16-bit inputs only
     with pytest.raises(AssertionError):
@@ -120,11 +120,11 @@ def test_launch_allocates_partials_and_checks_inputs():
     assert torch.ops.teal.int4_mma_parts_sm90.default in opaque_ops()
     res, cnt = torch.randn(1, 1024, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.int32)
     one = gluon_mma.default_config(K, (1024,), 64, 4)
-    y, ss = gluon_mma._residual(skip, x, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res, (1024,),
+    y, ss = gluon_mma.OPS.fake_residual(x, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res, (1024,),
                                 list(one), scale)
     assert y.shape == (1, 1024) and y.dtype == torch.bfloat16 and ss.shape == (1, 1024 // gluon_mma.tile_n(one.wb))
     parts = torch.randn(3, 2, 1, K)
-    assert gluon_mma._residual(skip, parts, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res,
+    assert gluon_mma.OPS.fake_residual(parts, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), cnt, res,
                                (1024,), list(one), scale)[0].shape == (1, 1024)
     with pytest.raises(AssertionError):  # partials in need a residual
         gluon_mma.launch(parts, gluon_mma.to_mma_layout(q, one.wb), torch.zeros(1, K), (1024,), one, scale, wrap=skip)
