@@ -72,13 +72,13 @@ def windows(n: int, window: int, stride: int, max_tokens: int) -> list:
     return out
 
 
-@torch.no_grad()
 def check_windows(a):
     """One line for window flags that score nothing (eval_ppl.py and quality_report.py)."""
     if not 0 < a.stride <= a.window or a.max_tokens < 1:
         raise UserError("need 0 < --stride <= --window and --max-tokens >= 1")
 
 
+@torch.no_grad()
 def evaluate(dense_model, ids: list, settings: list, window: int, stride: int, max_tokens: int,
              dense_prefix: int = 0, progress: bool = True) -> list:
     dev = dense_model.tok_embeddings.weight.device
