@@ -23,16 +23,16 @@
    measures S when it decodes (the levels were quantiles of dense activations; sparsified layers upstream shrink
    the inputs of later ones, o's and down's above all).
 Default text: the calibration side of the Shakespeare split (texts.py), disjoint by play from evaluation.
-The model runs in --dtype (auto: bfloat16 on a GPU, float32 on a CPU; on a CPU with bf16 matrix units (AMX)
---dtype bfloat16 multiplies about 5x faster); histograms and errors accumulate in float32 or wider.
+The model runs in --dtype (auto: bfloat16 on a GPU and on a CPU with bf16 matrix units (AMX), where it multiplies
+about 5x faster than float32; float32 on other CPUs); histograms and errors accumulate in float32 or wider.
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
-from calibration import GREEDY_SEQS, TIES, calibrate, save_calibration
-from cli import HelpFormatter, add_model_args, add_quant_arg, load_from_args, run_cli
+from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate, save_calibration
+from cli import HelpFormatter, add_model_args, add_quant_arg, fast_cpu_dtype, load_from_args, run_cli
 from errors import UserError
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
 from texts import default_texts, read_texts
@@ -49,8 +49,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
                    help="sequences the block-wise greedy search scores on")
-    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=False,
-                   help="k and v raised together by the greedy search (default: each projection alone, TEAL's)")
+    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
+                   help="k and v raised together by the greedy search (--no-tie-kv: each projection alone, TEAL's)")
     p.add_argument("--greedy-every", type=int, default=1,
                    help="the greedy search scores every N-th position of its sequences (keys and values at all)")
     p.add_argument("--ties", type=float, default=TIES,
@@ -79,7 +79,7 @@ def main(argv=None):
         raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0, "
                         "0 < --max-move <= 1, --alloc-seqs >= 1, --greedy-seqs >= 1, --greedy-every >= 1 and "
                         "--ties >= 0")
-    ckpt, model, tok, device = load_from_args(a)
+    ckpt, model, tok, device = load_from_args(a, cpu_dtype=fast_cpu_dtype())
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()

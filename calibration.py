@@ -42,10 +42,14 @@ from sparsity import (CALIB_FORMAT, CRITERIA, LEVELS, PROJECTIONS, TARGETS, Cali
 # the last). A bin index is a shift of the float's bits, so a histogram is one bincount (6x faster than histc of log2).
 MANT_BITS, LOG2_LO, LOG2_HI = 8, -40, 16
 TIES = 0.0  # the greedy search's default tie band, in standard errors (greedy_block; 0: none)
-GREEDY_SEQS = 2  # sequences the greedy search scores on by default (8 are more stable between halves: session 28)
-# what one greedy candidate raises: every projection alone (TEAL's, the default), or k and v together: they share the
-# input and hold a few percent of a GQA block each, so their single moves barely change the block's error, and which
-# of the two goes first is decided by noise (docs/quality-notes.md, session 28)
+# the greedy search's defaults: 8 scored sequences and k, v raised together are more stable between calibration
+# texts than TEAL's 2 sequences and every projection alone, at the same float quality over draws and better AWQ
+# quality (docs/quality-notes.md, sessions 28, 30 and 31)
+GREEDY_SEQS = 8
+TIE_KV = True
+# what one greedy candidate raises: every projection alone (TEAL's), or k and v together (the default): they share
+# the input and hold a few percent of a GQA block each, so their single moves barely change the block's error, and
+# which of the two goes first is decided by noise (docs/quality-notes.md, session 28)
 ALONE = tuple((j,) for j in range(len(PROJECTIONS)))
 KV_TIED = tuple(g for g in ALONE if PROJECTIONS[g[0]] not in ("k", "v")) + \
     ((PROJECTIONS.index("k"), PROJECTIONS.index("v")),)
@@ -505,7 +509,7 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
               max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
-              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = False,
+              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = TIE_KV,
               trace: dict = None) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).

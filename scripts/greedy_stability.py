@@ -3,8 +3,8 @@ boundary) and compares the two greedy tables, per (block, projection) level, at 
 halves' levels are, and the share within one greedy step of that projection (the search raises a projection's level
 by step / its parameter share at a time).
 
-    python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 2] [--greedy-every 1]
-        [--ties Z] [--tie-kv] [--dtype bfloat16] [--no-uniform-floor]
+    python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 8] [--greedy-every 1]
+        [--ties Z] [--no-tie-kv] [--dtype float32] [--no-uniform-floor]
 """
 import argparse
 import json
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from calibration import GREEDY_SEQS, TIES, calibrate
-from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
+from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate
+from cli import HelpFormatter, add_model_args, fast_cpu_dtype, load_from_args, run_cli, sparsity_list
 from errors import UserError
 from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
 from texts import default_texts, read_texts
@@ -49,7 +49,7 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
                    help="sequences the greedy search scores on, per half")
-    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
                    help="k and v raised together (as calibrate.py --tie-kv)")
     p.add_argument("--greedy-every", type=int, default=1, help="the greedy search scores every N-th position")
     p.add_argument("--ties", type=float, default=TIES, help="standard errors within which greedy candidates tie")
@@ -68,7 +68,7 @@ def main():
         raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
     targets = sparsity_list(a.targets, "--targets")
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
-    _, model, tok, _ = load_from_args(a)
+    _, model, tok, _ = load_from_args(a, cpu_dtype=fast_cpu_dtype())
     text = read_texts(a.text or default_texts("calibration"))
     tables, traces = [], []
     for i, half in enumerate(halves(text)):

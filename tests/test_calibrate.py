@@ -14,6 +14,7 @@ import torch
 import calibrate
 import calibration
 from checkpoint import save_checkpoint
+from cli import fast_cpu_dtype
 from errors import UserError
 from loading import load_model, random_tensors
 from model import ModelArgs, attention_mask
@@ -26,6 +27,7 @@ TINY = dict(arch="llama", dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate
             max_seq_len=256)
 TEXT = (ROOT / "README.md").read_text() * 3
 HELD_OUT = ROOT / "tests" / "data" / "shakespeare.txt"  # public-domain Shakespeare, evaluation-side works
+AUTO_CPU = str(fast_cpu_dtype()).removeprefix("torch.")  # what calibrate.py --dtype auto runs in on this CPU
 
 
 def make_ckpt(path: Path, seed: int = 0, equal_norms: bool = False, **over) -> Path:
@@ -244,7 +246,7 @@ def test_weight_aware_with_equal_norms_is_magnitude(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     ckpt = make_ckpt(tmp_path / "eq", equal_norms=True)
-    run_calibrate(ckpt, text)
+    run_calibrate(ckpt, text, "--dtype", "float32")  # norms of exactly 0.7: bfloat16 weights round them
     model = load_model(ckpt)
     calib = load_calibration(model, ckpt / CALIB_FILE)
     assert torch.allclose(calib.norms["q"], torch.full_like(calib.norms["q"], 0.7), rtol=1e-5)
@@ -457,7 +459,7 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     assert report["results"]["magnitude@all"]["blocks"] == 2 * (len(TARGETS) - 1)  # TINY: 2 layers
     before = report["results"]["magnitude@all-before-spread"]
     assert before["blocks"] == 2 * (len(TARGETS) - 1) and 0 <= before["blocks_within_one_grid_step"] <= before["blocks"]
-    assert report["tie_kv"] is False and report["dtype"] == "float32"  # --dtype auto on a CPU
+    assert report["tie_kv"] is True and report["dtype"] == AUTO_CPU  # the defaults
     assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
@@ -592,15 +594,29 @@ def test_greedy_with_k_and_v_tied_raises_them_together():
     assert set(calibration.KV_TIED) - set(calibration.ALONE) == {(k, v)} and len(calibration.KV_TIED) == 6
 
 
+def test_auto_dtype_on_a_cpu_follows_its_matrix_units(monkeypatch):
+    """calibrate.py's --dtype auto on a CPU: bfloat16 where the CPU reports AMX tiles, float32 where it does not or
+    torch cannot tell."""
+    import cli
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cli.fast_cpu_dtype() == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cli.fast_cpu_dtype() == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cli.fast_cpu_dtype() == torch.float32
+
+
 def test_calibrate_records_how_it_searched(calibrated, tmp_path):
-    """The file's metadata says how the greedy search ran (k and v tied or not: TEAL's each alone by default) and in
-    which dtype the model ran (--dtype auto: float32 on a CPU; an explicit --dtype wins)."""
+    """The file's metadata says how the greedy search ran (k and v tied by default; --no-tie-kv: each alone, TEAL's)
+    and in which dtype the model ran (--dtype auto on a CPU: bfloat16 where it has bf16 matrix units, else float32;
+    an explicit --dtype wins)."""
     meta = load_calibration(load_model(calibrated[0]), calibrated[0] / CALIB_FILE).meta
-    assert meta["tie_kv"] == "False" and meta["dtype"] == "float32"
+    assert meta["tie_kv"] == "True" and meta["dtype"] == AUTO_CPU
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     ckpt = make_ckpt(tmp_path / "ckpt")
-    path = run_calibrate(ckpt, text, "--criteria", "magnitude", "--tie-kv", "--dtype", "bfloat16", "--aim-seqs", "0",
+    explicit = "float32" if AUTO_CPU == "bfloat16" else "bfloat16"
+    path = run_calibrate(ckpt, text, "--criteria", "magnitude", "--no-tie-kv", "--dtype", explicit, "--aim-seqs", "0",
                          "--blocks", "equal")
     meta = load_calibration(load_model(ckpt), path).meta
-    assert meta["tie_kv"] == "True" and meta["dtype"] == "bfloat16"
+    assert meta["tie_kv"] == "False" and meta["dtype"] == explicit
