@@ -104,12 +104,14 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser):
-    """Flags shared by the CLIs that load a model."""
+def add_model_args(p: argparse.ArgumentParser, auto_cpu: str = "float32 on CPU"):
+    """Flags shared by the CLIs that load a model; auto_cpu: what --dtype auto means on a CPU (load_from_args'
+    cpu_dtype), for the help."""
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="CKPT directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--dtype", default="auto",
+                   help=f"auto (bfloat16 on GPU, {auto_cpu}), float16, bfloat16, float32")
 
 
 def add_quant_arg(p: argparse.ArgumentParser):
@@ -141,6 +143,9 @@ def add_sparsity_args(p: argparse.ArgumentParser):
                    help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
 
 
+FAST_CPU_DTYPE = "on CPU bfloat16 with bf16 matrix units (AMX), else float32"  # fast_cpu_dtype, for --help
+
+
 def fast_cpu_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies it in matrix units (AMX: ~5x float32's speed), else float32."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
@@ -151,7 +156,8 @@ def load_from_args(args, mlp: str = "teal", tp=None, cpu_dtype: torch.dtype = to
     """(CKPT, model, tokenizer, device) from the add_model_args (and add_quant_arg) flags; tp: this rank's slices of
     the model (tp.py), on its device; cpu_dtype: what --dtype auto means on a CPU (bfloat16 on a GPU)."""
     device = tp.device if tp is not None else pick_device(args.device)
-    dtype = (torch.bfloat16 if device.type == "cuda" else cpu_dtype) if args.dtype == "auto" else parse_dtype(args.dtype)
+    auto = torch.bfloat16 if device.type == "cuda" else cpu_dtype
+    dtype = auto if args.dtype == "auto" else parse_dtype(args.dtype)
     ckpt = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     model = load_model(ckpt, device, dtype, mlp=mlp, quant=quant_format(args.quant) if getattr(args, "quant", None) else None,
                        tp=tp)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate
-from cli import HelpFormatter, add_model_args, fast_cpu_dtype, load_from_args, run_cli, sparsity_list
+from cli import (FAST_CPU_DTYPE, HelpFormatter, add_model_args, fast_cpu_dtype, load_from_args, run_cli,
+                 sparsity_list)
 from errors import UserError
 from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
 from texts import default_texts, read_texts
@@ -41,7 +42,7 @@ def compare(a: torch.Tensor, b: torch.Tensor, one_step: torch.Tensor) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, auto_cpu=FAST_CPU_DTYPE)
     p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens for the activation statistics, per half")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")

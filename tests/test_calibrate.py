@@ -597,13 +597,15 @@ def test_greedy_with_k_and_v_tied_raises_them_together():
 def test_auto_dtype_on_a_cpu_follows_its_matrix_units(monkeypatch):
     """calibrate.py's --dtype auto on a CPU: bfloat16 where the CPU reports AMX tiles, float32 where it does not or
     torch cannot tell."""
-    import cli
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert cli.fast_cpu_dtype() == torch.bfloat16
+    assert fast_cpu_dtype() == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert cli.fast_cpu_dtype() == torch.float32
+    assert fast_cpu_dtype() == torch.float32
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert cli.fast_cpu_dtype() == torch.float32
+    assert fast_cpu_dtype() == torch.float32
+    text = subprocess.run([sys.executable, str(ROOT / "calibrate.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT).stdout
+    assert "matrix units (AMX)" in " ".join(text.split())  # --help says what auto means here
 
 
 def test_calibrate_records_how_it_searched(calibrated, tmp_path):
