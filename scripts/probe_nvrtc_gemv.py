@@ -20,6 +20,7 @@ import torch
 from cli import HelpFormatter, run_cli
 from errors import UserError
 from model import ModelArgs
+from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
 
 COLS = 64  # output columns per CTA: 8 threads x 8 bf16 (one 16-byte load) per row, 16 rows at a time (128 threads)
 
@@ -175,7 +176,6 @@ def main():
     lib = find_nvrtc()
     if lib is None:
         raise UserError("no libnvrtc.so.N under the Python paths (it comes with torch's CUDA wheels)")
-    from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
     nvrtc, cuda = ctypes.CDLL(lib), ctypes.CDLL("libcuda.so.1")
     major, minor = torch.cuda.get_device_capability()
     torch.zeros(1, device="cuda")  # the primary context current for the driver calls
