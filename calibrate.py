@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate, save_calibration
-from cli import FAST_CPU_DTYPE, HelpFormatter, add_model_args, add_quant_arg, fast_cpu_dtype, load_from_args, run_cli
+from cli import HelpFormatter, add_model_args, add_quant_arg, load_from_args, run_cli
 from errors import UserError
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
 from texts import default_texts, read_texts
@@ -40,7 +40,7 @@ from texts import default_texts, read_texts
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p, auto_cpu=FAST_CPU_DTYPE)
+    add_model_args(p, fast_cpu=True)
     add_quant_arg(p)
     p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens for the activation statistics")
@@ -79,7 +79,7 @@ def main(argv=None):
         raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0, "
                         "0 < --max-move <= 1, --alloc-seqs >= 1, --greedy-seqs >= 1, --greedy-every >= 1 and "
                         "--ties >= 0")
-    ckpt, model, tok, device = load_from_args(a, cpu_dtype=fast_cpu_dtype())
+    ckpt, model, tok, device = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"
     t0 = time.time()

@@ -104,14 +104,15 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser, auto_cpu: str = "float32 on CPU"):
-    """Flags shared by the CLIs that load a model; auto_cpu: what --dtype auto means on a CPU (load_from_args'
-    cpu_dtype), for the help."""
+def add_model_args(p: argparse.ArgumentParser, fast_cpu: bool = False):
+    """Flags shared by the CLIs that load a model; fast_cpu: --dtype auto on a CPU is fast_cpu_dtype() (calibration
+    statistics) instead of float32 (evaluations); load_from_args reads it from the parsed flags."""
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="CKPT directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto",
-                   help=f"auto (bfloat16 on GPU, {auto_cpu}), float16, bfloat16, float32")
+    cpu = "on CPU bfloat16 with bf16 matrix units (AMX), else float32" if fast_cpu else "float32 on CPU"
+    p.add_argument("--dtype", default="auto", help=f"auto (bfloat16 on GPU, {cpu}), float16, bfloat16, float32")
+    p.set_defaults(fast_cpu=fast_cpu)
 
 
 def add_quant_arg(p: argparse.ArgumentParser):
@@ -143,20 +144,18 @@ def add_sparsity_args(p: argparse.ArgumentParser):
                    help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
 
 
-FAST_CPU_DTYPE = "on CPU bfloat16 with bf16 matrix units (AMX), else float32"  # fast_cpu_dtype, for --help
-
-
 def fast_cpu_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies it in matrix units (AMX: ~5x float32's speed), else float32."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return torch.bfloat16 if amx is not None and amx() else torch.float32
 
 
-def load_from_args(args, mlp: str = "teal", tp=None, cpu_dtype: torch.dtype = torch.float32):
+def load_from_args(args, mlp: str = "teal", tp=None):
     """(CKPT, model, tokenizer, device) from the add_model_args (and add_quant_arg) flags; tp: this rank's slices of
-    the model (tp.py), on its device; cpu_dtype: what --dtype auto means on a CPU (bfloat16 on a GPU)."""
+    the model (tp.py), on its device."""
     device = tp.device if tp is not None else pick_device(args.device)
-    auto = torch.bfloat16 if device.type == "cuda" else cpu_dtype
+    cpu = fast_cpu_dtype() if getattr(args, "fast_cpu", False) else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else cpu
     dtype = auto if args.dtype == "auto" else parse_dtype(args.dtype)
     ckpt = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     model = load_model(ckpt, device, dtype, mlp=mlp, quant=quant_format(args.quant) if getattr(args, "quant", None) else None,

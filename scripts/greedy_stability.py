@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate
-from cli import (FAST_CPU_DTYPE, HelpFormatter, add_model_args, fast_cpu_dtype, load_from_args, run_cli,
-                 sparsity_list)
+from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
 from errors import UserError
 from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
 from texts import default_texts, read_texts
@@ -42,7 +41,7 @@ def compare(a: torch.Tensor, b: torch.Tensor, one_step: torch.Tensor) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p, auto_cpu=FAST_CPU_DTYPE)
+    add_model_args(p, fast_cpu=True)
     p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens for the activation statistics, per half")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
@@ -69,7 +68,7 @@ def main():
         raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
     targets = sparsity_list(a.targets, "--targets")
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
-    _, model, tok, _ = load_from_args(a, cpu_dtype=fast_cpu_dtype())
+    _, model, tok, _ = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     tables, traces = [], []
     for i, half in enumerate(halves(text)):
