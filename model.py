@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
+from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
+                     sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, QuantFormat
@@ -187,6 +188,7 @@ class SparseLinear(nn.Module):
         # columns in that kernel's order, the other paths read them with the scales in the same order (order_scale)
         # and put their outputs back in column order (order_inv: each column's position)
         self.mma_config = None
+        self.cuda_config = None  # batch-1 16-bit through kernels/cuda_gemv.py (None: not this shape or plan)
         self.register_buffer("order_scale", None, persistent=False)
         self.register_buffer("order_perm", None, persistent=False)  # the column at each position
         self.register_buffer("order_inv", None, persistent=False)
@@ -263,6 +265,11 @@ class SparseLinear(nn.Module):
         n = max(configs.counters_size(self.sizes, self.glu, c[0]) for c in self.kernel_configs.values())
         if self.hopper_config is not None:
             n = max(n, sum(self.sizes) // self.hopper_config.block_n)
+        self.cuda_config = None
+        if plan.nvrtc_arch and not self.fmt.quantized and not self.head and cuda_gemv.supported(K, self.sizes,
+                                                                                                self.weight.dtype):
+            self.cuda_config = cuda_gemv.default_config(K, self.out_features, plan.n_sm, plan.nvrtc_arch // 10)
+            n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
 
@@ -285,6 +292,9 @@ class SparseLinear(nn.Module):
                  norm: Optional["RMSNorm"], ss: Optional[Tensor], plan: DecodePlan):
         B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
         K = x.shape[-1]
+        if not self.glu and self.on_cuda(plan, B * S, sparse, active, x):
+            y = self.cuda(x, sparse, norm=norm, residual=residual)
+            return y if residual is None else (y, None)
         route = plan.projection(B * S, sparse, active)
         if route == "kernel":
             cfg = self.kernel_configs[next_pow2(B * S)]
@@ -336,6 +346,22 @@ class SparseLinear(nn.Module):
                                               ss_in=ss_in, eps=eps, fmt=self.fmt,
                                               scale=self.scale if self.order_scale is None else self.order_scale)
         return self._in_column_order(parts)
+
+    def on_cuda(self, plan: DecodePlan, rows: int, sparse: bool, active: Optional[Tensor], x: Tensor) -> bool:
+        """Whether a call with input x [B, S, K] runs kernels/cuda_gemv.py (plan.cuda; shapes it takes)."""
+        return (self.cuda_config is not None and plan.cuda(rows, sparse, active) and x.dim() == 3
+                and x.dtype == self.weight.dtype)
+
+    def cuda(self, x: Tensor, sparse: bool, norm: Optional["RMSNorm"] = None, residual: Optional[Tensor] = None,
+             glu_in: bool = False) -> Tensor:
+        """One token through kernels/cuda_gemv.py: x [1, 1, K] (gate/up's outputs [1, 1, 2K] with glu_in: gated in the
+        launch), normalised there by `norm`, thresholds applied when `sparse` -> [1, 1, N] (+ residual). A glu
+        projection returns gate and up un-gated (its consumer gates them)."""
+        y = cuda_gemv.cuda_gemv(x.reshape(-1), self.weight, self.threshold if sparse else None, self.sizes,
+                                self.counters, self.cuda_config, norm_weight=None if norm is None else norm.weight,
+                                eps=1e-5 if norm is None else norm.eps, glu_in=glu_in,
+                                residual=None if residual is None else residual.reshape(-1))
+        return y.view(1, 1, -1)
 
     def _on_hopper(self, plan: DecodePlan, rows: int, like: Tensor) -> bool:
         """Batch-1 int4 through the Gluon kernels (sm_90: kernels/gluon_mma.py where the weights are held in its order,
@@ -431,7 +457,9 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
-            if plan.defers(B, sparse, active):
+            if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
+                qkv = self.wqkv.cuda(x, sparse, norm=norm).view(B, -1)
+            elif plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
                 qkv = self.wqkv.partial_sums(x, norm, ss, plan)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
             else:
@@ -473,6 +501,8 @@ class FeedForward(nn.Module):
     def forward(self, h: Tensor, ss: Optional[Tensor], norm: "RMSNorm", sparse: bool, active: Optional[Tensor],
                 plan: DecodePlan):
         rows = h.shape[0] * h.shape[1]
+        if self.w13.on_cuda(plan, rows, sparse, active, h) and self.w2.cuda_config is not None:  # down gates gate/up
+            return self.w2.cuda(self.w13.cuda(h, sparse, norm=norm), sparse, residual=h, glu_in=True), None
         if ss is not None and plan.fused_mlp(rows, sparse, active):
             y, ss_out = sparse_mlp.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
                                               self.w2.threshold, self.counters, self.w13.kernel_configs[1],
@@ -561,16 +591,20 @@ class Transformer(nn.Module):
 
     def set_plan(self, plan: DecodePlan):
         """Decode with `plan` (plan.decode_plan). Its weight-dependent fields are fixed here (the attention kernel
-        only for head shapes it takes; `quantized` from the weights), and each module sizes its launch configs and
+        only for head shapes it takes; `quantized` from the weights; the NVRTC kernels for 16-bit weights without
+        tensor parallelism), and each module sizes its launch configs and
         counters for it, once: a plan that differs only in flags (a sparsity level, an ablation) keeps them, so
         the buffers a captured CUDA graph reads stay where they are."""
         a = self.args
         quantized = any(m.fmt.quantized for m in self.modules() if isinstance(m, SparseLinear) and not m.head)
         att = self.layers[0].attention
         attention = plan.attention_kernel and decode_attention.supported(att.n_head, att.n_kv_head, a.head_dim)
+        half = self.tok_embeddings.weight.dtype in (torch.bfloat16, torch.float16)
         plan = replace_fields(plan, quantized=quantized, attention_kernel=attention,
+                              nvrtc_arch=plan.nvrtc_arch if half and self.tp is None else 0,  # TP: not measured
                               sparse_decode=plan.sparse_decode or quantized)
-        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream)  # noqa: E731  (what the launch configs depend on)
+        # what the launch configs depend on
+        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream, p.nvrtc_arch)  # noqa: E731
         if sized_by(plan) != sized_by(self.plan):
             for m in self.modules():  # projections before the MLPs that read their configs
                 if isinstance(m, (SparseLinear, RowSparseUp)):

@@ -14,6 +14,10 @@ instead of keeping flags of its own:
 - `masked_stream`: every batch-1 16/8-bit projection (and the one-launch MLP's gate/up) skips the kept-row list and
   streams its rows in order, loading a row only where its input passes (kernels/stream.py, _masked_stream); off by
   default, where the launch configs take it for 16-bit o alone (docs/perf-notes.md, session 29);
+- `nvrtc_arch`: batch-1 16-bit dense decode steps run the CUDA C++ kernel of kernels/cuda_gemv.py, compiled with
+  NVRTC for this compute capability (90: sm_90; 0: off), in place of cuBLAS, norms fused, gate/up gated by down's
+  launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels (off by default: on an H100 it beat them
+  launch for launch but lost 1% end to end to the one-launch MLP, docs/perf-notes.md session 32);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
   kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor
 
 from errors import UserError
+from kernels import cuda_gemv
 from kernels.common import INTERPRETED, MAX_ROWS
 from kernels.formats import FLOAT, QuantFormat
 
@@ -43,6 +48,8 @@ class DecodePlan:
     hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
     hopper_mma: bool = False  # ... on tensor cores where the shape allows (kernels/gluon_mma.py)
     masked_stream: bool = False  # every batch-1 16/8-bit projection streams with masked loads, no kept list
+    nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
+    nvrtc_sparse: bool = False  # ... sparse ones too
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -50,6 +57,11 @@ class DecodePlan:
         if not sparse:
             return "dense"
         return "kernel" if self.kernels and active is None and rows <= MAX_ROWS else "sparse"
+
+    def cuda(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
+        """Whether a call of `rows` token rows may run kernels/cuda_gemv.py (its module decides on shape and dtype)."""
+        return (self.nvrtc_arch > 0 and not self.quantized and rows == 1 and active is None
+                and (self.nvrtc_sparse or not sparse))
 
     def attention(self, rows: int, seq: int, active: Optional[Tensor]) -> bool:
         return self.kernels and self.attention_kernel and seq == 1 and active is None and rows <= MAX_ROWS
@@ -85,7 +97,9 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
                 kernels: Optional[bool] = None, n_sm: Optional[int] = None, **flags) -> DecodePlan:
     """The plan for a model on `device` with weights in `fmt`, decoding at `sparsity`: the Triton kernels on CUDA, the
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
-    hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off).
+    hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
+    (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
+    insists), nvrtc_sparse (sparse steps too; off).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
@@ -96,6 +110,16 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     if "hopper_int4" not in flags:
         flags["hopper_int4"] = kernels and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
     flags.setdefault("hopper_mma", flags["hopper_int4"])
+    nvrtc = flags.pop("nvrtc", None)
+    on_gpu = kernels and device.type == "cuda"
+    usable = on_gpu and cuda_gemv.usable(torch.cuda.current_device() if device.index is None else device.index)
+    if nvrtc is None:
+        nvrtc = usable and torch.cuda.get_device_capability(device) == (9, 0)
+    if nvrtc or flags.get("nvrtc_sparse"):
+        if not usable:
+            raise UserError("the NVRTC kernels need a CUDA GPU and libnvrtc (it comes with torch's CUDA wheels)")
+        major, minor = torch.cuda.get_device_capability(device)
+        flags["nvrtc_arch"] = 10 * major + minor
     plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,
                       **flags)
     return plan.at_level(sparsity)

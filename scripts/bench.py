@@ -243,7 +243,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
-              group: int = 128, masked_stream: bool = False) -> list:
+              group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
+              nvrtc_sparse: bool = False) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -257,6 +258,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
+                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -280,8 +282,9 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": "sparse kernels" if model.plan.sparse_decode else "dense (cuBLAS projections)",
-               "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled"}
+               "decode_path": decode_path(model.plan),
+               "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled",
+               "torch": torch.__version__}
         if tp is not None:
             rec["all_reduce_us"] = round(all_reduce_us(tp, args.dim), 2)
         records.append(rec)
@@ -292,6 +295,13 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     del model, gen, captured
     torch.cuda.empty_cache()
     return records
+
+
+def decode_path(plan) -> str:
+    """What a record's decode step ran its projections on."""
+    if plan.sparse_decode:
+        return "NVRTC kernels" if plan.nvrtc_sparse else "sparse kernels"
+    return "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:
@@ -351,7 +361,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         (out / f"{slug}.json").write_text(json.dumps(e2e, indent=1) + "\n")
     if kernels:
         (out / f"{slug}-kernels.json").write_text(json.dumps(kernels, indent=1) + "\n")
-    lines = [f"# Decode benchmark: {gpu}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+    versions = sorted({r["torch"] for r in e2e if "torch" in r}) or [torch.__version__]  # the runs', not this one's
+    lines = [f"# Decode benchmark: {gpu}", "", f"`{cmd}` on {time.strftime('%Y-%m-%d')}, torch {', '.join(versions)}, "
              f"triton {triton.__version__}. Read bandwidth (Triton streaming reduction over 4 GiB): "
              f"**{bw / 1e9:.0f} GB/s**; rooflines use it and the measured decode sparsity."
              + (" Rows of other models were kept from earlier runs (`--merge`), each against its own bandwidth "
@@ -370,14 +381,17 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         for r in e2e:
             pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
             fixed = fixed_us_per_layer(r)
-            weights = "bf16" if r.get("quant", "none") == "none" else r["quant"]
+            weights = ("bf16" if r.get("quant", "none") == "none" else r["quant"]) + (
+                " · NVRTC" if "NVRTC" in r.get("decode_path", "") else "")
             model = r["model"] + (f" (TP {r['tp']}, all-reduce {r['all_reduce_us']:.1f} µs)" if r.get("tp", 1) > 1 else "")
             lines.append(f"| {model} | {weights} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | "
                          f"{r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
-        lines += ["", "Sparsity 0 decodes dense with cuBLAS projections, as `generate.py --sparsity 0` does (int8 "
-                  "weights: through the kernels, thresholds zero, the LM head int8 too). "
+        lines += ["", "Sparsity 0 decodes dense, as `generate.py --sparsity 0` does: projections on the NVRTC kernel "
+                  "on sm_90 where libnvrtc is found (· NVRTC; kernels/cuda_gemv.py), cuBLAS elsewhere and in rows "
+                  "made before 2026-12-06 (int8 weights: through the kernels, thresholds zero, the LM head int8 "
+                  "too); · NVRTC on a sparse row: its projections on that kernel too (`--nvrtc-sparse`). "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
                   "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches. "
@@ -501,6 +515,10 @@ def main():
                    help="of them those it takes on tensor cores (default: with --hopper-int4)")
     p.add_argument("--masked-stream", action="store_true",
                    help="batch-1 16/8-bit projections stream their rows in order with masked loads, no kept list")
+    p.add_argument("--nvrtc", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense 16-bit steps' projections on the CUDA C++ kernel compiled with NVRTC "
+                   "(kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found)")
+    p.add_argument("--nvrtc-sparse", action="store_true", help="sparse steps' projections on it too")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -545,7 +563,8 @@ def main():
                                                       fuse_mlp=a.fuse_mlp, quant=a.quant,
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
                                                       graph=a.graph, group=a.group,
-                                                      masked_stream=a.masked_stream)]
+                                                      masked_stream=a.masked_stream, nvrtc=a.nvrtc,
+                                                      nvrtc_sparse=a.nvrtc_sparse)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -10,12 +10,16 @@
    configs the model uses, the int8 LM head included (check_quant_kernels); on sm_90, the Gluon int4 kernel against
    the reference and the Triton kernel, bit for bit against itself, partials out (q/k/v, gate/up) and with the
    residual added (o, down from gate/up's partials), and the tensor-core kernel (kernels/gluon_mma.py) on the
-   partials shapes it takes (check_hopper_int4);
+   partials shapes it takes (check_hopper_int4); the NVRTC GEMV (kernels/cuda_gemv.py) against its reference, every
+   split and tail, dense and sparse, fused norm / residual / gated input, bit for bit over two launches
+   (check_cuda_gemv);
 2. a random Llama-2-7B-shaped model (few layers), also with int8 weights: compiled sparse decode (fullgraph,
    CUDA graphs, Triton kernels) against eager reference decode: same tokens over 32 steps, or, where a near-tie
    flips one, logits within dtype bounds at every step (both fed the reference's tokens); in fp32, with the
    thresholds moved into wide gaps between the inputs of the reference decode, so that rounding differences
    cannot flip a mask (the Gluon int4 kernel, 16-bit inputs only, decodes in the bf16 runs on sm_90);
+   with the NVRTC GEMV where libnvrtc is found: dense bf16 and fp16 (as decode_plan's default on sm_90), sparse bf16
+   reported (nvrtc_sparse);
 3. a new sparsity level (a copy_ into the threshold buffers) neither recompiles nor re-records graphs.
 
     python scripts/gpu_check.py [--layers 4] [--out DIR] [--kernels-only | --models-only]
@@ -33,7 +37,8 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, GraphStep, compile_step
-from kernels import configs, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv, sparse_mlp
+from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
+                     sparse_mlp)
 from loading import random_model
 from model import ModelArgs
 from kernels.formats import INT4, quant_format
@@ -334,10 +339,59 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
+def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
+    """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
+    the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, every split and
+    both tails: relative error
+    within dtype bounds, every output written (poisoned), counters left at zero, bit for bit over two launches."""
+    failures, cases = [], 0
+    major = torch.cuda.get_device_capability()[0]
+    shapes = [  # (K, sizes, norm, residual, glu_in)
+        (4096, (4096, 4096, 4096), True, False, False), (4096, (4096, 1024, 1024), True, False, False),
+        (4096, (4096,), False, True, False), (4096, (11008, 11008), True, False, False),
+        (11008, (4096,), False, True, True), (584, (128, 64, 64), True, False, False), (1032, (192,), False, True, True),
+        (1032, (64,), False, False, False)]
+    for (K, sizes, norm, res, glu_in), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
+        N = sum(sizes)
+        w = (torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype)
+        x, g, _, xin = projection_input(1, K, dtype, norm)
+        if glu_in:
+            x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
+            xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
+        r = torch.randn(N, device="cuda", dtype=dtype) if res else None
+        splits = [s for s in (1, 2, 4, 8) if cuda_gemv.k_per(K, s) <= cuda_gemv.MAX_KPER]
+        for s, split, t32 in itertools.product(levels, splits, (True, False)):
+            if s == 0 and not t32:
+                continue
+            t = spread_thresholds(xin, len(sizes), s).to(torch.float32 if t32 else dtype) if s > 0 else None
+            ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in)
+            for cluster in (0, 1) if split > 1 and major >= 9 else (0,):
+                cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
+                spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
+                                         t is not None and t32)
+                counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+                part = torch.empty(split, N, device="cuda")
+                outs = []
+                for _ in range(2):
+                    y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
+                    cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part)
+                    outs.append(y)
+                torch.cuda.synchronize()
+                err = rel_err(outs[0], ref)
+                cases += 1
+                if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(counters.abs().sum()) == 0):
+                    failures.append(f"cuda_gemv K={K} sizes={sizes} {dtype} s={s} t32={t32} norm={norm} res={res} "
+                                    f"glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
+                                    f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
+    print(f"cuda_gemv (NVRTC): {cases} cases, {len(failures)} failures")
+    return failures
+
+
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
-                quant: Optional[str] = None) -> tuple:
+                quant: Optional[str] = None, nvrtc: bool = False) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
-    sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights."""
+    sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
+    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch)."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
@@ -359,7 +413,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         margin, ref_logits = None, decode_logits(model, prompt, ref_tokens)
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
-    model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda")), sparse_decode=sparse))
+    model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), nvrtc=nvrtc, nvrtc_sparse=nvrtc),
+                                       sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
     step = compile_step(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1],
@@ -439,7 +494,7 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else (check_kernels(n_sm) + check_quant_kernels(n_sm)
+    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_quant_kernels(n_sm)
                                          + check_quant_kernels(n_sm, quant="int4")
                                          + (check_hopper_int4(n_sm) if torch.cuda.get_device_capability() == (9, 0)
                                             else []))
@@ -450,21 +505,27 @@ def main():
     # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
     # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, with the thresholds moved into gaps
     # between the reference decode's inputs (move_thresholds_into_gaps): no input then sits within rounding of one.
-    for level, dtype, bound, sparse, quant in ((0.0, torch.bfloat16, 3e-2, False, None),
-                                               (0.0, torch.bfloat16, 3e-2, True, None),
-                                               (a.sparsity, torch.float32, 1e-3, True, None),
-                                               (a.sparsity, torch.bfloat16, None, True, None),
-                                               (0.0, torch.bfloat16, 3e-2, True, "int8"),
-                                               (a.sparsity, torch.float32, 1e-3, True, "int8"),
-                                               (a.sparsity, torch.bfloat16, None, True, "int8"),
-                                               (0.0, torch.bfloat16, 3e-2, True, "int4"),
-                                               (a.sparsity, torch.float32, 1e-3, True, "int4"),
-                                               (a.sparsity, torch.bfloat16, None, True, "int4")):
+    nvrtc = True if cuda_gemv.available() else None  # (None: rows skipped)
+    for level, dtype, bound, sparse, quant, cuda in ((0.0, torch.bfloat16, 3e-2, False, None, False),
+                                                     (0.0, torch.bfloat16, 3e-2, True, None, False),
+                                                     (a.sparsity, torch.float32, 1e-3, True, None, False),
+                                                     (a.sparsity, torch.bfloat16, None, True, None, False),
+                                                     (0.0, torch.bfloat16, 3e-2, False, None, nvrtc),
+                                                     (0.0, torch.float16, 1e-2, False, None, nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, None, nvrtc),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", False),
+                                                     (a.sparsity, torch.float32, 1e-3, True, "int8", False),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int8", False),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int4", False),
+                                                     (a.sparsity, torch.float32, 1e-3, True, "int4", False),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int4", False)):
+        if cuda is None:
+            continue
         torch._dynamo.reset()
         errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
-                                                                       quant=quant)
+                                                                       quant=quant, nvrtc=cuda)
         worst = max(errs)
-        print(f"model {dtype}{f' {quant} weights' if quant else ''} at {level} "
+        print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''} at {level} "
               f"({'sparse kernels' if sparse else 'dense path'}): compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"

@@ -9,16 +9,14 @@ session 31, has what it measured and what it points to).
 """
 import argparse
 import ctypes
-import glob
 import json
-import os
-import site
 from pathlib import Path
 
 import torch
 
 from cli import HelpFormatter, run_cli
 from errors import UserError
+from kernels.cuda_gemv import compile_cubin, find_nvrtc
 from model import ModelArgs
 from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
 
@@ -111,33 +109,6 @@ def kernel_source(split: int, rows: int, cluster: bool) -> str:
     attr = f"__cluster_dims__(1, {split}, 1)" if cluster else ""
     return f"#define SPLIT {split}\n#define ROWS {rows}\n#define CLUSTER {int(cluster)}\n" + \
         SOURCE.replace("CLUSTER_ATTR", attr)
-
-
-def find_nvrtc():
-    """The newest libnvrtc.so.N under the Python paths (torch's CUDA wheels put it there), or None."""
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    hits = [p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "**", "libnvrtc.so.*"), recursive=True)
-            if ".alt." not in p and "builtins" not in p]
-    return sorted(hits)[-1] if hits else None
-
-
-def compile_cubin(nvrtc, src: str, arch: str) -> bytes:
-    prog = ctypes.c_void_p()
-    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"gemv.cu", 0, None, None):
-        raise UserError("NVRTC could not create a program")
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    if status:
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-        log = ctypes.create_string_buffer(n.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        raise UserError(f"NVRTC failed for {arch}: {log.value.decode().strip()}")
-    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(n))
-    cubin = ctypes.create_string_buffer(n.value)
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cubin.raw
 
 
 def load_kernel(cuda, cubin: bytes):

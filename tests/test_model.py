@@ -1,15 +1,17 @@
 """model.py: logits against transformers (prefill and decode), masks, named configs, compiled against eager, zero
 thresholds, the kernel layout, and the decode on the Triton kernels (interpreted on CPU) against the reference path."""
 import copy
+import dataclasses
 import re
 
 import pytest
 import torch
 
 from errors import UserError
-from kernels import sparse_mlp
+from kernels import cuda_gemv, sparse_mlp
 from loading import load_model
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
+from plan import decode_plan
 from tests.helpers import VARIANTS, hf_checkpoint, reference_and_kernel_models
 
 
@@ -170,3 +172,31 @@ def test_kernel_path_matches_reference_decode_batch(quant):
         for i in range(steps.shape[1]):
             pos = torch.tensor([20 + i])
             assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_nvrtc_route_matches_reference_decode(sparse, monkeypatch):
+    """A plan with the NVRTC kernels (plan.nvrtc_arch; on a CPU their op runs kernels/cuda_gemv.py's reference)
+    decodes as the reference path in bf16, bit for bit: every projection of a step takes that op, q/k/v and gate/up
+    with the norm fused, o and down with the residual added, down gating gate/up's outputs; dense steps (sparse_from
+    None) too. Attention on the reference path here (the kernel's rounding differs from SDPA's and flips masks)."""
+    ref_model, _ = reference_and_kernel_models(2, 128)
+    ref_model = ref_model.to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)
+    plan = decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, attention_kernel=False)
+    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True))
+    assert all(m.cuda_config is not None for _, _, m, _ in model.sparse_modules())
+    calls = []
+    launch = cuda_gemv.cuda_gemv
+    monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in")) or launch(*a, **k))
+    prompt, steps = torch.randint(0, 101, (1, 20)), torch.randint(0, 101, (1, 3))
+    sparse_from = 0 if sparse else None
+    with torch.no_grad():
+        for m in (ref_model, model):
+            m.setup_caches(1, 64)
+            m(prompt, torch.arange(20), sparse_from=None)
+        for i in range(steps.shape[1]):
+            pos = torch.tensor([20 + i])
+            ref = ref_model(steps[:, i:i + 1], pos, sparse_from=sparse_from)
+            assert torch.equal(model(steps[:, i:i + 1], pos, sparse_from=sparse_from), ref), i
+    assert len(calls) == 4 * len(model.layers) * steps.shape[1] and calls.count(True) == len(calls) // 4

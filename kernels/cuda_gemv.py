@@ -1,0 +1,577 @@
+"""Batch-1 input-sparse GEMV of 16-bit weights in CUDA C++, compiled at run time with NVRTC (the libnvrtc of the CUDA
+wheels torch depends on; no nvcc) and launched through the driver API: the decode projections' fast path on GPUs
+where NVRTC is found (issue 19's fallback for what Triton and Gluon cannot express: the kept-row list built and kept
+in shared memory, split-K partials summed through a thread-block cluster's shared memory on sm_90).
+
+y = f(x) · W with W [K, N] input-channel-major (the sparse linears' storage). One launch, 128 threads per CTA, grid
+(N / 64 column tiles, SPLIT K ranges). Each CTA:
+1. prologue: loads its K range's inputs (RMS-normalised when NORM, from a sum of squares over all K it takes itself;
+   silu(gate) * up of gate/up's outputs when GLU_IN), and with SPARSE keeps those with |x_i| > t_i of its column
+   tile's segment (q, k, v: one threshold row each), compacted into a list in shared memory by one block-wide scan;
+   dense launches stream every row, their first rows' loads issued before the prologue (they depend on nothing);
+2. streams the kept rows' 64 columns, 8 threads x 16 bytes per row, ROWS rows in flight per thread, double-buffered;
+3. sums the row groups through shared memory, then the K ranges: through rank 0's shared memory of a cluster
+   (CLUSTER, sm_90), or a per-tile counter whose last CTA sums the partials in a fixed order (deterministic, counter
+   left at zero); SPLIT 1 writes directly. The epilogue rounds to the weights' dtype and adds the residual.
+Rounding follows kernels/reference.py (`cuda_gemv_ref`). Shapes: N and each segment multiples of 64, K of 8.
+"""
+import ctypes
+import glob
+import hashlib
+import os
+import site
+from functools import cache
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from errors import UserError
+from kernels import reference
+from paths import CACHE
+
+COLS = 64  # output columns per CTA
+THREADS = 128
+MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
+
+SOURCE = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+#define RG (THREADS / 8)                // row groups: 8 threads (16 bytes each) per 64-column weight row
+#define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
+
+__device__ __forceinline__ float to_f(u16 h) {
+#if FP16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    return __uint_as_float(((u32)h) << 16);
+#endif
+}
+__device__ __forceinline__ u16 to_h(float f) {
+    u16 h;
+#if FP16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+__device__ __forceinline__ float rnd(float f) { return to_f(to_h(f)); }
+__device__ __forceinline__ float lo(u32 u) { return to_f((u16)(u & 0xffffu)); }
+__device__ __forceinline__ float hi(u32 u) { return to_f((u16)(u >> 16)); }
+__device__ __forceinline__ void unpack(uint4 v, float* f) {
+    f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y);
+    f[4] = lo(v.z); f[5] = hi(v.z); f[6] = lo(v.w); f[7] = hi(v.w);
+}
+__device__ __forceinline__ uint4 ld_stream(const u16* p) {  // weights: read once, not kept in L1
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
+
+extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
+        const u16* __restrict__ w,    // [K, N] weights, each input's row contiguous
+        const u16* __restrict__ x,    // [K] input ([2, K]: gate/up outputs with GLU_IN)
+        const void* __restrict__ thr,  // [segments, K] thresholds (SPARSE): float32 with THR32, else 16-bit
+        const u16* __restrict__ nw,   // [K] RMSNorm weight (NORM)
+        const u16* __restrict__ res,  // [N] residual (RES)
+        u16* __restrict__ y,          // [N]
+        float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
+        u32* __restrict__ counter) {  // [N / 64] zero between launches (counter tail)
+    const int tile = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5, c8 = tid & 7, rg = tid >> 3;
+    const int k0 = split * KPER, kn = min(KPER, K - k0);
+    const u16* wp = w + (size_t)k0 * N + tile * 64 + c8 * 8;
+    __shared__ float xs[KPER];      // the range's inputs: by row (dense), in list order (SPARSE)
+    __shared__ float red[RG][64];
+    __shared__ float wsum[THREADS / 32];
+    __shared__ int nkept;
+#if SPARSE
+    __shared__ short ks[KPER];      // kept rows, offsets within the range
+#endif
+#if PDL
+    // programmatic dependent launch: the next launch may be scheduled now; it waits for this one to finish before
+    // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    uint4 v[ROWS];
+#if !SPARSE
+    #pragma unroll
+    for (int i = 0; i < ROWS; i++) {
+        const int r = rg + RG * i;
+        v[i] = r < kn ? ld_stream(wp + (size_t)r * N) : make_uint4(0, 0, 0, 0);
+    }
+#endif
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // inputs written by the previous launch: visible from here
+#endif
+    // 1. prologue: this thread's inputs e = rd * 8 * THREADS + tid * 8 + j of the range
+    float in[ROUNDS][8];
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+        #pragma unroll
+        for (int j = 0; j < 8; j++) in[rd][j] = 0.f;
+        if (e < kn) {
+#if GLU_IN
+            float g[8], u[8];
+            unpack(ld16(x + k0 + e), g);
+            unpack(ld16(x + K + k0 + e), u);
+            #pragma unroll
+            for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(g[j] / (1.f + __expf(-g[j]))) * u[j]);
+#else
+            unpack(ld16(x + k0 + e), in[rd]);
+#endif
+        }
+    }
+#if NORM
+    float ss = 0.f;
+    for (int i = tid * 8; i < K; i += 8 * THREADS) {
+        float f[8];
+        unpack(ld16(x + i), f);
+        #pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) wsum[warp] = ss;
+    __syncthreads();
+    ss = 0.f;
+    #pragma unroll
+    for (int i = 0; i < THREADS / 32; i++) ss += wsum[i];
+    const float rstd = rsqrtf(ss / K + EPS);
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+        if (e < kn) {
+            float g[8];
+            unpack(ld16(nw + k0 + e), g);
+            #pragma unroll
+            for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(in[rd][j] * rstd) * g[j]);
+        }
+    }
+#endif
+#if SPARSE
+    const int col0 = tile * 64;
+    const size_t t0 = (size_t)(col0 >= SEG2 ? 2 : col0 >= SEG1 ? 1 : 0) * K + k0;
+    u32 keep = 0;  // bit rd * 8 + j: input kept (ROUNDS <= 4)
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+        if (e < kn) {
+            float t[8];
+#if THR32
+            const float* tf = (const float*)thr + t0 + e;
+            const float4 a = *(const float4*)tf, b = *(const float4*)(tf + 4);
+            t[0] = a.x; t[1] = a.y; t[2] = a.z; t[3] = a.w; t[4] = b.x; t[5] = b.y; t[6] = b.z; t[7] = b.w;
+#else
+            unpack(ld16((const u16*)thr + t0 + e), t);
+#endif
+            #pragma unroll
+            for (int j = 0; j < 8; j++) keep |= (u32)(fabsf(in[rd][j]) > t[j]) << (rd * 8 + j);
+        }
+    }
+    const int cnt = __popc(keep);
+    int inc = cnt;  // inclusive scan over the warp, then over the warps
+    #pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += t;
+    }
+    __syncthreads();  // wsum's earlier use is over
+    if (lane == 31) wsum[warp] = __int_as_float(inc);
+    __syncthreads();
+    int pos = inc - cnt, total = 0;
+    #pragma unroll
+    for (int i = 0; i < THREADS / 32; i++) {
+        const int n = __float_as_int(wsum[i]);
+        pos += i < warp ? n : 0;
+        total += n;
+    }
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        #pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (keep >> (rd * 8 + j) & 1u) {
+                ks[pos] = (short)(rd * 8 * THREADS + tid * 8 + j);
+                xs[pos] = in[rd][j];
+                pos++;
+            }
+        }
+    }
+    if (tid == 0) nkept = total;
+#else
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+        if (e < kn) {
+            #pragma unroll
+            for (int j = 0; j < 8; j++) xs[e + j] = in[rd][j];
+        }
+    }
+    if (tid == 0) nkept = kn;
+#endif
+    __syncthreads();
+    const int n = nkept;
+    // 2. the stream: entry j of the range (a kept row with SPARSE), ROWS in flight, the next ROWS issued before
+    // the current ones are used
+#if SPARSE
+    #pragma unroll
+    for (int i = 0; i < ROWS; i++) {
+        const int j = rg + RG * i;
+        v[i] = j < n ? ld_stream(wp + (size_t)ks[j] * N) : make_uint4(0, 0, 0, 0);
+    }
+#endif
+    float acc[8];
+    #pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+    for (int j0 = rg; j0 < n; j0 += RG * ROWS) {
+        uint4 nv[ROWS];
+        #pragma unroll
+        for (int i = 0; i < ROWS; i++) {
+            const int j = j0 + RG * (ROWS + i);
+#if SPARSE
+            nv[i] = j < n ? ld_stream(wp + (size_t)ks[j] * N) : make_uint4(0, 0, 0, 0);
+#else
+            nv[i] = j < n ? ld_stream(wp + (size_t)j * N) : make_uint4(0, 0, 0, 0);
+#endif
+        }
+        #pragma unroll
+        for (int i = 0; i < ROWS; i++) {
+            const int j = j0 + RG * i;
+            const float xv = j < n ? xs[j] : 0.f;
+            float f[8];
+            unpack(v[i], f);
+            #pragma unroll
+            for (int c = 0; c < 8; c++) acc[c] += xv * f[c];
+            v[i] = nv[i];
+        }
+    }
+    // 3. row groups, then K ranges
+    #pragma unroll
+    for (int c = 0; c < 8; c++) red[rg][c8 * 8 + c] = acc[c];
+    __syncthreads();
+    float s = 0.f;
+    if (tid < 64) {
+        #pragma unroll
+        for (int i = 0; i < RG; i++) s += red[i][tid];
+    }
+    const int col = tile * 64 + tid;
+#if SPLIT == 1
+    bool mine = tid < 64;
+#elif CLUSTER
+    __shared__ float cl[SPLIT][64];
+    u32 rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    if (tid < 64) {
+        const u32 local = (u32)__cvta_generic_to_shared(&cl[rank][tid]);
+        u32 remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0));
+        asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(s) : "memory");
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    bool mine = rank == 0 && tid < 64;
+    if (mine) {
+        s = 0.f;
+        #pragma unroll
+        for (int i = 0; i < SPLIT; i++) s += cl[i][tid];
+    }
+#else
+    __shared__ int last;
+    if (tid < 64) part[(size_t)split * N + col] = s;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counter + tile, 1u) == SPLIT - 1;
+    __syncthreads();
+    bool mine = last && tid < 64;
+    if (mine) {
+        __threadfence();
+        s = 0.f;
+        #pragma unroll
+        for (int i = 0; i < SPLIT; i++) s += __ldcg(part + (size_t)i * N + col);
+        if (tid == 0) counter[tile] = 0;
+    }
+#endif
+    if (mine) {
+        float o = rnd(s);
+#if RES
+        o = to_f(res[col]) + o;
+#endif
+        y[col] = to_h(o);
+    }
+}
+"""
+
+
+class Config(NamedTuple):
+    split: int  # CTAs along K per column tile
+    rows: int  # weight rows in flight per thread
+    cluster: int  # 1: K ranges summed through the cluster's shared memory (sm_90); 0: a counter
+    # 1: programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data. Off: it lost
+    # 9% end to end on an H100 (docs/perf-notes.md, session 32)
+    pdl: int = 0
+
+
+class Spec(NamedTuple):
+    """What one compiled kernel is specialised on (everything but the tensors)."""
+    K: int
+    N: int
+    seg1: int  # first column of segment 1 (N when there is one segment)
+    seg2: int
+    fp16: bool
+    sparse: bool
+    norm: bool
+    glu_in: bool
+    residual: bool
+    eps: float
+    config: Config
+    thr32: bool = False  # float32 thresholds (the model's buffers), else in the weights' dtype
+
+
+def supported(K: int, sizes, dtype: torch.dtype) -> bool:
+    """Whether a projection of this shape and dtype runs here: 16-bit weights, segments of whole 64-column tiles
+    (at most three), K a multiple of 8."""
+    return (dtype in (torch.bfloat16, torch.float16) and len(sizes) <= 3 and all(s % COLS == 0 for s in sizes)
+            and K % 8 == 0)
+
+
+def default_config(K: int, N: int, n_sm: int, major: int) -> Config:
+    """Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight per thread, counter
+    tail; the others the fewest K ranges that put >= 2.5 CTAs per SM, 8 rows, K ranges summed through a cluster on
+    sm_90; more ranges where one would not fit shared memory. From sweeps (docs/perf-notes.md, session 32): on an
+    H100, Llama-2-7B q/k/v 2 x 8 cluster, o and down 8 x 8 cluster, gate/up 2 x 4, within 0.5 us of the best at 40
+    and 50% (gate/up dense 0.9 us above it); on an H200, Llama-3-8B, the same rule within 1.0 us of the best at 0,
+    40 and 50% (one K range with 16 rows: 11.4 us slower on gate/up dense)."""
+    tiles = N // COLS
+    if tiles >= 2.5 * n_sm:  # wide (gate/up): two K ranges, 4 rows in flight, counter tail
+        split, rows, cluster = 2, 4, 0
+    else:
+        split, rows = next((s for s in (2, 4, 8) if tiles * s >= 2.5 * n_sm), 8), 8
+        cluster = int(major >= 9)
+    while -(-K // split) > MAX_KPER:
+        split *= 2
+    return Config(split, rows, cluster)
+
+
+def k_per(K: int, split: int) -> int:
+    """Inputs per K range: a multiple of 8 (16-byte loads)."""
+    return -(-K // (8 * split)) * 8
+
+
+def kernel_source(spec: Spec) -> str:
+    cfg = spec.config
+    if cfg.cluster and cfg.split == 1:
+        raise UserError("a cluster tail needs a split of 2 or more")
+    kper = k_per(spec.K, cfg.split)
+    if kper > MAX_KPER:
+        raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
+    defines = dict(THREADS=THREADS, K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split,
+                   ROWS=cfg.rows, CLUSTER=cfg.cluster, FP16=int(spec.fp16), SPARSE=int(spec.sparse),
+                   NORM=int(spec.norm), GLU_IN=int(spec.glu_in), RES=int(spec.residual), EPS=f"{spec.eps!r}f",
+                   THR32=int(spec.thr32), PDL=cfg.pdl)
+    attr = f"__cluster_dims__(1, {cfg.split}, 1)" if cfg.cluster else ""
+    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
+    return head + SOURCE.replace("CLUSTER_ATTR", attr)
+
+
+def find_nvrtc() -> Optional[str]:
+    """The newest libnvrtc.so.N under the Python paths (torch's CUDA wheels put it there), or None."""
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    hits = [p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "**", "libnvrtc.so.*"), recursive=True)
+            if ".alt." not in p and "builtins" not in p]
+    return sorted(hits)[-1] if hits else None
+
+
+def compile_cubin(nvrtc: ctypes.CDLL, src: str, arch: str) -> bytes:
+    """src compiled for `arch` (e.g. "sm_90") by NVRTC into a cubin."""
+    prog = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"gemv16.cu", 0, None, None):
+        raise UserError("NVRTC could not create a program")
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    if status:
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+        raise UserError(f"NVRTC failed for {arch}: {log.value.decode().strip()}")
+    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    cubin = ctypes.create_string_buffer(n.value)
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return cubin.raw
+
+
+@cache
+def _libraries():
+    """(NVRTC, the CUDA driver), loaded once per process."""
+    lib = find_nvrtc()
+    if lib is None:
+        raise UserError("no libnvrtc.so.N under the Python paths (it comes with torch's CUDA wheels)")
+    return ctypes.CDLL(lib), ctypes.CDLL("libcuda.so.1")
+
+
+def available() -> bool:
+    """Whether this process can compile and launch these kernels (a CUDA GPU and NVRTC)."""
+    return torch.cuda.is_available() and find_nvrtc() is not None
+
+
+@cache
+def usable(device: int) -> bool:
+    """Whether these kernels compile and load on a CUDA device (libnvrtc found, its cubin taken by the driver): the
+    default plan keeps cuBLAS where not, rather than failing at the first step."""
+    if not available():
+        return False
+    major = torch.cuda.get_device_capability(device)[0]
+    spec = spec_of(64, (64,), torch.bfloat16, True, True, False, True, 1e-5, default_config(64, 64, 1, major))
+    try:
+        _function(spec, device)
+    except (UserError, OSError):
+        return False
+    return True
+
+
+def cubin(spec: Spec, arch: str) -> bytes:
+    """The compiled kernel, from the disk cache (.cache/nvrtc, keyed by source, arch and NVRTC) or NVRTC."""
+    nvrtc = _libraries()[0]
+    src = kernel_source(spec)
+    key = hashlib.sha256(f"{find_nvrtc()}\n{arch}\n{src}".encode()).hexdigest()[:32]
+    path = CACHE / "nvrtc" / f"{key}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    binary = compile_cubin(nvrtc, src, arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(binary)
+    tmp.replace(path)
+    return binary
+
+
+def _context(cuda: ctypes.CDLL, device: int):
+    """Make the device's primary context (the one torch uses) current in this thread."""
+    ctx, dev = ctypes.c_void_p(), ctypes.c_int()
+    cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+    cuda.cuDeviceGet(ctypes.byref(dev), device)
+    primary = ctypes.c_void_p()
+    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev):
+        raise UserError("the CUDA driver gave no primary context")
+    if ctx.value != primary.value:
+        cuda.cuCtxSetCurrent(primary)
+    cuda.cuDevicePrimaryCtxRelease(dev)
+
+
+@cache
+def _function(spec: Spec, device: int) -> ctypes.c_void_p:
+    """The loaded kernel of `spec` on a device, once per process."""
+    cuda = _libraries()[1]
+    major, minor = torch.cuda.get_device_capability(device)
+    binary = cubin(spec, f"sm_{major}{minor}")
+    _context(cuda, device)
+    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    if cuda.cuModuleLoadData(ctypes.byref(mod), binary) or cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"gemv16"):
+        raise UserError("the CUDA driver did not load an NVRTC module")
+    return fn
+
+
+def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
+            config: Config, thr32: bool = False) -> Spec:
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    N = ends[-1]
+    return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
+                sparse, norm, glu_in, residual, float(eps), config, thr32)
+
+
+def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
+           counters: Tensor, y: Tensor, part: Tensor):
+    """One launch into y [N] on the current stream (every tensor contiguous, on one device)."""
+    fn = _function(spec, x.device.index)
+    cuda = _libraries()[1]
+    _context(cuda, x.device.index)
+    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0) for a in (w, x, t, nw, residual, y, part, counters)]
+    args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
+    stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+    cfg = launch_config(spec, stream)
+    if cuda.cuLaunchKernelEx(ctypes.byref(cfg), fn, args, None):
+        raise UserError("cuLaunchKernelEx failed for an NVRTC kernel")
+
+
+def launch_config(spec: Spec, stream: ctypes.c_void_p) -> "_LaunchConfig":
+    """The driver's CUlaunchConfig of a launch: its grid, and the PDL attribute where spec's config asks for it."""
+    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=(ctypes.c_int * 16)(1))
+    cfg = _LaunchConfig(grid_x=spec.N // COLS, grid_y=spec.config.split, grid_z=1, block_x=THREADS, block_y=1,
+                        block_z=1, shared_bytes=0, stream=stream, attrs=ctypes.pointer(attr),
+                        n_attrs=spec.config.pdl)
+    cfg._keep = attr  # the attribute lives as long as the config
+    return cfg
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
+         counters: Tensor, sizes: list[int], glu_in: bool, eps: float, split: int, rows: int,
+         cluster: int, pdl: int) -> Tensor:
+    K, N = w.shape
+    spec = spec_of(K, sizes, w.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
+                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32)
+    y = torch.empty(N, dtype=w.dtype, device=w.device)
+    part = torch.empty(split if split > 1 and not cluster else 0, N, device=w.device)
+    launch(spec, x, w, t, norm_weight, residual, counters, y, part)
+    return y
+
+
+@custom_op("teal::cuda_gemv", mutates_args=("counters",))
+def _cuda_gemv_op(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor],
+                  residual: Optional[Tensor], counters: Tensor, sizes: list[int], glu_in: bool, eps: float,
+                  split: int, rows: int, cluster: int, pdl: int) -> Tensor:
+    return _run(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl)
+
+
+@_cuda_gemv_op.register_fake
+def _(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl):
+    return w.new_empty(w.shape[1])
+
+
+@_cuda_gemv_op.register_kernel("cpu")
+def _(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl):
+    # the reference: a plan with nvrtc_arch set routes a model on the CPU through it (tests of the routing)
+    return cuda_gemv_ref(x, w, t, sizes, norm_weight, eps, residual, glu_in)
+
+
+def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor, config: Config,
+              norm_weight: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
+              glu_in: bool = False) -> Tensor:
+    """y [N] = (residual +) sparsify(f(x)) @ w for one token: x [K] (or gate/up's outputs [2, K] with glu_in: f is
+    silu(gate) * up), RMS-normalised with norm_weight; t [segments, K] thresholds, float32 or w's dtype (None:
+    dense); counters [N / 64] int32 zeros (left at zero). w [K, N] 16-bit; x, norm_weight, residual in w's dtype."""
+    K, N = w.shape
+    assert supported(K, sizes, w.dtype) and sum(sizes) == N and x.numel() == K * (2 if glu_in else 1)
+    assert all(a is None or (a.dtype == w.dtype and a.is_contiguous()) for a in (x, norm_weight, residual))
+    assert t is None or (t.dtype in (w.dtype, torch.float32) and t.is_contiguous())
+    return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, list(sizes), glu_in, float(eps), *config)
+
+
+def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight: Optional[Tensor] = None,
+                  eps: float = 1e-5, residual: Optional[Tensor] = None, glu_in: bool = False) -> Tensor:
+    """Plain-PyTorch reference of cuda_gemv (same arguments, no counters or config)."""
+    if glu_in:
+        x = reference.parts_ref(x.float().view(1, 2, 1, -1), True, w.dtype)[0]
+    return reference.sparse_gemv_ref(x.view(1, -1), w, t, sizes, residual=None if residual is None
+                                     else residual.view(1, -1), norm_weight=norm_weight, eps=eps)[0]

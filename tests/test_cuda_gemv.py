@@ -1,0 +1,145 @@
+"""kernels/cuda_gemv.py (the NVRTC kernel): its plain-PyTorch reference against the Triton kernels (interpreted on CPU)
+for the same work, its launch configs and sources, the plan's refusal without a GPU, and (where libnvrtc is installed)
+a build of every kernel a model's plan launches to an sm_90 binary. The kernel itself runs on a GPU only:
+scripts/gpu_check.py compares it with this reference (poisoned outputs, odd sizes, both tails, bit for bit)."""
+import ctypes
+
+import pytest
+import torch
+
+from errors import UserError
+from kernels import configs, cuda_gemv, reference, sparse_gemv
+from model import ModelArgs
+from plan import decode_plan
+from tests.kernel_cases import halfway_thresholds
+
+BF16 = torch.bfloat16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def triton_launch(x, w, t, sizes, norm_weight=None, residual=None, parts=None):
+    """What the Triton projection kernel makes of the same work (norm fused from sums of squares; down reads gate/up's
+    partials `parts` [1, 2, 1, K] and gates them)."""
+    K, N = w.shape
+    cfg = configs.default_config(1, K, sizes, False, 4)
+    counters = torch.zeros(configs.counters_size(sizes, False, cfg.block_n), dtype=torch.int32, device=DEVICE)
+    xin = x.view(1, K) if parts is None else parts
+    if residual is not None:
+        return sparse_gemv.sparse_gemv_ss(xin, w, t, sizes, counters, cfg, residual.view(1, N))[0][0]
+    ss = None if norm_weight is None else reference.sum_squares_ref(x.view(1, K), 128)
+    return sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, norm_weight=norm_weight, ss_in=ss)[0]
+
+
+@pytest.mark.parametrize("case", ["qkv", "o", "gate_up", "down", "dense"])
+def test_reference_matches_the_triton_kernels(case):
+    dt = torch.float32
+    """cuda_gemv_ref computes what the Triton kernels compute for the decode step's four calls: q/k/v (three
+    segments, their own thresholds) and gate/up (un-gated) with the norm fused, o with the residual, down gating
+    gate/up's outputs as it loads them; odd K. In float32: in bf16 the Triton kernels' different summation orders flip
+    inputs that round onto a threshold (the bf16 rounding itself is checked on the GPU, scripts/gpu_check.py)."""
+    K = {"down": 136, "o": 128}.get(case, 200)
+    sizes = {"qkv": (128, 64, 64), "gate_up": (128, 128), "o": (128,), "down": (64,), "dense": (192,)}[case]
+    N = sum(sizes)
+    w = (torch.randn(K, N, device=DEVICE) / K ** 0.5).to(dt)
+    norm = case in ("qkv", "gate_up", "dense")
+    x = (torch.randn(K, device=DEVICE) * 3).to(dt)
+    g = (torch.rand(K, device=DEVICE) + 0.5).to(dt) if norm else None
+    residual = torch.randn(N, device=DEVICE).to(dt) if case in ("o", "down") else None
+    parts = None
+    if case == "down":
+        parts = torch.zeros(1, 2, 1, K, device=DEVICE)
+        parts[0] = torch.randn(2, 1, K, device=DEVICE) * 2
+        x = parts[0, :, 0].to(dt)  # gate/up's outputs as the NVRTC path hands them over: rounded
+    xin = reference.rms_norm_ref(x, g, 1e-5) if norm else (reference.parts_ref(parts, True, dt)[0]
+                                                            if parts is not None else x)
+    t = None if case == "dense" else torch.cat([halfway_thresholds(xin.view(1, K), s)
+                                                  for s in (0.5, 0.4, 0.6)[:len(sizes)]]).to(dt)  # per segment
+    ours = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, residual, glu_in=case == "down")
+    theirs = triton_launch(x, w, torch.zeros(len(sizes), K, device=DEVICE, dtype=dt) if t is None else t, sizes,
+                           g, residual, parts)
+    assert ours.shape == (N,) and ours.dtype == dt
+    assert rel_err(ours, theirs) < 1e-5
+    if t is not None:  # the thresholds did something
+        dense = cuda_gemv.cuda_gemv_ref(x, w, None, sizes, g, 1e-5, residual, glu_in=case == "down")
+        assert rel_err(ours, dense) > 1e-2
+
+
+def test_launch_configs():
+    """Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight, counter tail; others
+    the fewest K ranges that put >= 2.5 CTAs per SM (8 at most), 8 rows, cluster tails on sm_90; more ranges where
+    one would not fit shared memory; no programmatic dependent launch (measured slower)."""
+    shapes = {p: (K, sum(s)) for p, (K, s, _) in _shapes("llama-2-7b").items()}
+    got = {p: cuda_gemv.default_config(K, N, 132, 9) for p, (K, N) in shapes.items()}
+    assert got == {"qkv": (2, 8, 1, 0), "o": (8, 8, 1, 0), "gate_up": (2, 4, 0, 0), "down": (8, 8, 1, 0)}
+    assert cuda_gemv.default_config(4096, 4096, 132, 8) == (8, 8, 0, 0)  # no clusters before sm_90
+    assert cuda_gemv.default_config(16384, 131072, 132, 9).split == 4  # a K range of 4096 at most
+    for K, N in shapes.values():
+        cfg = cuda_gemv.default_config(K, N, 132, 9)
+        assert cuda_gemv.k_per(K, cfg.split) <= cuda_gemv.MAX_KPER and cuda_gemv.k_per(K, cfg.split) % 8 == 0
+
+
+def test_supported_shapes():
+    assert cuda_gemv.supported(4096, (4096, 1024, 1024), BF16) and cuda_gemv.supported(576, (576,), torch.float16)
+    assert not cuda_gemv.supported(4096, (4096,), torch.float32)  # 16-bit weights only
+    assert not cuda_gemv.supported(4096, (4096, 96), BF16)  # a segment of part of a 64-column tile
+    assert not cuda_gemv.supported(4100, (4096,), BF16)  # 16-byte input loads
+    assert not cuda_gemv.supported(64, (64,) * 4, BF16)  # three segments at most
+
+
+def test_kernel_source_specialises():
+    spec = cuda_gemv.spec_of(4096, (4096, 1024, 1024), BF16, True, True, False, False, 1e-5,
+                             cuda_gemv.Config(8, 8, 1, 1))
+    src = cuda_gemv.kernel_source(spec)
+    for line in ("#define K 4096", "#define N 6144", "#define SEG1 4096", "#define SEG2 5120", "#define KPER 512",
+                 "#define SPARSE 1", "#define NORM 1", "#define CLUSTER 1", "#define FP16 0", "#define EPS 1e-05f", "#define PDL 1"):
+        assert line + "\n" in src, line
+    assert "__cluster_dims__(1, 8, 1) gemv16(" in src and "CLUSTER_ATTR" not in src
+    with pytest.raises(UserError, match="cluster"):
+        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(1, 8, 1)))
+    with pytest.raises(UserError, match="split K further"):
+        cuda_gemv.kernel_source(spec._replace(K=16384, config=cuda_gemv.Config(2, 8, 0)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_plan_refuses_nvrtc_without_a_gpu():
+    with pytest.raises(UserError, match="NVRTC"):
+        decode_plan(torch.device("cpu"), nvrtc=True)
+
+
+def _shapes(name):
+    a = ModelArgs.from_name(name)
+    q, kv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    return {"qkv": (a.dim, (q, kv, kv), False), "o": (q, (a.dim,), False),
+            "gate_up": (a.dim, (a.intermediate_size,) * 2, False), "down": (a.intermediate_size, (a.dim,), True)}
+
+
+@pytest.mark.skipif(cuda_gemv.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m"])
+def test_every_kernel_of_a_model_builds_for_sm90(name):
+    """Every launch a model's decode step makes on this path (dense and sparse, bf16 and fp16, its default configs
+    a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds) compiles for sm_90."""
+    nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
+    for proj, (K, sizes, glu_in) in _shapes(name).items():
+        cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9)
+        for dtype in (BF16, torch.float16):
+            for sparse, t32 in ((False, False), (True, True), (True, False)):
+                for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1)}:
+                    spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
+                                             proj in ("o", "down"), 1e-5, c, t32)
+                    assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+
+
+def test_launch_config_matches_the_driver_layout():
+    """The ctypes mirror of CUlaunchConfig / CUlaunchAttribute (cuda.h: 56 and 72 bytes on 64-bit Linux), filled
+    for a PDL launch and for a plain one."""
+    assert ctypes.sizeof(cuda_gemv._LaunchConfig) == 56 and ctypes.sizeof(cuda_gemv._LaunchAttribute) == 72
+    assert cuda_gemv._LaunchConfig.stream.offset == 32 and cuda_gemv._LaunchAttribute.value.offset == 8
+    spec = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(8, 8, 1, 1))
+    cfg = cuda_gemv.launch_config(spec, ctypes.c_void_p(1234))
+    assert (cfg.grid_x, cfg.grid_y, cfg.block_x, cfg.stream, cfg.n_attrs) == (64, 8, 128, 1234, 1)
+    assert cfg.attrs.contents.id == cuda_gemv.PROGRAMMATIC_STREAM_SERIALIZATION and cfg.attrs.contents.value[0] == 1
+    assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0)), None).n_attrs == 0
