@@ -11,7 +11,7 @@ from torch import Tensor
 from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
-from kernels import decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
+from kernels import cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
 from sparsity import DEFAULT_CRITERION, PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
@@ -22,7 +22,7 @@ def opaque_ops() -> list:
     return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
                                       gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
-                                      *gluon_gemv.OPS.custom_ops, *gluon_mma.OPS.custom_ops)]
+                                      cuda_gemv._cuda_gemv_op, *gluon_gemv.OPS.custom_ops, *gluon_mma.OPS.custom_ops)]
 
 
 def register_fallbacks():
@@ -40,7 +40,7 @@ def set_sparsity(model, calib: Optional[Calibration], level: float, method: str 
                  criterion: str = DEFAULT_CRITERION):
     """Decode at `level` from now on: the calibration's thresholds into the model's buffers (calib None: the
     thresholds stay as they are, e.g. set in-process by a benchmark) and the plan for the level (16-bit weights
-    decode dense through cuBLAS at 0). Copies only: compiled steps and their CUDA graphs stay valid."""
+    decode dense at 0: the NVRTC kernel on sm_90, cuBLAS elsewhere). Copies only: compiled steps and their CUDA graphs stay valid."""
     if calib is not None:
         apply_thresholds(model, calib, level, method, criterion)
     model.set_plan(model.plan.at_level(level))

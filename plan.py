@@ -18,8 +18,8 @@ instead of keeping flags of its own:
   NVRTC for this compute capability (90: sm_90; 0: off), in place of cuBLAS, norms fused, gate/up gated by down's
   launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels (off by default: on an H100 it beat them
   launch for launch but lost 1% end to end to the one-launch MLP, docs/perf-notes.md session 32);
-- `sparse_decode`: decode steps apply the thresholds (False: dense decode through cuBLAS, which beats a sparse
-  kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels).
+- `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
+  beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the Triton kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """
@@ -43,7 +43,7 @@ class DecodePlan:
     attention_kernel: bool = True  # RoPE, cache write and attention of one-token steps in one kernel
     defer_reduction: bool = True  # q/k/v and gate/up leave their split-K partials to the attention and down kernels
     fuse_mlp: bool = True  # batch 1, norm fused, 16-bit weights: gate/up and down in one launch
-    sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode through cuBLAS)
+    sparse_decode: bool = True  # decode steps apply thresholds (False: dense decode, NVRTC kernel or cuBLAS)
     quantized: bool = False  # the sparse linears hold quantized weights (they then always decode on the kernels)
     hopper_int4: bool = False  # batch-1 int4 projections through the Gluon kernel (sm_90 only)
     hopper_mma: bool = False  # ... on tensor cores where the shape allows (kernels/gluon_mma.py)
@@ -78,9 +78,9 @@ class DecodePlan:
         return replace(self, defer_reduction=False, fuse_mlp=False)
 
     def at_level(self, sparsity: float) -> "DecodePlan":
-        """The plan for decoding at `sparsity`: dense 16-bit weights decode through cuBLAS at 0, as they are faster
-        there than a sparse kernel at zero thresholds; quantized weights decode on the kernels (zero thresholds are
-        exactly dense)."""
+        """The plan for decoding at `sparsity`: dense 16-bit weights decode densely at 0 (the NVRTC kernel or
+        cuBLAS), as that is faster there than a sparse kernel at zero thresholds; quantized weights decode on the
+        kernels (zero thresholds are exactly dense)."""
         return replace(self, sparse_decode=sparsity > 0 or self.quantized)
 
 
@@ -112,7 +112,9 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     flags.setdefault("hopper_mma", flags["hopper_int4"])
     nvrtc = flags.pop("nvrtc", None)
     on_gpu = kernels and device.type == "cuda"
-    usable = on_gpu and cuda_gemv.usable(torch.cuda.current_device() if device.index is None else device.index)
+    usable = nvrtc is not False or flags.get("nvrtc_sparse")  # (a trial build, once per process, where asked)
+    usable = usable and on_gpu and cuda_gemv.usable(torch.cuda.current_device() if device.index is None
+                                                    else device.index)
     if nvrtc is None:
         nvrtc = usable and torch.cuda.get_device_capability(device) == (9, 0)
     if nvrtc or flags.get("nvrtc_sparse"):

@@ -414,7 +414,9 @@ def _libraries():
     lib = find_nvrtc()
     if lib is None:
         raise UserError("no libnvrtc.so.N under the Python paths (it comes with torch's CUDA wheels)")
-    return ctypes.CDLL(lib), ctypes.CDLL("libcuda.so.1")
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda.cuInit(0)  # (torch has done it where it has touched the GPU; repeated calls are no-ops)
+    return ctypes.CDLL(lib), cuda
 
 
 def available() -> bool:

@@ -164,7 +164,8 @@ def trace_decode_step(quant: Optional[str]) -> bool:
     model.set_plan(sm90.plan_as_on_gpu(n_sm=4))
     model.setup_caches(1, 64)
     ok = True
-    # the sparse step, and the dense one (generate.py at sparsity 0: cuBLAS projections, the attention kernel)
+    # the sparse step, and the dense one (generate.py at sparsity 0 on sm_90: the NVRTC GEMV's op for every
+    # projection of 16-bit weights, the attention kernel)
     for sparse_from, n_gemv in ((0, args.n_layer), (None, 0)):
         graph = torch._dynamo.export(lambda t, p: model(t, p, sparse_from=sparse_from), aten_graph=False)(
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
@@ -179,7 +180,8 @@ def trace_decode_step(quant: Optional[str]) -> bool:
                 "teal.sparse_gemv_parts.default": n_gemv * (2 if q else 1),
                 "teal.sparse_gemv_ss.default": 0 if hopper else n_gemv * (2 if q else 1),
                 "teal.int4_residual_sm90.default": n_gemv * 2 if hopper else 0,
-                "teal.sparse_mlp.default": 0 if q else n_gemv, "teal.decode_attention.default": args.n_layer}
+                "teal.sparse_mlp.default": 0 if q else n_gemv, "teal.decode_attention.default": args.n_layer,
+                "teal.cuda_gemv.default": 0 if q or sparse_from is not None else 4 * args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
         print(f"decode step (sparse_from={sparse_from}, quant={quant}): one graph, kernel ops {got}, "
