@@ -1,7 +1,7 @@
 """Batch-1 input-sparse GEMV of 16-bit weights in CUDA C++, compiled at run time with NVRTC (the libnvrtc of the CUDA
-wheels torch depends on; no nvcc) and launched through the driver API: the decode projections' fast path on GPUs
-where NVRTC is found (issue 19's fallback for what Triton and Gluon cannot express: the kept-row list built and kept
-in shared memory, split-K partials summed through a thread-block cluster's shared memory on sm_90).
+wheels torch depends on; no nvcc) and launched through the driver API: what Triton and Gluon cannot express, the
+kept-row list built and kept in shared memory and split-K partials summed through a thread-block cluster's shared
+memory on sm_90. The plan (plan.py, `nvrtc_arch`) runs dense decode steps on it on sm_90, sparse ones on request.
 
 y = f(x) · W with W [K, N] input-channel-major (the sparse linears' storage). One launch, 128 threads per CTA, grid
 (N / 64 column tiles, SPLIT K ranges). Each CTA:
