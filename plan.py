@@ -50,6 +50,7 @@ class DecodePlan:
     masked_stream: bool = False  # every batch-1 16/8-bit projection streams with masked loads, no kept list
     nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
     nvrtc_sparse: bool = False  # ... sparse ones too
+    nvrtc_mlp: bool = False  # ... their MLP in one persistent launch (kernels/cuda_gemv.py, mlp16)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -99,7 +100,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
-    insists), nvrtc_sparse (sparse steps too; off).
+    insists), nvrtc_sparse (sparse steps too; off), nvrtc_mlp (the MLP in one launch there; off).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""

@@ -35,7 +35,7 @@ COLS = 64  # output columns per CTA
 THREADS = 128
 MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
 
-SOURCE = r"""
+HELPERS = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define RG (THREADS / 8)                // row groups: 8 threads (16 bytes each) per 64-column weight row
@@ -73,8 +73,14 @@ __device__ __forceinline__ uint4 ld_stream(const u16* p) {  // weights: read onc
     return v;
 }
 __device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
+__device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
 
-extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
+"""
+
+# one work item of the GEMV: a column tile over a K range, specialised by the #defines before it
+ITEM = r"""
+__device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `split`; true in the CTA that finished it
+        const int tile, const int split,
         const u16* __restrict__ w,    // [K, N] weights, each input's row contiguous
         const u16* __restrict__ x,    // [K] input ([2, K]: gate/up outputs with GLU_IN)
         const void* __restrict__ thr,  // [segments, K] thresholds (SPARSE): float32 with THR32, else 16-bit
@@ -83,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         u16* __restrict__ y,          // [N]
         float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
         u32* __restrict__ counter) {  // [N / 64] zero between launches (counter tail)
-    const int tile = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, c8 = tid & 7, rg = tid >> 3;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
     const u16* wp = w + (size_t)k0 * N + tile * 64 + c8 * 8;
@@ -120,8 +126,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         if (e < kn) {
 #if GLU_IN
             float g[8], u[8];
-            unpack(ld16(x + k0 + e), g);
-            unpack(ld16(x + K + k0 + e), u);
+            unpack(ld16cg(x + k0 + e), g);
+            unpack(ld16cg(x + K + k0 + e), u);
             #pragma unroll
             for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(g[j] / (1.f + __expf(-g[j]))) * u[j]);
 #else
@@ -263,6 +269,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
     }
     const int col = tile * 64 + tid;
 #if SPLIT == 1
+    const bool fin = true;
     bool mine = tid < 64;
 #elif CLUSTER
     __shared__ float cl[SPLIT][64];
@@ -275,7 +282,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(s) : "memory");
     }
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-    bool mine = rank == 0 && tid < 64;
+    const bool fin = rank == 0;
+    bool mine = fin && tid < 64;
     if (mine) {
         s = 0.f;
         #pragma unroll
@@ -288,7 +296,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
     __syncthreads();
     if (tid == 0) last = atomicAdd(counter + tile, 1u) == SPLIT - 1;
     __syncthreads();
-    bool mine = last && tid < 64;
+    const bool fin = last;
+    bool mine = fin && tid < 64;
     if (mine) {
         __threadfence();
         s = 0.f;
@@ -304,6 +313,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
 #endif
         y[col] = to_h(o);
     }
+    return fin;
+}
+"""
+
+KERNEL = r"""
+extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
+        const u16* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
+        const u16* __restrict__ nw, const u16* __restrict__ res, u16* __restrict__ y,
+        float* __restrict__ part, u32* __restrict__ counter) {
+    gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter);
 }
 """
 
@@ -363,20 +382,127 @@ def k_per(K: int, split: int) -> int:
     return -(-K // (8 * split)) * 8
 
 
-def kernel_source(spec: Spec) -> str:
+MLP_KERNEL = r"""
+// The MLP of one token in one persistent launch: gate/up's work items (column tile, K range), then down's, taken in
+// order from one queue. Gate and up tiles of the same columns come in pairs, and each finished pair of tiles counts
+// towards the down K range that reads those columns (ready[r]); a down item waits for its range's count before its
+// prologue. Items never wait on later items, so every CTA makes progress whether or not all are resident.
+#define N_GU (TILES_GU * SPLIT_GU)
+#define N_ITEMS (N_GU + TILES_D * SPLIT_D)
+extern "C" __global__ void __launch_bounds__(THREADS) mlp16(
+        const u16* __restrict__ w13, const u16* __restrict__ h, const void* __restrict__ t13,
+        const u16* __restrict__ nw, const u16* __restrict__ w2, const void* __restrict__ t2, u16* __restrict__ y,
+        u16* __restrict__ gu, float* __restrict__ part_gu, float* __restrict__ part_d,
+        u32* __restrict__ ctl) {  // [TILES_GU] gate/up tile counters, [TILES_D] down's, [SPLIT_D] ready, queue, done, err
+    u32* const cnt_gu = ctl;
+    u32* const cnt_d = ctl + TILES_GU;
+    u32* const ready = cnt_d + TILES_D;
+    u32* const queue = ready + SPLIT_D;
+    __shared__ int item;
+    const int tid = threadIdx.x;
+    for (;;) {
+        __syncthreads();  // the previous item is done with shared memory and `item`
+        if (tid == 0) item = atomicAdd(queue, 1u);
+        __syncthreads();
+        const int k = item;
+        if (k >= N_ITEMS) break;
+        if (k < N_GU) {
+            const int t = k / SPLIT_GU, j = (t >> 1) + (t & 1) * (TILES_GU / 2);  // gate tile, then up's same columns
+            const bool fin = gu_item(j, k % SPLIT_GU, w13, h, t13, nw, nullptr, gu, part_gu, cnt_gu);
+            if (fin) {  // this tile's outputs are written: count them towards their down K range
+                __threadfence();
+                __syncthreads();
+                if (tid == 0) atomicAdd(ready + (t >> 1) * 64 / KPER_D, 1u);
+            }
+        } else {
+            const int k2 = k - N_GU, r = k2 / TILES_D;
+            if (tid == 0) {
+                const int need = 2 * ((min(I_SIZE, (r + 1) * KPER_D) - r * KPER_D) / 64);
+                for (long long spins = 0;; spins++) {
+                    u32 got;
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(got) : "l"(ready + r) : "memory");
+                    if ((int)got >= need) break;
+                    if (spins > (1ll << 24)) {  // never expected: flag it rather than hang
+                        atomicExch(queue + 2, 1u);
+                        break;
+                    }
+                    __nanosleep(64);
+                }
+            }
+            __syncthreads();
+            down_item(k2 % TILES_D, r, w2, gu, t2, nullptr, h, y, part_d, cnt_d);
+        }
+    }
+    if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(queue + 1, 1u) == gridDim.x - 1) {  // the last CTA out: the queue and counts back to zero
+            for (int r = 0; r < SPLIT_D; r++) ready[r] = 0;
+            queue[0] = 0;
+            queue[1] = 0;
+            __threadfence();
+        }
+    }
+}
+"""
+
+
+class MlpConfig(NamedTuple):
+    gate_up: Config  # the gate/up items' K split and rows in flight (counter tails)
+    down: Config
+    ctas_per_sm: int  # the persistent grid: this many CTAs per SM
+
+
+def mlp_config(D: int, I: int, n_sm: int) -> MlpConfig:
+    """The fused MLP's items as the standalone launches' default configs make them (counter tails: an item is not
+    a cluster rank), down's K ranges whole 64-column tiles of gate/up's, three CTAs per SM."""
+    gu = default_config(D, 2 * I, n_sm, 0)
+    down = default_config(I, D, n_sm, 0)
+    return MlpConfig(gu._replace(cluster=0, pdl=0), down._replace(cluster=0, pdl=0), 3)
+
+
+def mlp_k_per(I: int, split: int) -> int:
+    """Down's inputs per K range in the fused MLP: whole 64-column tiles of gate/up's outputs."""
+    return -(-I // (64 * split)) * 64
+
+
+def mlp_source(D: int, I: int, fp16: bool, sparse: bool, thr32: bool, eps: float, cfg: MlpConfig) -> str:
+    """The fused MLP's kernel `mlp16`: gate/up (norm fused, un-gated outputs into a workspace), then down (gated
+    input, residual added), one persistent launch."""
+    kd = mlp_k_per(I, cfg.down.split)
+    if kd > MAX_KPER or k_per(I, cfg.down.split) > kd:
+        raise UserError(f"down's K ranges of {kd} inputs do not fit: split K further")
+    gu = spec_of(D, (I, I), torch.float16 if fp16 else torch.bfloat16, sparse, True, False, False, eps,
+                 cfg.gate_up, thr32)
+    down = spec_of(I, (D,), torch.float16 if fp16 else torch.bfloat16, sparse, False, True, True, eps, cfg.down,
+                   thr32)
+    down_src = item_source(down, "down_item").replace(f"#define KPER {k_per(I, cfg.down.split)}\n",
+                                                      f"#define KPER {kd}\n")
+    return (f"#define THREADS {THREADS}\n#define FP16 {int(fp16)}\n" + HELPERS + item_source(gu, "gu_item")
+            + down_src + f"#define TILES_GU {2 * I // COLS}\n#define TILES_D {D // COLS}\n"
+            f"#define SPLIT_GU {cfg.gate_up.split}\n#define SPLIT_D {cfg.down.split}\n#define KPER_D {kd}\n"
+            f"#define I_SIZE {I}\n" + MLP_KERNEL)
+
+
+def item_source(spec: Spec, name: str) -> str:
+    """The GEMV's work item specialised on `spec` as the device function `name` (its #defines undone after it)."""
     cfg = spec.config
     if cfg.cluster and cfg.split == 1:
         raise UserError("a cluster tail needs a split of 2 or more")
     kper = k_per(spec.K, cfg.split)
     if kper > MAX_KPER:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
-    defines = dict(THREADS=THREADS, K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split,
-                   ROWS=cfg.rows, CLUSTER=cfg.cluster, FP16=int(spec.fp16), SPARSE=int(spec.sparse),
-                   NORM=int(spec.norm), GLU_IN=int(spec.glu_in), RES=int(spec.residual), EPS=f"{spec.eps!r}f",
-                   THR32=int(spec.thr32), PDL=cfg.pdl)
-    attr = f"__cluster_dims__(1, {cfg.split}, 1)" if cfg.cluster else ""
-    head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return head + SOURCE.replace("CLUSTER_ATTR", attr)
+    defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
+                   CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
+                   RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl)
+    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
+            + "".join(f"#undef {k}\n" for k in defines))
+
+
+def kernel_source(spec: Spec) -> str:
+    """The standalone launch of one projection: grid (N / 64, split)."""
+    attr = f"__cluster_dims__(1, {spec.config.split}, 1)" if spec.config.cluster else ""
+    return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n" + HELPERS + item_source(spec, "gemv_item")
+            + KERNEL.replace("CLUSTER_ATTR", attr))
 
 
 def find_nvrtc() -> Optional[str]:
@@ -568,6 +694,92 @@ def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor
     assert all(a is None or (a.dtype == w.dtype and a.is_contiguous()) for a in (x, norm_weight, residual))
     assert t is None or (t.dtype in (w.dtype, torch.float32) and t.is_contiguous())
     return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, list(sizes), glu_in, float(eps), *config)
+
+
+def mlp_ctl_size(D: int, I: int, cfg: MlpConfig) -> int:
+    """int32 words of the fused MLP's control buffer: tile counters, ready counts, queue, done, error flag."""
+    return 2 * I // COLS + D // COLS + cfg.down.split + 3
+
+
+@cache
+def _mlp_function(D: int, I: int, fp16: bool, sparse: bool, thr32: bool, eps: float, cfg: MlpConfig,
+                  device: int) -> ctypes.c_void_p:
+    cuda = _libraries()[1]
+    major, minor = torch.cuda.get_device_capability(device)
+    src = mlp_source(D, I, fp16, sparse, thr32, eps, cfg)
+    key = hashlib.sha256(f"{find_nvrtc()}\nsm_{major}{minor}\n{src}".encode()).hexdigest()[:32]
+    path = CACHE / "nvrtc" / f"{key}.cubin"
+    binary = path.read_bytes() if path.exists() else compile_cubin(_libraries()[0], src, f"sm_{major}{minor}")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(binary)
+        tmp.replace(path)
+    _context(cuda, device)
+    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    if cuda.cuModuleLoadData(ctypes.byref(mod), binary) or cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"mlp16"):
+        raise UserError("the CUDA driver did not load an NVRTC module")
+    return fn
+
+
+def _run_mlp(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor, t2: Optional[Tensor],
+             ctl: Tensor, eps: float, cfg: list[int]) -> Tensor:
+    D, I = w13.shape[0], w2.shape[0]
+    mcfg = MlpConfig(Config(*cfg[:4]), Config(*cfg[4:8]), cfg[8])
+    sparse = t13 is not None
+    thr32 = sparse and t13.dtype == torch.float32
+    fn = _mlp_function(D, I, h.dtype == torch.float16, sparse, thr32, float(eps), mcfg, h.device.index)
+    y = torch.empty(D, dtype=h.dtype, device=h.device)
+    gu = torch.empty(2 * I, dtype=h.dtype, device=h.device)
+    part_gu = torch.empty(mcfg.gate_up.split, 2 * I, device=h.device)
+    part_d = torch.empty(mcfg.down.split, D, device=h.device)
+    cuda = _libraries()[1]
+    _context(cuda, h.device.index)
+    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
+            for a in (w13, h, t13, norm_weight, w2, t2, y, gu, part_gu, part_d, ctl)]
+    args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
+    stream = ctypes.c_void_p(torch.cuda.current_stream(h.device).cuda_stream)
+    grid = torch.cuda.get_device_properties(h.device).multi_processor_count * mcfg.ctas_per_sm
+    if cuda.cuLaunchKernel(fn, grid, 1, 1, THREADS, 1, 1, 0, stream, args, None):
+        raise UserError("cuLaunchKernel failed for the NVRTC MLP")
+    return y
+
+
+@custom_op("teal::cuda_mlp", mutates_args=("ctl",))
+def _cuda_mlp_op(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor,
+                 t2: Optional[Tensor], ctl: Tensor, eps: float, cfg: list[int]) -> Tensor:
+    return _run_mlp(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg)
+
+
+@_cuda_mlp_op.register_fake
+def _(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg):
+    return h.new_empty(h.shape[-1])
+
+
+@_cuda_mlp_op.register_kernel("cpu")
+def _(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg):
+    return cuda_mlp_ref(h, w13, t13, norm_weight, w2, t2, eps)
+
+
+def cuda_mlp(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor, t2: Optional[Tensor],
+             ctl: Tensor, cfg: MlpConfig, eps: float = 1e-5) -> Tensor:
+    """h + down(silu(gate) * up) of one token in one launch: h [D] the residual stream (RMS-normalised inside with
+    norm_weight), w13 [D, 2I] gate|up, t13 [2, D] and t2 [1, I] thresholds (None: dense), w2 [I, D]; ctl
+    [mlp_ctl_size] int32 zeros (left at zero; its last word flags a wait that never ended)."""
+    D, I = w13.shape[0], w2.shape[0]
+    assert w13.shape[1] == 2 * I and w2.shape[1] == D and h.numel() == D and (t13 is None) == (t2 is None)
+    assert supported(D, (I, I), h.dtype) and supported(I, (D,), h.dtype) and w13.dtype == w2.dtype == h.dtype
+    assert t13 is None or (t13.dtype == t2.dtype and t13.dtype in (h.dtype, torch.float32))
+    flat = [*cfg.gate_up, *cfg.down, cfg.ctas_per_sm]
+    return _cuda_mlp_op(h, w13, t13, norm_weight, w2, t2, ctl, float(eps), flat)
+
+
+def cuda_mlp_ref(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor,
+                 t2: Optional[Tensor], eps: float = 1e-5) -> Tensor:
+    """Plain-PyTorch reference of cuda_mlp: the two cuda_gemv launches it fuses."""
+    I = w2.shape[0]
+    gu = cuda_gemv_ref(h, w13, t13, (I, I), norm_weight, eps)
+    return cuda_gemv_ref(gu, w2, t2, (w2.shape[1],), residual=h, glu_in=True)
 
 
 def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight: Optional[Tensor] = None,
