@@ -18,7 +18,7 @@ from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_g
                      sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
-from kernels.formats import FLOAT, QuantFormat
+from kernels.formats import FLOAT, INT8, QuantFormat
 from plan import REFERENCE, DecodePlan
 from tp import TP, head_rows, share
 
@@ -266,8 +266,9 @@ class SparseLinear(nn.Module):
         if self.hopper_config is not None:
             n = max(n, sum(self.sizes) // self.hopper_config.block_n)
         self.cuda_config = None
-        if plan.nvrtc_arch and not self.fmt.quantized and not self.head and cuda_gemv.supported(K, self.sizes,
-                                                                                                self.weight.dtype):
+        act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (int8: checked per call)
+        if plan.nvrtc_arch and self.fmt.code in (FLOAT.code, INT8.code) and not self.head and \
+                cuda_gemv.supported(K, self.sizes, act):
             self.cuda_config = cuda_gemv.default_config(K, self.out_features, plan.n_sm, plan.nvrtc_arch // 10)
             n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
@@ -350,7 +351,7 @@ class SparseLinear(nn.Module):
     def on_cuda(self, plan: DecodePlan, rows: int, sparse: bool, active: Optional[Tensor], x: Tensor) -> bool:
         """Whether a call with input x [B, S, K] runs kernels/cuda_gemv.py (plan.cuda; shapes it takes)."""
         return (self.cuda_config is not None and plan.cuda(rows, sparse, active) and x.dim() == 3
-                and x.dtype == self.weight.dtype)
+                and (x.dtype == self.weight.dtype or self.fmt.code == INT8.code and x.element_size() == 2))
 
     def cuda(self, x: Tensor, sparse: bool, norm: Optional["RMSNorm"] = None, residual: Optional[Tensor] = None,
              glu_in: bool = False) -> Tensor:
@@ -359,7 +360,7 @@ class SparseLinear(nn.Module):
         projection returns gate and up un-gated (its consumer gates them)."""
         y = cuda_gemv.cuda_gemv(x.reshape(-1), self.weight, self.threshold if sparse else None, self.sizes,
                                 self.counters, self.cuda_config, norm_weight=None if norm is None else norm.weight,
-                                eps=1e-5 if norm is None else norm.eps, glu_in=glu_in,
+                                eps=1e-5 if norm is None else norm.eps, glu_in=glu_in, scale=self.scale,
                                 residual=None if residual is None else residual.reshape(-1))
         return y.view(1, 1, -1)
 
@@ -494,7 +495,7 @@ class FeedForward(nn.Module):
         if not plan.kernels:
             return
         self.mlp_config = None  # the NVRTC MLP in one launch (plan.nvrtc_mlp)
-        if self.w13.cuda_config is not None and self.w2.cuda_config is not None:
+        if self.w13.cuda_config is not None and self.w2.cuda_config is not None and not self.w13.fmt.quantized:
             D, I = self.w13.in_features, self.w2.in_features
             self.mlp_config = cuda_gemv.mlp_config(D, I, plan.n_sm)
             self.register_buffer("ctl", torch.zeros(cuda_gemv.mlp_ctl_size(D, I, self.mlp_config), dtype=torch.int32,

@@ -51,6 +51,7 @@ class DecodePlan:
     nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
     nvrtc_sparse: bool = False  # ... sparse ones too
     nvrtc_mlp: bool = False  # ... their MLP in one persistent launch (kernels/cuda_gemv.py, mlp16)
+    nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -61,8 +62,8 @@ class DecodePlan:
 
     def cuda(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
         """Whether a call of `rows` token rows may run kernels/cuda_gemv.py (its module decides on shape and dtype)."""
-        return (self.nvrtc_arch > 0 and not self.quantized and rows == 1 and active is None
-                and (self.nvrtc_sparse or not sparse))
+        return (self.nvrtc_arch > 0 and rows == 1 and active is None
+                and (self.nvrtc_int8 if self.quantized else self.nvrtc_sparse or not sparse))
 
     def attention(self, rows: int, seq: int, active: Optional[Tensor]) -> bool:
         return self.kernels and self.attention_kernel and seq == 1 and active is None and rows <= MAX_ROWS
@@ -100,7 +101,8 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
-    insists), nvrtc_sparse (sparse steps too; off), nvrtc_mlp (the MLP in one launch there; off).
+    insists), nvrtc_sparse (sparse steps too; off), nvrtc_mlp (the MLP in one launch there; off), nvrtc_int8
+    (int8 weights' projections; off).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
@@ -113,12 +115,13 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     flags.setdefault("hopper_mma", flags["hopper_int4"])
     nvrtc = flags.pop("nvrtc", None)
     on_gpu = kernels and device.type == "cuda"
-    usable = nvrtc is not False or flags.get("nvrtc_sparse")  # (a trial build, once per process, where asked)
+    asked = flags.get("nvrtc_sparse") or flags.get("nvrtc_int8")
+    usable = nvrtc is not False or asked  # (a trial build, once per process, where asked)
     usable = usable and on_gpu and cuda_gemv.usable(torch.cuda.current_device() if device.index is None
                                                     else device.index)
     if nvrtc is None:
         nvrtc = usable and torch.cuda.get_device_capability(device) == (9, 0)
-    if nvrtc or flags.get("nvrtc_sparse"):
+    if nvrtc or asked:
         if not usable:
             raise UserError("the NVRTC kernels need a CUDA GPU and libnvrtc (it comes with torch's CUDA wheels)")
         major, minor = torch.cuda.get_device_capability(device)

@@ -29,6 +29,7 @@ from torch.library import custom_op
 
 from errors import UserError
 from kernels import reference
+from kernels.formats import FLOAT, INT8
 from paths import CACHE
 
 COLS = 64  # output columns per CTA
@@ -38,7 +39,9 @@ MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
 HELPERS = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
-#define RG (THREADS / 8)                // row groups: 8 threads (16 bytes each) per 64-column weight row
+#define CPT (INT8 ? 16 : 8)             // columns per thread: one 16-byte load (of the item's INT8 at each use)
+#define TPR (64 / CPT)                  // threads per 64-column weight row
+#define RG (THREADS / TPR)              // row groups
 #define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
 
 __device__ __forceinline__ float to_f(u16 h) {
@@ -66,7 +69,17 @@ __device__ __forceinline__ void unpack(uint4 v, float* f) {
     f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y);
     f[4] = lo(v.z); f[5] = hi(v.z); f[6] = lo(v.w); f[7] = hi(v.w);
 }
-__device__ __forceinline__ uint4 ld_stream(const u16* p) {  // weights: read once, not kept in L1
+__device__ __forceinline__ void unpack_int8(uint4 v, float* f) {  // one load's 16 int8 weights as floats
+    const u32 u[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[4 * i] = (float)((int)(u[i] << 24) >> 24);
+        f[4 * i + 1] = (float)((int)(u[i] << 16) >> 24);
+        f[4 * i + 2] = (float)((int)(u[i] << 8) >> 24);
+        f[4 * i + 3] = (float)((int)u[i] >> 24);
+    }
+}
+__device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read once, not kept in L1
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
@@ -81,18 +94,23 @@ __device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uin
 ITEM = r"""
 __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `split`; true in the CTA that finished it
         const int tile, const int split,
-        const u16* __restrict__ w,    // [K, N] weights, each input's row contiguous
+        const void* __restrict__ w,   // [K, N] weights (16-bit, or int8 with INT8), each input's row contiguous
         const u16* __restrict__ x,    // [K] input ([2, K]: gate/up outputs with GLU_IN)
         const void* __restrict__ thr,  // [segments, K] thresholds (SPARSE): float32 with THR32, else 16-bit
         const u16* __restrict__ nw,   // [K] RMSNorm weight (NORM)
         const u16* __restrict__ res,  // [N] residual (RES)
         u16* __restrict__ y,          // [N]
         float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
-        u32* __restrict__ counter) {  // [N / 64] zero between launches (counter tail)
+        u32* __restrict__ counter,    // [N / 64] zero between launches (counter tail)
+        const float* __restrict__ scale) {  // [N] int8 weights' column scales, applied to the sums (INT8)
     const int tid = threadIdx.x;
-    const int lane = tid & 31, warp = tid >> 5, c8 = tid & 7, rg = tid >> 3;
+    const int lane = tid & 31, warp = tid >> 5, ct = tid % TPR, rg = tid / TPR;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
-    const u16* wp = w + (size_t)k0 * N + tile * 64 + c8 * 8;
+#if INT8
+    const signed char* wp = (const signed char*)w + (size_t)k0 * N + tile * 64 + ct * CPT;
+#else
+    const u16* wp = (const u16*)w + (size_t)k0 * N + tile * 64 + ct * CPT;
+#endif
     __shared__ float xs[KPER];      // the range's inputs: by row (dense), in list order (SPARSE)
     __shared__ float red[RG][64];
     __shared__ float wsum[THREADS / 32];
@@ -233,9 +251,9 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         v[i] = j < n ? ld_stream(wp + (size_t)ks[j] * N) : make_uint4(0, 0, 0, 0);
     }
 #endif
-    float acc[8];
+    float acc[CPT];
     #pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] = 0.f;
+    for (int j = 0; j < CPT; j++) acc[j] = 0.f;
     for (int j0 = rg; j0 < n; j0 += RG * ROWS) {
         uint4 nv[ROWS];
         #pragma unroll
@@ -251,16 +269,20 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         for (int i = 0; i < ROWS; i++) {
             const int j = j0 + RG * i;
             const float xv = j < n ? xs[j] : 0.f;
-            float f[8];
+            float f[CPT];
+#if INT8
+            unpack_int8(v[i], f);
+#else
             unpack(v[i], f);
+#endif
             #pragma unroll
-            for (int c = 0; c < 8; c++) acc[c] += xv * f[c];
+            for (int c = 0; c < CPT; c++) acc[c] += xv * f[c];
             v[i] = nv[i];
         }
     }
     // 3. row groups, then K ranges
     #pragma unroll
-    for (int c = 0; c < 8; c++) red[rg][c8 * 8 + c] = acc[c];
+    for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
     __syncthreads();
     float s = 0.f;
     if (tid < 64) {
@@ -307,6 +329,9 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     }
 #endif
     if (mine) {
+#if INT8
+        s *= scale[col];
+#endif
         float o = rnd(s);
 #if RES
         o = to_f(res[col]) + o;
@@ -319,10 +344,10 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 
 KERNEL = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
-        const u16* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
+        const void* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
         const u16* __restrict__ nw, const u16* __restrict__ res, u16* __restrict__ y,
-        float* __restrict__ part, u32* __restrict__ counter) {
-    gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter);
+        float* __restrict__ part, u32* __restrict__ counter, const float* __restrict__ scale) {
+    gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter, scale);
 }
 """
 
@@ -349,7 +374,8 @@ class Spec(NamedTuple):
     residual: bool
     eps: float
     config: Config
-    thr32: bool = False  # float32 thresholds (the model's buffers), else in the weights' dtype
+    thr32: bool = False  # float32 thresholds (the model's buffers), else in the activations' dtype
+    int8: bool = False  # int8 weights with float32 column scales (kernels/formats.py INT8), else 16-bit
 
 
 def supported(K: int, sizes, dtype: torch.dtype) -> bool:
@@ -408,7 +434,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mlp16(
         if (k >= N_ITEMS) break;
         if (k < N_GU) {
             const int t = k / SPLIT_GU, j = (t >> 1) + (t & 1) * (TILES_GU / 2);  // gate tile, then up's same columns
-            const bool fin = gu_item(j, k % SPLIT_GU, w13, h, t13, nw, nullptr, gu, part_gu, cnt_gu);
+            const bool fin = gu_item(j, k % SPLIT_GU, w13, h, t13, nw, nullptr, gu, part_gu, cnt_gu, nullptr);
             if (fin) {  // this tile's outputs are written: count them towards their down K range
                 __threadfence();
                 __syncthreads();
@@ -430,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mlp16(
                 }
             }
             __syncthreads();
-            down_item(k2 % TILES_D, r, w2, gu, t2, nullptr, h, y, part_d, cnt_d);
+            down_item(k2 % TILES_D, r, w2, gu, t2, nullptr, h, y, part_d, cnt_d, nullptr);
         }
     }
     if (tid == 0) {
@@ -493,7 +519,8 @@ def item_source(spec: Spec, name: str) -> str:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
-                   RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl)
+                   RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl,
+                   INT8=int(spec.int8))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
 
@@ -608,20 +635,22 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
 
 
 def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
-            config: Config, thr32: bool = False) -> Spec:
+            config: Config, thr32: bool = False, int8: bool = False) -> Spec:
+    """dtype: the activations' (and 16-bit weights')."""
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     N = ends[-1]
     return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
-                sparse, norm, glu_in, residual, float(eps), config, thr32)
+                sparse, norm, glu_in, residual, float(eps), config, thr32, int8)
 
 
 def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
-           counters: Tensor, y: Tensor, part: Tensor):
-    """One launch into y [N] on the current stream (every tensor contiguous, on one device)."""
+           counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None):
+    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's)."""
     fn = _function(spec, x.device.index)
     cuda = _libraries()[1]
     _context(cuda, x.device.index)
-    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0) for a in (w, x, t, nw, residual, y, part, counters)]
+    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
+            for a in (w, x, t, nw, residual, y, part, counters, scale)]
     args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     cfg = launch_config(spec, stream)
@@ -654,46 +683,49 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 
 def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
-         counters: Tensor, sizes: list[int], glu_in: bool, eps: float, split: int, rows: int,
-         cluster: int, pdl: int) -> Tensor:
+         counters: Tensor, scale: Optional[Tensor], sizes: list[int], glu_in: bool, eps: float, split: int,
+         rows: int, cluster: int, pdl: int) -> Tensor:
     K, N = w.shape
-    spec = spec_of(K, sizes, w.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
-                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32)
-    y = torch.empty(N, dtype=w.dtype, device=w.device)
+    spec = spec_of(K, sizes, x.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
+                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32, scale is not None)
+    y = torch.empty(N, dtype=x.dtype, device=w.device)
     part = torch.empty(split if split > 1 and not cluster else 0, N, device=w.device)
-    launch(spec, x, w, t, norm_weight, residual, counters, y, part)
+    launch(spec, x, w, t, norm_weight, residual, counters, y, part, scale)
     return y
 
 
 @custom_op("teal::cuda_gemv", mutates_args=("counters",))
 def _cuda_gemv_op(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor],
-                  residual: Optional[Tensor], counters: Tensor, sizes: list[int], glu_in: bool, eps: float,
-                  split: int, rows: int, cluster: int, pdl: int) -> Tensor:
-    return _run(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl)
+                  residual: Optional[Tensor], counters: Tensor, scale: Optional[Tensor], sizes: list[int],
+                  glu_in: bool, eps: float, split: int, rows: int, cluster: int, pdl: int) -> Tensor:
+    return _run(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl)
 
 
 @_cuda_gemv_op.register_fake
-def _(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl):
-    return w.new_empty(w.shape[1])
+def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl):
+    return x.new_empty(w.shape[1])
 
 
 @_cuda_gemv_op.register_kernel("cpu")
-def _(x, w, t, norm_weight, residual, counters, sizes, glu_in, eps, split, rows, cluster, pdl):
+def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl):
     # the reference: a plan with nvrtc_arch set routes a model on the CPU through it (tests of the routing)
-    return cuda_gemv_ref(x, w, t, sizes, norm_weight, eps, residual, glu_in)
+    return cuda_gemv_ref(x, w, t, sizes, norm_weight, eps, residual, glu_in, scale)
 
 
 def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor, config: Config,
               norm_weight: Optional[Tensor] = None, eps: float = 1e-5, residual: Optional[Tensor] = None,
-              glu_in: bool = False) -> Tensor:
+              glu_in: bool = False, scale: Optional[Tensor] = None) -> Tensor:
     """y [N] = (residual +) sparsify(f(x)) @ w for one token: x [K] (or gate/up's outputs [2, K] with glu_in: f is
-    silu(gate) * up), RMS-normalised with norm_weight; t [segments, K] thresholds, float32 or w's dtype (None:
-    dense); counters [N / 64] int32 zeros (left at zero). w [K, N] 16-bit; x, norm_weight, residual in w's dtype."""
+    silu(gate) * up), RMS-normalised with norm_weight; t [segments, K] thresholds, float32 or x's dtype (None:
+    dense); counters [N / 64] int32 zeros (left at zero). w [K, N] in x's dtype (16-bit), or int8 with its column
+    scales `scale` [N] float32 (kernels/formats.py INT8); norm_weight, residual in x's dtype."""
     K, N = w.shape
-    assert supported(K, sizes, w.dtype) and sum(sizes) == N and x.numel() == K * (2 if glu_in else 1)
-    assert all(a is None or (a.dtype == w.dtype and a.is_contiguous()) for a in (x, norm_weight, residual))
-    assert t is None or (t.dtype in (w.dtype, torch.float32) and t.is_contiguous())
-    return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, list(sizes), glu_in, float(eps), *config)
+    assert supported(K, sizes, x.dtype) and sum(sizes) == N and x.numel() == K * (2 if glu_in else 1)
+    assert (w.dtype == torch.int8 and scale is not None and scale.dtype == torch.float32) or \
+        (w.dtype == x.dtype and scale is None)
+    assert all(a is None or (a.dtype == x.dtype and a.is_contiguous()) for a in (norm_weight, residual))
+    assert t is None or (t.dtype in (x.dtype, torch.float32) and t.is_contiguous())
+    return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, scale, list(sizes), glu_in, float(eps), *config)
 
 
 def mlp_ctl_size(D: int, I: int, cfg: MlpConfig) -> int:
@@ -783,9 +815,11 @@ def cuda_mlp_ref(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Ten
 
 
 def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight: Optional[Tensor] = None,
-                  eps: float = 1e-5, residual: Optional[Tensor] = None, glu_in: bool = False) -> Tensor:
+                  eps: float = 1e-5, residual: Optional[Tensor] = None, glu_in: bool = False,
+                  scale: Optional[Tensor] = None) -> Tensor:
     """Plain-PyTorch reference of cuda_gemv (same arguments, no counters or config)."""
     if glu_in:
-        x = reference.parts_ref(x.float().view(1, 2, 1, -1), True, w.dtype)[0]
+        x = reference.parts_ref(x.float().view(1, 2, 1, -1), True, x.dtype)[0]
     return reference.sparse_gemv_ref(x.view(1, -1), w, t, sizes, residual=None if residual is None
-                                     else residual.view(1, -1), norm_weight=norm_weight, eps=eps)[0]
+                                     else residual.view(1, -1), norm_weight=norm_weight, eps=eps,
+                                     fmt=FLOAT if scale is None else INT8, scale=scale)[0]

@@ -244,7 +244,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
-              nvrtc_sparse: bool = False, nvrtc_mlp: bool = False) -> list:
+              nvrtc_sparse: bool = False, nvrtc_mlp: bool = False, nvrtc_int8: bool = False) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -258,7 +258,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
-                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_mlp=nvrtc_mlp,
+                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_mlp=nvrtc_mlp, nvrtc_int8=nvrtc_int8,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -300,7 +300,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
 def decode_path(plan) -> str:
     """What a record's decode step ran its projections on."""
     if plan.sparse_decode:
-        return "NVRTC kernels" if plan.nvrtc_sparse else "sparse kernels"
+        return "NVRTC kernels" if (plan.nvrtc_int8 if plan.quantized else plan.nvrtc_sparse) else "sparse kernels"
     return "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
 
 
@@ -520,6 +520,7 @@ def main():
                    "(kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found)")
     p.add_argument("--nvrtc-sparse", action="store_true", help="sparse steps' projections on it too")
     p.add_argument("--nvrtc-mlp", action="store_true", help="its steps' MLP in one persistent launch")
+    p.add_argument("--nvrtc-int8", action="store_true", help="int8 weights' projections on it (--quant int8)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -565,7 +566,8 @@ def main():
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
                                                       graph=a.graph, group=a.group,
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
-                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_mlp=a.nvrtc_mlp)]
+                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_mlp=a.nvrtc_mlp,
+                                                      nvrtc_int8=a.nvrtc_int8)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -41,7 +41,7 @@ from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_g
                      sparse_mlp)
 from loading import random_model
 from model import ModelArgs
-from kernels.formats import INT4, quant_format
+from kernels.formats import INT4, INT8, quant_format
 from plan import decode_plan
 from quantization import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
@@ -341,8 +341,8 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
 
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
-    the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, every split and
-    both tails: relative error
+    the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, 16-bit or int8
+    weights (bf16 activations), every split and both tails: relative error
     within dtype bounds, every output written (poisoned), counters left at zero, bit for bit over two launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
@@ -351,9 +351,13 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
         (4096, (4096,), False, True, False), (4096, (11008, 11008), True, False, False),
         (11008, (4096,), False, True, True), (584, (128, 64, 64), True, False, False), (1032, (192,), False, True, True),
         (1032, (64,), False, False, False)]
-    for (K, sizes, norm, res, glu_in), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
+    for (K, sizes, norm, res, glu_in), (dtype, int8) in itertools.product(
+            shapes, ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True))):
         N = sum(sizes)
         w = (torch.randn(K, N, device="cuda") / K ** 0.5).to(dtype)
+        scale = None
+        if int8:  # int8 weights, column scales on the sums (kernels/formats.py INT8)
+            w, scale = INT8.quantize_weight(w)
         x, g, _, xin = projection_input(1, K, dtype, norm)
         if glu_in:
             x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
@@ -364,23 +368,24 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
             if s == 0 and not t32:
                 continue
             t = spread_thresholds(xin, len(sizes), s).to(torch.float32 if t32 else dtype) if s > 0 else None
-            ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in)
+            ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
             for cluster in (0, 1) if split > 1 and major >= 9 else (0,):
                 cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
                 spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
-                                         t is not None and t32)
+                                         t is not None and t32, int8)
                 counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
                 part = torch.empty(split, N, device="cuda")
                 outs = []
                 for _ in range(2):
                     y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
-                    cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part)
+                    cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part, scale)
                     outs.append(y)
                 torch.cuda.synchronize()
                 err = rel_err(outs[0], ref)
                 cases += 1
                 if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(counters.abs().sum()) == 0):
-                    failures.append(f"cuda_gemv K={K} sizes={sizes} {dtype} s={s} t32={t32} norm={norm} res={res} "
+                    failures.append(f"cuda_gemv K={K} sizes={sizes} {dtype} int8={int8} s={s} t32={t32} norm={norm} "
+                                    f"res={res} "
                                     f"glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
                                     f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
     print(f"cuda_gemv (NVRTC): {cases} cases, {len(failures)} failures")

@@ -9,6 +9,7 @@ import torch
 
 from errors import UserError
 from kernels import configs, cuda_gemv, reference, sparse_gemv
+from kernels.formats import FLOAT, INT8
 from model import ModelArgs
 from plan import decode_plan
 from tests.kernel_cases import halfway_thresholds
@@ -21,30 +22,37 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def triton_launch(x, w, t, sizes, norm_weight=None, residual=None, parts=None):
+def triton_launch(x, w, t, sizes, norm_weight=None, residual=None, parts=None, scale=None):
     """What the Triton projection kernel makes of the same work (norm fused from sums of squares; down reads gate/up's
-    partials `parts` [1, 2, 1, K] and gates them)."""
+    partials `parts` [1, 2, 1, K] and gates them; int8 weights with their column scales)."""
     K, N = w.shape
-    cfg = configs.default_config(1, K, sizes, False, 4)
+    fmt = FLOAT if scale is None else INT8
+    cfg = configs.default_config(1, K, sizes, False, 4, fmt)
     counters = torch.zeros(configs.counters_size(sizes, False, cfg.block_n), dtype=torch.int32, device=DEVICE)
     xin = x.view(1, K) if parts is None else parts
     if residual is not None:
-        return sparse_gemv.sparse_gemv_ss(xin, w, t, sizes, counters, cfg, residual.view(1, N))[0][0]
+        return sparse_gemv.sparse_gemv_ss(xin, w, t, sizes, counters, cfg, residual.view(1, N), fmt=fmt,
+                                          scale=scale)[0][0]
     ss = None if norm_weight is None else reference.sum_squares_ref(x.view(1, K), 128)
-    return sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, norm_weight=norm_weight, ss_in=ss)[0]
+    return sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, norm_weight=norm_weight, ss_in=ss, fmt=fmt,
+                                   scale=scale)[0]
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit", "int8"])
 @pytest.mark.parametrize("case", ["qkv", "o", "gate_up", "down", "dense"])
-def test_reference_matches_the_triton_kernels(case):
+def test_reference_matches_the_triton_kernels(case, int8):
     dt = torch.float32
     """cuda_gemv_ref computes what the Triton kernels compute for the decode step's four calls: q/k/v (three
     segments, their own thresholds) and gate/up (un-gated) with the norm fused, o with the residual, down gating
-    gate/up's outputs as it loads them; odd K. In float32: in bf16 the Triton kernels' different summation orders flip
+    gate/up's outputs as it loads them; odd K; 16-bit-style weights or int8 with column scales. In float32: in bf16 the Triton kernels' different summation orders flip
     inputs that round onto a threshold (the bf16 rounding itself is checked on the GPU, scripts/gpu_check.py)."""
     K = {"down": 136, "o": 128}.get(case, 200)
     sizes = {"qkv": (128, 64, 64), "gate_up": (128, 128), "o": (128,), "down": (64,), "dense": (192,)}[case]
     N = sum(sizes)
     w = (torch.randn(K, N, device=DEVICE) / K ** 0.5).to(dt)
+    scale = None
+    if int8:
+        w, scale = INT8.quantize_weight(w)
     norm = case in ("qkv", "gate_up", "dense")
     x = (torch.randn(K, device=DEVICE) * 3).to(dt)
     g = (torch.rand(K, device=DEVICE) + 0.5).to(dt) if norm else None
@@ -58,13 +66,13 @@ def test_reference_matches_the_triton_kernels(case):
                                                             if parts is not None else x)
     t = None if case == "dense" else torch.cat([halfway_thresholds(xin.view(1, K), s)
                                                   for s in (0.5, 0.4, 0.6)[:len(sizes)]]).to(dt)  # per segment
-    ours = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, residual, glu_in=case == "down")
+    ours = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, residual, glu_in=case == "down", scale=scale)
     theirs = triton_launch(x, w, torch.zeros(len(sizes), K, device=DEVICE, dtype=dt) if t is None else t, sizes,
-                           g, residual, parts)
+                           g, residual, parts, scale)
     assert ours.shape == (N,) and ours.dtype == dt
     assert rel_err(ours, theirs) < 1e-5
     if t is not None:  # the thresholds did something
-        dense = cuda_gemv.cuda_gemv_ref(x, w, None, sizes, g, 1e-5, residual, glu_in=case == "down")
+        dense = cuda_gemv.cuda_gemv_ref(x, w, None, sizes, g, 1e-5, residual, glu_in=case == "down", scale=scale)
         assert rel_err(ours, dense) > 1e-2
 
 
@@ -121,15 +129,17 @@ def _shapes(name):
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m"])
 def test_every_kernel_of_a_model_builds_for_sm90(name):
     """Every launch a model's decode step makes on this path (dense and sparse, bf16 and fp16, its default configs
-    a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds) compiles for sm_90."""
+    a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds, 16-bit or int8 weights)
+    compiles for sm_90."""
     nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes(name).items():
         cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9)
         for dtype in (BF16, torch.float16):
-            for sparse, t32 in ((False, False), (True, True), (True, False)):
+            for sparse, t32, int8 in ((False, False, False), (True, True, False), (True, False, False),
+                                      (False, False, True), (True, True, True)):
                 for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1)}:
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
-                                             proj in ("o", "down"), 1e-5, c, t32)
+                                             proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
 
 
