@@ -532,8 +532,9 @@ def kernel_source(spec: Spec) -> str:
             + KERNEL.replace("CLUSTER_ATTR", attr))
 
 
+@cache
 def find_nvrtc() -> Optional[str]:
-    """The newest libnvrtc.so.N under the Python paths (torch's CUDA wheels put it there), or None."""
+    """The newest libnvrtc.so.N under the Python paths (torch's CUDA wheels put it there), or None; searched once."""
     roots = site.getsitepackages() + [site.getusersitepackages()]
     hits = [p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "**", "libnvrtc.so.*"), recursive=True)
             if ".alt." not in p and "builtins" not in p]
@@ -608,17 +609,21 @@ def cubin(spec: Spec, arch: str) -> bytes:
     return binary
 
 
-def _context(cuda: ctypes.CDLL, device: int):
-    """Make the device's primary context (the one torch uses) current in this thread."""
-    ctx, dev = ctypes.c_void_p(), ctypes.c_int()
-    cuda.cuCtxGetCurrent(ctypes.byref(ctx))
-    cuda.cuDeviceGet(ctypes.byref(dev), device)
-    primary = ctypes.c_void_p()
-    if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev):
+@cache
+def _primary(device: int) -> int:
+    """The device's primary context (the one torch uses), retained once for the process."""
+    cuda, dev, primary = _libraries()[1], ctypes.c_int(), ctypes.c_void_p()
+    if cuda.cuDeviceGet(ctypes.byref(dev), device) or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev):
         raise UserError("the CUDA driver gave no primary context")
-    if ctx.value != primary.value:
-        cuda.cuCtxSetCurrent(primary)
-    cuda.cuDevicePrimaryCtxRelease(dev)
+    return primary.value
+
+
+def _context(cuda: ctypes.CDLL, device: int):
+    """Make the device's primary context current in this thread (a thread that has not touched CUDA has none)."""
+    ctx = ctypes.c_void_p()
+    cuda.cuCtxGetCurrent(ctypes.byref(ctx))
+    if ctx.value != _primary(device):
+        cuda.cuCtxSetCurrent(ctypes.c_void_p(_primary(device)))
 
 
 @cache
