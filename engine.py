@@ -22,8 +22,7 @@ def opaque_ops() -> list:
     return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
                                       gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
-                                      cuda_gemv._cuda_gemv_op, cuda_gemv._cuda_mlp_op, *gluon_gemv.OPS.custom_ops,
-                                      *gluon_mma.OPS.custom_ops)]
+                                      cuda_gemv._cuda_gemv_op, *gluon_gemv.OPS.custom_ops, *gluon_mma.OPS.custom_ops)]
 
 
 def register_fallbacks():

@@ -488,18 +488,11 @@ class FeedForward(nn.Module):
         self.w13 = SparseLinear(a.dim, (i, i), glu=True, parts=True)
         self.w2 = SparseLinear(i, (a.dim,), tp=tp)
         self.down_config = None
-        self.mlp_config = None
 
     def prepare(self, plan: DecodePlan):
         """The one-launch MLP's down config and counters (after w13 and w2 have their configs)."""
         if not plan.kernels:
             return
-        self.mlp_config = None  # the NVRTC MLP in one launch (plan.nvrtc_mlp)
-        if self.w13.cuda_config is not None and self.w2.cuda_config is not None and not self.w13.fmt.quantized:
-            D, I = self.w13.in_features, self.w2.in_features
-            self.mlp_config = cuda_gemv.mlp_config(D, I, plan.n_sm)
-            self.register_buffer("ctl", torch.zeros(cuda_gemv.mlp_ctl_size(D, I, self.mlp_config), dtype=torch.int32,
-                                                    device=self.w2.weight.device), persistent=False)
         cfg = self.w13.kernel_configs[1]
         I, D = self.w2.in_features, self.w2.out_features
         self.down_config = configs.default_down_config(D, I, cfg)
@@ -510,11 +503,6 @@ class FeedForward(nn.Module):
                 plan: DecodePlan):
         rows = h.shape[0] * h.shape[1]
         if self.w13.on_cuda(plan, rows, sparse, active, h) and self.w2.cuda_config is not None:  # down gates gate/up
-            if plan.nvrtc_mlp and self.mlp_config is not None:  # both in one launch
-                y = cuda_gemv.cuda_mlp(h.reshape(-1), self.w13.weight, self.w13.threshold if sparse else None,
-                                       norm.weight, self.w2.weight, self.w2.threshold if sparse else None, self.ctl,
-                                       self.mlp_config, norm.eps)
-                return y.view_as(h), None
             return self.w2.cuda(self.w13.cuda(h, sparse, norm=norm), sparse, residual=h, glu_in=True), None
         if ss is not None and plan.fused_mlp(rows, sparse, active):
             y, ss_out = sparse_mlp.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,

@@ -16,8 +16,8 @@ instead of keeping flags of its own:
   default, where the launch configs take it for 16-bit o alone (docs/perf-notes.md, session 29);
 - `nvrtc_arch`: batch-1 16-bit dense decode steps run the CUDA C++ kernel of kernels/cuda_gemv.py, compiled with
   NVRTC for this compute capability (90: sm_90; 0: off), in place of cuBLAS, norms fused, gate/up gated by down's
-  launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels (off by default: on an H100 it beat them
-  launch for launch but lost 1% end to end to the one-launch MLP, docs/perf-notes.md session 32);
+  launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels, `nvrtc_int8`: int8 weights' steps too
+  (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the Triton kernels).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
@@ -49,9 +49,8 @@ class DecodePlan:
     hopper_mma: bool = False  # ... on tensor cores where the shape allows (kernels/gluon_mma.py)
     masked_stream: bool = False  # every batch-1 16/8-bit projection streams with masked loads, no kept list
     nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
-    nvrtc_sparse: bool = False  # ... sparse ones too
-    nvrtc_mlp: bool = False  # ... their MLP in one persistent launch (kernels/cuda_gemv.py, mlp16)
-    nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton)
+    nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
+    nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -101,8 +100,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
-    insists), nvrtc_sparse (sparse steps too; off), nvrtc_mlp (the MLP in one launch there; off), nvrtc_int8
-    (int8 weights' projections; off).
+    insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
@@ -121,6 +119,9 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
                                                     else device.index)
     if nvrtc is None:
         nvrtc = usable and torch.cuda.get_device_capability(device) == (9, 0)
+    for flag in ("nvrtc_sparse", "nvrtc_int8"):  # sparse steps and int8 weights follow the dense route unless told
+        if flags.get(flag) is None:
+            flags[flag] = bool(nvrtc)
     if nvrtc or asked:
         if not usable:
             raise UserError("the NVRTC kernels need a CUDA GPU and libnvrtc (it comes with torch's CUDA wheels)")

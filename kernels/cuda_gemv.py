@@ -43,6 +43,7 @@ typedef unsigned int u32;
 #define TPR (64 / CPT)                  // threads per 64-column weight row
 #define RG (THREADS / TPR)              // row groups
 #define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
+#define NROUNDS ((K + 8 * THREADS - 1) / (8 * THREADS))   // ... over the whole input (its norm)
 
 __device__ __forceinline__ float to_f(u16 h) {
 #if FP16
@@ -131,33 +132,83 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         v[i] = r < kn ? ld_stream(wp + (size_t)r * N) : make_uint4(0, 0, 0, 0);
     }
 #endif
-#if PDL
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // inputs written by the previous launch: visible from here
-#endif
-    // 1. prologue: this thread's inputs e = rd * 8 * THREADS + tid * 8 + j of the range
-    float in[ROUNDS][8];
+    // 1. prologue: its loads in flight together (norm weights and thresholds do not depend on the previous
+    // launch, so they go before the dependency wait; then the inputs), then the arithmetic
+#if NORM
+    uint4 nwr[ROUNDS];
     #pragma unroll
     for (int rd = 0; rd < ROUNDS; rd++) {
         const int e = rd * 8 * THREADS + tid * 8;
-        #pragma unroll
-        for (int j = 0; j < 8; j++) in[rd][j] = 0.f;
-        if (e < kn) {
-#if GLU_IN
-            float g[8], u[8];
-            unpack(ld16cg(x + k0 + e), g);
-            unpack(ld16cg(x + K + k0 + e), u);
-            #pragma unroll
-            for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(g[j] / (1.f + __expf(-g[j]))) * u[j]);
-#else
-            unpack(ld16(x + k0 + e), in[rd]);
+        nwr[rd] = e < kn ? ld16(nw + k0 + e) : make_uint4(0, 0, 0, 0);
+    }
 #endif
-        }
+#if SPARSE
+    const int col0 = tile * 64;
+    const size_t t0 = (size_t)(col0 >= SEG2 ? 2 : col0 >= SEG1 ? 1 : 0) * K + k0;
+#if THR32
+    float4 ta[ROUNDS], tb[ROUNDS];
+#else
+    uint4 tr[ROUNDS];
+#endif
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+#if THR32
+        const float* tf = (const float*)thr + t0 + e;
+        ta[rd] = e < kn ? *(const float4*)tf : make_float4(0.f, 0.f, 0.f, 0.f);
+        tb[rd] = e < kn ? *(const float4*)(tf + 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+#else
+        tr[rd] = e < kn ? ld16((const u16*)thr + t0 + e) : make_uint4(0, 0, 0, 0);
+#endif
+    }
+#endif
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // inputs written by the previous launch: visible from here
+#endif
+#if GLU_IN
+    uint4 xg[ROUNDS], xu[ROUNDS];
+#else
+    uint4 xr[ROUNDS];
+#endif
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+        const int e = rd * 8 * THREADS + tid * 8;
+#if GLU_IN
+        xg[rd] = e < kn ? ld16cg(x + k0 + e) : make_uint4(0, 0, 0, 0);
+        xu[rd] = e < kn ? ld16cg(x + K + k0 + e) : make_uint4(0, 0, 0, 0);
+#else
+        xr[rd] = e < kn ? ld16(x + k0 + e) : make_uint4(0, 0, 0, 0);
+#endif
+    }
+#if NORM
+    // the whole input's sum of squares (every K range needs it): the other ranges' inputs too
+    uint4 xa[NROUNDS];
+    #pragma unroll
+    for (int m = 0; m < NROUNDS; m++) {
+        const int i = m * 8 * THREADS + tid * 8;
+        xa[m] = i < K ? ld16(x + i) : make_uint4(0, 0, 0, 0);
+    }
+#endif
+    // this thread's inputs e = rd * 8 * THREADS + tid * 8 + j of the range
+    float in[ROUNDS][8];
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {
+#if GLU_IN
+        float g[8], u[8];
+        unpack(xg[rd], g);
+        unpack(xu[rd], u);
+        #pragma unroll
+        for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(g[j] / (1.f + __expf(-g[j]))) * u[j]);
+#else
+        unpack(xr[rd], in[rd]);
+#endif
     }
 #if NORM
     float ss = 0.f;
-    for (int i = tid * 8; i < K; i += 8 * THREADS) {
+    #pragma unroll
+    for (int m = 0; m < NROUNDS; m++) {
         float f[8];
-        unpack(ld16(x + i), f);
+        unpack(xa[m], f);
         #pragma unroll
         for (int j = 0; j < 8; j++) ss += f[j] * f[j];
     }
@@ -171,18 +222,13 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     const float rstd = rsqrtf(ss / K + EPS);
     #pragma unroll
     for (int rd = 0; rd < ROUNDS; rd++) {
-        const int e = rd * 8 * THREADS + tid * 8;
-        if (e < kn) {
-            float g[8];
-            unpack(ld16(nw + k0 + e), g);
-            #pragma unroll
-            for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(in[rd][j] * rstd) * g[j]);
-        }
+        float g[8];
+        unpack(nwr[rd], g);
+        #pragma unroll
+        for (int j = 0; j < 8; j++) in[rd][j] = rnd(rnd(in[rd][j] * rstd) * g[j]);
     }
 #endif
 #if SPARSE
-    const int col0 = tile * 64;
-    const size_t t0 = (size_t)(col0 >= SEG2 ? 2 : col0 >= SEG1 ? 1 : 0) * K + k0;
     u32 keep = 0;  // bit rd * 8 + j: input kept (ROUNDS <= 4)
     #pragma unroll
     for (int rd = 0; rd < ROUNDS; rd++) {
@@ -190,11 +236,10 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         if (e < kn) {
             float t[8];
 #if THR32
-            const float* tf = (const float*)thr + t0 + e;
-            const float4 a = *(const float4*)tf, b = *(const float4*)(tf + 4);
-            t[0] = a.x; t[1] = a.y; t[2] = a.z; t[3] = a.w; t[4] = b.x; t[5] = b.y; t[6] = b.z; t[7] = b.w;
+            t[0] = ta[rd].x; t[1] = ta[rd].y; t[2] = ta[rd].z; t[3] = ta[rd].w;
+            t[4] = tb[rd].x; t[5] = tb[rd].y; t[6] = tb[rd].z; t[7] = tb[rd].w;
 #else
-            unpack(ld16((const u16*)thr + t0 + e), t);
+            unpack(tr[rd], t);
 #endif
             #pragma unroll
             for (int j = 0; j < 8; j++) keep |= (u32)(fabsf(in[rd][j]) > t[j]) << (rd * 8 + j);
@@ -406,107 +451,6 @@ def default_config(K: int, N: int, n_sm: int, major: int) -> Config:
 def k_per(K: int, split: int) -> int:
     """Inputs per K range: a multiple of 8 (16-byte loads)."""
     return -(-K // (8 * split)) * 8
-
-
-MLP_KERNEL = r"""
-// The MLP of one token in one persistent launch: gate/up's work items (column tile, K range), then down's, taken in
-// order from one queue. Gate and up tiles of the same columns come in pairs, and each finished pair of tiles counts
-// towards the down K range that reads those columns (ready[r]); a down item waits for its range's count before its
-// prologue. Items never wait on later items, so every CTA makes progress whether or not all are resident.
-#define N_GU (TILES_GU * SPLIT_GU)
-#define N_ITEMS (N_GU + TILES_D * SPLIT_D)
-extern "C" __global__ void __launch_bounds__(THREADS) mlp16(
-        const u16* __restrict__ w13, const u16* __restrict__ h, const void* __restrict__ t13,
-        const u16* __restrict__ nw, const u16* __restrict__ w2, const void* __restrict__ t2, u16* __restrict__ y,
-        u16* __restrict__ gu, float* __restrict__ part_gu, float* __restrict__ part_d,
-        u32* __restrict__ ctl) {  // [TILES_GU] gate/up tile counters, [TILES_D] down's, [SPLIT_D] ready, queue, done, err
-    u32* const cnt_gu = ctl;
-    u32* const cnt_d = ctl + TILES_GU;
-    u32* const ready = cnt_d + TILES_D;
-    u32* const queue = ready + SPLIT_D;
-    __shared__ int item;
-    const int tid = threadIdx.x;
-    for (;;) {
-        __syncthreads();  // the previous item is done with shared memory and `item`
-        if (tid == 0) item = atomicAdd(queue, 1u);
-        __syncthreads();
-        const int k = item;
-        if (k >= N_ITEMS) break;
-        if (k < N_GU) {
-            const int t = k / SPLIT_GU, j = (t >> 1) + (t & 1) * (TILES_GU / 2);  // gate tile, then up's same columns
-            const bool fin = gu_item(j, k % SPLIT_GU, w13, h, t13, nw, nullptr, gu, part_gu, cnt_gu, nullptr);
-            if (fin) {  // this tile's outputs are written: count them towards their down K range
-                __threadfence();
-                __syncthreads();
-                if (tid == 0) atomicAdd(ready + (t >> 1) * 64 / KPER_D, 1u);
-            }
-        } else {
-            const int k2 = k - N_GU, r = k2 / TILES_D;
-            if (tid == 0) {
-                const int need = 2 * ((min(I_SIZE, (r + 1) * KPER_D) - r * KPER_D) / 64);
-                for (long long spins = 0;; spins++) {
-                    u32 got;
-                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(got) : "l"(ready + r) : "memory");
-                    if ((int)got >= need) break;
-                    if (spins > (1ll << 24)) {  // never expected: flag it rather than hang
-                        atomicExch(queue + 2, 1u);
-                        break;
-                    }
-                    __nanosleep(64);
-                }
-            }
-            __syncthreads();
-            down_item(k2 % TILES_D, r, w2, gu, t2, nullptr, h, y, part_d, cnt_d, nullptr);
-        }
-    }
-    if (tid == 0) {
-        __threadfence();
-        if (atomicAdd(queue + 1, 1u) == gridDim.x - 1) {  // the last CTA out: the queue and counts back to zero
-            for (int r = 0; r < SPLIT_D; r++) ready[r] = 0;
-            queue[0] = 0;
-            queue[1] = 0;
-            __threadfence();
-        }
-    }
-}
-"""
-
-
-class MlpConfig(NamedTuple):
-    gate_up: Config  # the gate/up items' K split and rows in flight (counter tails)
-    down: Config
-    ctas_per_sm: int  # the persistent grid: this many CTAs per SM
-
-
-def mlp_config(D: int, I: int, n_sm: int) -> MlpConfig:
-    """The fused MLP's items as the standalone launches' default configs make them (counter tails: an item is not
-    a cluster rank), down's K ranges whole 64-column tiles of gate/up's, three CTAs per SM."""
-    gu = default_config(D, 2 * I, n_sm, 0)
-    down = default_config(I, D, n_sm, 0)
-    return MlpConfig(gu._replace(cluster=0, pdl=0), down._replace(cluster=0, pdl=0), 3)
-
-
-def mlp_k_per(I: int, split: int) -> int:
-    """Down's inputs per K range in the fused MLP: whole 64-column tiles of gate/up's outputs."""
-    return -(-I // (64 * split)) * 64
-
-
-def mlp_source(D: int, I: int, fp16: bool, sparse: bool, thr32: bool, eps: float, cfg: MlpConfig) -> str:
-    """The fused MLP's kernel `mlp16`: gate/up (norm fused, un-gated outputs into a workspace), then down (gated
-    input, residual added), one persistent launch."""
-    kd = mlp_k_per(I, cfg.down.split)
-    if kd > MAX_KPER or k_per(I, cfg.down.split) > kd:
-        raise UserError(f"down's K ranges of {kd} inputs do not fit: split K further")
-    gu = spec_of(D, (I, I), torch.float16 if fp16 else torch.bfloat16, sparse, True, False, False, eps,
-                 cfg.gate_up, thr32)
-    down = spec_of(I, (D,), torch.float16 if fp16 else torch.bfloat16, sparse, False, True, True, eps, cfg.down,
-                   thr32)
-    down_src = item_source(down, "down_item").replace(f"#define KPER {k_per(I, cfg.down.split)}\n",
-                                                      f"#define KPER {kd}\n")
-    return (f"#define THREADS {THREADS}\n#define FP16 {int(fp16)}\n" + HELPERS + item_source(gu, "gu_item")
-            + down_src + f"#define TILES_GU {2 * I // COLS}\n#define TILES_D {D // COLS}\n"
-            f"#define SPLIT_GU {cfg.gate_up.split}\n#define SPLIT_D {cfg.down.split}\n#define KPER_D {kd}\n"
-            f"#define I_SIZE {I}\n" + MLP_KERNEL)
 
 
 def item_source(spec: Spec, name: str) -> str:
@@ -731,92 +675,6 @@ def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor
     assert all(a is None or (a.dtype == x.dtype and a.is_contiguous()) for a in (norm_weight, residual))
     assert t is None or (t.dtype in (x.dtype, torch.float32) and t.is_contiguous())
     return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, scale, list(sizes), glu_in, float(eps), *config)
-
-
-def mlp_ctl_size(D: int, I: int, cfg: MlpConfig) -> int:
-    """int32 words of the fused MLP's control buffer: tile counters, ready counts, queue, done, error flag."""
-    return 2 * I // COLS + D // COLS + cfg.down.split + 3
-
-
-@cache
-def _mlp_function(D: int, I: int, fp16: bool, sparse: bool, thr32: bool, eps: float, cfg: MlpConfig,
-                  device: int) -> ctypes.c_void_p:
-    cuda = _libraries()[1]
-    major, minor = torch.cuda.get_device_capability(device)
-    src = mlp_source(D, I, fp16, sparse, thr32, eps, cfg)
-    key = hashlib.sha256(f"{find_nvrtc()}\nsm_{major}{minor}\n{src}".encode()).hexdigest()[:32]
-    path = CACHE / "nvrtc" / f"{key}.cubin"
-    binary = path.read_bytes() if path.exists() else compile_cubin(_libraries()[0], src, f"sm_{major}{minor}")
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(binary)
-        tmp.replace(path)
-    _context(cuda, device)
-    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
-    if cuda.cuModuleLoadData(ctypes.byref(mod), binary) or cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"mlp16"):
-        raise UserError("the CUDA driver did not load an NVRTC module")
-    return fn
-
-
-def _run_mlp(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor, t2: Optional[Tensor],
-             ctl: Tensor, eps: float, cfg: list[int]) -> Tensor:
-    D, I = w13.shape[0], w2.shape[0]
-    mcfg = MlpConfig(Config(*cfg[:4]), Config(*cfg[4:8]), cfg[8])
-    sparse = t13 is not None
-    thr32 = sparse and t13.dtype == torch.float32
-    fn = _mlp_function(D, I, h.dtype == torch.float16, sparse, thr32, float(eps), mcfg, h.device.index)
-    y = torch.empty(D, dtype=h.dtype, device=h.device)
-    gu = torch.empty(2 * I, dtype=h.dtype, device=h.device)
-    part_gu = torch.empty(mcfg.gate_up.split, 2 * I, device=h.device)
-    part_d = torch.empty(mcfg.down.split, D, device=h.device)
-    cuda = _libraries()[1]
-    _context(cuda, h.device.index)
-    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
-            for a in (w13, h, t13, norm_weight, w2, t2, y, gu, part_gu, part_d, ctl)]
-    args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
-    stream = ctypes.c_void_p(torch.cuda.current_stream(h.device).cuda_stream)
-    grid = torch.cuda.get_device_properties(h.device).multi_processor_count * mcfg.ctas_per_sm
-    if cuda.cuLaunchKernel(fn, grid, 1, 1, THREADS, 1, 1, 0, stream, args, None):
-        raise UserError("cuLaunchKernel failed for the NVRTC MLP")
-    return y
-
-
-@custom_op("teal::cuda_mlp", mutates_args=("ctl",))
-def _cuda_mlp_op(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor,
-                 t2: Optional[Tensor], ctl: Tensor, eps: float, cfg: list[int]) -> Tensor:
-    return _run_mlp(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg)
-
-
-@_cuda_mlp_op.register_fake
-def _(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg):
-    return h.new_empty(h.shape[-1])
-
-
-@_cuda_mlp_op.register_kernel("cpu")
-def _(h, w13, t13, norm_weight, w2, t2, ctl, eps, cfg):
-    return cuda_mlp_ref(h, w13, t13, norm_weight, w2, t2, eps)
-
-
-def cuda_mlp(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor, t2: Optional[Tensor],
-             ctl: Tensor, cfg: MlpConfig, eps: float = 1e-5) -> Tensor:
-    """h + down(silu(gate) * up) of one token in one launch: h [D] the residual stream (RMS-normalised inside with
-    norm_weight), w13 [D, 2I] gate|up, t13 [2, D] and t2 [1, I] thresholds (None: dense), w2 [I, D]; ctl
-    [mlp_ctl_size] int32 zeros (left at zero; its last word flags a wait that never ended)."""
-    D, I = w13.shape[0], w2.shape[0]
-    assert w13.shape[1] == 2 * I and w2.shape[1] == D and h.numel() == D and (t13 is None) == (t2 is None)
-    assert supported(D, (I, I), h.dtype) and supported(I, (D,), h.dtype) and w13.dtype == w2.dtype == h.dtype
-    assert t13 is None or (t13.dtype == t2.dtype and t13.dtype in (h.dtype, torch.float32))
-    flat = [*cfg.gate_up, *cfg.down, cfg.ctas_per_sm]
-    return _cuda_mlp_op(h, w13, t13, norm_weight, w2, t2, ctl, float(eps), flat)
-
-
-def cuda_mlp_ref(h: Tensor, w13: Tensor, t13: Optional[Tensor], norm_weight: Tensor, w2: Tensor,
-                 t2: Optional[Tensor], eps: float = 1e-5) -> Tensor:
-    """Plain-PyTorch reference of cuda_mlp: the two cuda_gemv launches it fuses."""
-    I = w2.shape[0]
-    gu = cuda_gemv_ref(h, w13, t13, (I, I), norm_weight, eps)
-    return cuda_gemv_ref(gu, w2, t2, (w2.shape[1],), residual=h, glu_in=True)
 
 
 def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight: Optional[Tensor] = None,

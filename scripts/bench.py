@@ -244,7 +244,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
-              nvrtc_sparse: bool = False, nvrtc_mlp: bool = False, nvrtc_int8: bool = False) -> list:
+              nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -258,7 +258,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
-                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_mlp=nvrtc_mlp, nvrtc_int8=nvrtc_int8,
+                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -391,7 +391,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["", "Sparsity 0 decodes dense, as `generate.py --sparsity 0` does: projections on the NVRTC kernel "
                   "on sm_90 where libnvrtc is found (· NVRTC; kernels/cuda_gemv.py), cuBLAS elsewhere and in rows "
                   "made before 2026-12-06 (int8 weights: through the kernels, thresholds zero, the LM head int8 "
-                  "too); · NVRTC on a sparse row: its projections on that kernel too (`--nvrtc-sparse`). "
+                  "too); · NVRTC on a sparse or int8 row: its projections on that kernel too (the default where dense rows "
+                  "take it from session 33, 2026-12-06; `--nvrtc-sparse`, `--nvrtc-int8`). "
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
                   "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches. "
@@ -518,9 +519,10 @@ def main():
     p.add_argument("--nvrtc", action=argparse.BooleanOptionalAction, default=None,
                    help="dense 16-bit steps' projections on the CUDA C++ kernel compiled with NVRTC "
                    "(kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found)")
-    p.add_argument("--nvrtc-sparse", action="store_true", help="sparse steps' projections on it too")
-    p.add_argument("--nvrtc-mlp", action="store_true", help="its steps' MLP in one persistent launch")
-    p.add_argument("--nvrtc-int8", action="store_true", help="int8 weights' projections on it (--quant int8)")
+    p.add_argument("--nvrtc-sparse", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparse steps' projections on it too (default: wherever dense steps are)")
+    p.add_argument("--nvrtc-int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="int8 weights' projections on it (--quant int8; default: wherever dense steps are)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -566,8 +568,7 @@ def main():
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
                                                       graph=a.graph, group=a.group,
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
-                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_mlp=a.nvrtc_mlp,
-                                                      nvrtc_int8=a.nvrtc_int8)]
+                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -392,39 +392,6 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
-def check_cuda_mlp(levels=(0.0, 0.5, 0.95)) -> list:
-    """kernels/cuda_gemv.py's MLP in one persistent launch against its reference (the two launches it fuses): real
-    and small shapes, bf16/fp16, dense and sparse: error within dtype bounds, output poisoned, control words back at
-    zero (no wait flagged), bit for bit over two launches."""
-    failures, cases = [], 0
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    for (D, I), dtype in itertools.product(((4096, 11008), (4096, 14336), (576, 1536), (256, 192)),
-                                          (torch.bfloat16, torch.float16)):
-        w13 = (torch.randn(D, 2 * I, device="cuda") / D ** 0.5).to(dtype)
-        w2 = (torch.randn(I, D, device="cuda") / I ** 0.5).to(dtype)
-        h, g, _, xn = projection_input(1, D, dtype, True)
-        h = h[0]
-        cfg = cuda_gemv.mlp_config(D, I, n_sm)
-        ctl = torch.zeros(cuda_gemv.mlp_ctl_size(D, I, cfg), dtype=torch.int32, device="cuda")
-        for s in levels:
-            t13 = t2 = None
-            if s > 0:
-                t13 = spread_thresholds(xn, 2, s)
-                gu = cuda_gemv.cuda_gemv_ref(h, w13, t13, (I, I), g)
-                t2 = spread_thresholds(reference.parts_ref(gu.float().view(1, 2, 1, I), True, dtype), 1, s)
-            ref = cuda_gemv.cuda_mlp_ref(h, w13, t13, g, w2, t2)
-            outs = [cuda_gemv.cuda_mlp(h, w13, t13, g, w2, t2, ctl, cfg) for _ in range(2)]
-            torch.cuda.synchronize()
-            err = rel_err(outs[0], ref)
-            cases += 1
-            if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(ctl.abs().sum()) == 0):
-                failures.append(f"cuda_mlp D={D} I={I} {dtype} s={s}: err {err:.2e}, repeatable "
-                                f"{torch.equal(outs[0], outs[1])}, control words left {ctl.tolist()[-12:]}")
-                ctl.zero_()
-    print(f"cuda_mlp (NVRTC): {cases} cases, {len(failures)} failures")
-    return failures
-
-
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
                 quant: Optional[str] = None, nvrtc: bool = False) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
@@ -532,7 +499,7 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_cuda_mlp() + check_quant_kernels(n_sm)
+    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_quant_kernels(n_sm)
                                          + check_quant_kernels(n_sm, quant="int4")
                                          + (check_hopper_int4(n_sm) if torch.cuda.get_device_capability() == (9, 0)
                                             else []))

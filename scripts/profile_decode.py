@@ -1,7 +1,7 @@
 """Where one decode step's time goes: every GPU kernel of a compiled step (no CUDA graphs, so the
 profiler sees each launch), grouped by name, with time per step. Needs a CUDA GPU.
 
-    python scripts/profile_decode.py [--config llama-2-7b] [--sparsity 0.5] [--layers N] [--quant int8|int4] [--nvrtc-sparse]
+    python scripts/profile_decode.py [--config llama-2-7b] [--sparsity 0.5] [--layers N] [--quant int8|int4] [--no-nvrtc-sparse]
 """
 import argparse
 
@@ -25,8 +25,9 @@ def main():
     p.add_argument("--sparsity", type=float, default=0.5, help="uniform sparsity level of every projection")
     p.add_argument("--layers", type=int, default=0, help="layers of the model; 0: all of the config's layers")
     p.add_argument("--steps", type=int, default=10, help="profiled decode steps")
-    p.add_argument("--nvrtc-sparse", action="store_true",
-                   help="sparse batch-1 16-bit projections on kernels/cuda_gemv.py (NVRTC)")
+    p.add_argument("--nvrtc-sparse", action=argparse.BooleanOptionalAction, default=None,
+                   help="sparse batch-1 16-bit projections on kernels/cuda_gemv.py (NVRTC; default: where dense "
+                   "ones are, sm_90)")
     add_quant_arg(p)
     a = p.parse_args()
     args = ModelArgs.from_name(a.config)

@@ -84,7 +84,7 @@ def recorded_launches():
 def plan_as_on_gpu(n_sm: int = 132):
     """The decode plan an sm_90 GPU of n_sm multiprocessors gets (generate.py's, libnvrtc found), on a CPU machine."""
     plan = decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, n_sm=n_sm, hopper_int4=True)
-    return dataclasses.replace(plan, nvrtc_arch=90)
+    return dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True)
 
 
 def layer_model(name: str, dtype: torch.dtype, quant: Optional[str] = None, mlp: str = "teal"):

@@ -164,24 +164,24 @@ def trace_decode_step(quant: Optional[str]) -> bool:
     model.set_plan(sm90.plan_as_on_gpu(n_sm=4))
     model.setup_caches(1, 64)
     ok = True
-    # the sparse step, and the dense one (generate.py at sparsity 0 on sm_90: the NVRTC GEMV's op for every
-    # projection of 16-bit weights, the attention kernel)
+    # the sparse step, and the dense one (on sm_90 both take the NVRTC GEMV's op for every projection of 16-bit or
+    # int8 weights, and the attention kernel; int4 weights keep the Triton and Gluon kernels when sparse)
     for sparse_from, n_gemv in ((0, args.n_layer), (None, 0)):
         graph = torch._dynamo.export(lambda t, p: model(t, p, sparse_from=sparse_from), aten_graph=False)(
             torch.zeros(1, 1, dtype=torch.long), torch.tensor([5])).graph_module.graph
         ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-        # q/k/v hand their partials to the attention kernel, o adds the residual, the MLP is one launch
-        # (quantized weights: the MLP as two launches, gate/up partials then down, and the LM head streamed by the
-        # GEMV)
-        # (int4 on sm_90: o and down on the Gluon kernel; this model's q/k/v and gate/up segments, 64 and 192 columns,
-        # are not whole tiles of it and stay on Triton)
+        # 16-bit and int8 weights: q/k/v, o (residual added), gate/up and down (gating them) on the NVRTC op; the
+        # LM head of quantized weights streamed by the Triton GEMV
+        # (int4 on sm_90: the sparse step's o and down on the Gluon kernel, q/k/v and gate/up partials on Triton: this
+        # model's segments, 64 and 192 columns, are not whole tiles of it; its dense step on the Triton GEMV)
         q, hopper = quant is not None, quant == "int4"
+        triton = n_gemv if hopper else 0
         want = {"teal.sparse_gemv.default": 1 if q else 0,
-                "teal.sparse_gemv_parts.default": n_gemv * (2 if q else 1),
-                "teal.sparse_gemv_ss.default": 0 if hopper else n_gemv * (2 if q else 1),
-                "teal.int4_residual_sm90.default": n_gemv * 2 if hopper else 0,
-                "teal.sparse_mlp.default": 0 if q else n_gemv, "teal.decode_attention.default": args.n_layer,
-                "teal.cuda_gemv.default": 0 if q or sparse_from is not None else 4 * args.n_layer}
+                "teal.sparse_gemv_parts.default": triton * 2,
+                "teal.sparse_gemv_ss.default": 0 if hopper else triton * 2,
+                "teal.int4_residual_sm90.default": triton * 2 if hopper else 0,
+                "teal.sparse_mlp.default": 0, "teal.decode_attention.default": args.n_layer,
+                "teal.cuda_gemv.default": 0 if hopper else 4 * args.n_layer}
         got = {k: ops.count(k) for k in want}
         sdpa = [o for o in ops if "scaled_dot_product" in o]
         print(f"decode step (sparse_from={sparse_from}, quant={quant}): one graph, kernel ops {got}, "

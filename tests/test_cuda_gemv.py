@@ -153,39 +153,3 @@ def test_launch_config_matches_the_driver_layout():
     assert (cfg.grid_x, cfg.grid_y, cfg.block_x, cfg.stream, cfg.n_attrs) == (64, 8, 128, 1234, 1)
     assert cfg.attrs.contents.id == cuda_gemv.PROGRAMMATIC_STREAM_SERIALIZATION and cfg.attrs.contents.value[0] == 1
     assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0)), None).n_attrs == 0
-
-
-def test_mlp_reference_is_the_two_launches_and_the_triton_mlp():
-    """cuda_mlp_ref (the fused MLP's reference) is gate/up then down as the two cuda_gemv launches compute them, and
-    what the Triton one-launch MLP's reference computes (float32: same values)."""
-    D, I = 128, 192
-    h = torch.randn(D) * 3
-    g = torch.rand(D) + 0.5
-    w13, w2 = torch.randn(D, 2 * I) / D ** 0.5, torch.randn(I, D) / I ** 0.5
-    xn = reference.rms_norm_ref(h[None], g, 1e-5)
-    t13 = torch.cat([halfway_thresholds(xn, 0.5), halfway_thresholds(xn, 0.4)])
-    gu = cuda_gemv.cuda_gemv_ref(h, w13, t13, (I, I), g)
-    t2 = halfway_thresholds(reference.parts_ref(gu.view(1, 2, 1, I), True, torch.float32), 0.5)
-    ours = cuda_gemv.cuda_mlp_ref(h, w13, t13, g, w2, t2)
-    assert torch.equal(ours, cuda_gemv.cuda_gemv_ref(gu, w2, t2, (D,), residual=h, glu_in=True))
-    assert rel_err(ours, reference.sparse_mlp_ref(h[None], w13, t13, w2, t2, g)[0]) < 1e-6
-    assert rel_err(ours, cuda_gemv.cuda_mlp_ref(h, w13, None, g, w2, None)) > 1e-2
-
-
-def test_mlp_config_and_control_words():
-    cfg = cuda_gemv.mlp_config(4096, 11008, 132)
-    assert cfg.gate_up == (2, 4, 0, 0) and cfg.down == (8, 8, 0, 0) and cfg.ctas_per_sm == 3  # counter tails only
-    assert cuda_gemv.mlp_k_per(11008, 8) == 1408 and cuda_gemv.mlp_k_per(11008, 8) % 64 == 0
-    assert cuda_gemv.mlp_ctl_size(4096, 11008, cfg) == 344 + 64 + 8 + 3
-
-
-@pytest.mark.skipif(cuda_gemv.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
-@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m"])
-def test_the_mlp_kernel_builds_for_sm90(name):
-    """The fused MLP's kernel, dense and sparse, bf16 and fp16, float32 or 16-bit thresholds, compiles for sm_90."""
-    nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
-    a = ModelArgs.from_name(name)
-    cfg = cuda_gemv.mlp_config(a.dim, a.intermediate_size, 132)
-    for fp16, sparse, thr32 in ((False, False, False), (False, True, True), (True, True, False)):
-        src = cuda_gemv.mlp_source(a.dim, a.intermediate_size, fp16, sparse, thr32, 1e-5, cfg)
-        assert cuda_gemv.compile_cubin(nvrtc, src, "sm_90")[:4] == b"\x7fELF"

@@ -176,14 +176,12 @@ def test_kernel_path_matches_reference_decode_batch(quant):
             assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
 
 
-@pytest.mark.parametrize("sparse,mlp,quant", [(True, False, None), (False, False, None), (True, True, None),
-                                            (False, True, None), (True, False, "int8")],
-                         ids=["sparse", "dense", "sparse-mlp", "dense-mlp", "int8"])
-def test_nvrtc_route_matches_reference_decode(sparse, mlp, quant, monkeypatch):
+@pytest.mark.parametrize("sparse,quant", [(True, None), (False, None), (True, "int8")], ids=["sparse", "dense", "int8"])
+def test_nvrtc_route_matches_reference_decode(sparse, quant, monkeypatch):
     """A plan with the NVRTC kernels (plan.nvrtc_arch; on a CPU their op runs kernels/cuda_gemv.py's reference)
     decodes as the reference path in bf16, bit for bit: every projection of a step takes that op, q/k/v and gate/up
     with the norm fused, o and down with the residual added, down gating gate/up's outputs; dense steps (sparse_from
-    None) too; with the MLP in one launch (nvrtc_mlp); int8 weights with their column scales (nvrtc_int8).
+    None) too; int8 weights with their column scales (nvrtc_int8).
     Attention on the reference path here (the kernel's rounding differs from SDPA's and flips masks)."""
     ref_model, _ = reference_and_kernel_models(2, 128)
     ref_model = ref_model.to(torch.bfloat16)
@@ -191,12 +189,11 @@ def test_nvrtc_route_matches_reference_decode(sparse, mlp, quant, monkeypatch):
         quantize_model(ref_model, quant_format(quant))
     model = copy.deepcopy(ref_model)
     plan = decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, attention_kernel=False)
-    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_mlp=mlp, nvrtc_int8=True))
+    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True))
     assert all(m.cuda_config is not None for _, _, m, _ in model.sparse_modules())
     calls = []
-    launch, launch_mlp = cuda_gemv.cuda_gemv, cuda_gemv.cuda_mlp
+    launch = cuda_gemv.cuda_gemv
     monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in")) or launch(*a, **k))
-    monkeypatch.setattr(cuda_gemv, "cuda_mlp", lambda *a, **k: calls.append("mlp") or launch_mlp(*a, **k))
     prompt, steps = torch.randint(0, 101, (1, 20)), torch.randint(0, 101, (1, 3))
     sparse_from = 0 if sparse else None
     with torch.no_grad():
@@ -209,9 +206,8 @@ def test_nvrtc_route_matches_reference_decode(sparse, mlp, quant, monkeypatch):
             out = model(steps[:, i:i + 1], pos, sparse_from=sparse_from)
             # (int8: the LM head on the Triton kernel, interpreted, beside the reference path's)
             assert torch.equal(out, ref) if quant is None else rel_err(out, ref) < 1e-2, i
-    per_step = (3 if mlp else 4) * len(model.layers)  # q/k/v, o, and the MLP in one launch or two
-    assert len(calls) == per_step * steps.shape[1]
-    assert calls.count("mlp" if mlp else True) == len(model.layers) * steps.shape[1]
+    assert len(calls) == 4 * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
+    assert calls.count(True) == len(model.layers) * steps.shape[1]  # down gates gate/up's outputs
 
 
 @pytest.mark.slow
