@@ -99,11 +99,13 @@ def decode_step_launches(name: str, dtype: torch.dtype, quant: Optional[str] = N
                          batches=(1,), sparse_froms=(0,), model=None) -> list:
     """The launches of one-layer decode steps of model `name`, its weights quantized with `quant` (quantize.py) or
     not. sparse_from 0: the sparse step; None: the dense one (cuBLAS projections, the attention kernel). `model`:
-    layer_model(name, dtype, quant, mlp) made once by the caller for several calls (it is quantized in place)."""
+    layer_model(name, dtype, quant, mlp) made once by the caller for several calls (it is quantized in place).
+    The Triton path, as sm_90 runs it without libnvrtc and other GPUs run it (with libnvrtc, sm_90's 16-bit and int8
+    projections take kernels/cuda_gemv.py, whose builds tests/test_cuda_gemv.py checks)."""
     model = layer_model(name, dtype, quant, mlp) if model is None else model
     if quant:
         quantize_model(model, quant_format(quant))
-    model.set_plan(plan_as_on_gpu())
+    model.set_plan(dataclasses.replace(plan_as_on_gpu(), nvrtc_arch=0, nvrtc_sparse=False, nvrtc_int8=False))
     model.setup_caches(max(batches), model.args.max_seq_len)
     with recorded_launches() as seen:
         for B in batches:
