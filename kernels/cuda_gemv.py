@@ -88,6 +88,11 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read on
 }
 __device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
 __device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
+__device__ __forceinline__ long long now_ns() {  // the GPU's global timer (comparable across SMs)
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return (long long)t;
+}
 
 """
 
@@ -103,7 +108,8 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         u16* __restrict__ y,          // [N]
         float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
         u32* __restrict__ counter,    // [N / 64] zero between launches (counter tail)
-        const float* __restrict__ scale) {  // [N] int8 weights' column scales, applied to the sums (INT8)
+        const float* __restrict__ scale,  // [N] int8 weights' column scales, applied to the sums (INT8)
+        long long* __restrict__ rec) {  // this item's timeline record (TRACE): its slot 1, the kept list ready
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, ct = tid % TPR, rg = tid / TPR;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
@@ -287,6 +293,9 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
     __syncthreads();
     const int n = nkept;
+#if TRACE
+    if (tid == 0) rec[1] = now_ns();
+#endif
     // 2. the stream: entry j of the range (a kept row with SPARSE), ROWS in flight, the next ROWS issued before
     // the current ones are used
 #if SPARSE
@@ -391,8 +400,24 @@ KERNEL = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         const void* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
         const u16* __restrict__ nw, const u16* __restrict__ res, u16* __restrict__ y,
-        float* __restrict__ part, u32* __restrict__ counter, const float* __restrict__ scale) {
-    gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter, scale);
+        float* __restrict__ part, u32* __restrict__ counter, const float* __restrict__ scale,
+        long long* __restrict__ trace) {  // [grid, 4] (TRACE): start, kept list ready, end (ns), SM of each CTA
+#if TRACE_ON
+    long long* rec = trace + 4 * (blockIdx.y * gridDim.x + blockIdx.x);
+    if (threadIdx.x == 0) rec[0] = now_ns();
+#else
+    long long* rec = nullptr;
+#endif
+    gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter, scale, rec);
+#if TRACE_ON
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        rec[2] = now_ns();
+        rec[3] = sm;
+    }
+#endif
 }
 """
 
@@ -421,6 +446,7 @@ class Spec(NamedTuple):
     config: Config
     thr32: bool = False  # float32 thresholds (the model's buffers), else in the activations' dtype
     int8: bool = False  # int8 weights with float32 column scales (kernels/formats.py INT8), else 16-bit
+    trace: bool = False  # each CTA records its timeline (launch's `trace`; scripts/trace_layer.py)
 
 
 def supported(K: int, sizes, dtype: torch.dtype) -> bool:
@@ -464,7 +490,7 @@ def item_source(spec: Spec, name: str) -> str:
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
                    RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl,
-                   INT8=int(spec.int8))
+                   INT8=int(spec.int8), TRACE=int(spec.trace))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
 
@@ -473,7 +499,7 @@ def kernel_source(spec: Spec) -> str:
     """The standalone launch of one projection: grid (N / 64, split)."""
     attr = f"__cluster_dims__(1, {spec.config.split}, 1)" if spec.config.cluster else ""
     return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n" + HELPERS + item_source(spec, "gemv_item")
-            + KERNEL.replace("CLUSTER_ATTR", attr))
+            + KERNEL.replace("CLUSTER_ATTR", attr).replace("TRACE_ON", str(int(spec.trace))))
 
 
 @cache
@@ -584,27 +610,34 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
 
 
 def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
-            config: Config, thr32: bool = False, int8: bool = False) -> Spec:
+            config: Config, thr32: bool = False, int8: bool = False, trace: bool = False) -> Spec:
     """dtype: the activations' (and 16-bit weights')."""
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     N = ends[-1]
     return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
-                sparse, norm, glu_in, residual, float(eps), config, thr32, int8)
+                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, trace)
 
 
 def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
-           counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None):
-    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's)."""
+           counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None, trace: Optional[Tensor] = None):
+    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's; trace:
+    int64 [N / 64 * split, 4] where spec.trace, each CTA's start, kept list ready and end in ns and its SM)."""
+    assert spec.trace == (trace is not None) and (trace is None or trace.numel() == grid(spec) * 4)
     fn = _function(spec, x.device.index)
     cuda = _libraries()[1]
     _context(cuda, x.device.index)
     ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
-            for a in (w, x, t, nw, residual, y, part, counters, scale)]
+            for a in (w, x, t, nw, residual, y, part, counters, scale, trace)]
     args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     cfg = launch_config(spec, stream)
     if cuda.cuLaunchKernelEx(ctypes.byref(cfg), fn, args, None):
         raise UserError("cuLaunchKernelEx failed for an NVRTC kernel")
+
+
+def grid(spec: Spec) -> int:
+    """CTAs of a launch: one per (column tile, K range)."""
+    return spec.N // COLS * spec.config.split
 
 
 def launch_config(spec: Spec, stream: ctypes.c_void_p) -> "_LaunchConfig":

@@ -110,6 +110,23 @@ def test_kernel_source_specialises():
         cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(1, 8, 1)))
     with pytest.raises(UserError, match="split K further"):
         cuda_gemv.kernel_source(spec._replace(K=16384, config=cuda_gemv.Config(2, 8, 0)))
+    # the timeline records only where asked (scripts/trace_layer.py)
+    assert "#define TRACE 0\n" in src and "#if 0\n    long long* rec = trace" in src
+    traced = cuda_gemv.kernel_source(spec._replace(trace=True))
+    assert "#define TRACE 1\n" in traced and "#if 1\n    long long* rec = trace" in traced
+
+
+def test_launch_checks_its_trace_buffer():
+    """A traced spec takes an int64 [CTAs, 4] record buffer and an untraced one none (checked before any driver
+    call)."""
+    spec = cuda_gemv.spec_of(1024, (256,), BF16, True, False, False, False, 1e-5, cuda_gemv.Config(2, 8, 0))
+    assert cuda_gemv.grid(spec) == 4 * 2
+    x = torch.zeros(1024, dtype=BF16)
+    with pytest.raises(AssertionError):
+        cuda_gemv.launch(spec, x, None, None, None, None, None, None, None, trace=torch.zeros(8, 4, dtype=torch.int64))
+    with pytest.raises(AssertionError):
+        cuda_gemv.launch(spec._replace(trace=True), x, None, None, None, None, None, None, None,
+                         trace=torch.zeros(7, 4, dtype=torch.int64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -129,8 +146,8 @@ def _shapes(name):
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m"])
 def test_every_kernel_of_a_model_builds_for_sm90(name):
     """Every launch a model's decode step makes on this path (dense and sparse, bf16 and fp16, its default configs
-    a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds, 16-bit or int8 weights)
-    compiles for sm_90."""
+    a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds, 16-bit or int8 weights;
+    traced) compiles for sm_90."""
     nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes(name).items():
         cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9)
@@ -141,6 +158,9 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+        traced = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
+                                   1e-5, cfg, True, trace=True)  # scripts/trace_layer.py's launches
+        assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(traced), "sm_90")[:4] == b"\x7fELF"
 
 
 def test_launch_config_matches_the_driver_layout():
