@@ -6,8 +6,10 @@ of the model's shapes, thresholds at one uniform level. Needs an sm_90 GPU and l
 
     python scripts/trace_layer.py [--model llama-2-7b] [--sparsity 0.5] [--dtype bfloat16]
 
-Per launch: its CTAs, how far apart they start, the median prologue and stream, how far apart they end, and the gap
-from the previous launch's last CTA; then the layer's span against its weight bytes at the read bandwidth.
+Per launch: its CTAs, how far apart they start, the median prologue and stream, how far apart they end, the gap
+from the previous launch's last CTA, and what share of the spread of its CTAs' stream times their SM explains and
+what share their column tile (the address range they read) explains; then the layer's span against its weight bytes
+at the read bandwidth.
 """
 import argparse
 import statistics
@@ -33,15 +35,31 @@ def timeline(records: torch.Tensor) -> dict:
             "first_end": end.min().item(), "last_end": end.max().item(), "sms": len(set(records[:, 3].tolist()))}
 
 
-def layer_report(names: list, records: list) -> list:
-    """One line per launch (times from the first launch's first start), gaps between launches included."""
+def explained(values: torch.Tensor, groups: torch.Tensor) -> float:
+    """The share of values' variance that their groups' means explain (0: none, 1: all)."""
+    v = values.double()
+    total = ((v - v.mean()) ** 2).sum()
+    if total == 0:
+        return 0.0
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    means = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, v) / torch.bincount(inverse).double()
+    return (((means[inverse] - v.mean()) ** 2).sum() / total).item()
+
+
+def layer_report(names: list, records: list, tiles: list) -> list:
+    """One line per launch (times from the first launch's first start), gaps between launches included, and how much
+    of its CTAs' spread of stream times follows their SM or their column tile (records are in CTA order: tile
+    fastest, `tiles` per K range)."""
     t0 = min(int(r[:, 0].min()) for r in records)
     lines, prev_end = [], None
-    for name, rec in zip(names, records):
+    for name, rec, n_tiles in zip(names, records, tiles):
         s = timeline(rec - torch.tensor([t0, t0, t0, 0]))
         gap = "" if prev_end is None else f"{s['first_start'] - prev_end:5.2f}"
+        stream = rec[:, 2] - rec[:, 1]
+        by_sm, by_tile = explained(stream, rec[:, 3]), explained(stream, torch.arange(len(rec)) % n_tiles)
         lines.append(f"| {name} | {s['ctas']} | {gap} | {s['start_spread']:.2f} | {s['prologue']:.2f} | "
-                     f"{s['stream']:.2f} | {s['last_end'] - s['first_end']:.2f} | {s['last_end']:.2f} |")
+                     f"{s['stream']:.2f} | {s['last_end'] - s['first_end']:.2f} | {s['last_end']:.2f} | "
+                     f"{by_sm:.2f} | {by_tile:.2f} |")
         prev_end = s["last_end"]
     return lines
 
@@ -108,9 +126,10 @@ def main():
     records = [st[-1][-1].cpu() for st in steps]
     span = (max(int(r[:, 2].max()) for r in records) - min(int(r[:, 0].min()) for r in records)) / 1e3
     print(f"{torch.cuda.get_device_name()}, {a.model} {a.dtype}, sparsity {s}: one layer's four launches (µs)\n")
-    print("| launch | CTAs | gap | start spread | prologue (median) | stream (median) | end spread | last end |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(layer_report([st[0] for st in steps], records)))
+    print("| launch | CTAs | gap | start spread | prologue (median) | stream (median) | end spread | last end | "
+          "stream spread by SM | by tile |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(layer_report([st[0] for st in steps], records, [st[1].N // cuda_gemv.COLS for st in steps])))
     print(f"\nspan {span:.2f} µs; its weight bytes ({nbytes / 1e6:.0f} MB) at {bw / 1e9:.0f} GB/s take "
           f"{nbytes / bw * 1e6:.2f} µs (CTAs record with one barrier more than the untraced launches)")
 

@@ -27,11 +27,21 @@ def test_timeline_of_one_launch():
 def test_layer_report_measures_from_the_first_start_with_gaps():
     a = records([1_000_000, 1_000_050], [1_001_000, 1_001_150], [1_010_000, 1_011_150], [0, 1])
     b = records([1_012_000, 1_012_100], [1_013_000, 1_014_100], [1_020_000, 1_020_500], [0, 1])
-    lines = trace_layer.layer_report(["gate/up", "down"], [a, b])
+    lines = trace_layer.layer_report(["gate/up", "down"], [a, b], [2, 1])
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    assert cells[0] == ["gate/up", "2", "", "0.05", "1.05", "9.50", "1.15", "11.15"]
+    # two CTAs on two SMs and two tiles: either explains all of the spread; down's one tile explains none
+    assert cells[0] == ["gate/up", "2", "", "0.05", "1.05", "9.50", "1.15", "11.15", "1.00", "1.00"]
     # down starts 0.85 µs after gate/up's last CTA ended; its end spread 0.50, last end 20.50 µs from the start
-    assert cells[1] == ["down", "2", "0.85", "0.10", "1.50", "6.70", "0.50", "20.50"]
+    assert cells[1] == ["down", "2", "0.85", "0.10", "1.50", "6.70", "0.50", "20.50", "1.00", "0.00"]
+
+
+def test_explained_share_of_the_spread():
+    values = torch.tensor([10.0, 12.0, 10.0, 12.0])
+    assert trace_layer.explained(values, torch.tensor([0, 1, 0, 1])) == pytest.approx(1.0)
+    assert trace_layer.explained(values, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
+    assert trace_layer.explained(torch.tensor([10.0, 11.0, 13.0, 14.0]), torch.tensor([0, 0, 1, 1])) == \
+        pytest.approx(9 / 10)
+    assert trace_layer.explained(torch.tensor([5.0, 5.0]), torch.tensor([0, 1])) == 0.0
 
 
 def test_without_a_gpu_one_line():
