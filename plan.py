@@ -19,7 +19,8 @@ instead of keeping flags of its own:
   launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels, `nvrtc_int8`: int8 weights' steps too
   (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
-  beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the Triton kernels).
+  beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
+  or for int8 on sm_90 the NVRTC one).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """
