@@ -1,15 +1,18 @@
-"""Batch-1 input-sparse GEMV of 16-bit weights in CUDA C++, compiled at run time with NVRTC (the libnvrtc of the CUDA
-wheels torch depends on; no nvcc) and launched through the driver API: what Triton and Gluon cannot express, the
-kept-row list built and kept in shared memory and split-K partials summed through a thread-block cluster's shared
-memory on sm_90. The plan (plan.py, `nvrtc_arch`) runs dense decode steps on it on sm_90, sparse ones on request.
+"""Batch-1 input-sparse GEMV of 16-bit or int8 weights in CUDA C++, compiled at run time with NVRTC (the libnvrtc of
+the CUDA wheels torch depends on; no nvcc) and launched through the driver API: what Triton and Gluon cannot express,
+the kept-row list built and kept in shared memory and split-K partials summed through a thread-block cluster's shared
+memory on sm_90. The plan (plan.py, `nvrtc_arch`, `nvrtc_sparse`, `nvrtc_int8`) runs batch-1 decode steps on it on
+sm_90: dense and sparse, 16-bit and int8 weights.
 
 y = f(x) · W with W [K, N] input-channel-major (the sparse linears' storage). One launch, 128 threads per CTA, grid
 (N / 64 column tiles, SPLIT K ranges). Each CTA:
-1. prologue: loads its K range's inputs (RMS-normalised when NORM, from a sum of squares over all K it takes itself;
+1. prologue, its loads issued together (norm weights and thresholds before a PDL wait, then the inputs): its K
+   range's inputs (RMS-normalised when NORM, from a sum of squares over all K it takes itself;
    silu(gate) * up of gate/up's outputs when GLU_IN), and with SPARSE keeps those with |x_i| > t_i of its column
    tile's segment (q, k, v: one threshold row each), compacted into a list in shared memory by one block-wide scan;
    dense launches stream every row, their first rows' loads issued before the prologue (they depend on nothing);
-2. streams the kept rows' 64 columns, 8 threads x 16 bytes per row, ROWS rows in flight per thread, double-buffered;
+2. streams the kept rows' 64 columns, 16 bytes per thread (8 threads a row; 4 for int8, whose column scales scale
+   the sums), ROWS rows in flight per thread, double-buffered;
 3. sums the row groups through shared memory, then the K ranges: through rank 0's shared memory of a cluster
    (CLUSTER, sm_90), or a per-tile counter whose last CTA sums the partials in a fixed order (deterministic, counter
    left at zero); SPLIT 1 writes directly. The epilogue rounds to the weights' dtype and adds the residual.
@@ -29,6 +32,7 @@ from torch.library import custom_op
 
 from errors import UserError
 from kernels import reference
+from kernels.common import PROFILE_SLOTS
 from kernels.formats import FLOAT, INT8
 from paths import CACHE
 
@@ -88,10 +92,11 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read on
 }
 __device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
 __device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
-__device__ __forceinline__ long long now_ns() {  // the GPU's global timer (comparable across SMs)
+__device__ __forceinline__ void stamp(long long* rec, int slot) {  // profile: (global timer ns, SM clock) pair
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return (long long)t;
+    rec[slot] = (long long)t;
+    rec[slot + 1] = clock64();
 }
 
 """
@@ -109,7 +114,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
         u32* __restrict__ counter,    // [N / 64] zero between launches (counter tail)
         const float* __restrict__ scale,  // [N] int8 weights' column scales, applied to the sums (INT8)
-        long long* __restrict__ rec) {  // this item's timeline record (TRACE): its slot 1, the kept list ready
+        long long* __restrict__ rec) {  // this item's profile record (PROFILE; scripts/profile_phases.py --nvrtc)
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, ct = tid % TPR, rg = tid / TPR;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
@@ -293,8 +298,11 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
     __syncthreads();
     const int n = nkept;
-#if TRACE
-    if (tid == 0) rec[1] = now_ns();
+#if PROFILE
+    if (tid == 0) {  // slots 2-3: the kept list ready (end of the prologue); 12: its length
+        stamp(rec, 2);
+        rec[12] = n;
+    }
 #endif
     // 2. the stream: entry j of the range (a kept row with SPARSE), ROWS in flight, the next ROWS issued before
     // the current ones are used
@@ -338,6 +346,9 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     #pragma unroll
     for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
     __syncthreads();
+#if PROFILE
+    if (tid == 0) stamp(rec, 6);  // slots 6-7: every row streamed
+#endif
     float s = 0.f;
     if (tid < 64) {
         #pragma unroll
@@ -401,21 +412,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         const void* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
         const u16* __restrict__ nw, const u16* __restrict__ res, u16* __restrict__ y,
         float* __restrict__ part, u32* __restrict__ counter, const float* __restrict__ scale,
-        long long* __restrict__ trace) {  // [grid, 4] (TRACE): start, kept list ready, end (ns), SM of each CTA
-#if TRACE_ON
-    long long* rec = trace + 4 * (blockIdx.y * gridDim.x + blockIdx.x);
-    if (threadIdx.x == 0) rec[0] = now_ns();
+        long long* __restrict__ prof) {  // [>= grid, PROF_SLOTS] (PROFILE_ON): each CTA's stamps, in CTA order
+#if PROFILE_ON
+    long long* rec = prof + PROF_SLOTS * (blockIdx.y * gridDim.x + blockIdx.x);
+    if (threadIdx.x == 0) stamp(rec, 0);  // slots 0-1: start
 #else
     long long* rec = nullptr;
 #endif
     gemv_item(blockIdx.x, blockIdx.y, w, x, thr, nw, res, y, part, counter, scale, rec);
-#if TRACE_ON
+#if PROFILE_ON
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) {  // slots 10-11: result written (the K-range tail done); 13: the SM
         u32 sm;
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        rec[2] = now_ns();
-        rec[3] = sm;
+        stamp(rec, 10);
+        rec[13] = sm;
     }
 #endif
 }
@@ -427,7 +438,7 @@ class Config(NamedTuple):
     rows: int  # weight rows in flight per thread
     cluster: int  # 1: K ranges summed through the cluster's shared memory (sm_90); 0: a counter
     # 1: programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data. Off: it lost
-    # 9% end to end on an H100 (docs/perf-notes.md, session 32)
+    # 8-12% end to end on an H100 (docs/perf-notes.md, sessions 32 and 33)
     pdl: int = 0
 
 
@@ -446,12 +457,12 @@ class Spec(NamedTuple):
     config: Config
     thr32: bool = False  # float32 thresholds (the model's buffers), else in the activations' dtype
     int8: bool = False  # int8 weights with float32 column scales (kernels/formats.py INT8), else 16-bit
-    trace: bool = False  # each CTA records its timeline (launch's `trace`; scripts/trace_layer.py)
+    profile: bool = False  # each CTA stamps its phases (launch's `prof`; scripts/profile_phases.py --nvrtc)
 
 
 def supported(K: int, sizes, dtype: torch.dtype) -> bool:
-    """Whether a projection of this shape and dtype runs here: 16-bit weights, segments of whole 64-column tiles
-    (at most three), K a multiple of 8."""
+    """Whether a projection of this shape and activation dtype runs here: 16-bit activations (and weights, or int8
+    ones), segments of whole 64-column tiles (at most three), K a multiple of 8."""
     return (dtype in (torch.bfloat16, torch.float16) and len(sizes) <= 3 and all(s % COLS == 0 for s in sizes)
             and K % 8 == 0)
 
@@ -490,7 +501,7 @@ def item_source(spec: Spec, name: str) -> str:
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
                    RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl,
-                   INT8=int(spec.int8), TRACE=int(spec.trace))
+                   INT8=int(spec.int8), PROFILE=int(spec.profile))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
 
@@ -498,8 +509,9 @@ def item_source(spec: Spec, name: str) -> str:
 def kernel_source(spec: Spec) -> str:
     """The standalone launch of one projection: grid (N / 64, split)."""
     attr = f"__cluster_dims__(1, {spec.config.split}, 1)" if spec.config.cluster else ""
-    return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n" + HELPERS + item_source(spec, "gemv_item")
-            + KERNEL.replace("CLUSTER_ATTR", attr).replace("TRACE_ON", str(int(spec.trace))))
+    return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n#define PROF_SLOTS {PROFILE_SLOTS}\n" + HELPERS
+            + item_source(spec, "gemv_item")
+            + KERNEL.replace("CLUSTER_ATTR", attr).replace("PROFILE_ON", str(int(spec.profile))))
 
 
 @cache
@@ -610,24 +622,27 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
 
 
 def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
-            config: Config, thr32: bool = False, int8: bool = False, trace: bool = False) -> Spec:
+            config: Config, thr32: bool = False, int8: bool = False, profile: bool = False) -> Spec:
     """dtype: the activations' (and 16-bit weights')."""
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     N = ends[-1]
     return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
-                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, trace)
+                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, profile)
 
 
 def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
-           counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None, trace: Optional[Tensor] = None):
-    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's; trace:
-    int64 [N / 64 * split, 4] where spec.trace, each CTA's start, kept list ready and end in ns and its SM)."""
-    assert spec.trace == (trace is not None) and (trace is None or trace.numel() == grid(spec) * 4)
+           counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None, prof: Optional[Tensor] = None):
+    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's; prof:
+    int64 [>= grid(spec), PROFILE_SLOTS] where spec.profile, each CTA's stamps in the layout of
+    kernels/common.py's profile buffers: (global timer, clock) at slots 0 start, 2 kept list ready, 6 rows
+    streamed, 10 result written; 12 the kept rows, 13 the SM)."""
+    assert spec.profile == (prof is not None)
+    assert prof is None or (prof.shape[0] >= grid(spec) and prof.shape[1] == PROFILE_SLOTS and prof.is_contiguous())
     fn = _function(spec, x.device.index)
     cuda = _libraries()[1]
     _context(cuda, x.device.index)
     ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
-            for a in (w, x, t, nw, residual, y, part, counters, scale, trace)]
+            for a in (w, x, t, nw, residual, y, part, counters, scale, prof)]
     args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
     stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
     cfg = launch_config(spec, stream)

@@ -2,7 +2,7 @@
 boundaries (the kernels' PROFILE builds: sparse_gemv.launch and decode_attention.launch given a `prof` buffer).
 Needs a CUDA GPU.
 
-    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--out DIR]
+    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc] [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
 down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
@@ -10,7 +10,10 @@ down) run in a CUDA graph over 4 layer copies, as the decode step makes them wit
 previous launch, the median time of each phase over the launch's programs, the skew (last program's end minus the
 median program's end) and the span. GEMV phases: input loads in, list positions known (scan), list stored, first
 entries reloaded, weights streamed, partials reduced in registers, split-K counter, tail. Attention: q/k/v in, cache
-read, counter, combine.
+read, counter, combine. `--nvrtc` (sm_90, libnvrtc): the step sm_90 runs instead, its projections on
+kernels/cuda_gemv.py (q/k/v reduced in their launch, down gating gate/up's outputs); its phases: prologue (inputs,
+norm, thresholds, scan: the kept list ready), stream, tail (row groups and K ranges summed, result written), and the
+share of the spread of its CTAs' stream times that their SM, or their column tile (the addresses they read), explains.
 
 Each stamp (%globaltimer and %clock64 through inline assembly) waits on the value it marks, so work cannot move
 across it; that costs ~0.2 us per stamp, which the phases include (the layer time with and without stamps is
@@ -20,12 +23,13 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
-from kernels import configs, decode_attention, reference, sparse_gemv
+from kernels import configs, cuda_gemv, decode_attention, reference, sparse_gemv
 from kernels.common import PROFILE_SLOTS
 from kernels.reference import rms_norm_ref
 from model import ModelArgs
@@ -34,8 +38,20 @@ from scripts.bench import capture_graph, graph_time_us, replay_time_us, sparse_t
 SLOTS = PROFILE_SLOTS  # per program: (globaltimer, clock64) pairs at even slots, counts at 12-14
 
 
-def summarise(buf, ghz: float, t0: int, prev_end: float, attention: bool) -> dict:
-    """Phase medians (us) of one launch's programs from their stamps [programs, SLOTS] (int64, zeros unused)."""
+def explained(values: torch.Tensor, groups: torch.Tensor) -> float:
+    """The share of values' variance that their groups' means explain (0: none, 1: all)."""
+    v = values.double()
+    total = ((v - v.mean()) ** 2).sum()
+    if total == 0:
+        return 0.0
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    means = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, v) / torch.bincount(inverse).double()
+    return (((means[inverse] - v.mean()) ** 2).sum() / total).item()
+
+
+def summarise(buf, ghz: float, t0: int, prev_end: float, attention: bool, tiles: Optional[int] = None) -> dict:
+    """Phase medians (us) of one launch's programs from their stamps [programs, SLOTS] (int64, zeros unused);
+    tiles: an NVRTC GEMV launch of that many column tiles (its CTAs in order, tile fastest)."""
     rows = buf[buf[:, 0] > 0]
 
     def med(i, j):
@@ -46,6 +62,11 @@ def summarise(buf, ghz: float, t0: int, prev_end: float, attention: bool) -> dic
     out = {"programs": len(rows), "gap": round(start - prev_end, 2) if prev_end is not None else None}
     if attention:
         out.update(qkv_in=med(0, 2), cache=med(2, 4), counter=med(4, 6), combine=med(6, 8))
+    elif tiles is not None:
+        stream = rows[:, 6] - rows[:, 2]
+        out.update(prologue=med(0, 2), stream=med(2, 6), tail=med(6, 10), kept=int(statistics.median(rows[:, 12].tolist())),
+                   spread_by_sm=round(explained(stream, rows[:, 13]), 2),
+                   spread_by_tile=round(explained(stream, torch.arange(len(rows)) % tiles), 2))
     else:
         first_rows, loop = med(4, 20), med(20, 22)
         out.update(loads=med(0, 16), scan=med(16, 18), list_store=med(18, 2), list_reload=med(2, 4),
@@ -61,12 +82,15 @@ def main():
     p.add_argument("--model", default="llama-2-7b", help="config whose layer shapes are timed")
     p.add_argument("--sparsities", default="0.5,0.999", help="comma-separated sparsity levels in [0, 1]")
     p.add_argument("--context", type=int, default=384, help="cache positions the attention reads")
+    p.add_argument("--nvrtc", action="store_true", help="the projections on kernels/cuda_gemv.py (sm_90's path)")
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json (default: none written)")
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
     sparsities = sparsity_list(a.sparsities, "--sparsities", up_to_one=True)  # 1: the phases with nothing to stream
     if not torch.cuda.is_available():
         raise UserError("profile_phases.py needs a CUDA GPU")
+    if a.nvrtc and not (torch.cuda.get_device_capability()[0] >= 9 and cuda_gemv.usable(0)):
+        raise UserError("--nvrtc needs an sm_90 GPU and libnvrtc (it comes with torch's CUDA wheels)")
 
     dev, dt, L = "cuda", torch.bfloat16, 4
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -90,9 +114,13 @@ def main():
     tq, to = torch.zeros(3, dim, device=dev), torch.zeros(1, H * D, device=dev)
     tg, td = torch.zeros(2, dim, device=dev), torch.zeros(1, inter, device=dev)
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
-    bufs = {(i, p): torch.zeros(1024, SLOTS, dtype=torch.int64, device=dev) for i in range(L) for p in "qaogd"}
+    shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
+    ncfg = {p: cuda_gemv.default_config(K, sum(sz), n_sm, 9) for p, (K, sz) in shapes.items()}
+    n_prog = max([1024] + [sum(sz) // cuda_gemv.COLS * ncfg[p].split for p, (K, sz) in shapes.items()])
+    bufs = {(i, p): torch.zeros(n_prog, SLOTS, dtype=torch.int64, device=dev) for i in range(L) for p in "qaogd"}
+    sparse_step = [True]  # the level being profiled is above 0 (the NVRTC launches are dense at 0, as the step's)
 
-    def layer(i, stamped):
+    def layer_triton(i, stamped):
         """One layer's five launches as the decode step makes them, each stamping into its buffer if `stamped`."""
         prof = (lambda p: bufs[(i, p)]) if stamped else (lambda p: None)  # noqa: E731
         pq, pg = configs.k_layout(dim, cfg["q"])[1], configs.k_layout(dim, cfg["g"])[1]
@@ -112,14 +140,42 @@ def main():
         sparse_gemv.launch(gp, Wd[i], td, cnt, (dim,), False, cfg["d"], h1, h2, ss_out=ss2, prof=prof("d"))
         return qp, y, h1, gp, h2, ss2
 
+    def layer_nvrtc(i, stamped):
+        """The same layer as sm_90's step makes it: q/k/v (norm fused, reduced in its launch), attention, o (residual
+        added), gate/up (norm fused), down (gating gate/up's outputs, residual added)."""
+        prof = (lambda p: bufs[(i, p)]) if stamped else (lambda p: None)  # noqa: E731
+
+        def proj(p, x, w, t, nw=None, res=None, glu=False):
+            K, sizes = shapes[p]
+            t = t if sparse_step[0] else None
+            spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5, ncfg[p],
+                                     t is not None, profile=stamped)
+            y = torch.empty(sum(sizes), device=dev, dtype=dt)
+            cuda_gemv.launch(spec, x.reshape(-1), w, t, nw, None if res is None else res.reshape(-1), cnt, y,
+                             torch.empty(ncfg[p].split, sum(sizes), device=dev), prof=prof(p))
+            return y
+
+        qkv = proj("q", h0, Wq[i], tq, nw=g1)
+        y = torch.empty(1, H * D, device=dev, dtype=dt)
+        decode_attention.launch(qkv.view(1, -1), rope, caches[i][0], caches[i][1], pos, att_cnt, H, None, y,
+                                prof=prof("a"))
+        h1 = proj("o", y, Wo[i], to, res=h0).view(1, dim)
+        gu = proj("g", h1, Wg[i], tg, nw=g2)
+        h2 = proj("d", gu, Wd[i], td, res=h1, glu=True).view(1, dim)
+        return qkv, y, h1, gu, h2
+
+    layer = layer_nvrtc if a.nvrtc else layer_triton
     records = []
     for s in sparsities:
+        sparse_step[0] = s > 0
         for t in (tq, to, tg, td):  # thresholds from each stage's input, one stage at a time
             t.zero_()
         tq.fill_(sparse_threshold(rms_norm_ref(h0, g1, 1e-5), s))
         to.fill_(sparse_threshold(layer(0, False)[1], s))
         tg.fill_(sparse_threshold(rms_norm_ref(layer(0, False)[2], g2, 1e-5), s))
-        td.fill_(sparse_threshold(reference.parts_ref(layer(0, False)[3], True, dt), s))
+        gates = layer(0, False)[3]  # gate/up's partials [P, 2, 1, I] (Triton), or their outputs [2 I] (NVRTC)
+        td.fill_(sparse_threshold(reference.parts_ref(gates.float().view(1, 2, 1, inter) if a.nvrtc else gates,
+                                                      True, dt), s))
         if not all(torch.equal(x, y) for x, y in zip(layer(0, False), layer(0, True))):
             raise UserError("the stamped launches do not reproduce the kernels' outputs")
         plain = graph_time_us([lambda: [layer(i, False) for i in range(L)]], launches=10) / L
@@ -133,11 +189,13 @@ def main():
         spans = [((r[7] - r[1]) / (r[6] - r[0])) for b in st.values() for r in b.tolist() if r[6] - r[0] > 5000]
         ghz = statistics.median(spans) if spans else 1.98
         t0 = int(st[(1, "q")][:, 0][st[(1, "q")][:, 0] > 0].min())  # layer copy 1: copy 0 follows the capture's start
-        print(f"\n{a.model}, sparsity {s}, {T} positions: one layer {plain:.1f} us ({stamped:.1f} with stamps), "
+        print(f"\n{a.model}{' (NVRTC projections)' if a.nvrtc else ''}, sparsity {s}, {T} positions: one layer "
+              f"{plain:.1f} us ({stamped:.1f} with stamps), "
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
-            r = summarise(st[(1, p)], ghz, t0, prev, p == "a")
+            r = summarise(st[(1, p)], ghz, t0, prev, p == "a",
+                          sum(shapes[p][1]) // cuda_gemv.COLS if a.nvrtc and p != "a" else None)
             prev = r.pop("end")
             records.append({"model": a.model, "sparsity": s, "context": T, "launch": name, "layer_us": round(plain, 2),
                             "layer_us_stamped": round(stamped, 2), **r})

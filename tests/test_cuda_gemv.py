@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from errors import UserError
+from kernels.common import PROFILE_SLOTS
 from kernels import configs, cuda_gemv, reference, sparse_gemv
 from kernels.formats import FLOAT, INT8
 from model import ModelArgs
@@ -110,23 +111,26 @@ def test_kernel_source_specialises():
         cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(1, 8, 1)))
     with pytest.raises(UserError, match="split K further"):
         cuda_gemv.kernel_source(spec._replace(K=16384, config=cuda_gemv.Config(2, 8, 0)))
-    # the timeline records only where asked (scripts/trace_layer.py)
-    assert "#define TRACE 0\n" in src and "#if 0\n    long long* rec = trace" in src
-    traced = cuda_gemv.kernel_source(spec._replace(trace=True))
-    assert "#define TRACE 1\n" in traced and "#if 1\n    long long* rec = trace" in traced
+    # the phase stamps only where asked (scripts/profile_phases.py --nvrtc), in kernels/common.py's slot layout
+    assert "#define PROFILE 0\n" in src and "#if 0\n    long long* rec = prof + PROF_SLOTS" in src
+    profiled = cuda_gemv.kernel_source(spec._replace(profile=True))
+    assert "#define PROFILE 1\n" in profiled and "#if 1\n    long long* rec = prof + PROF_SLOTS" in profiled
+    assert f"#define PROF_SLOTS {PROFILE_SLOTS}\n" in profiled
 
 
-def test_launch_checks_its_trace_buffer():
-    """A traced spec takes an int64 [CTAs, 4] record buffer and an untraced one none (checked before any driver
-    call)."""
+def test_launch_checks_its_profile_buffer():
+    """A profiled spec takes an int64 [>= CTAs, PROFILE_SLOTS] buffer and an unprofiled one none (checked before any
+    driver call)."""
     spec = cuda_gemv.spec_of(1024, (256,), BF16, True, False, False, False, 1e-5, cuda_gemv.Config(2, 8, 0))
     assert cuda_gemv.grid(spec) == 4 * 2
     x = torch.zeros(1024, dtype=BF16)
     with pytest.raises(AssertionError):
-        cuda_gemv.launch(spec, x, None, None, None, None, None, None, None, trace=torch.zeros(8, 4, dtype=torch.int64))
-    with pytest.raises(AssertionError):
-        cuda_gemv.launch(spec._replace(trace=True), x, None, None, None, None, None, None, None,
-                         trace=torch.zeros(7, 4, dtype=torch.int64))
+        cuda_gemv.launch(spec, x, None, None, None, None, None, None, None,
+                         prof=torch.zeros(8, PROFILE_SLOTS, dtype=torch.int64))
+    for rows, slots in ((7, PROFILE_SLOTS), (8, 4)):
+        with pytest.raises(AssertionError):
+            cuda_gemv.launch(spec._replace(profile=True), x, None, None, None, None, None, None, None,
+                             prof=torch.zeros(rows, slots, dtype=torch.int64))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -147,7 +151,7 @@ def _shapes(name):
 def test_every_kernel_of_a_model_builds_for_sm90(name):
     """Every launch a model's decode step makes on this path (dense and sparse, bf16 and fp16, its default configs
     a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds, 16-bit or int8 weights;
-    traced) compiles for sm_90."""
+    profiled) compiles for sm_90."""
     nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes(name).items():
         cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9)
@@ -158,9 +162,9 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
-        traced = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
-                                   1e-5, cfg, True, trace=True)  # scripts/trace_layer.py's launches
-        assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(traced), "sm_90")[:4] == b"\x7fELF"
+        profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
+                                     1e-5, cfg, True, profile=True)  # scripts/profile_phases.py --nvrtc
+        assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
 
 def test_launch_config_matches_the_driver_layout():

@@ -17,6 +17,20 @@ from quantization import quantize_model
 from tests.helpers import VARIANTS, hf_checkpoint, reference_and_kernel_models
 
 
+def decode_both(ref_model, model, prompt, steps, cache_len, **step_kw):
+    """Both models prefilled densely with prompt [B, P], then fed steps [B, n] one position at a time: the
+    (reference, model) logits of each step."""
+    P, out = prompt.shape[1], []
+    with torch.no_grad():
+        for m in (ref_model, model):
+            m.setup_caches(prompt.shape[0], cache_len)
+            m(prompt, torch.arange(P), sparse_from=None)
+        for i in range(steps.shape[1]):
+            pos = torch.tensor([P + i])
+            out.append(tuple(m(steps[:, i:i + 1], pos, **step_kw) for m in (ref_model, model)))
+    return out
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -121,15 +135,9 @@ def test_kernel_path_matches_reference_decode(fuse_norm, attention, defer, fuse_
     fused = []  # the fused MLP's launches: it must be the path taken when it applies, not a silent fallback
     launch_mlp = sparse_mlp.sparse_mlp
     monkeypatch.setattr(sparse_mlp, "sparse_mlp", lambda *a, **k: fused.append(1) or launch_mlp(*a, **k))
-    with torch.no_grad():
-        for m in (ref_model, model):
-            m.setup_caches(1, 128)  # attention splits of 64 positions: the steps cross position 64
-            m(prompt, torch.arange(62), sparse_from=None)
-        for i in range(steps.shape[1]):
-            pos = torch.tensor([62 + i])
-            ref = ref_model(steps[:, i:i + 1], pos)
-            out = model(steps[:, i:i + 1], pos)
-            assert rel_err(out, ref) < 1e-5, i
+    # attention splits of 64 positions: the steps cross position 64
+    for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 128)):
+        assert rel_err(out, ref) < 1e-5, i
     # (quantized weights take the two launches)
     assert len(fused) == (len(model.layers) * steps.shape[1] if fuse_mlp and fuse_norm and not quant else 0)
     for layer in range(len(model.layers)):  # the kernel wrote the same keys and values into its cache
@@ -167,13 +175,8 @@ def test_kernel_path_matches_reference_decode_batch(quant):
     """Three sequences at once (tensor-core GEMV path, mask = union over the batch; partials handed over per row)."""
     ref_model, model = reference_and_kernel_models(quant=quant)
     prompt, steps = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 3))
-    with torch.no_grad():
-        for m in (ref_model, model):
-            m.setup_caches(3, 64)
-            m(prompt, torch.arange(20), sparse_from=None)
-        for i in range(steps.shape[1]):
-            pos = torch.tensor([20 + i])
-            assert rel_err(model(steps[:, i:i + 1], pos), ref_model(steps[:, i:i + 1], pos)) < 1e-5, i
+    for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64)):
+        assert rel_err(out, ref) < 1e-5, i
 
 
 @pytest.mark.parametrize("sparse,quant", [(True, None), (False, None), (True, "int8")], ids=["sparse", "dense", "int8"])
@@ -195,17 +198,9 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, monkeypatch):
     launch = cuda_gemv.cuda_gemv
     monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in")) or launch(*a, **k))
     prompt, steps = torch.randint(0, 101, (1, 20)), torch.randint(0, 101, (1, 3))
-    sparse_from = 0 if sparse else None
-    with torch.no_grad():
-        for m in (ref_model, model):
-            m.setup_caches(1, 64)
-            m(prompt, torch.arange(20), sparse_from=None)
-        for i in range(steps.shape[1]):
-            pos = torch.tensor([20 + i])
-            ref = ref_model(steps[:, i:i + 1], pos, sparse_from=sparse_from)
-            out = model(steps[:, i:i + 1], pos, sparse_from=sparse_from)
-            # (int8: the LM head on the Triton kernel, interpreted, beside the reference path's)
-            assert torch.equal(out, ref) if quant is None else rel_err(out, ref) < 1e-2, i
+    for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=0 if sparse else None)):
+        # (int8: the LM head on the Triton kernel, interpreted, beside the reference path's)
+        assert torch.equal(out, ref) if quant is None else rel_err(out, ref) < 1e-2, i
     assert len(calls) == 4 * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
     assert calls.count(True) == len(model.layers) * steps.shape[1]  # down gates gate/up's outputs
 

@@ -32,3 +32,34 @@ def test_phases_from_stamps():
     assert r["end"] == pytest.approx(14.2, abs=0.01)  # program 2 ends at 1200 + 14000 ns
     assert r["span"] == pytest.approx(14.2, abs=0.01)
     assert r["skew"] == pytest.approx(14.2 - (7.0 + 14.2) / 2, abs=0.01)
+
+
+def test_nvrtc_phases_from_stamps():
+    """kernels/cuda_gemv.py's stamps (slots 0 start, 2 kept list ready, 6 rows streamed, 10 written; 12 kept rows,
+    13 the SM): prologue, stream, tail, and which of SM or column tile explains the spread of stream times."""
+    ghz = 1.0
+    buf = torch.zeros(4, pp.SLOTS, dtype=torch.int64)
+    # two column tiles x two K ranges (CTA order: tile fastest) on SMs 0, 1, 0, 1; tile 1 streams 2 us longer
+    for i in range(4):
+        ns = {0: 0, 2: 1000, 6: 1000 + 5000 + 2000 * (i % 2), 10: 7500 + 2000 * (i % 2)}
+        for slot, t in ns.items():
+            buf[i, slot] = 10_000 + t
+            buf[i, slot + 1] = int((10_000 + t) * ghz)
+        buf[i, 12], buf[i, 13] = 40 + i, [0, 1, 0, 1][i]
+    r = pp.summarise(buf, ghz, t0=10_000, prev_end=None, attention=False, tiles=2)
+    assert r["programs"] == 4 and r["gap"] is None and r["kept"] == 41  # median of 40..43, rounded down
+    assert r["prologue"] == pytest.approx(1.0) and r["stream"] == pytest.approx(6.0)  # medians of 5, 7
+    assert r["tail"] == pytest.approx(1.5) and r["end"] == pytest.approx(9.5)
+    # SM and tile coincide here: both explain all of it
+    assert r["spread_by_sm"] == 1.0 and r["spread_by_tile"] == 1.0
+    buf[:, 13] = torch.tensor([0, 0, 1, 1])  # SMs now across tiles: they explain none of it
+    r = pp.summarise(buf, ghz, t0=10_000, prev_end=None, attention=False, tiles=2)
+    assert r["spread_by_sm"] == 0.0 and r["spread_by_tile"] == 1.0
+
+
+def test_explained_share_of_the_spread():
+    values = torch.tensor([10.0, 12.0, 10.0, 12.0])
+    assert pp.explained(values, torch.tensor([0, 1, 0, 1])) == pytest.approx(1.0)
+    assert pp.explained(values, torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
+    assert pp.explained(torch.tensor([10.0, 11.0, 13.0, 14.0]), torch.tensor([0, 0, 1, 1])) == pytest.approx(9 / 10)
+    assert pp.explained(torch.tensor([5.0, 5.0]), torch.tensor([0, 1])) == 0.0
