@@ -4,8 +4,10 @@ For each (batch row, KV head) the G = n_head / n_kv_head query heads of its grou
 key is rotated and written with the new value into the cache at `pos`, and the group attends over the
 cache positions [lo, pos] (lo > 0 only with a sliding window). The positions are split over programs
 (flash-decoding); each split keeps an online softmax and the last one to finish (atomic counter, left at
-zero) combines the partial results in a fixed order. Only positions up to `pos` are read, so the cost
-follows the context actually used, not the cache's length.
+zero) combines the partial results in a fixed order. The split follows the context actually used, not the
+cache's length: the launch has up to 16 programs per KV head (fixed, as a CUDA graph needs), and at each step
+[lo, pos] is cut into that many whole blocks of positions or fewer, so a short context in a long cache (a chat,
+the server) still spreads over programs, and only positions up to `pos` are read.
 """
 from functools import partial
 from typing import Optional
@@ -50,7 +52,7 @@ def _decode_attention_kernel(
     qkv_ptr, rope_ptr, k_ptr, v_ptr, pos_ptr, y_ptr, ws_ml_ptr, ws_acc_ptr, cnt_ptr,
     stride_qb, stride_qp, stride_cb, stride_ch, stride_ct, stride_yb, WINDOW, N_SPLITS, N_PARTS: tl.constexpr,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
-    BLOCK_T: tl.constexpr, SPLIT_T: tl.constexpr, COMBINE: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_T: tl.constexpr, COMBINE: tl.constexpr, DOT_F32: tl.constexpr,
     prof_ptr, PROFILE: tl.constexpr,
 ):
     scale: tl.constexpr = 1.0 / (D ** 0.5)
@@ -64,9 +66,10 @@ def _decode_attention_kernel(
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(pos - WINDOW + 1, 0)
-    first = lo // SPLIT_T
-    last = pos // SPLIT_T
-    if (split >= first) & (split <= last):
+    per = tl.cdiv((pos - lo) // BLOCK_T + 1, N_SPLITS) * BLOCK_T  # positions per split: whole blocks
+    start = lo + split * per
+    last = (pos - lo) // per  # the split holding `pos`; splits 0 .. last have positions
+    if split <= last:
         dt = k_ptr.dtype.element_ty
         ydt = y_ptr.dtype.element_ty
         HALF: tl.constexpr = D // 2
@@ -99,8 +102,8 @@ def _decode_attention_kernel(
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
-        t_end = tl.minimum((split + 1) * SPLIT_T, pos)  # cached positions; `pos` itself comes from registers
-        for t0 in range(tl.maximum(split * SPLIT_T, lo), t_end, BLOCK_T):
+        t_end = tl.minimum(start + per, pos)  # cached positions; `pos` itself comes from registers
+        for t0 in range(start, t_end, BLOCK_T):
             ts = t0 + tl.arange(0, BLOCK_T)
             t_ok = ts < t_end
             kp = k_ptr + cache + ts[:, None] * stride_ct + dh[None, :]
@@ -128,7 +131,7 @@ def _decode_attention_kernel(
 
         _stamp(prof, 4, (tl.max(l, axis=0) > 1e30).to(tl.int32), PROFILE)
         y_ptrs = y_ptr + b * stride_yb + (hk * G + g)[:, None] * D + dd[None, :]
-        if first == last:
+        if last == 0:
             tl.store(y_ptrs, (acc / l[:, None]).to(dt).to(ydt), mask=g_ok[:, None])
         else:
             # partials: ws_ml [B*HKV, N_SPLITS, 2, G_P2], ws_acc [B*HKV, N_SPLITS, G_P2, D]
@@ -140,11 +143,11 @@ def _decode_attention_kernel(
             tl.debug_barrier()  # every thread's partials are stored before the counter moves
             arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
             _stamp(prof, 6, arrived, PROFILE)
-            if arrived == last - first:
+            if arrived == last:
                 gg = tl.arange(0, G_P2)
                 gg_ok = gg < G
                 m_all = tl.full((G_P2,), float("-inf"), tl.float32)
-                for j0 in range(first, last + 1, COMBINE):  # global max first
+                for j0 in range(0, last + 1, COMBINE):  # global max first
                     js = j0 + tl.arange(0, COMBINE)
                     j_ok = js <= last
                     mj = tl.load(ws_ml_ptr + (pid * N_SPLITS + js)[:, None] * 2 * G_P2 + gg[None, :],
@@ -153,7 +156,7 @@ def _decode_attention_kernel(
                 m_all = tl.where(gg_ok, m_all, 0.0)
                 l_all = tl.zeros((G_P2,), tl.float32)
                 o = tl.zeros((G_P2, D), tl.float32)
-                for j0 in range(first, last + 1, COMBINE):  # a fixed order: no dependence on arrival
+                for j0 in range(0, last + 1, COMBINE):  # a fixed order: no dependence on arrival
                     js = j0 + tl.arange(0, COMBINE)
                     j_ok = js <= last
                     msk = j_ok[:, None] & gg_ok[None, :]
@@ -188,9 +191,14 @@ def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
     return head_dim >= 32 and head_dim & (head_dim - 1) == 0 and n_head % n_kv_head == 0
 
 
-def split_size(max_seq_len: int, block_t: int = 64, max_splits: int = 16) -> int:
-    """Positions per program: one block while that gives at most max_splits programs per head."""
-    return block_t * max(1, triton.cdiv(max_seq_len, block_t * max_splits))
+def n_splits(max_seq_len: int, window: Optional[int], block_t: int = 64, max_splits: int = 16) -> int:
+    """Programs per KV head: one per block of the longest context the cache (or window) holds, at most max_splits."""
+    return max(1, min(max_splits, triton.cdiv(min(max_seq_len, window or max_seq_len), block_t)))
+
+
+def split_of(pos: int, lo: int, splits: int, block_t: int = 64) -> int:
+    """Positions per program at a step attending over [lo, pos] (the kernel's own arithmetic)."""
+    return triton.cdiv((pos - lo) // block_t + 1, splits) * block_t
 
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
@@ -208,17 +216,16 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     assert supported(n_head, Hkv, D) and qkv.shape[-1] == (n_head + 2 * Hkv) * D and qkv.stride(-1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and B <= k_cache.shape[0]
     assert counters.numel() >= B * Hkv and rope.shape[-2:] == (D // 2, 2)
-    split_t = split_size(T, block_t)
-    n_splits = triton.cdiv(T, split_t)
+    splits = n_splits(T, window, block_t)
     g_p2 = triton.next_power_of_2(G)
-    ws_ml = qkv.new_empty((B * Hkv, n_splits, 2, g_p2), dtype=torch.float32)
-    ws_acc = qkv.new_empty((B * Hkv, n_splits, g_p2, D), dtype=torch.float32)
-    combine = min(triton.next_power_of_2(n_splits), max(1, 4096 // (g_p2 * D)))
-    wrap(_decode_attention_kernel)[(B * Hkv, n_splits)](
+    ws_ml = qkv.new_empty((B * Hkv, splits, 2, g_p2), dtype=torch.float32)
+    ws_acc = qkv.new_empty((B * Hkv, splits, g_p2, D), dtype=torch.float32)
+    combine = min(triton.next_power_of_2(splits), max(1, 4096 // (g_p2 * D)))
+    wrap(_decode_attention_kernel)[(B * Hkv, splits)](
         qkv, rope, k_cache, v_cache, pos, out, ws_ml, ws_acc, counters,
         qkv.stride(-2), qkv.stride(0) if n_parts else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), window or 0, n_splits, n_parts,
-        H=n_head, HKV=Hkv, G=G, G_PAD=max(16, g_p2), G_P2=g_p2, D=D, BLOCK_T=block_t, SPLIT_T=split_t,
+        out.stride(0), window or 0, splits, n_parts,
+        H=n_head, HKV=Hkv, G=G, G_PAD=max(16, g_p2), G_P2=g_p2, D=D, BLOCK_T=block_t,
         COMBINE=combine, DOT_F32=INTERPRETED and k_cache.dtype == torch.bfloat16,
         prof_ptr=prof if prof is not None else rope, PROFILE=prof is not None, num_warps=num_warps,
     )

@@ -14,20 +14,24 @@ ATTENTION = {  # name: (n_head, n_kv_head, head_dim, cache length, window)
     "gqa": (6, 2, 32, 100, None),
     "gqa-d64": (4, 1, 64, 300, None),
     "window": (8, 2, 32, 64, 5),
+    "window-long": (8, 2, 32, 100, 40),  # a window over several splits, their start not block-aligned
 }
 
 
-@pytest.mark.parametrize("case,B,dtype", pairwise(["mha", "gqa", "gqa-d64", "window"], [1, 3], [F32, F16, BF16],
-                                               quick=[("gqa", 1, BF16)]))
+@pytest.mark.parametrize("case,B,dtype", pairwise(["mha", "gqa", "gqa-d64", "window", "window-long"], [1, 3],
+                                               [F32, F16, BF16], quick=[("gqa", 1, BF16), ("gqa-d64", 1, F32)]))
 def test_decode_attention_matches_reference(case, B, dtype):
-    """Fresh caches, positions at the first entry, on both sides of a split boundary and at the cache end."""
+    """Fresh caches, positions at the first entry (one program), on both sides of the first block's end (two),
+    on both sides of a split boundary at the cache end (splits of several blocks where the cache holds more blocks
+    than programs: gqa-d64) and at the cache end."""
     H, Hkv, D, T, window = ATTENTION[case]
     block_t = 16
-    split = decode_attention.split_size(T, block_t)
+    splits = decode_attention.n_splits(T, window, block_t)
+    split = decode_attention.split_of(T - 1, max(T - window, 0) if window else 0, splits, block_t)
     angles = torch.rand(D // 2, device=DEVICE) * 6
     rope = torch.stack([angles.cos(), angles.sin()], -1)[None].float()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
-    for pos in sorted({0, split - 1, split, T - 1}):
+    for pos in sorted({0, block_t - 1, block_t, split - 1, split, T - 1}):
         qkv = torch.randn(B, (H + 2 * Hkv) * D, dtype=dtype, device=DEVICE)
         k = torch.randn(B + 1, Hkv, T, D, dtype=dtype, device=DEVICE)
         v = torch.randn(B + 1, Hkv, T, D, dtype=dtype, device=DEVICE)
@@ -72,6 +76,17 @@ def test_decode_attention_from_qkv_partials(B, dtype):
     y = decode_attention.decode_attention(parts, rope, k, v, torch.tensor([T - 1], device=DEVICE),
                                           torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE), H, window)
     assert y.dtype == dtype and y.shape == (B, H * D)
+
+
+def test_splits_follow_the_context():
+    """A short context in a long cache spreads over the programs as it would in a cache of its own size; a long one
+    takes whole blocks per program, never more programs than the launch has."""
+    assert decode_attention.n_splits(4096, None) == 16 and decode_attention.n_splits(384, None) == 6
+    assert decode_attention.n_splits(32768, 4096) == 16 and decode_attention.n_splits(4096, 100) == 2
+    assert decode_attention.split_of(383, 0, 16) == decode_attention.split_of(383, 0, 6) == 64  # 6 programs
+    for pos in range(0, 4096, 7):
+        per = decode_attention.split_of(pos, 0, 16)
+        assert per % 64 == 0 and pos // per < 16 and (pos // per + 1) * per > pos
 
 
 def test_decode_attention_op():
