@@ -235,8 +235,8 @@ def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 204
                                                                                args.sliding_window) for c in caches])
         rows.append({"model": name, "context": C, "cache": T, "us": ours, "torch_us": ref,
                      "cache_bytes": 2 * Hkv * (C - 1) * D * 2})
-        print(f"  {name} attention context {C}, cache {T}: kernel {ours:.1f} us | PyTorch (rope, cache write, SDPA) {ref:.1f} us",
-              flush=True)
+        print(f"  {name} attention context {C}, cache {T}: kernel {ours:.1f} us | PyTorch (rope, cache write, SDPA) "
+              f"{ref:.1f} us", flush=True)
     return rows
 
 
@@ -418,7 +418,8 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   "its `standalone_us` is the two launches it replaces.)", ""]
     if attention:
         (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")
-        lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the context's end)", "",
+        lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the context's end)",
+                  "",
                   "| model | context | cache | kernel | PyTorch (RoPE, cache write, SDPA) | cache GB/s |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['context']} | {r.get('cache', r['context'])} | {r['us']:.1f} | "
