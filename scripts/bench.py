@@ -301,7 +301,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
 def decode_path(plan) -> str:
     """What a record's decode step ran its projections on."""
     if plan.sparse_decode:
-        return "NVRTC kernels" if (plan.nvrtc_int8 if plan.quantized else plan.nvrtc_sparse) else "sparse kernels"
+        return "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
     return "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
 
 

@@ -47,10 +47,27 @@ def test_fused_launch_conditions():
     assert not DecodePlan(kernels=False).fused_mlp(1, True, None)
 
 
+def test_nvrtc_route_by_weights_and_level():
+    """Batch-1 steps on kernels/cuda_gemv.py (plan.cuda): 16-bit dense and sparse ones, int8 weights' above level 0
+    only (at 0 Triton's int8 kernel is faster: docs/perf-notes.md, session 36); never several rows or active rows."""
+    p = DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True)
+    for level in (0.0, 0.5):
+        f = p.at_level(level)
+        assert f.cuda(1, level > 0, None)
+        assert not f.cuda(2, True, None) and not f.cuda(1, True, ACTIVE)
+    assert not replace(p, nvrtc_sparse=False).at_level(0.5).cuda(1, True, None)
+    assert replace(p, nvrtc_sparse=False).at_level(0.0).cuda(1, False, None)
+    q = replace(p, quantized=True)
+    assert q.at_level(0.5).cuda(1, True, None) and not q.at_level(0.0).cuda(1, True, None)
+    assert not replace(q, nvrtc_int8=False).at_level(0.5).cuda(1, True, None)
+    assert not replace(p, nvrtc_arch=0).at_level(0.5).cuda(1, True, None)
+
+
 def test_at_level_and_materialised():
     p = DecodePlan(kernels=True)
     assert not p.at_level(0.0).sparse_decode and p.at_level(0.25).sparse_decode
     assert replace(p, quantized=True).at_level(0.0).sparse_decode  # zero thresholds on the kernels are dense
+    assert p.at_level(0.0).zero_level and not p.at_level(0.25).zero_level
     m = p.materialised()
     assert not m.defer_reduction and not m.fuse_mlp
     assert not m.defers(1, True, None) and not m.fused_mlp(1, True, None)
