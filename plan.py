@@ -21,7 +21,7 @@ instead of keeping flags of its own:
   except int8 steps at level 0 (`zero_level`), which stay on the Triton kernel (3% faster there; session 36);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
-  or for int8 on sm_90 the NVRTC one).
+  or for int8 above level 0 on sm_90 the NVRTC one).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """
