@@ -294,7 +294,7 @@ class SparseLinear(nn.Module):
         B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
         K = x.shape[-1]
         if not self.glu and self.on_cuda(plan, B * S, sparse, active, x):
-            y = self.cuda(x, sparse, norm=norm, residual=residual)
+            y = self.cuda(x, plan.cuda_thresholds(sparse), norm=norm, residual=residual)
             return y if residual is None else (y, None)
         route = plan.projection(B * S, sparse, active)
         if route == "kernel":
@@ -459,7 +459,7 @@ class Attention(nn.Module):
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
-                qkv = self.wqkv.cuda(x, sparse, norm=norm).view(B, -1)
+                qkv = self.wqkv.cuda(x, plan.cuda_thresholds(sparse), norm=norm).view(B, -1)
             elif plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
                 qkv = self.wqkv.partial_sums(x, norm, ss, plan)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
@@ -503,7 +503,8 @@ class FeedForward(nn.Module):
                 plan: DecodePlan):
         rows = h.shape[0] * h.shape[1]
         if self.w13.on_cuda(plan, rows, sparse, active, h) and self.w2.cuda_config is not None:  # down gates gate/up
-            return self.w2.cuda(self.w13.cuda(h, sparse, norm=norm), sparse, residual=h, glu_in=True), None
+            t = plan.cuda_thresholds(sparse)
+            return self.w2.cuda(self.w13.cuda(h, t, norm=norm), t, residual=h, glu_in=True), None
         if ss is not None and plan.fused_mlp(rows, sparse, active):
             y, ss_out = sparse_mlp.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
                                               self.w2.threshold, self.counters, self.w13.kernel_configs[1],

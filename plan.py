@@ -17,11 +17,13 @@ instead of keeping flags of its own:
 - `nvrtc_arch`: batch-1 16-bit dense decode steps run the CUDA C++ kernel of kernels/cuda_gemv.py, compiled with
   NVRTC for this compute capability (90: sm_90; 0: off), in place of cuBLAS, norms fused, gate/up gated by down's
   launch; `nvrtc_sparse`: sparse steps too, in place of the Triton kernels, `nvrtc_int8`: int8 weights' steps too
-  (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33),
-  except int8 steps at level 0 (`zero_level`), which stay on the Triton kernel (3% faster there; session 36);
+  (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33);
+  at level 0 (`zero_level`) int8 steps, which stay on the sparse route (their weights have no dense one), call it
+  without thresholds: its dense mode streams every row without a kept list (+12% over Triton's int8 kernel on an
+  H100, session 36);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
-  or for int8 above level 0 on sm_90 the NVRTC one).
+  or for int8 on sm_90 the NVRTC one).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """
@@ -52,8 +54,8 @@ class DecodePlan:
     masked_stream: bool = False  # every batch-1 16/8-bit projection streams with masked loads, no kept list
     nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
     nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
-    nvrtc_int8: bool = False  # ... and int8 weights' above level 0 (the LM head stays on Triton; as nvrtc_sparse)
-    zero_level: bool = False  # decoding at sparsity 0 (at_level)
+    nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
+    zero_level: bool = False  # decoding at sparsity 0 (at_level): the NVRTC kernel runs without thresholds
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -65,7 +67,12 @@ class DecodePlan:
     def cuda(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
         """Whether a call of `rows` token rows may run kernels/cuda_gemv.py (its module decides on shape and dtype)."""
         return (self.nvrtc_arch > 0 and rows == 1 and active is None
-                and (self.nvrtc_int8 and not self.zero_level if self.quantized else self.nvrtc_sparse or not sparse))
+                and (self.nvrtc_int8 if self.quantized else self.nvrtc_sparse or not sparse))
+
+    def cuda_thresholds(self, sparse: bool) -> bool:
+        """Whether a call on kernels/cuda_gemv.py applies thresholds: not at level 0, where they are zero (exactly
+        dense) and its dense mode streams every row without building a kept list."""
+        return sparse and not self.zero_level
 
     def attention(self, rows: int, seq: int, active: Optional[Tensor]) -> bool:
         return self.kernels and self.attention_kernel and seq == 1 and active is None and rows <= MAX_ROWS
@@ -84,7 +91,7 @@ class DecodePlan:
     def at_level(self, sparsity: float) -> "DecodePlan":
         """The plan for decoding at `sparsity`: dense 16-bit weights decode densely at 0 (the NVRTC kernel or
         cuBLAS), as that is faster there than a sparse kernel at zero thresholds; quantized weights decode on the
-        kernels (zero thresholds are exactly dense), int8 ones on Triton's rather than the NVRTC kernel at 0."""
+        kernels (zero thresholds are exactly dense; the NVRTC kernel then takes none: `cuda_thresholds`)."""
         return replace(self, sparse_decode=sparsity > 0 or self.quantized, zero_level=sparsity <= 0)
 
 

@@ -185,7 +185,8 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, monkeypatch)
     """A plan with the NVRTC kernels (plan.nvrtc_arch; on a CPU their op runs kernels/cuda_gemv.py's reference)
     decodes as the reference path in bf16, bit for bit: every projection of a step takes that op, q/k/v and gate/up
     with the norm fused, o and down with the residual added, down gating gate/up's outputs; dense steps (sparse_from
-    None) too; int8 weights with their column scales (nvrtc_int8), but not at level 0 (Triton's int8 kernel there).
+    None) too; int8 weights with their column scales (nvrtc_int8), at level 0 without thresholds (the kernel's
+    dense mode).
     Attention on the reference path here (the kernel's rounding differs from SDPA's and flips masks)."""
     ref_model, _ = reference_and_kernel_models(2, 128)
     ref_model = ref_model.to(torch.bfloat16)
@@ -198,18 +199,16 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, monkeypatch)
     plan = decode_plan(torch.device("cpu"), sparsity=level, kernels=True, attention_kernel=False)
     model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True))
     assert all(m.cuda_config is not None for _, _, m, _ in model.sparse_modules())
-    calls = []
+    calls, thresholded = [], []
     launch = cuda_gemv.cuda_gemv
-    monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in")) or launch(*a, **k))
+    monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in"))
+                        or thresholded.append(a[2] is not None) or launch(*a, **k))
     prompt, steps = torch.randint(0, 101, (1, 20)), torch.randint(0, 101, (1, 3))
     for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=0 if sparse else None)):
-        # (int8: the LM head on the Triton kernel, interpreted, beside the reference path's; at level 0 every
-        # projection on it too, whose bf16 partials round in another order)
-        assert torch.equal(out, ref) if quant is None else rel_err(out, ref) < (1e-2 if level else 3e-2), i
-    if level == 0:
-        assert not calls
-        return
+        # (int8: the LM head on the Triton kernel, interpreted, beside the reference path's)
+        assert torch.equal(out, ref) if quant is None else rel_err(out, ref) < 1e-2, i
     assert len(calls) == 4 * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
+    assert all(thresholded) if sparse and level else not any(thresholded)
     assert calls.count(True) == len(model.layers) * steps.shape[1]  # down gates gate/up's outputs
 
 

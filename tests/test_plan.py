@@ -48,8 +48,9 @@ def test_fused_launch_conditions():
 
 
 def test_nvrtc_route_by_weights_and_level():
-    """Batch-1 steps on kernels/cuda_gemv.py (plan.cuda): 16-bit dense and sparse ones, int8 weights' above level 0
-    only (at 0 Triton's int8 kernel is faster: docs/perf-notes.md, session 36); never several rows or active rows."""
+    """Batch-1 steps on kernels/cuda_gemv.py (plan.cuda): 16-bit dense and sparse ones, int8 weights' at every level,
+    never several rows or active rows; thresholds applied except at level 0 (cuda_thresholds: int8 steps there stay
+    on the sparse route, and the kernel's dense mode is faster: docs/perf-notes.md, session 36)."""
     p = DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True)
     for level in (0.0, 0.5):
         f = p.at_level(level)
@@ -58,7 +59,9 @@ def test_nvrtc_route_by_weights_and_level():
     assert not replace(p, nvrtc_sparse=False).at_level(0.5).cuda(1, True, None)
     assert replace(p, nvrtc_sparse=False).at_level(0.0).cuda(1, False, None)
     q = replace(p, quantized=True)
-    assert q.at_level(0.5).cuda(1, True, None) and not q.at_level(0.0).cuda(1, True, None)
+    assert q.at_level(0.5).cuda(1, True, None) and q.at_level(0.0).cuda(1, True, None)
+    assert q.at_level(0.5).cuda_thresholds(True) and not q.at_level(0.0).cuda_thresholds(True)
+    assert not q.at_level(0.5).cuda_thresholds(False)
     assert not replace(q, nvrtc_int8=False).at_level(0.5).cuda(1, True, None)
     assert not replace(p, nvrtc_arch=0).at_level(0.5).cuda(1, True, None)
 
