@@ -19,7 +19,7 @@
    thresholds moved into wide gaps between the inputs of the reference decode, so that rounding differences
    cannot flip a mask (the Gluon int4 kernel, 16-bit inputs only, decodes in the bf16 runs on sm_90);
    with the NVRTC GEMV where libnvrtc is found: dense bf16 and fp16 (as decode_plan's default on sm_90), sparse bf16
-   reported (nvrtc_sparse);
+   reported (nvrtc_sparse), int8 weights at 0 (the kernel without thresholds) and sparse;
 3. a new sparsity level (a copy_ into the threshold buffers) neither recompiles nor re-records graphs.
 
     python scripts/gpu_check.py [--layers 4] [--out DIR] [--kernels-only | --models-only]
@@ -441,8 +441,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         margin, ref_logits = None, decode_logits(model, prompt, ref_tokens)
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
-    model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), nvrtc=nvrtc, nvrtc_sparse=nvrtc),
-                                       sparse_decode=sparse))
+    model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), sparsity=sparsity, nvrtc=nvrtc,
+                                                   nvrtc_sparse=nvrtc), sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
     step = compile_step(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1],
@@ -544,6 +544,8 @@ def main():
                                                      (0.0, torch.bfloat16, 3e-2, True, "int8", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int8", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int8", False),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int8", nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int4", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int4", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int4", False)):
