@@ -294,7 +294,7 @@ class SparseLinear(nn.Module):
         B, S = (residual.shape[:2] if x.dim() == 4 else x.shape[:2])
         K = x.shape[-1]
         if not self.glu and self.on_cuda(plan, B * S, sparse, active, x):
-            y = self.cuda(x, plan.cuda_thresholds(sparse), norm=norm, residual=residual)
+            y = self.cuda(x, sparse, plan, norm=norm, residual=residual)
             return y if residual is None else (y, None)
         route = plan.projection(B * S, sparse, active)
         if route == "kernel":
@@ -353,12 +353,13 @@ class SparseLinear(nn.Module):
         return (self.cuda_config is not None and plan.cuda(rows, sparse, active) and x.dim() == 3
                 and (x.dtype == self.weight.dtype or self.fmt.code == INT8.code and x.element_size() == 2))
 
-    def cuda(self, x: Tensor, sparse: bool, norm: Optional["RMSNorm"] = None, residual: Optional[Tensor] = None,
-             glu_in: bool = False) -> Tensor:
+    def cuda(self, x: Tensor, sparse: bool, plan: DecodePlan, norm: Optional["RMSNorm"] = None,
+             residual: Optional[Tensor] = None, glu_in: bool = False) -> Tensor:
         """One token through kernels/cuda_gemv.py: x [1, 1, K] (gate/up's outputs [1, 1, 2K] with glu_in: gated in the
-        launch), normalised there by `norm`, thresholds applied when `sparse` -> [1, 1, N] (+ residual). A glu
-        projection returns gate and up un-gated (its consumer gates them)."""
-        y = cuda_gemv.cuda_gemv(x.reshape(-1), self.weight, self.threshold if sparse else None, self.sizes,
+        launch), normalised there by `norm`, thresholds applied when `sparse` (and not at level 0: plan.cuda_thresholds)
+        -> [1, 1, N] (+ residual). A glu projection returns gate and up un-gated (its consumer gates them)."""
+        t = self.threshold if plan.cuda_thresholds(sparse) else None
+        y = cuda_gemv.cuda_gemv(x.reshape(-1), self.weight, t, self.sizes,
                                 self.counters, self.cuda_config, norm_weight=None if norm is None else norm.weight,
                                 eps=1e-5 if norm is None else norm.eps, glu_in=glu_in, scale=self.scale,
                                 residual=None if residual is None else residual.reshape(-1))
@@ -459,7 +460,7 @@ class Attention(nn.Module):
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
-                qkv = self.wqkv.cuda(x, plan.cuda_thresholds(sparse), norm=norm).view(B, -1)
+                qkv = self.wqkv.cuda(x, sparse, plan, norm=norm).view(B, -1)
             elif plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
                 qkv = self.wqkv.partial_sums(x, norm, ss, plan)[:, 0]  # [P, B, (H + 2 Hkv) D] float32
@@ -503,8 +504,7 @@ class FeedForward(nn.Module):
                 plan: DecodePlan):
         rows = h.shape[0] * h.shape[1]
         if self.w13.on_cuda(plan, rows, sparse, active, h) and self.w2.cuda_config is not None:  # down gates gate/up
-            t = plan.cuda_thresholds(sparse)
-            return self.w2.cuda(self.w13.cuda(h, t, norm=norm), t, residual=h, glu_in=True), None
+            return self.w2.cuda(self.w13.cuda(h, sparse, plan, norm=norm), sparse, plan, residual=h, glu_in=True), None
         if ss is not None and plan.fused_mlp(rows, sparse, active):
             y, ss_out = sparse_mlp.sparse_mlp(h.view(1, -1), self.w13.weight, self.w13.threshold, self.w2.weight,
                                               self.w2.threshold, self.counters, self.w13.kernel_configs[1],
