@@ -4,7 +4,11 @@ halves' levels are, and the share within one greedy step of that projection (the
 by step / its parameter share at a time).
 
     python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 8] [--greedy-every 1]
-        [--ties Z] [--no-tie-kv] [--dtype float32] [--no-uniform-floor]
+        [--ties Z] [--no-tie-kv] [--dtype float32] [--no-uniform-floor] [--split interleaved]
+
+--split middle (the default) gives each half different works of the text (a shift of content as well as fewer
+tokens); --split interleaved deals chunks of ~CHUNK characters to the halves in turn, so both halves sample the same
+works and what differs is only which tokens each saw (the "enough tokens" question alone).
 """
 import argparse
 import json
@@ -21,12 +25,26 @@ from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fr
 from texts import default_texts, read_texts
 
 
-def halves(text: str) -> tuple:
-    """The text split at the line boundary nearest its middle."""
-    cut = text.find("\n", len(text) // 2)
-    if cut < 0:
-        raise UserError("the calibration text has no line break past its middle to split it at")
-    return text[:cut], text[cut + 1:]
+CHUNK = 16384  # characters per interleaved chunk: several calibration sequences' worth
+
+
+def halves(text: str, split: str = "middle") -> tuple:
+    """Two disjoint halves of the text: split at the line boundary nearest its middle, or ("interleaved") chunks of
+    ~CHUNK characters cut at line boundaries, dealt to the halves in turn."""
+    if split == "middle":
+        cut = text.find("\n", len(text) // 2)
+        if cut < 0:
+            raise UserError("the calibration text has no line break past its middle to split it at")
+        return text[:cut], text[cut + 1:]
+    parts, start = ([], []), 0
+    while start < len(text):
+        cut = text.find("\n", start + CHUNK)
+        end = len(text) if cut < 0 else cut
+        parts[len(parts[0]) > len(parts[1])].append(text[start:end])
+        start = end + 1
+    if not parts[1]:
+        raise UserError(f"the calibration text is too short to interleave in chunks of {CHUNK} characters")
+    return "\n".join(parts[0]), "\n".join(parts[1])
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, one_step: torch.Tensor) -> dict:
@@ -60,6 +78,8 @@ def main():
                    help="keep the uniform allocation at a target where it has less error (calibrate.py does)")
     p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
                    help="the blocks' sparsities chosen together (calibrate.py's default) or each at the target")
+    p.add_argument("--split", choices=("middle", "interleaved"), default="middle",
+                   help="the halves: the text's two halves, or its chunks dealt in turn (see above)")
     p.add_argument("--targets", default="0.4,0.5", help="comma-separated model targets compared")
     p.add_argument("--out", type=Path, default=None, help="JSON file of the comparison (default: none)")
     a = p.parse_args()
@@ -71,7 +91,7 @@ def main():
     _, model, tok, _ = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     tables, traces = [], []
-    for i, half in enumerate(halves(text)):
+    for i, half in enumerate(halves(text, a.split)):
         traces.append({})
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
@@ -88,6 +108,7 @@ def main():
     report = {"greedy_seqs": a.greedy_seqs, "greedy_every": a.greedy_every, "ties": a.ties, "tie_kv": a.tie_kv,
               "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "tokens": a.tokens,
               "step": a.step, "max_move": a.max_move, "uniform_floor": a.uniform_floor, "blocks": a.blocks,
+              "split": a.split,
               "results": {}}
     print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half (every {a.greedy_every}th position scored, "
           f"ties {a.ties}), uniform floor {a.uniform_floor}; one step "

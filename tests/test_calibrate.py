@@ -440,6 +440,15 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     from scripts import greedy_stability as gs
     a, b = gs.halves("one\ntwo\nthree\nfour\n")
     assert a + "\n" + b == "one\ntwo\nthree\nfour\n" and not a.endswith("\n")
+    lines = [f"line {i} " + "x" * (i % 97) for i in range(3000)]
+    a, b = gs.halves("\n".join(lines), "interleaved")  # chunks of ~CHUNK characters dealt in turn
+    la, lb = a.split("\n"), b.split("\n")
+    assert sorted(la + lb, key=lambda s: int(s.split()[1])) == lines and not set(la) & set(lb)
+    ia, ib = [int(s.split()[1]) for s in la], [int(s.split()[1]) for s in lb]
+    assert ia[0] == 0 and min(ib) < 500 and max(ia) > 2500 and max(ib) > 2500  # both halves span the text
+    assert abs(len(a) - len(b)) < 2 * gs.CHUNK
+    with pytest.raises(UserError, match="too short"):
+        gs.halves("short\ntext\n", "interleaved")
     t = torch.rand(3, 7)
     same = gs.compare(t, t.clone(), torch.full((7,), 0.05))
     assert same["max_abs"] == 0 and same["within_one_step"] == 1.0 and same["blocks_all_within"] == 3
