@@ -4,7 +4,7 @@ halves' levels are, and the share within one greedy step of that projection (the
 by step / its parameter share at a time).
 
     python scripts/greedy_stability.py [--checkpoint CKPT] [--tokens 4096] [--greedy-seqs 8] [--greedy-every 1]
-        [--ties Z] [--no-tie-kv] [--dtype float32] [--no-uniform-floor] [--split interleaved]
+        [--ties Z] [--no-tie-kv] [--dtype float32] [--no-uniform-floor] [--split interleaved] [--alloc-seqs 8]
 
 --split middle (the default) gives each half different works of the text (a shift of content as well as fewer
 tokens); --split interleaved deals chunks of ~CHUNK characters to the halves in turn, so both halves sample the same
@@ -67,6 +67,8 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
                    help="sequences the greedy search scores on, per half")
+    p.add_argument("--alloc-seqs", type=int, default=8,
+                   help="sequences whose block errors spread the sparsity over blocks, per half (as calibrate.py's)")
     p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
                    help="k and v raised together (as calibrate.py --tie-kv)")
     p.add_argument("--greedy-every", type=int, default=1, help="the greedy search scores every N-th position")
@@ -86,6 +88,8 @@ def main():
     criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
     if not criteria or len(criteria) != len(a.criteria.split(",")):
         raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
+    if a.alloc_seqs < 1 or a.greedy_seqs < 1:
+        raise UserError("--alloc-seqs and --greedy-seqs take 1 or more")
     targets = sparsity_list(a.targets, "--targets")
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
     _, model, tok, _ = load_from_args(a)
@@ -96,7 +100,8 @@ def main():
         t0 = time.time()
         calib = calibrate(model, tok, half, a.tokens, a.seq_len, a.skip, a.batch, a.greedy_seqs, a.step,
                           f"half {i}", aim_seqs=0, uniform_floor=a.uniform_floor, max_move=a.max_move,
-                          criteria=criteria, spread=a.blocks == "spread", greedy_every=a.greedy_every, ties=a.ties,
+                          criteria=criteria, spread=a.blocks == "spread", alloc_seqs=a.alloc_seqs,
+                          greedy_every=a.greedy_every, ties=a.ties,
                           tie_kv=a.tie_kv, trace=traces[-1])
         tables.append(calib.greedy)
         print(f"half {i}: calibrated in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -108,7 +113,7 @@ def main():
     report = {"greedy_seqs": a.greedy_seqs, "greedy_every": a.greedy_every, "ties": a.ties, "tie_kv": a.tie_kv,
               "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "tokens": a.tokens,
               "step": a.step, "max_move": a.max_move, "uniform_floor": a.uniform_floor, "blocks": a.blocks,
-              "split": a.split,
+              "split": a.split, "alloc_seqs": a.alloc_seqs,
               "results": {}}
     print(f"greedy on {a.greedy_seqs} sequences of {a.seq_len} per half (every {a.greedy_every}th position scored, "
           f"ties {a.ties}), uniform floor {a.uniform_floor}; one step "

@@ -470,6 +470,7 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     assert before["blocks"] == 2 * (len(TARGETS) - 1) and 0 <= before["blocks_within_one_grid_step"] <= before["blocks"]
     assert report["tie_kv"] is True and report["dtype"] == AUTO_CPU  # the defaults
     assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
+    assert report["split"] == "middle" and report["alloc_seqs"] == 8
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
 
