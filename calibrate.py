@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate, save_calibration
+from calibration import ALLOC_SEQS, GREEDY_SEQS, TIE_KV, TIES, calibrate, save_calibration
 from cli import HelpFormatter, add_model_args, add_quant_arg, load_from_args, run_cli
 from errors import UserError
 from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
                    help="spread: each block's effective sparsity chosen for the least relative output error, their "
                    "mean the model's target; equal: every block at the target (TEAL's)")
-    p.add_argument("--alloc-seqs", type=int, default=8,
+    p.add_argument("--alloc-seqs", type=int, default=ALLOC_SEQS,
                    help="sequences the blocks' output errors are measured on for --blocks spread")
     p.add_argument("--criteria", default=DEFAULT_CRITERION,
                    help=f"comma-separated criteria to make greedy tables for, of {', '.join(CRITERIA)} (each takes "

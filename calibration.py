@@ -46,6 +46,7 @@ TIES = 0.0  # the greedy search's default tie band, in standard errors (greedy_b
 # texts than TEAL's 2 sequences and every projection alone, at the same float quality over draws and better AWQ
 # quality (docs/quality-notes.md, sessions 28, 30 and 31)
 GREEDY_SEQS = 8
+ALLOC_SEQS = 8  # sequences whose block errors spread the sparsity over blocks
 TIE_KV = True
 # what one greedy candidate raises: every projection alone (TEAL's), or k and v together (the default): they share
 # the input and hold a few percent of a GQA block each, so their single moves barely change the block's error, and
@@ -509,7 +510,7 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
               step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
               max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
-              alloc_seqs: int = 8, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = TIE_KV,
+              alloc_seqs: int = ALLOC_SEQS, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = TIE_KV,
               trace: dict = None) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).

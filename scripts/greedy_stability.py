@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import GREEDY_SEQS, TIE_KV, TIES, calibrate
+from calibration import ALLOC_SEQS, GREEDY_SEQS, TIE_KV, TIES, calibrate
 from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
 from errors import UserError
 from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
@@ -67,7 +67,7 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
                    help="sequences the greedy search scores on, per half")
-    p.add_argument("--alloc-seqs", type=int, default=8,
+    p.add_argument("--alloc-seqs", type=int, default=ALLOC_SEQS,
                    help="sequences whose block errors spread the sparsity over blocks, per half (as calibrate.py's)")
     p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
                    help="k and v raised together (as calibrate.py --tie-kv)")
