@@ -31,10 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-from calibration import ALLOC_SEQS, GREEDY_SEQS, TIE_KV, TIES, calibrate, save_calibration
-from cli import HelpFormatter, add_model_args, add_quant_arg, load_from_args, run_cli
+from calibration import calibrate, save_calibration
+from cli import (HelpFormatter, add_calibration_args, add_model_args, add_quant_arg, calibration_criteria,
+                 load_from_args, run_cli)
 from errors import UserError
-from sparsity import CALIB_FILE, CRITERIA, DEFAULT_CRITERION
+from sparsity import CALIB_FILE
 from texts import default_texts, read_texts
 
 
@@ -42,43 +43,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, fast_cpu=True)
     add_quant_arg(p)
-    p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens for the activation statistics")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
-    p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out (dense in decode)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
-                   help="sequences the block-wise greedy search scores on")
-    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
-                   help="k and v raised together by the greedy search (--no-tie-kv: each projection alone, TEAL's)")
-    p.add_argument("--greedy-every", type=int, default=1,
-                   help="the greedy search scores every N-th position of its sequences (keys and values at all)")
-    p.add_argument("--ties", type=float, default=TIES,
-                   help="greedy candidates within this many standard errors of the best are tied; of those, the one "
-                   "whose level lags its block's most is raised (0: always the best)")
-    p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
-    p.add_argument("--max-move", type=float, default=0.1,
-                   help="largest level change of one projection in one greedy step (1: step / its parameter share)")
+    add_calibration_args(p, tokens=16384)
     p.add_argument("--aim-seqs", type=int, default=8,
                    help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")
-    p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
-                   help="spread: each block's effective sparsity chosen for the least relative output error, their "
-                   "mean the model's target; equal: every block at the target (TEAL's)")
-    p.add_argument("--alloc-seqs", type=int, default=ALLOC_SEQS,
-                   help="sequences the blocks' output errors are measured on for --blocks spread")
-    p.add_argument("--criteria", default=DEFAULT_CRITERION,
-                   help=f"comma-separated criteria to make greedy tables for, of {', '.join(CRITERIA)} (each takes "
-                   "about half the time; uniform thresholds work for both either way)")
     p.add_argument("--out", type=Path, default=None, help=f"calibration file to write (default: CKPT/{CALIB_FILE})")
     a = p.parse_args(argv)
-    criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
-    if not criteria or len(criteria) != len(a.criteria.split(",")):
-        raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
-    if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1 or a.aim_seqs < 0 or \
-            not 0 < a.max_move <= 1 or a.alloc_seqs < 1 or a.greedy_seqs < 1 or a.greedy_every < 1 or a.ties < 0:
-        raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, --aim-seqs >= 0, "
-                        "0 < --max-move <= 1, --alloc-seqs >= 1, --greedy-seqs >= 1, --greedy-every >= 1 and "
-                        "--ties >= 0")
+    criteria = calibration_criteria(a)
+    if a.aim_seqs < 0:
+        raise UserError("--aim-seqs takes 0 or more")
     ckpt, model, tok, device = load_from_args(a)
     text = read_texts(a.text or default_texts("calibration"))
     source = ",".join(f.name for f in a.text) if a.text else "shakespeare:calibration-split"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from calibration import ALLOC_SEQS, GREEDY_SEQS, TIE_KV, TIES
 from default_model import default_checkpoint
 from errors import UserError
 from loading import load_model
@@ -142,6 +143,48 @@ def add_sparsity_args(p: argparse.ArgumentParser):
                    help="cats: threshold |silu(gate)| and compute only the passing rows of up (ablation)")
     p.add_argument("--sparse-prefill-from", type=int, default=None, metavar="N",
                    help="sparsify the prompt too, except its first N tokens (default: dense prefill)")
+
+
+def add_calibration_args(p: argparse.ArgumentParser, tokens: int, per: str = ""):
+    """The calibration flags calibrate.py and scripts/greedy_stability.py share; tokens: --tokens' default; per:
+    appended to the counts' help (", per half" where each half of a text is calibrated apart)."""
+    p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
+    p.add_argument("--tokens", type=int, default=tokens, help=f"tokens for the activation statistics{per}")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
+    p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out (dense in decode)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
+                   help=f"sequences the block-wise greedy search scores on{per}")
+    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
+                   help="k and v raised together by the greedy search (--no-tie-kv: each projection alone, TEAL's)")
+    p.add_argument("--greedy-every", type=int, default=1,
+                   help="the greedy search scores every N-th position of its sequences (keys and values at all)")
+    p.add_argument("--ties", type=float, default=TIES,
+                   help="greedy candidates within this many standard errors of the best are tied; of those, the one "
+                   "whose level lags its block's most is raised (0: always the best)")
+    p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
+    p.add_argument("--max-move", type=float, default=0.1,
+                   help="largest level change of one projection in one greedy step (1: step / its parameter share)")
+    p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
+                   help="spread: each block's effective sparsity chosen for the least relative output error, their "
+                   "mean the model's target; equal: every block at the target (TEAL's)")
+    p.add_argument("--alloc-seqs", type=int, default=ALLOC_SEQS,
+                   help=f"sequences the blocks' output errors are measured on for --blocks spread{per}")
+    p.add_argument("--criteria", default=DEFAULT_CRITERION,
+                   help=f"comma-separated criteria to make greedy tables for, of {', '.join(CRITERIA)} (each takes "
+                   "about half the time; uniform thresholds work for both either way)")
+
+
+def calibration_criteria(a) -> tuple:
+    """The criteria add_calibration_args' --criteria names, once its other flags are checked to be in range."""
+    criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
+    if not criteria or len(criteria) != len(a.criteria.split(",")):
+        raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
+    if a.seq_len <= a.skip or a.tokens < a.seq_len or not 0 < a.step <= 0.1 or not 0 < a.max_move <= 1 or \
+            a.alloc_seqs < 1 or a.greedy_seqs < 1 or a.greedy_every < 1 or a.ties < 0:
+        raise UserError("need --seq-len > --skip, --tokens >= --seq-len, 0 < --step <= 0.1, 0 < --max-move <= 1, "
+                        "--alloc-seqs >= 1, --greedy-seqs >= 1, --greedy-every >= 1 and --ties >= 0")
+    return criteria
 
 
 def fast_cpu_dtype() -> torch.dtype:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from calibration import ALLOC_SEQS, GREEDY_SEQS, TIE_KV, TIES, calibrate
-from cli import HelpFormatter, add_model_args, load_from_args, run_cli, sparsity_list
+from calibration import calibrate
+from cli import (HelpFormatter, add_calibration_args, add_model_args, calibration_criteria, load_from_args, run_cli,
+                 sparsity_list)
 from errors import UserError
-from sparsity import CRITERIA, DEFAULT_CRITERION, PROJECTIONS, TARGETS, param_fractions
+from sparsity import PROJECTIONS, TARGETS, param_fractions
 from texts import default_texts, read_texts
 
 
@@ -60,36 +61,15 @@ def compare(a: torch.Tensor, b: torch.Tensor, one_step: torch.Tensor) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, fast_cpu=True)
-    p.add_argument("--text", nargs="+", type=Path, default=None, help="calibration text files (default: Shakespeare)")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens for the activation statistics, per half")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence")
-    p.add_argument("--skip", type=int, default=32, help="leading positions of each sequence left out")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--greedy-seqs", type=int, default=GREEDY_SEQS,
-                   help="sequences the greedy search scores on, per half")
-    p.add_argument("--alloc-seqs", type=int, default=ALLOC_SEQS,
-                   help="sequences whose block errors spread the sparsity over blocks, per half (as calibrate.py's)")
-    p.add_argument("--tie-kv", action=argparse.BooleanOptionalAction, default=TIE_KV,
-                   help="k and v raised together (as calibrate.py --tie-kv)")
-    p.add_argument("--greedy-every", type=int, default=1, help="the greedy search scores every N-th position")
-    p.add_argument("--ties", type=float, default=TIES, help="standard errors within which greedy candidates tie")
-    p.add_argument("--step", type=float, default=0.05, help="effective-sparsity step of the greedy search")
-    p.add_argument("--max-move", type=float, default=0.1, help="largest level change of one projection in one step")
-    p.add_argument("--criteria", default=DEFAULT_CRITERION, help=f"comma-separated, of {', '.join(CRITERIA)}")
+    add_calibration_args(p, tokens=4096, per=", per half")
     p.add_argument("--uniform-floor", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the uniform allocation at a target where it has less error (calibrate.py does)")
-    p.add_argument("--blocks", choices=("spread", "equal"), default="spread",
-                   help="the blocks' sparsities chosen together (calibrate.py's default) or each at the target")
     p.add_argument("--split", choices=("middle", "interleaved"), default="middle",
                    help="the halves: the text's two halves, or its chunks dealt in turn (see above)")
     p.add_argument("--targets", default="0.4,0.5", help="comma-separated model targets compared")
     p.add_argument("--out", type=Path, default=None, help="JSON file of the comparison (default: none)")
     a = p.parse_args()
-    criteria = tuple(c for c in CRITERIA if c in a.criteria.split(","))
-    if not criteria or len(criteria) != len(a.criteria.split(",")):
-        raise UserError(f"--criteria takes a comma-separated list of {', '.join(CRITERIA)}; got {a.criteria!r}")
-    if a.alloc_seqs < 1 or a.greedy_seqs < 1:
-        raise UserError("--alloc-seqs and --greedy-seqs take 1 or more")
+    criteria = calibration_criteria(a)
     targets = sparsity_list(a.targets, "--targets")
     idx = [int(torch.argmin((TARGETS - t).abs())) for t in targets]
     _, model, tok, _ = load_from_args(a)

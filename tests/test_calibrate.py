@@ -471,6 +471,10 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     assert report["tie_kv"] is True and report["dtype"] == AUTO_CPU  # the defaults
     assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
     assert report["split"] == "middle" and report["alloc_seqs"] == 8
+    # the calibration flags and their checks are calibrate.py's (cli.add_calibration_args, calibration_criteria)
+    monkeypatch.setattr(sys, "argv", ["greedy_stability.py", "--checkpoint", str(ckpt), "--alloc-seqs", "0"])
+    with pytest.raises(UserError, match="--alloc-seqs >= 1"):
+        gs.main()
     assert all(0 <= r["within_one_step"] <= 1 for r in report["results"].values())
     assert "| magnitude, 0.5 |" in capsys.readouterr().out
 
@@ -568,6 +572,8 @@ def test_default_criteria_make_the_default_tables_only(tmp_path):
     for flag, bad in (("--greedy-every", "0"), ("--ties", "-1"), ("--greedy-seqs", "0"), ("--alloc-seqs", "0")):
         with pytest.raises(UserError, match="--greedy-every >= 1"):
             calibrate.main(["--checkpoint", str(ckpt), flag, bad])
+    with pytest.raises(UserError, match="--aim-seqs"):
+        calibrate.main(["--checkpoint", str(ckpt), "--aim-seqs", "-1"])
 
 
 def test_greedy_search_on_threads_gives_the_same_tables(calibrated):
