@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from calibration import calibrate, save_calibration
+from calibration import AIM_SEQS, calibrate, save_calibration
 from cli import (HelpFormatter, add_calibration_args, add_model_args, add_quant_arg, calibration_criteria,
                  load_from_args, run_cli)
 from errors import UserError
@@ -44,7 +44,7 @@ def main(argv=None):
     add_model_args(p, fast_cpu=True)
     add_quant_arg(p)
     add_calibration_args(p, tokens=16384)
-    p.add_argument("--aim-seqs", type=int, default=8,
+    p.add_argument("--aim-seqs", type=int, default=AIM_SEQS,
                    help="sequences the greedy levels are re-aimed on, in decode-like passes (0: not re-aimed)")
     p.add_argument("--out", type=Path, default=None, help=f"calibration file to write (default: CKPT/{CALIB_FILE})")
     a = p.parse_args(argv)

@@ -47,6 +47,7 @@ TIES = 0.0  # the greedy search's default tie band, in standard errors (greedy_b
 # quality (docs/quality-notes.md, sessions 28, 30 and 31)
 GREEDY_SEQS = 8
 ALLOC_SEQS = 8  # sequences whose block errors spread the sparsity over blocks
+AIM_SEQS = 8  # sequences the greedy levels are re-aimed on, in decode-like passes
 TIE_KV = True
 # what one greedy candidate raises: every projection alone (TEAL's), or k and v together (the default): they share
 # the input and hold a few percent of a GQA block each, so their single moves barely change the block's error, and
@@ -294,7 +295,7 @@ class BlockProbe:
 
 def greedy_block(probe: BlockProbe, layer: int, criterion: str, w: torch.Tensor, step: float,
                  max_level: float = 0.99, uniform_floor: bool = True, max_move: float = 0.1,
-                 ties: float = 0.0, moves: tuple = ALONE) -> torch.Tensor:
+                 ties: float = TIES, moves: tuple = ALONE) -> torch.Tensor:
     """[len(TARGETS), 7] levels reaching each target effective sparsity for one block. uniform_floor: at a target
     where the uniform allocation has less error on the scored positions, keep it instead. A candidate raises one
     projection's level by step / its parameter share, at most max_move (k and v of a GQA block hold a few percent
@@ -384,7 +385,7 @@ def per_block(model, calib: Calibration, block_inputs: list, skip: int, workers:
 
 
 def greedy_tables(model, calib: Calibration, block_inputs: list, skip: int, criterion: str, step: float,
-                  uniform_floor: bool, max_move: float, workers: int, every: int = 1, ties: float = 0.0,
+                  uniform_floor: bool, max_move: float, workers: int, every: int = 1, ties: float = TIES,
                   moves: tuple = ALONE) -> torch.Tensor:
     """[n_layer, len(TARGETS), 7]: greedy_block of every block (per_block)."""
     w = param_fractions(model.args)
@@ -508,9 +509,9 @@ def token_batches(tok, text: str, n_tokens: int, seq_len: int, batch: int, devic
 
 
 def calibrate(model, tok, text: str, n_tokens: int, seq_len: int, skip: int, batch: int, greedy_seqs: int,
-              step: float, source: str, aim_seqs: int = 8, uniform_floor: bool = True,
+              step: float, source: str, aim_seqs: int = AIM_SEQS, uniform_floor: bool = True,
               max_move: float = 0.1, criteria=CRITERIA, workers: int = 0, spread: bool = True,
-              alloc_seqs: int = ALLOC_SEQS, greedy_every: int = 1, ties: float = 0.0, tie_kv: bool = TIE_KV,
+              alloc_seqs: int = ALLOC_SEQS, greedy_every: int = 1, ties: float = TIES, tie_kv: bool = TIE_KV,
               trace: dict = None) -> tuple:
     """The Calibration of `model` on `text`: quantile tables of both criteria, greedy (and aimed) tables of
     `criteria` (the greedy search and the aiming are most of the time: one criterion's tables take about half).

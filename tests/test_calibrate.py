@@ -470,7 +470,7 @@ def test_greedy_stability_compares_two_halves(tmp_path, monkeypatch, capsys):
     assert before["blocks"] == 2 * (len(TARGETS) - 1) and 0 <= before["blocks_within_one_grid_step"] <= before["blocks"]
     assert report["tie_kv"] is True and report["dtype"] == AUTO_CPU  # the defaults
     assert report["max_move"] == 0.1 and report["greedy_every"] == 1 and report["ties"] == calibration.TIES
-    assert report["split"] == "middle" and report["alloc_seqs"] == 8
+    assert report["split"] == "middle" and report["alloc_seqs"] == calibration.ALLOC_SEQS
     # the calibration flags and their checks are calibrate.py's (cli.add_calibration_args, calibration_criteria)
     monkeypatch.setattr(sys, "argv", ["greedy_stability.py", "--checkpoint", str(ckpt), "--alloc-seqs", "0"])
     with pytest.raises(UserError, match="--alloc-seqs >= 1"):
