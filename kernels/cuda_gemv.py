@@ -75,13 +75,15 @@ __device__ __forceinline__ void unpack(uint4 v, float* f) {
     f[4] = lo(v.z); f[5] = hi(v.z); f[6] = lo(v.w); f[7] = hi(v.w);
 }
 __device__ __forceinline__ void unpack_int8(uint4 v, float* f) {  // one load's 16 int8 weights as floats
-    const u32 u[4] = {v.x, v.y, v.z, v.w};
+    // without int -> float conversions (I2F: 16 per clock per SM, fewer than the H200 needs to keep up with its
+    // bytes): each byte, offset by 128, becomes the low byte of the float 2^23 + 128 + w (one PRMT), from which
+    // 2^23 + 128 is subtracted exactly (kernels/stream.py widens int8 the same way)
+    const u32 u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
     #pragma unroll
     for (int i = 0; i < 4; i++) {
-        f[4 * i] = (float)((int)(u[i] << 24) >> 24);
-        f[4 * i + 1] = (float)((int)(u[i] << 16) >> 24);
-        f[4 * i + 2] = (float)((int)(u[i] << 8) >> 24);
-        f[4 * i + 3] = (float)((int)u[i] >> 24);
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            f[4 * i + j] = __uint_as_float(__byte_perm(u[i], 0x4B000000u, 0x7540u | j)) - 8388736.f;
     }
 }
 __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read once, not kept in L1
