@@ -5,14 +5,15 @@ memory on sm_90. The plan (plan.py, `nvrtc_arch`, `nvrtc_sparse`, `nvrtc_int8`) 
 sm_90: dense and sparse, 16-bit and int8 weights.
 
 y = f(x) · W with W [K, N] input-channel-major (the sparse linears' storage). One launch, 128 threads per CTA, grid
-(N / 64 column tiles, SPLIT K ranges). Each CTA:
+(N / 64 column tiles, SPLIT K ranges; int8 weights in 128-column tiles where the segments allow: `tile_cols`). Each
+CTA:
 1. prologue, its loads issued together (norm weights and thresholds before a PDL wait, then the inputs): its K
    range's inputs (RMS-normalised when NORM, from a sum of squares over all K it takes itself;
    silu(gate) * up of gate/up's outputs when GLU_IN), and with SPARSE keeps those with |x_i| > t_i of its column
    tile's segment (q, k, v: one threshold row each), compacted into a list in shared memory by one block-wide scan;
    dense launches stream every row, their first rows' loads issued before the prologue (they depend on nothing);
-2. streams the kept rows' 64 columns, 16 bytes per thread (8 threads a row; 4 for int8, whose column scales scale
-   the sums), ROWS rows in flight per thread, double-buffered;
+2. streams the kept rows' columns, 16 bytes per thread (8 threads a row; int8's column scales scale the sums),
+   ROWS rows in flight per thread, double-buffered;
 3. sums the row groups through shared memory, then the K ranges: through rank 0's shared memory of a cluster
    (CLUSTER, sm_90), or a per-tile counter whose last CTA sums the partials in a fixed order (deterministic, counter
    left at zero); SPLIT 1 writes directly. The epilogue rounds to the weights' dtype and adds the residual.
@@ -44,7 +45,7 @@ HELPERS = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 #define CPT (INT8 ? 16 : 8)             // columns per thread: one 16-byte load (of the item's INT8 at each use)
-#define TPR (64 / CPT)                  // threads per 64-column weight row
+#define TPR (TILE / CPT)                // threads per row of the tile's columns
 #define RG (THREADS / TPR)              // row groups
 #define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
 #define NROUNDS ((K + 8 * THREADS - 1) / (8 * THREADS))   // ... over the whole input (its norm)
@@ -75,13 +76,15 @@ __device__ __forceinline__ void unpack(uint4 v, float* f) {
     f[4] = lo(v.z); f[5] = hi(v.z); f[6] = lo(v.w); f[7] = hi(v.w);
 }
 __device__ __forceinline__ void unpack_int8(uint4 v, float* f) {  // one load's 16 int8 weights as floats
-    const u32 u[4] = {v.x, v.y, v.z, v.w};
+    // without int -> float conversions (I2F: 16 per clock per SM, fewer than the H200 needs to keep up with its
+    // bytes): each byte, offset by 128, becomes the low byte of the float 2^23 + 128 + w (one PRMT), from which
+    // 2^23 + 128 is subtracted exactly (kernels/stream.py widens int8 the same way)
+    const u32 u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
     #pragma unroll
     for (int i = 0; i < 4; i++) {
-        f[4 * i] = (float)((int)(u[i] << 24) >> 24);
-        f[4 * i + 1] = (float)((int)(u[i] << 16) >> 24);
-        f[4 * i + 2] = (float)((int)(u[i] << 8) >> 24);
-        f[4 * i + 3] = (float)((int)u[i] >> 24);
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            f[4 * i + j] = __uint_as_float(__byte_perm(u[i], 0x4B000000u, 0x7540u | j)) - 8388736.f;
     }
 }
 __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read once, not kept in L1
@@ -119,12 +122,12 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     const int lane = tid & 31, warp = tid >> 5, ct = tid % TPR, rg = tid / TPR;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
 #if INT8
-    const signed char* wp = (const signed char*)w + (size_t)k0 * N + tile * 64 + ct * CPT;
+    const signed char* wp = (const signed char*)w + (size_t)k0 * N + tile * TILE + ct * CPT;
 #else
-    const u16* wp = (const u16*)w + (size_t)k0 * N + tile * 64 + ct * CPT;
+    const u16* wp = (const u16*)w + (size_t)k0 * N + tile * TILE + ct * CPT;
 #endif
     __shared__ float xs[KPER];      // the range's inputs: by row (dense), in list order (SPARSE)
-    __shared__ float red[RG][64];
+    __shared__ float red[RG][TILE];
     __shared__ float wsum[THREADS / 32];
     __shared__ int nkept;
 #if SPARSE
@@ -154,7 +157,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     }
 #endif
 #if SPARSE
-    const int col0 = tile * 64;
+    const int col0 = tile * TILE;
     const size_t t0 = (size_t)(col0 >= SEG2 ? 2 : col0 >= SEG1 ? 1 : 0) * K + k0;
 #if THR32
     float4 ta[ROUNDS], tb[ROUNDS];
@@ -351,19 +354,19 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     if (tid == 0) stamp(rec, 6);  // slots 6-7: every row streamed
 #endif
     float s = 0.f;
-    if (tid < 64) {
+    if (tid < TILE) {
         #pragma unroll
         for (int i = 0; i < RG; i++) s += red[i][tid];
     }
-    const int col = tile * 64 + tid;
+    const int col = tile * TILE + tid;
 #if SPLIT == 1
     const bool fin = true;
-    bool mine = tid < 64;
+    bool mine = tid < TILE;
 #elif CLUSTER
-    __shared__ float cl[SPLIT][64];
+    __shared__ float cl[SPLIT][TILE];
     u32 rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    if (tid < 64) {
+    if (tid < TILE) {
         const u32 local = (u32)__cvta_generic_to_shared(&cl[rank][tid]);
         u32 remote;
         asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0));
@@ -371,7 +374,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     }
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
     const bool fin = rank == 0;
-    bool mine = fin && tid < 64;
+    bool mine = fin && tid < TILE;
     if (mine) {
         s = 0.f;
         #pragma unroll
@@ -379,13 +382,13 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     }
 #else
     __shared__ int last;
-    if (tid < 64) part[(size_t)split * N + col] = s;
+    if (tid < TILE) part[(size_t)split * N + col] = s;
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(counter + tile, 1u) == SPLIT - 1;
     __syncthreads();
     const bool fin = last;
-    bool mine = fin && tid < 64;
+    bool mine = fin && tid < TILE;
     if (mine) {
         __threadfence();
         s = 0.f;
@@ -459,6 +462,7 @@ class Spec(NamedTuple):
     thr32: bool = False  # float32 thresholds (the model's buffers), else in the activations' dtype
     int8: bool = False  # int8 weights with float32 column scales (kernels/formats.py INT8), else 16-bit
     profile: bool = False  # each CTA stamps its phases (launch's `prof`; scripts/profile_phases.py --nvrtc)
+    cols: int = COLS  # output columns per CTA (tile_cols)
 
 
 def supported(K: int, sizes, dtype: torch.dtype) -> bool:
@@ -468,19 +472,27 @@ def supported(K: int, sizes, dtype: torch.dtype) -> bool:
             and K % 8 == 0)
 
 
-def default_config(K: int, N: int, n_sm: int, major: int) -> Config:
+def tile_cols(sizes, int8: bool) -> int:
+    """Output columns per CTA: 128 for int8 weights where every segment holds whole 128-column tiles (a kept row's
+    piece is then 128 bytes, as a 16-bit row's in 64 columns), else 64."""
+    return 2 * COLS if int8 and all(s % (2 * COLS) == 0 for s in sizes) else COLS
+
+
+def default_config(K: int, N: int, n_sm: int, major: int, cols: int = COLS) -> Config:
     """Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight per thread, counter
     tail; the others the fewest K ranges that put >= 2.5 CTAs per SM, 8 rows, K ranges summed through a cluster on
     sm_90; more ranges where one would not fit shared memory. From sweeps (docs/perf-notes.md, session 32): on an
     H100, Llama-2-7B q/k/v 2 x 8 cluster, o and down 8 x 8 cluster, gate/up 2 x 4, within 0.5 us of the best at 40
     and 50% (gate/up dense 0.9 us above it); on an H200, Llama-3-8B, the same rule within 1.0 us of the best at 0,
     40 and 50% (one K range with 16 rows: 11.4 us slower on gate/up dense)."""
-    tiles = N // COLS
+    tiles = N // cols
     if tiles >= 2.5 * n_sm:  # wide (gate/up): two K ranges, 4 rows in flight, counter tail
         split, rows, cluster = 2, 4, 0
     else:
-        split, rows = next((s for s in (2, 4, 8) if tiles * s >= 2.5 * n_sm), 8), 8
-        cluster = int(major >= 9)
+        # (16 K ranges for 128-column tiles alone, few enough to need them; a portable cluster holds 8)
+        splits = (2, 4, 8, 16) if cols > COLS else (2, 4, 8)
+        split, rows = next((s for s in splits if tiles * s >= 2.5 * n_sm), splits[-1]), 8
+        cluster = int(major >= 9 and split <= 8)
     while -(-K // split) > MAX_KPER:
         split *= 2
     return Config(split, rows, cluster)
@@ -501,7 +513,7 @@ def item_source(spec: Spec, name: str) -> str:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
-                   RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl,
+                   RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl, TILE=spec.cols,
                    INT8=int(spec.int8), PROFILE=int(spec.profile))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
@@ -628,7 +640,7 @@ def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in:
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     N = ends[-1]
     return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
-                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, profile)
+                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, profile, tile_cols(sizes, int8))
 
 
 def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
@@ -653,13 +665,13 @@ def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[T
 
 def grid(spec: Spec) -> int:
     """CTAs of a launch: one per (column tile, K range)."""
-    return spec.N // COLS * spec.config.split
+    return spec.N // spec.cols * spec.config.split
 
 
 def launch_config(spec: Spec, stream: ctypes.c_void_p) -> "_LaunchConfig":
     """The driver's CUlaunchConfig of a launch: its grid, and the PDL attribute where spec's config asks for it."""
     attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=(ctypes.c_int * 16)(1))
-    cfg = _LaunchConfig(grid_x=spec.N // COLS, grid_y=spec.config.split, grid_z=1, block_x=THREADS, block_y=1,
+    cfg = _LaunchConfig(grid_x=spec.N // spec.cols, grid_y=spec.config.split, grid_z=1, block_x=THREADS, block_y=1,
                         block_z=1, shared_bytes=0, stream=stream, attrs=ctypes.pointer(attr),
                         n_attrs=spec.config.pdl)
     cfg._keep = attr  # the attribute lives as long as the config

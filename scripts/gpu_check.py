@@ -364,13 +364,14 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
             x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
             xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
         r = torch.randn(N, device="cuda", dtype=dtype) if res else None
-        splits = [s for s in (1, 2, 4, 8) if cuda_gemv.k_per(K, s) <= cuda_gemv.MAX_KPER]
+        splits = [s for s in (1, 2, 4, 8, 16) if cuda_gemv.k_per(K, s) <= cuda_gemv.MAX_KPER
+                  and (s < 16 or cuda_gemv.tile_cols(sizes, int8) > cuda_gemv.COLS)]  # 16: int8's wide tiles
         for s, split, t32 in itertools.product(levels, splits, (True, False)):
             if s == 0 and not t32:
                 continue
             t = spread_thresholds(xin, len(sizes), s).to(torch.float32 if t32 else dtype) if s > 0 else None
             ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-            for cluster in (0, 1) if split > 1 and major >= 9 else (0,):
+            for cluster in (0, 1) if 1 < split <= 8 and major >= 9 else (0,):
                 cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
                 spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                          t is not None and t32, int8)

@@ -91,6 +91,19 @@ def test_launch_configs():
         assert cuda_gemv.k_per(K, cfg.split) <= cuda_gemv.MAX_KPER and cuda_gemv.k_per(K, cfg.split) % 8 == 0
 
 
+def test_int8_tiles():
+    """int8 weights in 128-column tiles where every segment holds whole ones (128-byte row pieces), with up to 16 K
+    ranges (counter tail beyond a cluster's 8) to keep >= 2.5 CTAs per SM; 16-bit weights and odd segments 64."""
+    assert cuda_gemv.tile_cols((11008, 11008), True) == 128 and cuda_gemv.tile_cols((4096, 1024, 1024), True) == 128
+    assert cuda_gemv.tile_cols((4096,), False) == 64 and cuda_gemv.tile_cols((128, 64, 64), True) == 64
+    assert cuda_gemv.default_config(11008, 4096, 132, 9, 128) == (16, 8, 0, 0)
+    assert cuda_gemv.default_config(4096, 12288, 132, 9, 128) == (4, 8, 1, 0)
+    spec = cuda_gemv.spec_of(11008, (4096,), BF16, True, False, True, True, 1e-5,
+                             cuda_gemv.default_config(11008, 4096, 132, 9, 128), int8=True)
+    assert spec.cols == 128 and cuda_gemv.grid(spec) == 32 * 16
+    assert "#define TILE 128\n" in cuda_gemv.kernel_source(spec)
+
+
 def test_supported_shapes():
     assert cuda_gemv.supported(4096, (4096, 1024, 1024), BF16) and cuda_gemv.supported(576, (576,), torch.float16)
     assert not cuda_gemv.supported(4096, (4096,), torch.float32)  # 16-bit weights only
@@ -154,16 +167,16 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
     profiled) compiles for sm_90."""
     nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes(name).items():
-        cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9)
         for dtype in (BF16, torch.float16):
             for sparse, t32, int8 in ((False, False, False), (True, True, False), (True, False, False),
                                       (False, False, True), (True, True, True)):
+                cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9, cuda_gemv.tile_cols(sizes, int8))
                 for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1)}:
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
         profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
-                                     1e-5, cfg, True, profile=True)  # scripts/profile_phases.py --nvrtc
+                                     1e-5, cuda_gemv.default_config(K, sum(sizes), 132, 9), True, profile=True)  # scripts/profile_phases.py --nvrtc
         assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
 
