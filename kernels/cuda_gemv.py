@@ -95,6 +95,9 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read on
 }
 __device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
 __device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
+// what an earlier launch wrote: under PDL that launch may still run beside this one, which breaks the read-only
+// path's contract (ld.global.nc: unchanged while the kernel runs), so such loads go through L2
+#define ld_in(p) (PDL ? ld16cg(p) : ld16(p))
 __device__ __forceinline__ void stamp(long long* rec, int slot) {  // profile: (global timer ns, SM clock) pair
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -133,7 +136,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #if SPARSE
     __shared__ short ks[KPER];      // kept rows, offsets within the range
 #endif
-#if PDL
+#if PDL == 1
     // programmatic dependent launch: the next launch may be scheduled now; it waits for this one to finish before
     // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -191,7 +194,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         xg[rd] = e < kn ? ld16cg(x + k0 + e) : make_uint4(0, 0, 0, 0);
         xu[rd] = e < kn ? ld16cg(x + K + k0 + e) : make_uint4(0, 0, 0, 0);
 #else
-        xr[rd] = e < kn ? ld16(x + k0 + e) : make_uint4(0, 0, 0, 0);
+        xr[rd] = e < kn ? ld_in(x + k0 + e) : make_uint4(0, 0, 0, 0);
 #endif
     }
 #if NORM
@@ -200,7 +203,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     #pragma unroll
     for (int m = 0; m < NROUNDS; m++) {
         const int i = m * 8 * THREADS + tid * 8;
-        xa[m] = i < K ? ld16(x + i) : make_uint4(0, 0, 0, 0);
+        xa[m] = i < K ? ld_in(x + i) : make_uint4(0, 0, 0, 0);
     }
 #endif
     // this thread's inputs e = rd * 8 * THREADS + tid * 8 + j of the range
@@ -350,6 +353,10 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     #pragma unroll
     for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
     __syncthreads();
+#if PDL == 2
+    // the late trigger: the next launch's CTAs take only the slots of CTAs whose rows are streamed
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 #if PROFILE
     if (tid == 0) stamp(rec, 6);  // slots 6-7: every row streamed
 #endif
@@ -403,7 +410,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
         float o = rnd(s);
 #if RES
-        o = to_f(res[col]) + o;
+        o = to_f(PDL ? __ldcg(res + col) : res[col]) + o;
 #endif
         y[col] = to_h(o);
     }
@@ -441,8 +448,9 @@ class Config(NamedTuple):
     split: int  # CTAs along K per column tile
     rows: int  # weight rows in flight per thread
     cluster: int  # 1: K ranges summed through the cluster's shared memory (sm_90); 0: a counter
-    # 1: programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data. Off: it lost
-    # 8-12% end to end on an H100 (docs/perf-notes.md, sessions 32 and 33)
+    # programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data; the next one
+    # triggered at the start (1) or once the rows are streamed (2). Off: it lost 8-12% (1) and 1.5% (2) end to end on
+    # an H100 (docs/perf-notes.md, sessions 32-34)
     pdl: int = 0
 
 
@@ -673,7 +681,7 @@ def launch_config(spec: Spec, stream: ctypes.c_void_p) -> "_LaunchConfig":
     attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=(ctypes.c_int * 16)(1))
     cfg = _LaunchConfig(grid_x=spec.N // spec.cols, grid_y=spec.config.split, grid_z=1, block_x=THREADS, block_y=1,
                         block_z=1, shared_bytes=0, stream=stream, attrs=ctypes.pointer(attr),
-                        n_attrs=spec.config.pdl)
+                        n_attrs=int(spec.config.pdl > 0))
     cfg._keep = attr  # the attribute lives as long as the config
     return cfg
 

@@ -340,6 +340,44 @@ def check_hopper_int4(n_sm: int, levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
+def check_pdl_chain() -> tuple:
+    """Programmatic dependent launch (sm_90) on kernels/cuda_gemv.py: o-like launches each write the next gate/up-like
+    launch's input while that one may already run (trigger at the start, 1, or after the stream, 2); every consumer
+    output must match the reference of what its producer wrote (a stale read of the input would not).
+    (failures, cases)."""
+    failures, cases, major = [], 0, torch.cuda.get_device_capability()[0]
+    K, dtype = 4096, torch.bfloat16
+    wa = (torch.randn(K, K, device="cuda") / K ** 0.5).to(dtype)
+    wb = (torch.randn(K, 2 * 11008, device="cuda") / K ** 0.5).to(dtype)
+    g = (1 + 0.1 * torch.randn(K, device="cuda")).to(dtype)
+    for pdl in (1, 2):
+        xs = [(torch.randn(K, device="cuda") * 2).to(dtype) for _ in range(8)]
+        rs = [torch.randn(K, device="cuda").to(dtype) for _ in range(8)]
+        sa = cuda_gemv.spec_of(K, (K,), dtype, False, False, False, True, 1e-5,
+                               cuda_gemv.default_config(K, K, 132, major)._replace(pdl=pdl))
+        cb = cuda_gemv.default_config(K, 2 * 11008, 132, major)._replace(pdl=pdl)
+        tb = torch.full((2, K), 0.5, device="cuda", dtype=dtype)
+        sb = cuda_gemv.spec_of(K, (11008, 11008), dtype, True, True, False, False, 1e-5, cb)
+        ca = torch.zeros(K // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+        cnt = torch.zeros(2 * 11008 // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+        pa, pb = torch.empty(sa.config.split, K, device="cuda"), torch.empty(cb.split, 2 * 11008, device="cuda")
+        ya = [torch.full((K,), float("nan"), device="cuda", dtype=dtype) for _ in xs]
+        yb = [torch.full((2 * 11008,), float("nan"), device="cuda", dtype=dtype) for _ in xs]
+        for i in range(len(xs)):  # back to back on one stream: each launch may start during the previous one
+            cuda_gemv.launch(sa, xs[i], wa, None, None, rs[i], ca, ya[i], pa)
+            cuda_gemv.launch(sb, ya[i], wb, tb, g, None, cnt, yb[i], pb)
+        torch.cuda.synchronize()
+        for i in range(len(xs)):
+            ra = cuda_gemv.cuda_gemv_ref(xs[i], wa, None, (K,), residual=rs[i])
+            rb = cuda_gemv.cuda_gemv_ref(ya[i], wb, tb, (11008, 11008), g, 1e-5)  # of what was written
+            err = rel_err(yb[i], rb)
+            cases += 1
+            if not rel_err(ya[i], ra) <= BOUND[dtype] or not err <= BOUND[dtype]:  # (NaN fails too)
+                failures.append(f"cuda_gemv PDL {pdl} chain {i}: producer err {rel_err(ya[i], ra):.2e}, "
+                                f"consumer err {err:.2e}")
+    return failures, cases
+
+
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
     the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, 16-bit or int8
@@ -390,6 +428,10 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
                                     f"res={res} "
                                     f"glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
                                     f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
+    if major >= 9:
+        pdl_failures, pdl_cases = check_pdl_chain()
+        failures += pdl_failures
+        cases += pdl_cases
     # the profiled variant (scripts/profile_phases.py --nvrtc): the same output bit for bit, every CTA's stamps there,
     # in order
     K, sizes, dtype = 4096, (4096, 1024, 1024), torch.bfloat16
