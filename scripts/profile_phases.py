@@ -2,7 +2,8 @@
 boundaries (the kernels' PROFILE builds: sparse_gemv.launch and decode_attention.launch given a `prof` buffer).
 Needs a CUDA GPU.
 
-    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc] [--out DIR]
+    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc [--int8]]
+        [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
 down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
@@ -14,6 +15,7 @@ read, counter, combine. `--nvrtc` (sm_90, libnvrtc): the step sm_90 runs instead
 kernels/cuda_gemv.py (q/k/v reduced in their launch, down gating gate/up's outputs); its phases: prologue (inputs,
 norm, thresholds, scan: the kept list ready), stream, tail (row groups and K ranges summed, result written), and the
 share of the spread of its CTAs' stream times that their SM, or their column tile (the addresses they read), explains.
+`--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path.
 
 Each stamp (%globaltimer and %clock64 through inline assembly) waits on the value it marks, so work cannot move
 across it; that costs ~0.2 us per stamp, which the phases include (the layer time with and without stamps is
@@ -31,6 +33,7 @@ from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
 from kernels import configs, cuda_gemv, decode_attention, reference, sparse_gemv
 from kernels.common import PROFILE_SLOTS
+from kernels.formats import INT8
 from kernels.reference import rms_norm_ref
 from model import ModelArgs
 from scripts.bench import capture_graph, graph_time_us, replay_time_us, sparse_threshold
@@ -83,10 +86,13 @@ def main():
     p.add_argument("--sparsities", default="0.5,0.999", help="comma-separated sparsity levels in [0, 1]")
     p.add_argument("--context", type=int, default=384, help="cache positions the attention reads")
     p.add_argument("--nvrtc", action="store_true", help="the projections on kernels/cuda_gemv.py (sm_90's path)")
+    p.add_argument("--int8", action="store_true", help="with --nvrtc: int8 weights (per-column scales)")
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json (default: none written)")
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
     sparsities = sparsity_list(a.sparsities, "--sparsities", up_to_one=True)  # 1: the phases with nothing to stream
+    if a.int8 and not a.nvrtc:
+        raise UserError("--int8 profiles the NVRTC projections: add --nvrtc")
     if not torch.cuda.is_available():
         raise UserError("profile_phases.py needs a CUDA GPU")
     if a.nvrtc and not (torch.cuda.get_device_capability()[0] >= 9 and cuda_gemv.usable(0)):
@@ -115,7 +121,9 @@ def main():
     tg, td = torch.zeros(2, dim, device=dev), torch.zeros(1, inter, device=dev)
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
     shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
-    ncfg = {p: cuda_gemv.default_config(K, sum(sz), n_sm, 9) for p, (K, sz) in shapes.items()}
+    ncfg = {p: cuda_gemv.default_config(K, sum(sz), n_sm, 9, cuda_gemv.tile_cols(sz, a.int8))
+            for p, (K, sz) in shapes.items()}
+    q8 = {id(w): INT8.quantize_weight(w) for w in Wq + Wo + Wg + Wd} if a.int8 else {}  # id -> (int8 weights, scales)
     n_prog = max([1024] + [sum(sz) // cuda_gemv.COLS * ncfg[p].split for p, (K, sz) in shapes.items()])
     bufs = {(i, p): torch.zeros(n_prog, SLOTS, dtype=torch.int64, device=dev) for i in range(L) for p in "qaogd"}
     sparse_step = [True]  # the level being profiled is above 0 (the NVRTC launches are dense at 0, as the step's)
@@ -149,10 +157,11 @@ def main():
             K, sizes = shapes[p]
             t = t if sparse_step[0] else None
             spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5, ncfg[p],
-                                     t is not None, profile=stamped)
+                                     t is not None, a.int8, profile=stamped)
+            w, scale = q8.get(id(w), (w, None))
             y = torch.empty(sum(sizes), device=dev, dtype=dt)
             cuda_gemv.launch(spec, x.reshape(-1), w, t, nw, None if res is None else res.reshape(-1), cnt, y,
-                             torch.empty(ncfg[p].split, sum(sizes), device=dev), prof=prof(p))
+                             torch.empty(ncfg[p].split, sum(sizes), device=dev), scale, prof=prof(p))
             return y
 
         qkv = proj("q", h0, Wq[i], tq, nw=g1)
@@ -189,15 +198,15 @@ def main():
         spans = [((r[7] - r[1]) / (r[6] - r[0])) for b in st.values() for r in b.tolist() if r[6] - r[0] > 5000]
         ghz = statistics.median(spans) if spans else 1.98
         t0 = int(st[(1, "q")][:, 0][st[(1, "q")][:, 0] > 0].min())  # layer copy 1: copy 0 follows the capture's start
-        print(f"\n{a.model}{' (NVRTC projections)' if a.nvrtc else ''}, sparsity {s}, {T} positions: one layer "
-              f"{plain:.1f} us ({stamped:.1f} with stamps), "
+        path = (" (NVRTC projections, int8 weights)" if a.int8 else " (NVRTC projections)") if a.nvrtc else ""
+        print(f"\n{a.model}{path}, sparsity {s}, {T} positions: one layer {plain:.1f} us ({stamped:.1f} with stamps), "
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
             r = summarise(st[(1, p)], ghz, t0, prev, p == "a",
-                          sum(shapes[p][1]) // cuda_gemv.COLS if a.nvrtc and p != "a" else None)
+                          sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8) if a.nvrtc and p != "a" else None)
             prev = r.pop("end")
-            records.append({"model": a.model, "sparsity": s, "context": T, "launch": name, "layer_us": round(plain, 2),
+            records.append({"model": a.model, "int8": a.int8, "sparsity": s, "context": T, "launch": name, "layer_us": round(plain, 2),
                             "layer_us_stamped": round(stamped, 2), **r})
             print(f"  {name:9s} " + "  ".join(f"{k} {v}" for k, v in r.items() if v is not None))
     if a.out:
