@@ -449,8 +449,8 @@ class Config(NamedTuple):
     rows: int  # weight rows in flight per thread
     cluster: int  # 1: K ranges summed through the cluster's shared memory (sm_90); 0: a counter
     # programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data; the next one
-    # triggered at the start (1) or once the rows are streamed (2). Off: it lost 8-12% (1) and 1.5% (2) end to end on
-    # an H100 (docs/perf-notes.md, sessions 32-34)
+    # triggered at the start (1) or once the rows are streamed (2). Off: 1 loses 8-12% end to end on an H100, 2 gains
+    # 0.8% there at 50% and is not yet checked on whole models (docs/perf-notes.md, sessions 32-34, 39)
     pdl: int = 0
 
 
