@@ -203,11 +203,11 @@ def main():
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
-            r = summarise(st[(1, p)], ghz, t0, prev, p == "a",
-                          sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8) if a.nvrtc and p != "a" else None)
+            tiles = sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8) if a.nvrtc and p != "a" else None
+            r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
             prev = r.pop("end")
-            records.append({"model": a.model, "int8": a.int8, "sparsity": s, "context": T, "launch": name, "layer_us": round(plain, 2),
-                            "layer_us_stamped": round(stamped, 2), **r})
+            records.append({"model": a.model, "int8": a.int8, "sparsity": s, "context": T, "launch": name,
+                            "layer_us": round(plain, 2), "layer_us_stamped": round(stamped, 2), **r})
             print(f"  {name:9s} " + "  ".join(f"{k} {v}" for k, v in r.items() if v is not None))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,8 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
         profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
-                                     1e-5, cuda_gemv.default_config(K, sum(sizes), 132, 9), True, profile=True)  # scripts/profile_phases.py --nvrtc
+                                     1e-5, cuda_gemv.default_config(K, sum(sizes), 132, 9), True,
+                                     profile=True)  # scripts/profile_phases.py --nvrtc
         assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
 
