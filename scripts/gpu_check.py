@@ -346,6 +346,7 @@ def check_pdl_chain() -> tuple:
     output must match the reference of what its producer wrote (a stale read of the input would not).
     (failures, cases)."""
     failures, cases, major = [], 0, torch.cuda.get_device_capability()[0]
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count  # the configs the model's launches take here
     K, dtype = 4096, torch.bfloat16
     wa = (torch.randn(K, K, device="cuda") / K ** 0.5).to(dtype)
     wb = (torch.randn(K, 2 * 11008, device="cuda") / K ** 0.5).to(dtype)
@@ -354,8 +355,8 @@ def check_pdl_chain() -> tuple:
         xs = [(torch.randn(K, device="cuda") * 2).to(dtype) for _ in range(8)]
         rs = [torch.randn(K, device="cuda").to(dtype) for _ in range(8)]
         sa = cuda_gemv.spec_of(K, (K,), dtype, False, False, False, True, 1e-5,
-                               cuda_gemv.default_config(K, K, 132, major)._replace(pdl=pdl))
-        cb = cuda_gemv.default_config(K, 2 * 11008, 132, major)._replace(pdl=pdl)
+                               cuda_gemv.default_config(K, K, n_sm, major)._replace(pdl=pdl))
+        cb = cuda_gemv.default_config(K, 2 * 11008, n_sm, major)._replace(pdl=pdl)
         tb = torch.full((2, K), 0.5, device="cuda", dtype=dtype)
         sb = cuda_gemv.spec_of(K, (11008, 11008), dtype, True, True, False, False, 1e-5, cb)
         ca = torch.zeros(K // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
