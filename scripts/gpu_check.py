@@ -434,15 +434,16 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
         failures += pdl_failures
         cases += pdl_cases
     # the profiled variant (scripts/profile_phases.py --nvrtc): the same output bit for bit, every CTA's stamps there,
-    # in order
+    # in order; the config the model's launch takes on this GPU
     K, sizes, dtype = 4096, (4096, 1024, 1024), torch.bfloat16
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     w = (torch.randn(K, sum(sizes), device="cuda") / K ** 0.5).to(dtype)
     x, g, _, xin = projection_input(1, K, dtype, True)
     t = spread_thresholds(xin, len(sizes), 0.5)
     outs = []
     for profile in (False, True):
         spec = cuda_gemv.spec_of(K, sizes, dtype, True, True, False, False, 1e-5,
-                                 cuda_gemv.default_config(K, sum(sizes), 132, major), True, profile=profile)
+                                 cuda_gemv.default_config(K, sum(sizes), n_sm, major), True, profile=profile)
         rec = torch.zeros(cuda_gemv.grid(spec), PROFILE_SLOTS, dtype=torch.int64, device="cuda") if profile else None
         y = torch.full((sum(sizes),), float("nan"), device="cuda", dtype=dtype)
         cuda_gemv.launch(spec, x.reshape(-1), w, t, g, None,
