@@ -37,8 +37,8 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, GraphStep, compile_step
-from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
-                     sparse_mlp)
+from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, nvrtc, reference,
+                     sparse_gemv, sparse_mlp)
 from loading import random_model
 from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
@@ -578,19 +578,19 @@ def main():
     # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
     # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, with the thresholds moved into gaps
     # between the reference decode's inputs (move_thresholds_into_gaps): no input then sits within rounding of one.
-    nvrtc = True if cuda_gemv.available() else None  # (None: rows skipped)
+    on_nvrtc = True if nvrtc.available() else None  # (None: rows skipped)
     for level, dtype, bound, sparse, quant, cuda in ((0.0, torch.bfloat16, 3e-2, False, None, False),
                                                      (0.0, torch.bfloat16, 3e-2, True, None, False),
                                                      (a.sparsity, torch.float32, 1e-3, True, None, False),
                                                      (a.sparsity, torch.bfloat16, None, True, None, False),
-                                                     (0.0, torch.bfloat16, 3e-2, False, None, nvrtc),
-                                                     (0.0, torch.float16, 1e-2, False, None, nvrtc),
-                                                     (a.sparsity, torch.bfloat16, None, True, None, nvrtc),
+                                                     (0.0, torch.bfloat16, 3e-2, False, None, on_nvrtc),
+                                                     (0.0, torch.float16, 1e-2, False, None, on_nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, None, on_nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int8", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int8", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int8", False),
-                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", nvrtc),
-                                                     (a.sparsity, torch.bfloat16, None, True, "int8", nvrtc),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", on_nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int8", on_nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int4", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int4", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int4", False)):
