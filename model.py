@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
+from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
                      sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
@@ -462,6 +462,9 @@ class Attention(nn.Module):
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
                 qkv = self.wqkv.cuda(x, sparse, plan, norm=norm).view(B, -1)
+                if plan.nvrtc_attention and cuda_attention.supported(H, Hkv, D):
+                    y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
+                    return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)
             elif plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here
                 qkv = self.wqkv.partial_sums(x, norm, ss, plan)[:, 0]  # [P, B, (H + 2 Hkv) D] float32

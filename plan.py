@@ -56,6 +56,7 @@ class DecodePlan:
     nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
     nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
     zero_level: bool = False  # decoding at sparsity 0 (at_level): the NVRTC kernel runs without thresholds
+    nvrtc_attention: bool = False  # one-token attention after q/k/v on the NVRTC kernel through kernels/cuda_attention.py
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call
@@ -110,7 +111,8 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     reference path elsewhere. `flags`: fuse_norm, attention_kernel, defer_reduction, fuse_mlp, hopper_int4,
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
-    insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc).
+    insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc),
+    nvrtc_attention (one-token attention on kernels/cuda_attention.py after q/k/v on the NVRTC kernel; off).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""
@@ -137,6 +139,8 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
             raise UserError("the NVRTC kernels need a CUDA GPU and libnvrtc (it comes with torch's CUDA wheels)")
         major, minor = torch.cuda.get_device_capability(device)
         flags["nvrtc_arch"] = 10 * major + minor
+    if flags.get("nvrtc_attention") and flags.get("nvrtc_arch", 0) < 90:
+        raise UserError("the NVRTC attention needs the NVRTC projections on an sm_90 GPU (thread-block clusters)")
     plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,
                       **flags)
     return plan.at_level(sparsity)

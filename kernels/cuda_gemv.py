@@ -20,10 +20,6 @@ CTA:
 Rounding follows kernels/reference.py (`cuda_gemv_ref`). Shapes: N and each segment multiples of 64, K of 8.
 """
 import ctypes
-import glob
-import hashlib
-import os
-import site
 from functools import cache
 from typing import NamedTuple, Optional
 
@@ -32,79 +28,24 @@ from torch import Tensor
 from torch.library import custom_op
 
 from errors import UserError
-from kernels import reference
+from kernels import nvrtc, reference
 from kernels.common import PROFILE_SLOTS
 from kernels.formats import FLOAT, INT8
-from paths import CACHE
 
 COLS = 64  # output columns per CTA
 THREADS = 128
 MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
 
 HELPERS = r"""
-typedef unsigned short u16;
-typedef unsigned int u32;
 #define CPT (INT8 ? 16 : 8)             // columns per thread: one 16-byte load (of the item's INT8 at each use)
 #define TPR (TILE / CPT)                // threads per row of the tile's columns
 #define RG (THREADS / TPR)              // row groups
 #define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
 #define NROUNDS ((K + 8 * THREADS - 1) / (8 * THREADS))   // ... over the whole input (its norm)
 
-__device__ __forceinline__ float to_f(u16 h) {
-#if FP16
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-#else
-    return __uint_as_float(((u32)h) << 16);
-#endif
-}
-__device__ __forceinline__ u16 to_h(float f) {
-    u16 h;
-#if FP16
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#else
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-#endif
-    return h;
-}
-__device__ __forceinline__ float rnd(float f) { return to_f(to_h(f)); }
-__device__ __forceinline__ float lo(u32 u) { return to_f((u16)(u & 0xffffu)); }
-__device__ __forceinline__ float hi(u32 u) { return to_f((u16)(u >> 16)); }
-__device__ __forceinline__ void unpack(uint4 v, float* f) {
-    f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y);
-    f[4] = lo(v.z); f[5] = hi(v.z); f[6] = lo(v.w); f[7] = hi(v.w);
-}
-__device__ __forceinline__ void unpack_int8(uint4 v, float* f) {  // one load's 16 int8 weights as floats
-    // without int -> float conversions (I2F: 16 per clock per SM, fewer than the H200 needs to keep up with its
-    // bytes): each byte, offset by 128, becomes the low byte of the float 2^23 + 128 + w (one PRMT), from which
-    // 2^23 + 128 is subtracted exactly (kernels/stream.py widens int8 the same way)
-    const u32 u[4] = {v.x ^ 0x80808080u, v.y ^ 0x80808080u, v.z ^ 0x80808080u, v.w ^ 0x80808080u};
-    #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        #pragma unroll
-        for (int j = 0; j < 4; j++)
-            f[4 * i + j] = __uint_as_float(__byte_perm(u[i], 0x4B000000u, 0x7540u | j)) - 8388736.f;
-    }
-}
-__device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read once, not kept in L1
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
-__device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
 // what an earlier launch wrote: under PDL that launch may still run beside this one, which breaks the read-only
 // path's contract (ld.global.nc: unchanged while the kernel runs), so such loads go through L2
 #define ld_in(p) (PDL ? ld16cg(p) : ld16(p))
-__device__ __forceinline__ void stamp(long long* rec, int slot) {  // profile: (global timer ns, SM clock) pair
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    rec[slot] = (long long)t;
-    rec[slot + 1] = clock64();
-}
-
 """
 
 # one work item of the GEMV: a column tile over a K range, specialised by the #defines before it
@@ -530,62 +471,17 @@ def item_source(spec: Spec, name: str) -> str:
 def kernel_source(spec: Spec) -> str:
     """The standalone launch of one projection: grid (N / 64, split)."""
     attr = f"__cluster_dims__(1, {spec.config.split}, 1)" if spec.config.cluster else ""
-    return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n#define PROF_SLOTS {PROFILE_SLOTS}\n" + HELPERS
+    return (f"#define THREADS {THREADS}\n#define FP16 {int(spec.fp16)}\n#define PROF_SLOTS {PROFILE_SLOTS}\n"
+            + nvrtc.HELPERS + HELPERS
             + item_source(spec, "gemv_item")
             + KERNEL.replace("CLUSTER_ATTR", attr).replace("PROFILE_ON", str(int(spec.profile))))
-
-
-@cache
-def find_nvrtc() -> Optional[str]:
-    """The newest libnvrtc.so.N under the Python paths (torch's CUDA wheels put it there), or None; searched once."""
-    roots = site.getsitepackages() + [site.getusersitepackages()]
-    hits = [p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "**", "libnvrtc.so.*"), recursive=True)
-            if ".alt." not in p and "builtins" not in p]
-    return sorted(hits)[-1] if hits else None
-
-
-def compile_cubin(nvrtc: ctypes.CDLL, src: str, arch: str) -> bytes:
-    """src compiled for `arch` (e.g. "sm_90") by NVRTC into a cubin."""
-    prog = ctypes.c_void_p()
-    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"gemv16.cu", 0, None, None):
-        raise UserError("NVRTC could not create a program")
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    if status:
-        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-        log = ctypes.create_string_buffer(n.value)
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-        raise UserError(f"NVRTC failed for {arch}: {log.value.decode().strip()}")
-    nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(n))
-    cubin = ctypes.create_string_buffer(n.value)
-    nvrtc.nvrtcGetCUBIN(prog, cubin)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cubin.raw
-
-
-@cache
-def _libraries():
-    """(NVRTC, the CUDA driver), loaded once per process."""
-    lib = find_nvrtc()
-    if lib is None:
-        raise UserError("no libnvrtc.so.N under the Python paths (it comes with torch's CUDA wheels)")
-    cuda = ctypes.CDLL("libcuda.so.1")
-    cuda.cuInit(0)  # (torch has done it where it has touched the GPU; repeated calls are no-ops)
-    return ctypes.CDLL(lib), cuda
-
-
-def available() -> bool:
-    """Whether this process can compile and launch these kernels (a CUDA GPU and NVRTC)."""
-    return torch.cuda.is_available() and find_nvrtc() is not None
 
 
 @cache
 def usable(device: int) -> bool:
     """Whether these kernels compile and load on a CUDA device (libnvrtc found, its cubin taken by the driver): the
     default plan keeps cuBLAS where not, rather than failing at the first step."""
-    if not available():
+    if not nvrtc.available():
         return False
     major = torch.cuda.get_device_capability(device)[0]
     spec = spec_of(64, (64,), torch.bfloat16, True, True, False, True, 1e-5, default_config(64, 64, 1, major))
@@ -596,50 +492,10 @@ def usable(device: int) -> bool:
     return True
 
 
-def cubin(spec: Spec, arch: str) -> bytes:
-    """The compiled kernel, from the disk cache (.cache/nvrtc, keyed by source, arch and NVRTC) or NVRTC."""
-    nvrtc = _libraries()[0]
-    src = kernel_source(spec)
-    key = hashlib.sha256(f"{find_nvrtc()}\n{arch}\n{src}".encode()).hexdigest()[:32]
-    path = CACHE / "nvrtc" / f"{key}.cubin"
-    if path.exists():
-        return path.read_bytes()
-    binary = compile_cubin(nvrtc, src, arch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(binary)
-    tmp.replace(path)
-    return binary
-
-
-@cache
-def _primary(device: int) -> int:
-    """The device's primary context (the one torch uses), retained once for the process."""
-    cuda, dev, primary = _libraries()[1], ctypes.c_int(), ctypes.c_void_p()
-    if cuda.cuDeviceGet(ctypes.byref(dev), device) or cuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev):
-        raise UserError("the CUDA driver gave no primary context")
-    return primary.value
-
-
-def _context(cuda: ctypes.CDLL, device: int):
-    """Make the device's primary context current in this thread (a thread that has not touched CUDA has none)."""
-    ctx = ctypes.c_void_p()
-    cuda.cuCtxGetCurrent(ctypes.byref(ctx))
-    if ctx.value != _primary(device):
-        cuda.cuCtxSetCurrent(ctypes.c_void_p(_primary(device)))
-
-
 @cache
 def _function(spec: Spec, device: int) -> ctypes.c_void_p:
     """The loaded kernel of `spec` on a device, once per process."""
-    cuda = _libraries()[1]
-    major, minor = torch.cuda.get_device_capability(device)
-    binary = cubin(spec, f"sm_{major}{minor}")
-    _context(cuda, device)
-    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
-    if cuda.cuModuleLoadData(ctypes.byref(mod), binary) or cuda.cuModuleGetFunction(ctypes.byref(fn), mod, b"gemv16"):
-        raise UserError("the CUDA driver did not load an NVRTC module")
-    return fn
+    return nvrtc.function(kernel_source(spec), "gemv16", device)
 
 
 def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
@@ -659,16 +515,10 @@ def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[T
     streamed, 10 result written; 12 the kept rows, 13 the SM)."""
     assert spec.profile == (prof is not None)
     assert prof is None or (prof.shape[0] >= grid(spec) and prof.shape[1] == PROFILE_SLOTS and prof.is_contiguous())
-    fn = _function(spec, x.device.index)
-    cuda = _libraries()[1]
-    _context(cuda, x.device.index)
-    ptrs = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
+    args = [ctypes.c_void_p(a.data_ptr() if a is not None else 0)
             for a in (w, x, t, nw, residual, y, part, counters, scale, prof)]
-    args = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in ptrs])
-    stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-    cfg = launch_config(spec, stream)
-    if cuda.cuLaunchKernelEx(ctypes.byref(cfg), fn, args, None):
-        raise UserError("cuLaunchKernelEx failed for an NVRTC kernel")
+    nvrtc.launch(_function(spec, x.device.index), launch_config(spec, nvrtc.stream_of(x.device)), args,
+                 x.device.index)
 
 
 def grid(spec: Spec) -> int:
@@ -676,28 +526,9 @@ def grid(spec: Spec) -> int:
     return spec.N // spec.cols * spec.config.split
 
 
-def launch_config(spec: Spec, stream: ctypes.c_void_p) -> "_LaunchConfig":
+def launch_config(spec: Spec, stream: ctypes.c_void_p) -> nvrtc.LaunchConfig:
     """The driver's CUlaunchConfig of a launch: its grid, and the PDL attribute where spec's config asks for it."""
-    attr = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION, value=(ctypes.c_int * 16)(1))
-    cfg = _LaunchConfig(grid_x=spec.N // spec.cols, grid_y=spec.config.split, grid_z=1, block_x=THREADS, block_y=1,
-                        block_z=1, shared_bytes=0, stream=stream, attrs=ctypes.pointer(attr),
-                        n_attrs=int(spec.config.pdl > 0))
-    cfg._keep = attr  # the attribute lives as long as the config
-    return cfg
-
-
-PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
-                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
-                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+    return nvrtc.launch_config((spec.N // spec.cols, spec.config.split), THREADS, stream, spec.config.pdl > 0)
 
 
 def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],

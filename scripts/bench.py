@@ -245,7 +245,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
-              nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None) -> list:
+              nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None,
+              nvrtc_attention: bool = False) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -260,6 +261,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
                                nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8,
+                               nvrtc_attention=nvrtc_attention,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -301,8 +303,10 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
 def decode_path(plan) -> str:
     """What a record's decode step ran its projections on."""
     if plan.sparse_decode:
-        return "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
-    return "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
+        path = "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
+    else:
+        path = "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
+    return path + (", NVRTC attention" if plan.nvrtc_attention else "")
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:
@@ -526,6 +530,9 @@ def main():
                    help="sparse steps' projections on it too (default: wherever dense steps are)")
     p.add_argument("--nvrtc-int8", action=argparse.BooleanOptionalAction, default=None,
                    help="int8 weights' projections on it (--quant int8; default: wherever dense steps are)")
+    p.add_argument("--nvrtc-attention", action="store_true",
+                   help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
+                   "NVRTC projections (sm_90)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -571,7 +578,8 @@ def main():
                                                       hopper_int4=a.hopper_int4, hopper_mma=a.hopper_mma, tp=tp,
                                                       graph=a.graph, group=a.group,
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
-                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8)]
+                                                      nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8,
+                                                      nvrtc_attention=a.nvrtc_attention)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

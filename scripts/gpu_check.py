@@ -37,8 +37,8 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, GraphStep, compile_step
-from kernels import (configs, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
-                     sparse_mlp)
+from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, nvrtc, reference,
+                     sparse_gemv, sparse_mlp)
 from loading import random_model
 from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
@@ -460,11 +460,49 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
+def check_cuda_attention() -> list:
+    """kernels/cuda_attention.py (NVRTC, sm_90) against decode_attention_ref: MHA and GQA heads, head dims 128 and
+    64, caches whose split count takes the cluster (2, 6 splits) or the counter (16), positions at block edges,
+    with and without a sliding window, bf16 and fp16, int64 and int32 positions: output within dtype bounds and
+    written everywhere (poisoned), the new key and value in the caches, counters left at zero, bit for bit over two
+    launches."""
+    failures, cases = [], 0
+    if torch.cuda.get_device_capability()[0] < 9 or not nvrtc.available():
+        return failures
+    for (H, Hkv, D), T, window, dtype in itertools.product(((32, 32, 128), (32, 8, 128), (9, 3, 64)), (128, 384, 2048),
+                                                           (None, 100), (torch.bfloat16, torch.float16)):
+        for p in sorted({0, 1, 15, 16, 63, 100, T // 2 + 7, T - 1}):
+            pos_t = torch.tensor([p], device="cuda", dtype=torch.int64 if p % 2 else torch.int32)
+            qkv = torch.randn((H + 2 * Hkv) * D, device="cuda").to(dtype)
+            rope = torch.randn(D // 2, 2, device="cuda")
+            kc, vc = (torch.randn(1, Hkv, T, D, device="cuda").to(dtype) for _ in range(2))
+            counters = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
+            rk, rv = kc.clone(), vc.clone()
+            ref = cuda_attention.cuda_attention_ref(qkv, rope, rk, rv, pos_t, H, window)
+            outs = []
+            for _ in range(2):
+                out = torch.full((H * D,), float("nan"), device="cuda", dtype=dtype)
+                ck, cv = kc.clone(), vc.clone()
+                cuda_attention.launch(qkv, rope, ck, cv, pos_t, counters, H, window, out)
+                outs.append(out)
+            torch.cuda.synchronize()
+            cases += 1
+            err = rel_err(outs[0], ref)
+            caches = rel_err(ck, rk) < 1e-2 and torch.equal(cv, rv) and torch.equal(ck[:, :, :p], rk[:, :, :p])
+            if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and caches and int(counters.sum()) == 0):
+                failures.append(f"cuda_attention H={H} Hkv={Hkv} D={D} T={T} window={window} {dtype} pos={p}: err "
+                                f"{err:.2e}, repeatable {torch.equal(outs[0], outs[1])}, caches {caches}, counters "
+                                f"{int(counters.sum())}")
+    print(f"cuda_attention (NVRTC): {cases} cases, {len(failures)} failures")
+    return failures
+
+
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
-                quant: Optional[str] = None, nvrtc: bool = False) -> tuple:
+                quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: bool = False) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
     sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
-    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch)."""
+    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), with nvrtc_attention its
+    attention on kernels/cuda_attention.py."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
@@ -487,7 +525,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), sparsity=sparsity, nvrtc=nvrtc,
-                                                   nvrtc_sparse=nvrtc), sparse_decode=sparse))
+                                                   nvrtc_sparse=nvrtc, nvrtc_attention=nvrtc and nvrtc_attention),
+                                       sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
     step = compile_step(lambda cur, pos: model(cur, pos, sparse_from=0 if sparse else None)[:, -1],
@@ -562,12 +601,15 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json (default: none written)")
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
     p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
+    p.add_argument("--nvrtc-attention", action="store_true",
+                   help="the NVRTC rows of the model checks with attention on kernels/cuda_attention.py")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_quant_kernels(n_sm)
+    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_cuda_attention()
+                                         + check_quant_kernels(n_sm)
                                          + check_quant_kernels(n_sm, quant="int4")
                                          + (check_hopper_int4(n_sm) if torch.cuda.get_device_capability() == (9, 0)
                                             else []))
@@ -578,19 +620,19 @@ def main():
     # activations across their threshold (near-ties), and on a random model each flip shifts the logits by
     # about t/|x| ~ 1%, so sparse bf16 decode is reported but judged in fp32, with the thresholds moved into gaps
     # between the reference decode's inputs (move_thresholds_into_gaps): no input then sits within rounding of one.
-    nvrtc = True if cuda_gemv.available() else None  # (None: rows skipped)
+    on_nvrtc = True if nvrtc.available() else None  # (None: rows skipped)
     for level, dtype, bound, sparse, quant, cuda in ((0.0, torch.bfloat16, 3e-2, False, None, False),
                                                      (0.0, torch.bfloat16, 3e-2, True, None, False),
                                                      (a.sparsity, torch.float32, 1e-3, True, None, False),
                                                      (a.sparsity, torch.bfloat16, None, True, None, False),
-                                                     (0.0, torch.bfloat16, 3e-2, False, None, nvrtc),
-                                                     (0.0, torch.float16, 1e-2, False, None, nvrtc),
-                                                     (a.sparsity, torch.bfloat16, None, True, None, nvrtc),
+                                                     (0.0, torch.bfloat16, 3e-2, False, None, on_nvrtc),
+                                                     (0.0, torch.float16, 1e-2, False, None, on_nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, None, on_nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int8", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int8", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int8", False),
-                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", nvrtc),
-                                                     (a.sparsity, torch.bfloat16, None, True, "int8", nvrtc),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int8", on_nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int8", on_nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int4", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int4", False),
                                                      (a.sparsity, torch.bfloat16, None, True, "int4", False)):
@@ -598,9 +640,11 @@ def main():
             continue
         torch._dynamo.reset()
         errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
-                                                                       quant=quant, nvrtc=cuda)
+                                                                       quant=quant, nvrtc=cuda,
+                                                                       nvrtc_attention=a.nvrtc_attention)
         worst = max(errs)
-        print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''} at {level} "
+        print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''}"
+              f"{' + NVRTC attention' if cuda and a.nvrtc_attention else ''} at {level} "
               f"({'sparse kernels' if sparse else 'dense path'}): compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"

@@ -16,7 +16,7 @@ import torch
 
 from cli import HelpFormatter, run_cli
 from errors import UserError
-from kernels.cuda_gemv import compile_cubin, find_nvrtc
+from kernels.nvrtc import compile_cubin, find_nvrtc
 from model import ModelArgs
 from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
 

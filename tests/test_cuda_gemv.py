@@ -9,7 +9,7 @@ import torch
 
 from errors import UserError
 from kernels.common import PROFILE_SLOTS
-from kernels import configs, cuda_gemv, reference, sparse_gemv
+from kernels import configs, cuda_gemv, nvrtc, reference, sparse_gemv
 from kernels.formats import FLOAT, INT8
 from model import ModelArgs
 from plan import decode_plan
@@ -161,13 +161,13 @@ def _shapes(name):
             "gate_up": (a.dim, (a.intermediate_size,) * 2, False), "down": (a.intermediate_size, (a.dim,), True)}
 
 
-@pytest.mark.skipif(cuda_gemv.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
+@pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
 @pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b", "smollm2-135m"])
 def test_every_kernel_of_a_model_builds_for_sm90(name):
     """Every launch a model's decode step makes on this path (dense and sparse, bf16 and fp16, its default configs
     a counter tail where the default is a cluster, with PDL, float32 or 16-bit thresholds, 16-bit or int8 weights;
     profiled) compiles for sm_90."""
-    nvrtc = ctypes.CDLL(cuda_gemv.find_nvrtc())
+    lib = ctypes.CDLL(nvrtc.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes(name).items():
         for dtype in (BF16, torch.float16):
             for sparse, t32, int8 in ((False, False, False), (True, True, False), (True, False, False),
@@ -176,21 +176,21 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
                 for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1), cfg._replace(pdl=2)}:
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
-                    assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+                    assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
         profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
                                      1e-5, cuda_gemv.default_config(K, sum(sizes), 132, 9), True,
                                      profile=True)  # scripts/profile_phases.py --nvrtc
-        assert cuda_gemv.compile_cubin(nvrtc, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
+        assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
 
 def test_launch_config_matches_the_driver_layout():
     """The ctypes mirror of CUlaunchConfig / CUlaunchAttribute (cuda.h: 56 and 72 bytes on 64-bit Linux), filled
     for a PDL launch and for a plain one."""
-    assert ctypes.sizeof(cuda_gemv._LaunchConfig) == 56 and ctypes.sizeof(cuda_gemv._LaunchAttribute) == 72
-    assert cuda_gemv._LaunchConfig.stream.offset == 32 and cuda_gemv._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(nvrtc.LaunchConfig) == 56 and ctypes.sizeof(nvrtc.LaunchAttribute) == 72
+    assert nvrtc.LaunchConfig.stream.offset == 32 and nvrtc.LaunchAttribute.value.offset == 8
     spec = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(8, 8, 1, 1))
     cfg = cuda_gemv.launch_config(spec, ctypes.c_void_p(1234))
     assert (cfg.grid_x, cfg.grid_y, cfg.block_x, cfg.stream, cfg.n_attrs) == (64, 8, 128, 1234, 1)
-    assert cfg.attrs.contents.id == cuda_gemv.PROGRAMMATIC_STREAM_SERIALIZATION and cfg.attrs.contents.value[0] == 1
+    assert cfg.attrs.contents.id == nvrtc.PROGRAMMATIC_STREAM_SERIALIZATION and cfg.attrs.contents.value[0] == 1
     assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0)), None).n_attrs == 0
     assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 2)), None).n_attrs == 1  # late

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from errors import UserError
-from kernels import cuda_gemv, sparse_mlp
-from loading import load_model
+from kernels import cuda_attention, cuda_gemv, sparse_mlp
+from loading import load_model, random_model
 from model import CONFIGS, ModelArgs, Transformer, attention_mask
 from plan import decode_plan
 from kernels.formats import quant_format
 from quantization import quantize_model
+from sparsity import capture_inputs, set_uniform_thresholds
 from tests.helpers import VARIANTS, hf_checkpoint, reference_and_kernel_models
 
 
@@ -210,6 +211,34 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, monkeypatch)
     assert len(calls) == 4 * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
     assert all(thresholded) if sparse and level else not any(thresholded)
     assert calls.count(True) == len(model.layers) * steps.shape[1]  # down gates gate/up's outputs
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_nvrtc_attention_route_matches_reference_decode(window, monkeypatch):
+    """plan.nvrtc_attention: a one-token step whose q/k/v ran on the NVRTC projection takes kernels/cuda_attention.py
+    in every layer (on a CPU its op runs the reference: the cache write and the attention the reference path makes),
+    bit for bit with the reference path in bf16 (head dim 64, two queries per KV head; with a sliding window shorter
+    than the context). Dense steps do too; without nvrtc_attention the Triton kernel's op runs instead."""
+    args = ModelArgs(dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=192, vocab_size=101,
+                     max_seq_len=128, sliding_window=window)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0)
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    ref_model = ref_model.to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)
+    plan = dataclasses.replace(decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True), nvrtc_arch=90,
+                               nvrtc_sparse=True, nvrtc_attention=True)
+    model.set_plan(plan)
+    calls = []
+    attend = cuda_attention.cuda_attention
+    monkeypatch.setattr(cuda_attention, "cuda_attention", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    prompt, steps = torch.randint(0, 101, (1, 30)), torch.randint(0, 101, (1, 3))
+    for sparse_from in (0, None):
+        for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=sparse_from)):
+            assert torch.equal(out, ref), (sparse_from, i)
+    assert len(calls) == 2 * len(model.layers) * steps.shape[1]
+    model.set_plan(dataclasses.replace(plan, nvrtc_attention=False))
+    decode_both(ref_model, model, prompt, steps[:, :1], 64, sparse_from=0)
+    assert len(calls) == 2 * len(model.layers) * steps.shape[1]
 
 
 @pytest.mark.slow

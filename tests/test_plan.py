@@ -154,3 +154,10 @@ def test_masked_stream_sets_the_batch1_configs():
     heads = [m.head for m in quantized.modules() if isinstance(m, SparseLinear)]
     assert any(heads) and all(m.kernel_configs[1].masked == (0 if m.head else 1) for m in quantized.modules()
                               if isinstance(m, SparseLinear))
+
+
+def test_nvrtc_attention_needs_the_nvrtc_route():
+    """nvrtc_attention without the NVRTC projections on an sm_90 GPU (here: a CPU) is refused with one clear line."""
+    with pytest.raises(UserError, match="NVRTC attention"):
+        decode_plan(torch.device("cpu"), nvrtc_attention=True)
+    assert not decode_plan(torch.device("cpu")).nvrtc_attention

@@ -1,0 +1,411 @@
+"""Decode attention for one token in CUDA C++ through NVRTC (kernels/nvrtc.py): the work of
+kernels/decode_attention.py (RoPE of the group's queries and the new key, the cache write at `pos`, attention over
+[lo, pos] split over programs, the splits combined in a fixed order), with what Triton cannot express on sm_90:
+the splits of a KV head summed through a thread-block cluster's shared memory instead of partials in global memory
+and a counter. Batch 1; the q/k/v projection's output in 16-bit (kernels/cuda_gemv.py reduces it in its launch).
+
+Grid (KV heads, S splits), 128 threads (4 warps). S is decode_attention.n_splits of the cache (the same programs
+per head as the Triton kernel); S <= 8 sums through a cluster of the head's S CTAs, S > 8 through a per-head
+counter whose last CTA sums (left at zero). Each CTA:
+1. loads pos, the group's queries and the new key and value (independent of pos), then issues its positions' key
+   and value loads (each warp NB positions at a time, a lane D / 32 dimensions of each: 8 bytes at D = 128);
+2. rotates the queries and the new key (rounded to the cache's dtype, as the reference rounds), the split holding
+   `pos` writes the new key and value into the cache and takes position `pos` from registers;
+3. each warp keeps an online softmax (base 2) over its positions; the four warps meet in shared memory, then the
+   splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
+Rounding follows decode_attention_ref up to the order of the sums (probabilities stay in float32).
+"""
+import ctypes
+from functools import cache
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from kernels import decode_attention, nvrtc
+
+THREADS = 128
+BT = 16  # positions per split come in whole blocks of BT
+
+SOURCE = r"""
+#define WARPS (THREADS / 32)
+#define DPL (D / 32)                  // dimensions per lane
+#define HALF (D / 2)
+#define NB (G >= 4 ? 8 : 16)          // positions per warp in flight
+#define R ((G * D + THREADS - 1) / THREADS)  // (query, dimension) values per thread in the combines
+#define LOG2E 1.4426950408889634f
+#define NEG_INF __int_as_float(0xff800000)
+#if DPL == 4
+typedef uint2 vec;
+__device__ __forceinline__ vec ld_vec(const u16* p) {  // cache entries: read once here
+    vec v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void unpk(vec v, float* f) { f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y); }
+#else
+typedef u32 vec;
+__device__ __forceinline__ vec ld_vec(const u16* p) {
+    vec v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void unpk(vec v, float* f) { f[0] = lo(v); f[1] = hi(v); }
+#endif
+__device__ __forceinline__ float warp_sum(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float weight(float m, float mx) { return m == NEG_INF ? 0.f : exp2f(m - mx); }
+
+extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
+        const u16* __restrict__ qkv,       // [(H + 2 HKV) D]: q, k, v of the new token
+        const float* __restrict__ rope,    // [D / 2, 2]: cos, sin at pos
+        u16* __restrict__ kc,              // [HKV, T, D] key cache (rotated keys)
+        u16* __restrict__ vc,              // [HKV, T, D]
+        const void* __restrict__ posp,     // [1] int64 (POS64) or int32
+        u16* __restrict__ y,               // [H D]
+        float* __restrict__ ws,            // [HKV, S, G, D + 2] partials (counter path)
+        u32* __restrict__ counter,         // [HKV] zero between launches (counter path)
+        const int T, const int window) {
+    const int hk = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#if CLUSTER
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // started (waited for before DSMEM use)
+#endif
+    const int d0 = lane * DPL, pd = d0 < HALF ? d0 + HALF : d0 - HALF, dh = d0 % HALF;
+    const int pos = POS64 ? (int)((const long long*)posp)[0] : ((const int*)posp)[0];
+    // loads that do not depend on pos, in flight while it arrives: the group's queries, the new key and value
+    u16 xq[G][DPL], xqp[G][DPL], xk[DPL], xkp[DPL], xv[DPL];
+    float cs[DPL][2];
+    #pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        #pragma unroll
+        for (int g = 0; g < G; g++) {
+            xq[g][i] = qkv[(hk * G + g) * D + d0 + i];
+            xqp[g][i] = qkv[(hk * G + g) * D + pd + i];
+        }
+        xk[i] = qkv[(H + hk) * D + d0 + i];
+        xkp[i] = qkv[(H + hk) * D + pd + i];
+        xv[i] = qkv[(H + HKV + hk) * D + d0 + i];
+        cs[i][0] = rope[2 * (dh + i)];
+        cs[i][1] = rope[2 * (dh + i) + 1];
+    }
+    const int lo_ = window > 0 ? max(pos - window + 1, 0) : 0;
+    const int per = ((pos - lo_) / BT + S) / S * BT;  // positions per split, whole blocks of BT
+    const int start = lo_ + split * per;
+    const int last = (pos - lo_) / per;               // the split holding pos; splits 0 .. last have positions
+    const int t_end = min(start + per, pos);          // cached positions of this split: [start, t_end)
+    const size_t head = (size_t)hk * T * D;
+    int base = start + warp * NB;
+    vec kv[NB], vv[NB];
+    if (base < t_end) {  // the first chunk's cache loads, before anything waits on the values above
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            const int t = min(base + j, t_end - 1);
+            kv[j] = ld_vec(kc + head + (size_t)t * D + d0);
+            vv[j] = ld_vec(vc + head + (size_t)t * D + d0);
+        }
+    }
+    // half-split RoPE of the queries and the new key, rounded as the reference rounds; queries scaled for base 2
+    const float scale = LOG2E * rsqrtf((float)D);
+    const float sgn = d0 < HALF ? -1.f : 1.f;
+    float q[G][DPL], kn[DPL];
+    #pragma unroll
+    for (int i = 0; i < DPL; i++) {
+        #pragma unroll
+        for (int g = 0; g < G; g++)
+            q[g][i] = rnd(to_f(xq[g][i]) * cs[i][0] + sgn * to_f(xqp[g][i]) * cs[i][1]) * scale;
+        kn[i] = rnd(to_f(xk[i]) * cs[i][0] + sgn * to_f(xkp[i]) * cs[i][1]);
+    }
+    float m[G], l[G], acc[G][DPL];
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+        #pragma unroll
+        for (int i = 0; i < DPL; i++) acc[g][i] = 0.f;
+    }
+    if (split == last && warp == 0) {  // the new entry: into the cache, and position pos from registers
+        #pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            kc[head + (size_t)pos * D + d0 + i] = to_h(kn[i]);
+            vc[head + (size_t)pos * D + d0 + i] = xv[i];
+        }
+        #pragma unroll
+        for (int g = 0; g < G; g++) {
+            float s = 0.f;
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) s += q[g][i] * kn[i];
+            m[g] = warp_sum(s);
+            l[g] = 1.f;
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) acc[g][i] = to_f(xv[i]);
+        }
+    }
+    for (; base < t_end; base += WARPS * NB) {
+        const int next = base + WARPS * NB;
+        float s[NB][G];
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            float kf[DPL];
+            unpk(kv[j], kf);
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                float d = 0.f;
+                #pragma unroll
+                for (int i = 0; i < DPL; i++) d += q[g][i] * kf[i];
+                s[j][g] = base + j < t_end ? warp_sum(d) : NEG_INF;
+            }
+        }
+        if (next < t_end) {  // the next chunk's keys, under this chunk's values
+            #pragma unroll
+            for (int j = 0; j < NB; j++) kv[j] = ld_vec(kc + head + (size_t)min(next + j, t_end - 1) * D + d0);
+        }
+        #pragma unroll
+        for (int g = 0; g < G; g++) {
+            float mx = m[g];
+            #pragma unroll
+            for (int j = 0; j < NB; j++) mx = fmaxf(mx, s[j][g]);  // finite: position `base` is in range
+            const float alpha = exp2f(m[g] - mx);
+            l[g] *= alpha;
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) acc[g][i] *= alpha;
+            m[g] = mx;
+        }
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            float vf[DPL];
+            unpk(vv[j], vf);
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float p = exp2f(s[j][g] - m[g]);  // 0 past t_end
+                l[g] += p;
+                #pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] += p * vf[i];
+            }
+        }
+        if (next < t_end) {
+            #pragma unroll
+            for (int j = 0; j < NB; j++) vv[j] = ld_vec(vc + head + (size_t)min(next + j, t_end - 1) * D + d0);
+        }
+    }
+#if !CLUSTER
+    if (split > last)
+        return;  // no positions
+#endif
+    // the warps meet in shared memory; thread tid then holds the CTA's (m, l, acc) of values e = r THREADS + tid
+    __shared__ float sm_m[WARPS][G], sm_l[WARPS][G], sm_a[WARPS][G][D];
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) {
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }
+        #pragma unroll
+        for (int i = 0; i < DPL; i++) sm_a[warp][g][d0 + i] = acc[g][i];
+    }
+    __syncthreads();
+    float cm[R], cl[R], ca[R];
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int e = r * THREADS + tid, g = min(e / D, G - 1), d = e % D;
+        cm[r] = NEG_INF;
+        cl[r] = 0.f;
+        ca[r] = 0.f;
+        #pragma unroll
+        for (int w = 0; w < WARPS; w++) cm[r] = fmaxf(cm[r], sm_m[w][g]);
+        #pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            const float f = weight(sm_m[w][g], cm[r]);
+            cl[r] += f * sm_l[w][g];
+            ca[r] += f * sm_a[w][g][d];
+        }
+    }
+#if CLUSTER
+    // the splits meet in rank 0's shared memory (rank = split); every CTA of the cluster takes both barriers
+    __shared__ float cl_m[S][G], cl_l[S][G], cl_a[S][G][D];
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (split <= last) {
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int e = r * THREADS + tid, g = e / D, d = e % D;
+            if (e < G * D) {
+                to_rank0(&cl_a[split][g][d], ca[r]);
+                if (d == 0) {
+                    to_rank0(&cl_m[split][g], cm[r]);
+                    to_rank0(&cl_l[split][g], cl[r]);
+                }
+            }
+        }
+    }
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    if (split == 0) {
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int e = r * THREADS + tid, g = e / D, d = e % D;
+            if (e < G * D) {
+                float mx = NEG_INF, L = 0.f, A = 0.f;
+                for (int j = 0; j <= last; j++) mx = fmaxf(mx, cl_m[j][g]);
+                for (int j = 0; j <= last; j++) {  // split order: no dependence on arrival
+                    const float f = exp2f(cl_m[j][g] - mx);
+                    L += f * cl_l[j][g];
+                    A += f * cl_a[j][g][d];
+                }
+                y[hk * G * D + e] = to_h(A / L);
+            }
+        }
+    }
+#else
+    if (last == 0) {  // one split: the result
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int e = r * THREADS + tid;
+            if (e < G * D) y[hk * G * D + e] = to_h(ca[r] / cl[r]);
+        }
+        return;
+    }
+    // partials to global memory; the head's last CTA through its counter sums them in split order
+    float* wsp = ws + ((size_t)hk * S + split) * G * (D + 2);
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int e = r * THREADS + tid, g = e / D, d = e % D;
+        if (e < G * D) {
+            wsp[g * (D + 2) + d] = ca[r];
+            if (d == 0) {
+                wsp[g * (D + 2) + D] = cm[r];
+                wsp[g * (D + 2) + D + 1] = cl[r];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ u32 arrived;
+    if (tid == 0) arrived = atomicAdd(counter + hk, 1u);
+    __syncthreads();
+    if (arrived != (u32)last)
+        return;
+    __threadfence();
+    const float* wh = ws + (size_t)hk * S * G * (D + 2);
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int e = r * THREADS + tid, g = e / D, d = e % D;
+        if (e < G * D) {
+            float mx = NEG_INF, L = 0.f, A = 0.f;
+            for (int j = 0; j <= last; j++) mx = fmaxf(mx, __ldcg(wh + (j * G + g) * (D + 2) + D));
+            for (int j = 0; j <= last; j++) {  // split order: no dependence on arrival
+                const float* p = wh + (j * G + g) * (D + 2);
+                const float f = exp2f(__ldcg(p + D) - mx);
+                L += f * __ldcg(p + D + 1);
+                A += f * __ldcg(p + d);
+            }
+            y[hk * G * D + e] = to_h(A / L);
+        }
+    }
+    if (tid == 0) counter[hk] = 0;
+#endif
+}
+"""
+
+TO_RANK0 = r"""
+__device__ __forceinline__ void to_rank0(float* local, float v) {  // a float into rank 0's copy of `local`
+    unsigned int remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((u32)__cvta_generic_to_shared(local)),
+                 "r"(0));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(v) : "memory");
+}
+"""
+
+
+class Spec(NamedTuple):
+    """What one compiled kernel is specialised on (everything but the tensors, the cache length and the window)."""
+    D: int  # head dim
+    G: int  # query heads per KV head
+    HKV: int
+    S: int  # splits per KV head (the grid's y)
+    fp16: bool
+    pos64: bool  # pos is int64 (else int32)
+
+
+def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
+    """Shapes the kernel takes: head dim 64 or 128, at most 512 query values per KV head (shared memory)."""
+    return head_dim in (64, 128) and n_head % n_kv_head == 0 and n_head // n_kv_head * head_dim <= 512
+
+
+def cluster(spec: Spec) -> bool:
+    """Whether the splits meet through a cluster (a portable cluster holds 8 CTAs) rather than a counter."""
+    return 1 < spec.S <= 8
+
+
+def kernel_source(spec: Spec) -> str:
+    c = cluster(spec)
+    defines = dict(THREADS=THREADS, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV, H=spec.G * spec.HKV,
+                   S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64))
+    attr = f"__cluster_dims__(1, {spec.S}, 1)" if c else ""
+    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + nvrtc.HELPERS + (TO_RANK0 if c else "")
+            + SOURCE.replace("CLUSTER_ATTR", attr))
+
+
+@cache
+def _function(spec: Spec, device: int) -> ctypes.c_void_p:
+    return nvrtc.function(kernel_source(spec), "attn", device)
+
+
+def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Optional[int]) -> Spec:
+    _, Hkv, T, D = k_cache.shape
+    return Spec(D, n_head // Hkv, Hkv, decode_attention.n_splits(T, window), k_cache.dtype == torch.float16,
+                pos.dtype == torch.int64)
+
+
+def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
+           window: Optional[int], out: Tensor):
+    """One launch into out [H D] on the current stream: qkv [(H + 2 Hkv) D] in the caches' dtype, rope [D/2, 2]
+    float32 (the row of pos), caches [B', Hkv, T, D] (row 0 used), pos [1] int32 or int64, counters [>= Hkv] int32
+    zeros (left at zero)."""
+    spec = spec_of(qkv, k_cache, pos, n_head, window)
+    assert qkv.is_contiguous() and qkv.numel() == (n_head + 2 * spec.HKV) * spec.D and qkv.dtype == k_cache.dtype
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and rope.is_contiguous() and rope.dtype == torch.float32
+    assert counters.numel() >= spec.HKV and counters.dtype == torch.int32 and pos.dtype in (torch.int32, torch.int64)
+    ws = torch.empty(0 if cluster(spec) else spec.HKV * spec.S * spec.G * (spec.D + 2), device=qkv.device)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (qkv, rope, k_cache, v_cache, pos, out, ws, counters)]
+    args += [ctypes.c_int(k_cache.shape[2]), ctypes.c_int(window or 0)]
+    dev = qkv.device.index
+    nvrtc.launch(_function(spec, dev), nvrtc.launch_config((spec.HKV, spec.S), THREADS, nvrtc.stream_of(qkv.device)),
+                 args, dev)
+
+
+@custom_op("teal::cuda_attention", mutates_args=("k_cache", "v_cache", "counters"))
+def _cuda_attention_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
+                       n_head: int, window: int) -> Tensor:
+    out = qkv.new_empty(n_head * k_cache.shape[3])
+    launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out)
+    return out
+
+
+@_cuda_attention_op.register_fake
+def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window):
+    return qkv.new_empty(n_head * k_cache.shape[3])
+
+
+@_cuda_attention_op.register_kernel("cpu")
+def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window):
+    # the reference: a plan with nvrtc_attention set routes a model on the CPU through it (tests of the routing)
+    return cuda_attention_ref(qkv, rope, k_cache, v_cache, pos, n_head, window or None)
+
+
+def cuda_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
+                   n_head: int, window: Optional[int]) -> Tensor:
+    """One decode step of attention for batch 1: qkv [(H + 2 Hkv) D] (the q/k/v projection's output), rope [D/2, 2]
+    float32 at pos [1]; writes the new key and value into the caches' row 0 and returns [H D] in their dtype."""
+    D = k_cache.shape[3]
+    return _cuda_attention_op(qkv.reshape(-1), rope.reshape(D // 2, 2), k_cache, v_cache, pos, counters, n_head,
+                              window or 0)
+
+
+def cuda_attention_ref(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_head: int,
+                       window: Optional[int] = None) -> Tensor:
+    """Plain-PyTorch reference of cuda_attention (decode_attention_ref at batch 1)."""
+    D = k_cache.shape[3]
+    return decode_attention.decode_attention_ref(qkv.view(1, -1), rope.view(1, D // 2, 2), k_cache, v_cache,
+                                                 int(pos.reshape(-1)[0]), n_head, window)[0]
