@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from errors import UserError
-from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, reference, sparse_gemv,
-                     sparse_mlp)
+from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma,
+                     reference, sparse_gemv, sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
 from kernels.formats import FLOAT, INT8, QuantFormat

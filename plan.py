@@ -56,7 +56,7 @@ class DecodePlan:
     nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
     nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
     zero_level: bool = False  # decoding at sparsity 0 (at_level): the NVRTC kernel runs without thresholds
-    nvrtc_attention: bool = False  # one-token attention after q/k/v on the NVRTC kernel through kernels/cuda_attention.py
+    nvrtc_attention: bool = False  # one-token attention after an NVRTC q/k/v through kernels/cuda_attention.py
 
     def projection(self, rows: int, sparse: bool, active: Optional[Tensor]) -> str:
         """"kernel", "sparse" (reference path, thresholds applied) or "dense" (reference path, x @ W) for a call

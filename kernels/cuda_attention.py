@@ -43,7 +43,9 @@ __device__ __forceinline__ vec ld_vec(const u16* p) {  // cache entries: read on
     asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
-__device__ __forceinline__ void unpk(vec v, float* f) { f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y); }
+__device__ __forceinline__ void unpk(vec v, float* f) {
+    f[0] = lo(v.x); f[1] = hi(v.x); f[2] = lo(v.y); f[3] = hi(v.y);
+}
 #else
 typedef u32 vec;
 __device__ __forceinline__ vec ld_vec(const u16* p) {

@@ -65,7 +65,8 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {  // weights: read on
     return v;
 }
 __device__ __forceinline__ uint4 ld16(const u16* p) { return *(const uint4*)p; }
-__device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }  // from L2: written this launch
+// from L2: written this launch
+__device__ __forceinline__ uint4 ld16cg(const u16* p) { return __ldcg((const uint4*)p); }
 __device__ __forceinline__ void stamp(long long* rec, int slot) {  // profile: (global timer ns, SM clock) pair
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -37,8 +37,8 @@ import triton
 
 from cli import HelpFormatter
 from engine import Generator, GraphStep, compile_step
-from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, nvrtc, reference,
-                     sparse_gemv, sparse_mlp)
+from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, nvrtc,
+                     reference, sparse_gemv, sparse_mlp)
 from loading import random_model
 from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
