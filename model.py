@@ -269,8 +269,8 @@ class SparseLinear(nn.Module):
         act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (int8: checked per call)
         if plan.nvrtc_arch and self.fmt.code in (FLOAT.code, INT8.code) and not self.head and \
                 cuda_gemv.supported(K, self.sizes, act):
-            self.cuda_config = cuda_gemv.default_config(K, self.out_features, plan.n_sm, plan.nvrtc_arch // 10,
-                                                        cuda_gemv.tile_cols(self.sizes, self.fmt.code == INT8.code))
+            self.cuda_config = cuda_gemv.default_config(K, self.sizes, plan.n_sm, plan.nvrtc_arch // 10,
+                                                        self.fmt.code == INT8.code)
             n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)

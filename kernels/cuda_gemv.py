@@ -427,14 +427,16 @@ def tile_cols(sizes, int8: bool) -> int:
     return 2 * COLS if int8 and all(s % (2 * COLS) == 0 for s in sizes) else COLS
 
 
-def default_config(K: int, N: int, n_sm: int, major: int, cols: int = COLS) -> Config:
-    """Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight per thread, counter
+def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False) -> Config:
+    """The launch config of a projection of K inputs into segments `sizes` (int8: int8 weights, in tile_cols' tiles).
+    Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight per thread, counter
     tail; the others the fewest K ranges that put >= 2.5 CTAs per SM, 8 rows, K ranges summed through a cluster on
     sm_90; more ranges where one would not fit shared memory. From sweeps (docs/perf-notes.md, session 32): on an
     H100, Llama-2-7B q/k/v 2 x 8 cluster, o and down 8 x 8 cluster, gate/up 2 x 4, within 0.5 us of the best at 40
     and 50% (gate/up dense 0.9 us above it); on an H200, Llama-3-8B, the same rule within 1.0 us of the best at 0,
     40 and 50% (one K range with 16 rows: 11.4 us slower on gate/up dense)."""
-    tiles = N // cols
+    cols = tile_cols(sizes, int8)
+    tiles = sum(sizes) // cols
     if tiles >= 2.5 * n_sm:  # wide (gate/up): two K ranges, 4 rows in flight, counter tail
         split, rows, cluster = 2, 4, 0
     else:
@@ -484,7 +486,7 @@ def usable(device: int) -> bool:
     if not nvrtc.available():
         return False
     major = torch.cuda.get_device_capability(device)[0]
-    spec = spec_of(64, (64,), torch.bfloat16, True, True, False, True, 1e-5, default_config(64, 64, 1, major))
+    spec = spec_of(64, (64,), torch.bfloat16, True, True, False, True, 1e-5, default_config(64, (64,), 1, major))
     try:
         _function(spec, device)
     except (UserError, OSError):

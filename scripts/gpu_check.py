@@ -355,8 +355,8 @@ def check_pdl_chain() -> tuple:
         xs = [(torch.randn(K, device="cuda") * 2).to(dtype) for _ in range(8)]
         rs = [torch.randn(K, device="cuda").to(dtype) for _ in range(8)]
         sa = cuda_gemv.spec_of(K, (K,), dtype, False, False, False, True, 1e-5,
-                               cuda_gemv.default_config(K, K, n_sm, major)._replace(pdl=pdl))
-        cb = cuda_gemv.default_config(K, 2 * 11008, n_sm, major)._replace(pdl=pdl)
+                               cuda_gemv.default_config(K, (K,), n_sm, major)._replace(pdl=pdl))
+        cb = cuda_gemv.default_config(K, (11008, 11008), n_sm, major)._replace(pdl=pdl)
         tb = torch.full((2, K), 0.5, device="cuda", dtype=dtype)
         sb = cuda_gemv.spec_of(K, (11008, 11008), dtype, True, True, False, False, 1e-5, cb)
         ca = torch.zeros(K // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
@@ -443,7 +443,7 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     outs = []
     for profile in (False, True):
         spec = cuda_gemv.spec_of(K, sizes, dtype, True, True, False, False, 1e-5,
-                                 cuda_gemv.default_config(K, sum(sizes), n_sm, major), True, profile=profile)
+                                 cuda_gemv.default_config(K, sizes, n_sm, major), True, profile=profile)
         rec = torch.zeros(cuda_gemv.grid(spec), PROFILE_SLOTS, dtype=torch.int64, device="cuda") if profile else None
         y = torch.full((sum(sizes),), float("nan"), device="cuda", dtype=dtype)
         cuda_gemv.launch(spec, x.reshape(-1), w, t, g, None,

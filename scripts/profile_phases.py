@@ -121,7 +121,7 @@ def main():
     tg, td = torch.zeros(2, dim, device=dev), torch.zeros(1, inter, device=dev)
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
     shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
-    ncfg = {p: cuda_gemv.default_config(K, sum(sz), n_sm, 9, cuda_gemv.tile_cols(sz, a.int8))
+    ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, a.int8)
             for p, (K, sz) in shapes.items()}
     q8 = {id(w): INT8.quantize_weight(w) for w in Wq + Wo + Wg + Wd} if a.int8 else {}  # id -> (int8 weights, scales)
     n_prog = max([1024] + [sum(sz) // cuda_gemv.COLS * ncfg[p].split for p, (K, sz) in shapes.items()])

@@ -81,13 +81,13 @@ def test_launch_configs():
     """Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight, counter tail; others
     the fewest K ranges that put >= 2.5 CTAs per SM (8 at most), 8 rows, cluster tails on sm_90; more ranges where
     one would not fit shared memory; no programmatic dependent launch (measured slower)."""
-    shapes = {p: (K, sum(s)) for p, (K, s, _) in _shapes("llama-2-7b").items()}
-    got = {p: cuda_gemv.default_config(K, N, 132, 9) for p, (K, N) in shapes.items()}
+    shapes = {p: (K, s) for p, (K, s, _) in _shapes("llama-2-7b").items()}
+    got = {p: cuda_gemv.default_config(K, s, 132, 9) for p, (K, s) in shapes.items()}
     assert got == {"qkv": (2, 8, 1, 0), "o": (8, 8, 1, 0), "gate_up": (2, 4, 0, 0), "down": (8, 8, 1, 0)}
-    assert cuda_gemv.default_config(4096, 4096, 132, 8) == (8, 8, 0, 0)  # no clusters before sm_90
-    assert cuda_gemv.default_config(16384, 131072, 132, 9).split == 4  # a K range of 4096 at most
-    for K, N in shapes.values():
-        cfg = cuda_gemv.default_config(K, N, 132, 9)
+    assert cuda_gemv.default_config(4096, (4096,), 132, 8) == (8, 8, 0, 0)  # no clusters before sm_90
+    assert cuda_gemv.default_config(16384, (131072,), 132, 9).split == 4  # a K range of 4096 at most
+    for K, s in shapes.values():
+        cfg = cuda_gemv.default_config(K, s, 132, 9)
         assert cuda_gemv.k_per(K, cfg.split) <= cuda_gemv.MAX_KPER and cuda_gemv.k_per(K, cfg.split) % 8 == 0
 
 
@@ -96,10 +96,12 @@ def test_int8_tiles():
     ranges (counter tail beyond a cluster's 8) to keep >= 2.5 CTAs per SM; 16-bit weights and odd segments 64."""
     assert cuda_gemv.tile_cols((11008, 11008), True) == 128 and cuda_gemv.tile_cols((4096, 1024, 1024), True) == 128
     assert cuda_gemv.tile_cols((4096,), False) == 64 and cuda_gemv.tile_cols((128, 64, 64), True) == 64
-    assert cuda_gemv.default_config(11008, 4096, 132, 9, 128) == (16, 8, 0, 0)
-    assert cuda_gemv.default_config(4096, 12288, 132, 9, 128) == (4, 8, 1, 0)
+    assert cuda_gemv.default_config(11008, (4096,), 132, 9, True) == (16, 8, 0, 0)
+    assert cuda_gemv.default_config(4096, (4096,) * 3, 132, 9, True) == (4, 8, 1, 0)
+    odd = (128, 64, 64)  # 64-column segments: int8 in 64-column tiles too, so the same config
+    assert cuda_gemv.default_config(4096, odd, 4, 9, True) == cuda_gemv.default_config(4096, odd, 4, 9)
     spec = cuda_gemv.spec_of(11008, (4096,), BF16, True, False, True, True, 1e-5,
-                             cuda_gemv.default_config(11008, 4096, 132, 9, 128), int8=True)
+                             cuda_gemv.default_config(11008, (4096,), 132, 9, True), int8=True)
     assert spec.cols == 128 and cuda_gemv.grid(spec) == 32 * 16
     assert "#define TILE 128\n" in cuda_gemv.kernel_source(spec)
 
@@ -172,13 +174,13 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
         for dtype in (BF16, torch.float16):
             for sparse, t32, int8 in ((False, False, False), (True, True, False), (True, False, False),
                                       (False, False, True), (True, True, True)):
-                cfg = cuda_gemv.default_config(K, sum(sizes), 132, 9, cuda_gemv.tile_cols(sizes, int8))
+                cfg = cuda_gemv.default_config(K, sizes, 132, 9, int8)
                 for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1), cfg._replace(pdl=2)}:
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
         profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
-                                     1e-5, cuda_gemv.default_config(K, sum(sizes), 132, 9), True,
+                                     1e-5, cuda_gemv.default_config(K, sizes, 132, 9), True,
                                      profile=True)  # scripts/profile_phases.py --nvrtc
         assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
