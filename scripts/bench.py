@@ -30,7 +30,7 @@ from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
 from engine import Generator, bytes_per_token, set_sparsity
 from plan import decode_plan
 from errors import UserError
-from kernels import configs, decode_attention, reference, sparse_gemv, sparse_mlp
+from kernels import configs, cuda_attention, decode_attention, nvrtc, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import CONFIGS, ModelArgs
 from paths import REPO
@@ -219,9 +219,12 @@ def sparse_threshold(x: torch.Tensor, s: float) -> float:
 def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 2048), (384, 4096))) -> list:
     """The decode-attention kernel (RoPE, cache write, attention) against the PyTorch path it replaces, one
     layer's worth, at (context, cache length): the position near the context's end (a cache of 4096 with a short
-    context is what a chat or the server decodes in)."""
+    context is what a chat or the server decodes in). On sm_90 with libnvrtc also the CUDA C++ kernel
+    (kernels/cuda_attention.py, `nvrtc_us`)."""
     rows = []
     H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
+    on_nvrtc = (torch.cuda.get_device_capability()[0] >= 9 and nvrtc.available()
+                and cuda_attention.supported(H, Hkv, D))
     for C, T in contexts:
         qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
         caches = [(torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
@@ -233,10 +236,13 @@ def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 204
                                                                             args.sliding_window) for c in caches])
         ref = graph_time_us([lambda c=c: decode_attention.decode_attention_ref(qkv, rope, c[0], c[1], C - 2, H,
                                                                                args.sliding_window) for c in caches])
-        rows.append({"model": name, "context": C, "cache": T, "us": ours, "torch_us": ref,
+        cuda = graph_time_us([lambda c=c: cuda_attention.cuda_attention(qkv, rope, c[0], c[1], pos, counters, H,
+                                                                        args.sliding_window)
+                              for c in caches]) if on_nvrtc else None
+        rows.append({"model": name, "context": C, "cache": T, "us": ours, "torch_us": ref, "nvrtc_us": cuda,
                      "cache_bytes": 2 * Hkv * (C - 1) * D * 2})
         print(f"  {name} attention context {C}, cache {T}: kernel {ours:.1f} us | PyTorch (rope, cache write, SDPA) "
-              f"{ref:.1f} us", flush=True)
+              f"{ref:.1f} us" + ("" if cuda is None else f" | NVRTC kernel {cuda:.1f} us"), flush=True)
     return rows
 
 
@@ -424,10 +430,12 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         (out / f"{slug}-attention.json").write_text(json.dumps(attention, indent=1) + "\n")
         lines += ["## Decode attention (µs per layer in a CUDA graph; bf16, batch 1, position near the context's end)",
                   "",
-                  "| model | context | cache | kernel | PyTorch (RoPE, cache write, SDPA) | cache GB/s |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | context | cache | kernel | PyTorch (RoPE, cache write, SDPA) | cache GB/s | NVRTC kernel "
+                  "(kernels/cuda_attention.py) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['context']} | {r.get('cache', r['context'])} | {r['us']:.1f} | "
-                  f"{r['torch_us']:.1f} | {r['cache_bytes'] / r['us'] / 1e3:.0f} |" for r in attention]
+                  f"{r['torch_us']:.1f} | {r['cache_bytes'] / r['us'] / 1e3:.0f} | "
+                  f"{'–' if r.get('nvrtc_us') is None else format(r['nvrtc_us'], '.1f')} |" for r in attention]
         lines.append("")
     (out / f"{slug}.md").write_text("\n".join(lines))
     plot(out, slug, e2e, kernels, bw)

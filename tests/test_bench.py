@@ -186,3 +186,14 @@ def test_repo_anchors_parse():
     f = REPO / "docs" / "bench" / "anchors.json"
     for slug, a in json.loads(f.read_text()).items():
         assert bench.anchor_lines(f.parent, slug)[0].startswith("## Anchors")
+
+
+def test_attention_table_has_the_nvrtc_kernel_where_measured(tmp_path):
+    """The attention table's NVRTC column: the kernel's time where the run measured it (sm_90), a dash elsewhere
+    (older records have no such key)."""
+    rows = [{"model": "a", "context": 384, "cache": 384, "us": 6.5, "torch_us": 44.5, "nvrtc_us": 5.25,
+             "cache_bytes": 6275072},
+            {"model": "b", "context": 2048, "cache": 2048, "us": 15.6, "torch_us": 57.1, "cache_bytes": 33538048}]
+    write_outputs(tmp_path, GPU, 3e12, [], [], rows, "run")
+    md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
+    assert "| a | 384 | 384 | 6.5 | 44.5 | 965 | 5.2 |" in md and "| b | 2048 | 2048 | 15.6 | 57.1 | 2150 | – |" in md
