@@ -11,7 +11,7 @@ from torch import Tensor
 from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
-from kernels import cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
+from kernels import cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
 from sparsity import DEFAULT_CRITERION, PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
@@ -22,7 +22,8 @@ def opaque_ops() -> list:
     return [op._opoverload for op in (sparse_gemv._sparse_gemv_op, sparse_gemv._sparse_gemv_ss_op,
                                       sparse_gemv._sparse_gemv_parts_op, sparse_mlp._sparse_mlp_op,
                                       gate_up_rows._gate_up_rows_op, decode_attention._decode_attention_op,
-                                      cuda_gemv._cuda_gemv_op, *gluon_gemv.OPS.custom_ops, *gluon_mma.OPS.custom_ops)]
+                                      cuda_gemv._cuda_gemv_op, cuda_attention._cuda_attention_op,
+                                      *gluon_gemv.OPS.custom_ops, *gluon_mma.OPS.custom_ops)]
 
 
 def register_fallbacks():
