@@ -11,7 +11,8 @@ from torch import Tensor
 from torch._library.utils import get_layout_constraint_tag
 
 from errors import UserError
-from kernels import cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv, sparse_mlp
+from kernels import (cuda_attention, cuda_gemv, decode_attention, gate_up_rows, gluon_gemv, gluon_mma, sparse_gemv,
+                     sparse_mlp)
 from kernels.formats import FLOAT, INT8, QuantFormat
 from model import ModelArgs
 from sparsity import DEFAULT_CRITERION, PROJECTIONS, Calibration, apply_thresholds, measure_sparsity, parameter_weighted, per_projection
