@@ -242,10 +242,11 @@ def test_nvrtc_attention_route_matches_reference_decode(window, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_nvrtc_attention_step_writes_the_caches_themselves():
-    """torch.compile of a decode step with plan.nvrtc_attention (its op's CPU kernel is the reference) gives the eager
-    step's logits, and the generated code calls teal::cuda_attention once a layer on the caches themselves (declared
-    mutated: no clone or copy of a cache per token)."""
+def test_compiled_nvrtc_step_calls_its_ops_on_the_weights_and_caches_themselves():
+    """torch.compile of a dense decode step on the NVRTC route (plan.nvrtc_arch, with plan.nvrtc_attention; the ops'
+    CPU kernels are the references) gives the eager step's logits, and the generated code calls teal::cuda_gemv four
+    times a layer on the weights and counters themselves and teal::cuda_attention once a layer on the caches
+    themselves (declared mutated): no clone or copy before a call."""
     from torch._inductor.utils import run_and_get_code
     args = ModelArgs(dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=192, vocab_size=101, max_seq_len=64)
     model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
@@ -261,28 +262,6 @@ def test_compiled_nvrtc_attention_step_writes_the_caches_themselves():
         out, code = run_and_get_code(step, torch.tensor([[7]]), torch.tensor([8]))
         assert rel_err(out, eager_model(torch.tensor([[7]]), torch.tensor([8]), sparse_from=None)) < 1e-2
     code = "\n".join(code)
-    assert len(re.findall(r"torch\.ops\.teal\.cuda_attention\.default\(", code)) == len(model.layers)
-    assert "clone" not in code and not re.search(r"\.copy_\(|aten\.copy", code)
-
-
-@pytest.mark.slow
-def test_compiled_nvrtc_step_calls_its_op_on_the_weights_themselves():
-    """torch.compile of a dense decode step on the NVRTC route (plan.nvrtc_arch; its op's CPU kernel is the
-    reference) gives the eager step's logits, and the generated code calls teal::cuda_gemv four times a layer on the
-    weights and counters themselves: no clone or copy before a call."""
-    from torch._inductor.utils import run_and_get_code
-    ref_model, _ = reference_and_kernel_models(2, 128)
-    model = ref_model.to(torch.bfloat16)
-    model.set_plan(dataclasses.replace(decode_plan(torch.device("cpu"), kernels=True), nvrtc_arch=90))
-    model.setup_caches(1, 64)
-    eager_model = copy.deepcopy(model)
-    step = torch.compile(lambda t, p: model(t, p, sparse_from=None), fullgraph=True)
-    prompt = torch.randint(0, 101, (1, 8))
-    with torch.no_grad():
-        for m in (model, eager_model):
-            m(prompt, torch.arange(8), sparse_from=None)
-        out, code = run_and_get_code(step, torch.tensor([[7]]), torch.tensor([8]))
-        assert rel_err(out, eager_model(torch.tensor([[7]]), torch.tensor([8]), sparse_from=None)) < 1e-2
-    code = "\n".join(code)
     assert len(re.findall(r"torch\.ops\.teal\.cuda_gemv\.default\(", code)) == 4 * len(model.layers)
+    assert len(re.findall(r"torch\.ops\.teal\.cuda_attention\.default\(", code)) == len(model.layers)
     assert "clone" not in code and not re.search(r"\.copy_\(|aten\.copy", code)  # (kernel names hold "_to_copy_")
