@@ -30,7 +30,7 @@ from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
 from engine import Generator, bytes_per_token, set_sparsity
 from plan import decode_plan
 from errors import UserError
-from kernels import configs, cuda_attention, decode_attention, nvrtc, reference, sparse_gemv, sparse_mlp
+from kernels import configs, cuda_attention, decode_attention, reference, sparse_gemv, sparse_mlp
 from loading import random_model
 from model import CONFIGS, ModelArgs
 from paths import REPO
@@ -223,8 +223,7 @@ def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 204
     (kernels/cuda_attention.py, `nvrtc_us`)."""
     rows = []
     H, Hkv, D = args.n_head, args.n_kv_head, args.head_dim
-    on_nvrtc = (torch.cuda.get_device_capability()[0] >= 9 and nvrtc.available()
-                and cuda_attention.supported(H, Hkv, D))
+    on_nvrtc = decode_plan(torch.device("cuda")).nvrtc_arch >= 90 and cuda_attention.supported(H, Hkv, D)
     for C, T in contexts:
         qkv = torch.randn(1, (H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
         caches = [(torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16),

@@ -121,9 +121,10 @@ def main():
     tg, td = torch.zeros(2, dim, device=dev), torch.zeros(1, inter, device=dev)
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
     shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
-    ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, a.int8)
-            for p, (K, sz) in shapes.items()}
-    q8 = {id(w): INT8.quantize_weight(w) for w in Wq + Wo + Wg + Wd} if a.int8 else {}  # id -> (int8 weights, scales)
+    ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, a.int8) for p, (K, sz) in shapes.items()}
+    # (launch, layer copy) -> (int8 weights, column scales)
+    q8 = {(p, i): INT8.quantize_weight(W[i]) for p, W in zip("qogd", (Wq, Wo, Wg, Wd)) for i in range(L)
+          if a.int8}
     n_prog = max([1024] + [sum(sz) // cuda_gemv.COLS * ncfg[p].split for p, (K, sz) in shapes.items()])
     bufs = {(i, p): torch.zeros(n_prog, SLOTS, dtype=torch.int64, device=dev) for i in range(L) for p in "qaogd"}
     sparse_step = [True]  # the level being profiled is above 0 (the NVRTC launches are dense at 0, as the step's)
@@ -158,7 +159,7 @@ def main():
             t = t if sparse_step[0] else None
             spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5, ncfg[p],
                                      t is not None, a.int8, profile=stamped)
-            w, scale = q8.get(id(w), (w, None))
+            w, scale = q8.get((p, i), (w, None))
             y = torch.empty(sum(sizes), device=dev, dtype=dt)
             cuda_gemv.launch(spec, x.reshape(-1), w, t, nw, None if res is None else res.reshape(-1), cnt, y,
                              torch.empty(ncfg[p].split, sum(sizes), device=dev), scale, prof=prof(p))
