@@ -155,11 +155,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             unpk(kv[j], kf);
             #pragma unroll
             for (int g = 0; g < G; g++) {
-                float d = 0.f;
+                s[j][g] = 0.f;
                 #pragma unroll
-                for (int i = 0; i < DPL; i++) d += q[g][i] * kf[i];
-                s[j][g] = base + j < t_end ? warp_sum(d) : NEG_INF;
+                for (int i = 0; i < DPL; i++) s[j][g] += q[g][i] * kf[i];
             }
+        }
+        // the chunk's NB x G dot products summed over the warp together: each butterfly step's shuffles are
+        // independent (one reduction after another would expose the shuffle latency NB x G times)
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            #pragma unroll
+            for (int j = 0; j < NB; j++) {
+                #pragma unroll
+                for (int g = 0; g < G; g++) s[j][g] += __shfl_xor_sync(0xffffffffu, s[j][g], o);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            #pragma unroll
+            for (int g = 0; g < G; g++) s[j][g] = base + j < t_end ? s[j][g] : NEG_INF;  // (loads were clamped)
         }
         if (next < t_end) {  // the next chunk's keys, under this chunk's values
             #pragma unroll
