@@ -25,14 +25,16 @@ from torch.library import custom_op
 
 from kernels import decode_attention, nvrtc
 
-THREADS = 128
+WARPS = 4  # per CTA, by default (Spec.warps)
 BT = 16  # positions per split come in whole blocks of BT
 
 SOURCE = r"""
 #define WARPS (THREADS / 32)
 #define DPL (D / 32)                  // dimensions per lane
 #define HALF (D / 2)
+#ifndef NB
 #define NB (G >= 4 ? 8 : 16)          // positions per warp in flight
+#endif
 #define R ((G * D + THREADS - 1) / THREADS)  // (query, dimension) values per thread in the combines
 #define LOG2E 1.4426950408889634f
 #define NEG_INF __int_as_float(0xff800000)
@@ -342,6 +344,8 @@ class Spec(NamedTuple):
     S: int  # splits per KV head (the grid's y)
     fp16: bool
     pos64: bool  # pos is int64 (else int32)
+    warps: int = WARPS
+    nb: int = 0  # positions per warp in flight (0: 16, or 8 at four or more queries per KV head)
 
 
 def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
@@ -356,8 +360,9 @@ def cluster(spec: Spec) -> bool:
 
 def kernel_source(spec: Spec) -> str:
     c = cluster(spec)
-    defines = dict(THREADS=THREADS, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV, H=spec.G * spec.HKV,
-                   S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64))
+    defines = dict(THREADS=32 * spec.warps, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV,
+                   H=spec.G * spec.HKV, S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64),
+                   **({"NB": spec.nb} if spec.nb else {}))
     attr = f"__cluster_dims__(1, {spec.S}, 1)" if c else ""
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + nvrtc.HELPERS + (TO_RANK0 if c else "")
             + SOURCE.replace("CLUSTER_ATTR", attr))
@@ -368,18 +373,19 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
     return nvrtc.function(kernel_source(spec), "attn", device)
 
 
-def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Optional[int]) -> Spec:
+def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Optional[int], warps: int = WARPS,
+            nb: int = 0) -> Spec:
     _, Hkv, T, D = k_cache.shape
     return Spec(D, n_head // Hkv, Hkv, decode_attention.n_splits(T, window), k_cache.dtype == torch.float16,
-                pos.dtype == torch.int64)
+                pos.dtype == torch.int64, warps, nb)
 
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
-           window: Optional[int], out: Tensor):
+           window: Optional[int], out: Tensor, warps: int = WARPS, nb: int = 0):
     """One launch into out [H D] on the current stream: qkv [(H + 2 Hkv) D] in the caches' dtype, rope [D/2, 2]
     float32 (the row of pos), caches [B', Hkv, T, D] (row 0 used), pos [1] int32 or int64, counters [>= Hkv] int32
-    zeros (left at zero)."""
-    spec = spec_of(qkv, k_cache, pos, n_head, window)
+    zeros (left at zero). warps, nb: other variants of the kernel (sweeps)."""
+    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb)
     assert qkv.is_contiguous() and qkv.numel() == (n_head + 2 * spec.HKV) * spec.D and qkv.dtype == k_cache.dtype
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and rope.is_contiguous() and rope.dtype == torch.float32
     assert counters.numel() >= spec.HKV and counters.dtype == torch.int32 and pos.dtype in (torch.int32, torch.int64)
@@ -387,8 +393,8 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     args = [ctypes.c_void_p(t.data_ptr()) for t in (qkv, rope, k_cache, v_cache, pos, out, ws, counters)]
     args += [ctypes.c_int(k_cache.shape[2]), ctypes.c_int(window or 0)]
     dev = qkv.device.index
-    nvrtc.launch(_function(spec, dev), nvrtc.launch_config((spec.HKV, spec.S), THREADS, nvrtc.stream_of(qkv.device)),
-                 args, dev)
+    cfg = nvrtc.launch_config((spec.HKV, spec.S), 32 * spec.warps, nvrtc.stream_of(qkv.device))
+    nvrtc.launch(_function(spec, dev), cfg, args, dev)
 
 
 @custom_op("teal::cuda_attention", mutates_args=("k_cache", "v_cache", "counters"))

@@ -27,7 +27,7 @@ def test_spec_follows_the_triton_kernels_programs():
     for T, window in ((128, None), (384, None), (4096, None), (4096, 100), (40, None)):
         k = torch.zeros(1, 8, T, 128, dtype=torch.bfloat16)
         spec = cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3]), 32, window)
-        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True)
+        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True, cuda_attention.WARPS, 0)
     assert cuda_attention.spec_of(torch.zeros(1), k.half(), torch.tensor([3], dtype=torch.int32), 32, None).fp16
     assert not cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3], dtype=torch.int32), 32, None).pos64
 
@@ -61,3 +61,6 @@ def test_every_variant_of_a_model_builds_for_sm90(name):
                 spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head,
                                            decode_attention.n_splits(T, None), fp16, pos64)
                 assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+    for warps, nb in ((8, 0), (4, 4), (8, 8)):  # the variants a sweep times (.dbg/s40/att.py)
+        spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, 6, False, True, warps, nb)
+        assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
