@@ -460,12 +460,12 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
-def check_cuda_attention() -> list:
+def check_cuda_attention(**variant) -> list:
     """kernels/cuda_attention.py (NVRTC, sm_90) against decode_attention_ref: MHA and GQA heads, head dims 128 and
     64, caches whose split count takes the cluster (2, 6 splits) or the counter (16), positions at block edges,
     with and without a sliding window, bf16 and fp16, int64 and int32 positions: output within dtype bounds and
     written everywhere (poisoned), the new key and value in the caches, counters left at zero, bit for bit over two
-    launches."""
+    launches. variant: cuda_attention.launch's sweep parameters (the defaults without)."""
     failures, cases = [], 0
     if torch.cuda.get_device_capability()[0] < 9 or not nvrtc.available():
         return failures
@@ -483,7 +483,7 @@ def check_cuda_attention() -> list:
             for _ in range(2):
                 out = torch.full((H * D,), float("nan"), device="cuda", dtype=dtype)
                 ck, cv = kc.clone(), vc.clone()
-                cuda_attention.launch(qkv, rope, ck, cv, pos_t, counters, H, window, out)
+                cuda_attention.launch(qkv, rope, ck, cv, pos_t, counters, H, window, out, **variant)
                 outs.append(out)
             torch.cuda.synchronize()
             cases += 1
@@ -493,7 +493,8 @@ def check_cuda_attention() -> list:
                 failures.append(f"cuda_attention H={H} Hkv={Hkv} D={D} T={T} window={window} {dtype} pos={p}: err "
                                 f"{err:.2e}, repeatable {torch.equal(outs[0], outs[1])}, caches {caches}, counters "
                                 f"{int(counters.sum())}")
-    print(f"cuda_attention (NVRTC): {cases} cases, {len(failures)} failures")
+    print(f"cuda_attention (NVRTC{''.join(f', {k} {v}' for k, v in variant.items())}): {cases} cases, "
+          f"{len(failures)} failures")
     return failures
 
 
