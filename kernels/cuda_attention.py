@@ -4,15 +4,17 @@ kernels/decode_attention.py (RoPE of the group's queries and the new key, the ca
 the splits of a KV head summed through a thread-block cluster's shared memory instead of partials in global memory
 and a counter. Batch 1; the q/k/v projection's output in 16-bit (kernels/cuda_gemv.py reduces it in its launch).
 
-Grid (KV heads, S splits), 128 threads (4 warps). S is decode_attention.n_splits of the cache (the same programs
+Grid (KV heads, S splits), 4 warps a CTA (8 at four or more queries per KV head). S is decode_attention.n_splits of the cache (the same programs
 per head as the Triton kernel); S <= 8 sums through a cluster of the head's S CTAs, S > 8 through a per-head
 counter whose last CTA sums (left at zero). Each CTA:
 1. loads pos, the group's queries and the new key and value (independent of pos), then issues its positions' key
-   and value loads (each warp NB positions at a time, a lane D / 32 dimensions of each: 8 bytes at D = 128);
+   and value loads (each warp NB positions at a time, 16 or 8 at GQA; a lane D / 32 dimensions of each: 8 bytes
+   at D = 128);
 2. rotates the queries and the new key (rounded to the cache's dtype, as the reference rounds), the split holding
    `pos` writes the new key and value into the cache and takes position `pos` from registers;
-3. each warp keeps an online softmax (base 2) over its positions; the four warps meet in shared memory, then the
-   splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
+3. each warp keeps an online softmax (base 2) over its positions: a chunk's NB x G dot products are
+   reduce-scattered over the warp (lane l ends with product l: one exp2 a lane) where NB x G is a power of 2 <= 32,
+   else all-reduced by one butterfly; the warps meet in shared memory, then the splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
 Rounding follows decode_attention_ref up to the order of the sums (probabilities stay in float32).
 """
 import ctypes
@@ -441,6 +443,13 @@ def reduce_scatter(spec: Spec) -> bool:
 def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
     """Shapes the kernel takes: head dim 64 or 128, at most 512 query values per KV head (shared memory)."""
     return head_dim in (64, 128) and n_head % n_kv_head == 0 and n_head // n_kv_head * head_dim <= 512
+
+
+def preferred(n_head: int, n_kv_head: int, head_dim: int, span: int) -> bool:
+    """Where the model takes this kernel over the Triton one (plan.nvrtc_attention): shapes it supports, except
+    GQA over spans (the cache, or the window if shorter) of more than 2,048 positions, where Triton's launch measured
+    shorter (docs/perf-notes.md, session 41)."""
+    return supported(n_head, n_kv_head, head_dim) and (n_head == n_kv_head or span <= 2048)
 
 
 def cluster(spec: Spec) -> bool:

@@ -27,6 +27,12 @@ def test_supported_shapes_and_meeting():
     assert not rs(spec._replace(G=3))
 
 
+def test_preferred_over_triton():
+    """The model takes the kernel for MHA at any span and GQA up to 2,048 positions (docs/perf-notes.md, session 41)."""
+    assert cuda_attention.preferred(32, 32, 128, 8192) and cuda_attention.preferred(32, 8, 128, 2048)
+    assert not cuda_attention.preferred(32, 8, 128, 2049) and not cuda_attention.preferred(64, 8, 128, 128)
+
+
 def test_spec_follows_the_triton_kernels_programs():
     """As many splits per KV head as the Triton kernel launches for the same cache and window."""
     for T, window in ((128, None), (384, None), (4096, None), (4096, 100), (40, None)):
