@@ -462,7 +462,8 @@ class Attention(nn.Module):
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
                 qkv = self.wqkv.cuda(x, sparse, plan, norm=norm).view(B, -1)
-                if plan.nvrtc_attention and cuda_attention.supported(H, Hkv, D):
+                span = min(c.k.shape[2], self.window or c.k.shape[2])  # positions a step may attend over
+                if plan.nvrtc_attention and cuda_attention.preferred(H, Hkv, D, span):
                     y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
                     return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)
             elif plan.defers(B, sparse, active):

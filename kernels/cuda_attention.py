@@ -4,15 +4,17 @@ kernels/decode_attention.py (RoPE of the group's queries and the new key, the ca
 the splits of a KV head summed through a thread-block cluster's shared memory instead of partials in global memory
 and a counter. Batch 1; the q/k/v projection's output in 16-bit (kernels/cuda_gemv.py reduces it in its launch).
 
-Grid (KV heads, S splits), 128 threads (4 warps). S is decode_attention.n_splits of the cache (the same programs
+Grid (KV heads, S splits), 4 warps a CTA (8 at four or more queries per KV head). S is decode_attention.n_splits of the cache (the same programs
 per head as the Triton kernel); S <= 8 sums through a cluster of the head's S CTAs, S > 8 through a per-head
 counter whose last CTA sums (left at zero). Each CTA:
 1. loads pos, the group's queries and the new key and value (independent of pos), then issues its positions' key
-   and value loads (each warp NB positions at a time, a lane D / 32 dimensions of each: 8 bytes at D = 128);
+   and value loads (each warp NB positions at a time, 16 or 8 at GQA; a lane D / 32 dimensions of each: 8 bytes
+   at D = 128);
 2. rotates the queries and the new key (rounded to the cache's dtype, as the reference rounds), the split holding
    `pos` writes the new key and value into the cache and takes position `pos` from registers;
-3. each warp keeps an online softmax (base 2) over its positions; the four warps meet in shared memory, then the
-   splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
+3. each warp keeps an online softmax (base 2) over its positions: a chunk's NB x G dot products are
+   reduce-scattered over the warp (lane l ends with product l: one exp2 a lane) where NB x G is a power of 2 <= 32,
+   else all-reduced by one butterfly; the warps meet in shared memory, then the splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
 Rounding follows decode_attention_ref up to the order of the sums (probabilities stay in float32).
 """
 import ctypes
@@ -25,14 +27,15 @@ from torch.library import custom_op
 
 from kernels import decode_attention, nvrtc
 
-THREADS = 128
+WARPS = 4  # per CTA, by default (Spec.warps)
 BT = 16  # positions per split come in whole blocks of BT
 
 SOURCE = r"""
 #define WARPS (THREADS / 32)
 #define DPL (D / 32)                  // dimensions per lane
 #define HALF (D / 2)
-#define NB (G >= 4 ? 8 : 16)          // positions per warp in flight
+#define P (NB * G)                    // a chunk's dot products per warp (NB positions in flight per warp)
+#define FULL 0xffffffffu
 #define R ((G * D + THREADS - 1) / THREADS)  // (query, dimension) values per thread in the combines
 #define LOG2E 1.4426950408889634f
 #define NEG_INF __int_as_float(0xff800000)
@@ -57,9 +60,23 @@ __device__ __forceinline__ void unpk(vec v, float* f) { f[0] = lo(v); f[1] = hi(
 #endif
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
     return v;
 }
+#if RS
+// one step of a reduce-scatter of s[0, 2 W) over the warp: lanes with bit W keep the upper half (summed with their
+// partner's), the others the lower half, into s[0, W)
+template <int W>
+__device__ __forceinline__ void rs_step(float (&s)[P], const int lane) {
+    if (2 * W > P) return;
+    const bool up = lane & W;
+    #pragma unroll
+    for (int i = 0; i < W; i++) {
+        const float a = s[i], b = s[i + W];
+        s[i] = (up ? b : a) + __shfl_xor_sync(FULL, up ? a : b, W);
+    }
+}
+#endif
 __device__ __forceinline__ float weight(float m, float mx) { return m == NEG_INF ? 0.f : exp2f(m - mx); }
 
 extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
@@ -129,6 +146,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         #pragma unroll
         for (int i = 0; i < DPL; i++) acc[g][i] = 0.f;
     }
+#if RS
+    // a lane's softmax state for the one query it scores, me % G: the running max, and the sum of the
+    // probabilities of its own products only (summed over the query's lanes once, after the loop)
+    const int me = lane % P;
+    float mrun = NEG_INF, lpart = 0.f;
+#endif
     if (split == last && warp == 0) {  // the new entry: into the cache, and position pos from registers
         #pragma unroll
         for (int i = 0; i < DPL; i++) {
@@ -140,26 +163,90 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             float s = 0.f;
             #pragma unroll
             for (int i = 0; i < DPL; i++) s += q[g][i] * kn[i];
-            m[g] = warp_sum(s);
+            s = warp_sum(s);
+#if RS
+            if (me % G == g) {  // (scalars: a select over m[g] would become an indexed local array)
+                mrun = s;
+                lpart = me == g ? 1.f : 0.f;
+            }
+#else
+            m[g] = s;
             l[g] = 1.f;
+#endif
             #pragma unroll
             for (int i = 0; i < DPL; i++) acc[g][i] = to_f(xv[i]);
         }
     }
     for (; base < t_end; base += WARPS * NB) {
         const int next = base + WARPS * NB;
-        float s[NB][G];
+        float s[P];  // s[j G + g]: position base + j, query g
         #pragma unroll
         for (int j = 0; j < NB; j++) {
             float kf[DPL];
             unpk(kv[j], kf);
             #pragma unroll
             for (int g = 0; g < G; g++) {
-                float d = 0.f;
+                s[j * G + g] = 0.f;
                 #pragma unroll
-                for (int i = 0; i < DPL; i++) d += q[g][i] * kf[i];
-                s[j][g] = base + j < t_end ? warp_sum(d) : NEG_INF;
+                for (int i = 0; i < DPL; i++) s[j * G + g] += q[g][i] * kf[i];
             }
+        }
+#if RS
+        // reduce-scatter: lane l ends with the whole sum of product l % P (position (l % P) / G, query l % G), in
+        // P - 1 shuffles (a butterfly gives every lane every sum in 5 P) and one exp2 a lane instead of P
+        #pragma unroll
+        for (int o = 16; o >= P; o >>= 1) {
+            #pragma unroll
+            for (int i = 0; i < P; i++) s[i] += __shfl_xor_sync(FULL, s[i], o);
+        }
+        rs_step<16>(s, lane);
+        rs_step<8>(s, lane);
+        rs_step<4>(s, lane);
+        rs_step<2>(s, lane);
+        rs_step<1>(s, lane);
+        const float sc = base + me / G < t_end ? s[0] : NEG_INF;  // (loads were clamped)
+        float mx = fmaxf(mrun, sc);
+        #pragma unroll
+        for (int o = G; o < P; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, o));  // finite: `base` in range
+        if (next < t_end) {  // the next chunk's keys, under this chunk's values
+            #pragma unroll
+            for (int j = 0; j < NB; j++) kv[j] = ld_vec(kc + head + (size_t)min(next + j, t_end - 1) * D + d0);
+        }
+        const float alpha = exp2f(mrun - mx), pr = exp2f(sc - mx);  // 0 past t_end
+        lpart = lpart * alpha + pr;
+        mrun = mx;
+        #pragma unroll
+        for (int g = 0; g < G; g++) {
+            const float a = __shfl_sync(FULL, alpha, g);
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) acc[g][i] *= a;
+        }
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            float vf[DPL];
+            unpk(vv[j], vf);
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float pj = __shfl_sync(FULL, pr, j * G + g);
+                #pragma unroll
+                for (int i = 0; i < DPL; i++) acc[g][i] += pj * vf[i];
+            }
+        }
+#else
+        // the chunk's NB x G dot products summed over the warp together: each butterfly step's shuffles are
+        // independent (one reduction after another would expose the shuffle latency NB x G times)
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            #pragma unroll
+            for (int j = 0; j < NB; j++) {
+                #pragma unroll
+                for (int g = 0; g < G; g++) s[j * G + g] += __shfl_xor_sync(FULL, s[j * G + g], o);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < NB; j++) {
+            #pragma unroll
+            for (int g = 0; g < G; g++) s[j * G + g] = base + j < t_end ? s[j * G + g] : NEG_INF;  // (clamped loads)
         }
         if (next < t_end) {  // the next chunk's keys, under this chunk's values
             #pragma unroll
@@ -169,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         for (int g = 0; g < G; g++) {
             float mx = m[g];
             #pragma unroll
-            for (int j = 0; j < NB; j++) mx = fmaxf(mx, s[j][g]);  // finite: position `base` is in range
+            for (int j = 0; j < NB; j++) mx = fmaxf(mx, s[j * G + g]);  // finite: position `base` is in range
             const float alpha = exp2f(m[g] - mx);
             l[g] *= alpha;
             #pragma unroll
@@ -182,17 +269,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             unpk(vv[j], vf);
             #pragma unroll
             for (int g = 0; g < G; g++) {
-                const float p = exp2f(s[j][g] - m[g]);  // 0 past t_end
+                const float p = exp2f(s[j * G + g] - m[g]);  // 0 past t_end
                 l[g] += p;
                 #pragma unroll
                 for (int i = 0; i < DPL; i++) acc[g][i] += p * vf[i];
             }
         }
+#endif
         if (next < t_end) {
             #pragma unroll
             for (int j = 0; j < NB; j++) vv[j] = ld_vec(vc + head + (size_t)min(next + j, t_end - 1) * D + d0);
         }
     }
+#if RS
+    float lsum = lpart;
+    #pragma unroll
+    for (int o = G; o < P; o <<= 1) lsum += __shfl_xor_sync(FULL, lsum, o);
+    #pragma unroll
+    for (int g = 0; g < G; g++) {
+        m[g] = __shfl_sync(FULL, mrun, g);
+        l[g] = __shfl_sync(FULL, lsum, g);
+    }
+#endif
 #if !CLUSTER
     if (split > last)
         return;  // no positions
@@ -328,11 +426,30 @@ class Spec(NamedTuple):
     S: int  # splits per KV head (the grid's y)
     fp16: bool
     pos64: bool  # pos is int64 (else int32)
+    warps: int = WARPS
+    nb: int = 0  # positions per warp in flight (0: 16, or 8 at four or more queries per KV head)
+    rs: bool = True  # a chunk's dot products reduce-scattered over the warp where NB x G is a power of 2 <= 32
+
+
+def positions_in_flight(spec: Spec) -> int:
+    return spec.nb or (8 if spec.G >= 4 else 16)
+
+
+def reduce_scatter(spec: Spec) -> bool:
+    p = positions_in_flight(spec) * spec.G  # the lanes holding one query's products are G apart: G a power of 2
+    return spec.rs and p <= 32 and p & (p - 1) == 0 and spec.G & (spec.G - 1) == 0
 
 
 def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
     """Shapes the kernel takes: head dim 64 or 128, at most 512 query values per KV head (shared memory)."""
     return head_dim in (64, 128) and n_head % n_kv_head == 0 and n_head // n_kv_head * head_dim <= 512
+
+
+def preferred(n_head: int, n_kv_head: int, head_dim: int, span: int) -> bool:
+    """Where the model takes this kernel over the Triton one (plan.nvrtc_attention): shapes it supports, except
+    GQA over spans (the cache, or the window if shorter) of more than 2,048 positions, where Triton's launch measured
+    shorter (docs/perf-notes.md, session 41)."""
+    return supported(n_head, n_kv_head, head_dim) and (n_head == n_kv_head or span <= 2048)
 
 
 def cluster(spec: Spec) -> bool:
@@ -342,8 +459,9 @@ def cluster(spec: Spec) -> bool:
 
 def kernel_source(spec: Spec) -> str:
     c = cluster(spec)
-    defines = dict(THREADS=THREADS, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV, H=spec.G * spec.HKV,
-                   S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64))
+    defines = dict(THREADS=32 * spec.warps, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV,
+                   H=spec.G * spec.HKV, S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64),
+                   NB=positions_in_flight(spec), RS=int(reduce_scatter(spec)))
     attr = f"__cluster_dims__(1, {spec.S}, 1)" if c else ""
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + nvrtc.HELPERS + (TO_RANK0 if c else "")
             + SOURCE.replace("CLUSTER_ATTR", attr))
@@ -354,18 +472,20 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
     return nvrtc.function(kernel_source(spec), "attn", device)
 
 
-def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Optional[int]) -> Spec:
+def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Optional[int], warps: int = 0,
+            nb: int = 0, rs: bool = True, splits: int = 0) -> Spec:
     _, Hkv, T, D = k_cache.shape
-    return Spec(D, n_head // Hkv, Hkv, decode_attention.n_splits(T, window), k_cache.dtype == torch.float16,
-                pos.dtype == torch.int64)
+    G = n_head // Hkv
+    return Spec(D, G, Hkv, splits or decode_attention.n_splits(T, window), k_cache.dtype == torch.float16,
+                pos.dtype == torch.int64, warps or (8 if G >= 4 else WARPS), nb, rs)
 
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
-           window: Optional[int], out: Tensor):
+           window: Optional[int], out: Tensor, warps: int = 0, nb: int = 0, rs: bool = True, splits: int = 0):
     """One launch into out [H D] on the current stream: qkv [(H + 2 Hkv) D] in the caches' dtype, rope [D/2, 2]
     float32 (the row of pos), caches [B', Hkv, T, D] (row 0 used), pos [1] int32 or int64, counters [>= Hkv] int32
-    zeros (left at zero)."""
-    spec = spec_of(qkv, k_cache, pos, n_head, window)
+    zeros (left at zero). warps, nb, rs, splits: other variants of the kernel (sweeps)."""
+    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb, rs, splits)
     assert qkv.is_contiguous() and qkv.numel() == (n_head + 2 * spec.HKV) * spec.D and qkv.dtype == k_cache.dtype
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and rope.is_contiguous() and rope.dtype == torch.float32
     assert counters.numel() >= spec.HKV and counters.dtype == torch.int32 and pos.dtype in (torch.int32, torch.int64)
@@ -373,8 +493,8 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     args = [ctypes.c_void_p(t.data_ptr()) for t in (qkv, rope, k_cache, v_cache, pos, out, ws, counters)]
     args += [ctypes.c_int(k_cache.shape[2]), ctypes.c_int(window or 0)]
     dev = qkv.device.index
-    nvrtc.launch(_function(spec, dev), nvrtc.launch_config((spec.HKV, spec.S), THREADS, nvrtc.stream_of(qkv.device)),
-                 args, dev)
+    cfg = nvrtc.launch_config((spec.HKV, spec.S), 32 * spec.warps, nvrtc.stream_of(qkv.device))
+    nvrtc.launch(_function(spec, dev), cfg, args, dev)
 
 
 @custom_op("teal::cuda_attention", mutates_args=("k_cache", "v_cache", "counters"))

@@ -251,7 +251,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
               nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None,
-              nvrtc_attention: bool = False) -> list:
+              nvrtc_attention: Optional[bool] = None) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -537,9 +537,9 @@ def main():
                    help="sparse steps' projections on it too (default: wherever dense steps are)")
     p.add_argument("--nvrtc-int8", action=argparse.BooleanOptionalAction, default=None,
                    help="int8 weights' projections on it (--quant int8; default: wherever dense steps are)")
-    p.add_argument("--nvrtc-attention", action="store_true",
+    p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
-                   "NVRTC projections (sm_90)")
+                   "NVRTC projections (default: with them)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")

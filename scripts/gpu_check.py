@@ -460,12 +460,12 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
-def check_cuda_attention() -> list:
+def check_cuda_attention(**variant) -> list:
     """kernels/cuda_attention.py (NVRTC, sm_90) against decode_attention_ref: MHA and GQA heads, head dims 128 and
     64, caches whose split count takes the cluster (2, 6 splits) or the counter (16), positions at block edges,
     with and without a sliding window, bf16 and fp16, int64 and int32 positions: output within dtype bounds and
     written everywhere (poisoned), the new key and value in the caches, counters left at zero, bit for bit over two
-    launches."""
+    launches. variant: cuda_attention.launch's sweep parameters (the defaults without)."""
     failures, cases = [], 0
     if torch.cuda.get_device_capability()[0] < 9 or not nvrtc.available():
         return failures
@@ -483,7 +483,7 @@ def check_cuda_attention() -> list:
             for _ in range(2):
                 out = torch.full((H * D,), float("nan"), device="cuda", dtype=dtype)
                 ck, cv = kc.clone(), vc.clone()
-                cuda_attention.launch(qkv, rope, ck, cv, pos_t, counters, H, window, out)
+                cuda_attention.launch(qkv, rope, ck, cv, pos_t, counters, H, window, out, **variant)
                 outs.append(out)
             torch.cuda.synchronize()
             cases += 1
@@ -493,16 +493,17 @@ def check_cuda_attention() -> list:
                 failures.append(f"cuda_attention H={H} Hkv={Hkv} D={D} T={T} window={window} {dtype} pos={p}: err "
                                 f"{err:.2e}, repeatable {torch.equal(outs[0], outs[1])}, caches {caches}, counters "
                                 f"{int(counters.sum())}")
-    print(f"cuda_attention (NVRTC): {cases} cases, {len(failures)} failures")
+    print(f"cuda_attention (NVRTC{''.join(f', {k} {v}' for k, v in variant.items())}): {cases} cases, "
+          f"{len(failures)} failures")
     return failures
 
 
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
-                quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: bool = False) -> tuple:
+                quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: Optional[bool] = None) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
     sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
-    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), with nvrtc_attention its
-    attention on kernels/cuda_attention.py."""
+    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), and its attention on
+    kernels/cuda_attention.py unless nvrtc_attention is False."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
     model = random_model(args, "cuda", dtype, seed=1)
@@ -525,7 +526,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), sparsity=sparsity, nvrtc=nvrtc,
-                                                   nvrtc_sparse=nvrtc, nvrtc_attention=nvrtc and nvrtc_attention),
+                                                   nvrtc_sparse=nvrtc,
+                                                   nvrtc_attention=nvrtc_attention if nvrtc else False),
                                        sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
@@ -601,8 +603,9 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json (default: none written)")
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
     p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
-    p.add_argument("--nvrtc-attention", action="store_true",
-                   help="the NVRTC rows of the model checks with attention on kernels/cuda_attention.py")
+    p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="the NVRTC rows of the model checks with attention on kernels/cuda_attention.py (default: as "
+                   "the plan decides, on)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
@@ -644,7 +647,7 @@ def main():
                                                                        nvrtc_attention=a.nvrtc_attention)
         worst = max(errs)
         print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''}"
-              f"{' + NVRTC attention' if cuda and a.nvrtc_attention else ''} at {level} "
+              f"{' + NVRTC attention' if cuda and a.nvrtc_attention is not False else ''} at {level} "
               f"({'sparse kernels' if sparse else 'dense path'}): compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"

@@ -20,6 +20,17 @@ def test_supported_shapes_and_meeting():
     spec = cuda_attention.Spec(128, 1, 32, 6, False, True)
     assert cuda_attention.cluster(spec) and cuda_attention.cluster(spec._replace(S=8))
     assert not cuda_attention.cluster(spec._replace(S=16)) and not cuda_attention.cluster(spec._replace(S=1))
+    # reduce-scatter where a chunk's products fill at most a warp's lanes, a power of 2 of them, G apart
+    assert cuda_attention.reduce_scatter(spec) and not cuda_attention.reduce_scatter(spec._replace(rs=False))
+    rs = cuda_attention.reduce_scatter
+    assert rs(spec._replace(G=2)) and rs(spec._replace(G=4)) and not rs(spec._replace(G=4, nb=16))
+    assert not rs(spec._replace(G=3))
+
+
+def test_preferred_over_triton():
+    """The model takes the kernel for MHA at any span and GQA up to 2,048 positions (docs/perf-notes.md, session 41)."""
+    assert cuda_attention.preferred(32, 32, 128, 8192) and cuda_attention.preferred(32, 8, 128, 2048)
+    assert not cuda_attention.preferred(32, 8, 128, 2049) and not cuda_attention.preferred(64, 8, 128, 128)
 
 
 def test_spec_follows_the_triton_kernels_programs():
@@ -27,7 +38,8 @@ def test_spec_follows_the_triton_kernels_programs():
     for T, window in ((128, None), (384, None), (4096, None), (4096, 100), (40, None)):
         k = torch.zeros(1, 8, T, 128, dtype=torch.bfloat16)
         spec = cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3]), 32, window)
-        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True)
+        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True, 8, 0, True)  # 8 warps at GQA
+        assert cuda_attention.reduce_scatter(spec)  # 8 positions x 4 queries: a product per lane
     assert cuda_attention.spec_of(torch.zeros(1), k.half(), torch.tensor([3], dtype=torch.int32), 32, None).fp16
     assert not cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3], dtype=torch.int32), 32, None).pos64
 
@@ -61,3 +73,6 @@ def test_every_variant_of_a_model_builds_for_sm90(name):
                 spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head,
                                            decode_attention.n_splits(T, None), fp16, pos64)
                 assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+    for warps, nb, rs, S in ((8, 0, True, 6), (4, 4, True, 6), (4, 0, False, 6), (8, 0, True, 32)):  # sweeps' variants
+        spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, S, False, True, warps, nb, rs)
+        assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"

@@ -241,6 +241,26 @@ def test_nvrtc_attention_route_matches_reference_decode(window, monkeypatch):
     assert len(calls) == 2 * len(model.layers) * steps.shape[1]
 
 
+@pytest.mark.parametrize("n_kv_head, window, nvrtc", [(1, None, False), (1, 1024, True), (2, None, True)])
+def test_nvrtc_attention_where_preferred(n_kv_head, window, nvrtc, monkeypatch):
+    """With plan.nvrtc_attention, a GQA model attending over more than 2,048 positions (a cache that long, no
+    shorter window) keeps the Triton kernel's op (cuda_attention.preferred); with a window within 2,048, or MHA, it
+    takes kernels/cuda_attention.py."""
+    args = ModelArgs(dim=128, n_layer=1, n_head=2, n_kv_head=n_kv_head, intermediate_size=192, vocab_size=101,
+                     max_seq_len=4096, sliding_window=window)
+    model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
+    model.set_plan(dataclasses.replace(decode_plan(torch.device("cpu"), kernels=True), nvrtc_arch=90,
+                                       nvrtc_attention=True))
+    calls = []
+    attend = cuda_attention.cuda_attention
+    monkeypatch.setattr(cuda_attention, "cuda_attention", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    model.setup_caches(1, 2056)
+    with torch.no_grad():
+        model(torch.randint(0, 101, (1, 8)), torch.arange(8), sparse_from=None)
+        model(torch.tensor([[7]]), torch.tensor([8]), sparse_from=None)
+    assert len(calls) == (1 if nvrtc else 0)
+
+
 @pytest.mark.slow
 def test_compiled_nvrtc_step_calls_its_ops_on_the_weights_and_caches_themselves():
     """torch.compile of a dense decode step on the NVRTC route (plan.nvrtc_arch, with plan.nvrtc_attention; the ops'

@@ -161,3 +161,18 @@ def test_nvrtc_attention_needs_the_nvrtc_route():
     with pytest.raises(UserError, match="NVRTC attention"):
         decode_plan(torch.device("cpu"), nvrtc_attention=True)
     assert not decode_plan(torch.device("cpu")).nvrtc_attention
+
+
+def test_nvrtc_attention_follows_the_nvrtc_route(monkeypatch):
+    """On an sm_90 GPU with libnvrtc (simulated here) the NVRTC attention comes with the NVRTC projections unless
+    told off; off without them; asked for without them, refused."""
+    monkeypatch.setattr(plan_module.cuda_gemv, "usable", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = torch.device("cuda", 0)
+    assert decode_plan(gpu, n_sm=132).nvrtc_attention
+    assert not decode_plan(gpu, n_sm=132, nvrtc_attention=False).nvrtc_attention
+    assert not decode_plan(gpu, n_sm=132, nvrtc=False).nvrtc_attention
+    with pytest.raises(UserError, match="NVRTC attention"):
+        decode_plan(gpu, n_sm=132, nvrtc=False, nvrtc_attention=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # no NVRTC route by default
+    assert not decode_plan(gpu, n_sm=132).nvrtc_attention
