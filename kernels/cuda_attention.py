@@ -4,9 +4,9 @@ kernels/decode_attention.py (RoPE of the group's queries and the new key, the ca
 the splits of a KV head summed through a thread-block cluster's shared memory instead of partials in global memory
 and a counter. Batch 1; the q/k/v projection's output in 16-bit (kernels/cuda_gemv.py reduces it in its launch).
 
-Grid (KV heads, S splits), 4 warps a CTA (8 at four or more queries per KV head). S is decode_attention.n_splits of the cache (the same programs
-per head as the Triton kernel); S <= 8 sums through a cluster of the head's S CTAs, S > 8 through a per-head
-counter whose last CTA sums (left at zero). Each CTA:
+Grid (KV heads, S splits), 4 warps a CTA (8 at four or more queries per KV head). S is decode_attention.n_splits
+of the cache (the same programs per head as the Triton kernel); S <= 8 sums through a cluster of the head's S CTAs,
+S > 8 through a per-head counter whose last CTA sums (left at zero). Each CTA:
 1. loads pos, the group's queries and the new key and value (independent of pos), then issues its positions' key
    and value loads (each warp NB positions at a time, 16 or 8 at GQA; a lane D / 32 dimensions of each: 8 bytes
    at D = 128);
@@ -14,7 +14,8 @@ counter whose last CTA sums (left at zero). Each CTA:
    `pos` writes the new key and value into the cache and takes position `pos` from registers;
 3. each warp keeps an online softmax (base 2) over its positions: a chunk's NB x G dot products are
    reduce-scattered over the warp (lane l ends with product l: one exp2 a lane) where NB x G is a power of 2 <= 32,
-   else all-reduced by one butterfly; the warps meet in shared memory, then the splits: rank 0 of the cluster (or the counter's last CTA) combines them in split order and writes y.
+   else all-reduced by one butterfly; the warps meet in shared memory, then the splits: rank 0 of the cluster (or
+   the counter's last CTA) combines them in split order and writes y.
 Rounding follows decode_attention_ref up to the order of the sums (probabilities stay in float32).
 """
 import ctypes
