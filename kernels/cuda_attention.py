@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from kernels import decode_attention, nvrtc
+from kernels.common import PROFILE_SLOTS
 
 WARPS = 4  # per CTA, by default (Spec.warps)
 BT = 16  # positions per split come in whole blocks of BT
@@ -89,8 +90,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         u16* __restrict__ y,               // [H D]
         float* __restrict__ ws,            // [HKV, S, G, D + 2] partials (counter path)
         u32* __restrict__ counter,         // [HKV] zero between launches (counter path)
+        long long* __restrict__ prof,      // [>= HKV S, PROF_SLOTS] (PROFILE): CTA (hk, split) stamps row hk S + split
         const int T, const int window) {
     const int hk = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+#if PROFILE
+    long long* rec = prof + PROF_SLOTS * (hk * S + split);
+    if (tid == 0) stamp(rec, 0);  // slots 0-1: start
+#endif
 #if CLUSTER
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // started (waited for before DSMEM use)
 #endif
@@ -139,6 +145,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             q[g][i] = rnd(to_f(xq[g][i]) * cs[i][0] + sgn * to_f(xqp[g][i]) * cs[i][1]) * scale;
         kn[i] = rnd(to_f(xk[i]) * cs[i][0] + sgn * to_f(xkp[i]) * cs[i][1]);
     }
+#if PROFILE
+    // slots 2-3: q/k/v in (the branch on a rotated query waits for its loads; a NaN pattern never taken)
+    if (tid == 0 && __float_as_int(q[0][0]) != -1) stamp(rec, 2);
+#endif
     float m[G], l[G], acc[G][DPL];
     #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -292,6 +302,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         l[g] = __shfl_sync(FULL, lsum, g);
     }
 #endif
+#if PROFILE
+    if (tid == 0 && __float_as_int(acc[0][0]) != -1) stamp(rec, 4);  // slots 4-5: warp 0's positions read
+#endif
 #if !CLUSTER
     if (split > last)
         return;  // no positions
@@ -342,6 +355,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         }
     }
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#if PROFILE
+    if (tid == 0) stamp(rec, 6);  // slots 6-7: the splits met
+#endif
     if (split == 0) {
         #pragma unroll
         for (int r = 0; r < R; r++) {
@@ -357,6 +373,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
                 y[hk * G * D + e] = to_h(A / L);
             }
         }
+#if PROFILE
+        __syncthreads();
+        if (tid == 0) stamp(rec, 8);  // slots 8-9: y written
+#endif
     }
 #else
     if (last == 0) {  // one split: the result
@@ -365,6 +385,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             const int e = r * THREADS + tid;
             if (e < G * D) y[hk * G * D + e] = to_h(ca[r] / cl[r]);
         }
+#if PROFILE
+        __syncthreads();
+        if (tid == 0) stamp(rec, 8);
+#endif
         return;
     }
     // partials to global memory; the head's last CTA through its counter sums them in split order
@@ -383,7 +407,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
     __threadfence();
     __syncthreads();
     __shared__ u32 arrived;
-    if (tid == 0) arrived = atomicAdd(counter + hk, 1u);
+    if (tid == 0) {
+        arrived = atomicAdd(counter + hk, 1u);
+#if PROFILE
+        if (arrived != 0xffffffffu) stamp(rec, 6);  // slots 6-7: counted in (the stamp waits on the count)
+#endif
+    }
     __syncthreads();
     if (arrived != (u32)last)
         return;
@@ -404,6 +433,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             y[hk * G * D + e] = to_h(A / L);
         }
     }
+#if PROFILE
+    __syncthreads();
+    if (tid == 0) stamp(rec, 8);
+#endif
     if (tid == 0) counter[hk] = 0;
 #endif
 }
@@ -430,6 +463,7 @@ class Spec(NamedTuple):
     warps: int = WARPS
     nb: int = 0  # positions per warp in flight (0: 16, or 8 at four or more queries per KV head)
     rs: bool = True  # a chunk's dot products reduce-scattered over the warp where NB x G is a power of 2 <= 32
+    profile: bool = False  # each CTA stamps its phases (launch's `prof`; scripts/profile_phases.py --nvrtc)
 
 
 def positions_in_flight(spec: Spec) -> int:
@@ -462,7 +496,8 @@ def kernel_source(spec: Spec) -> str:
     c = cluster(spec)
     defines = dict(THREADS=32 * spec.warps, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV,
                    H=spec.G * spec.HKV, S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64),
-                   NB=positions_in_flight(spec), RS=int(reduce_scatter(spec)))
+                   NB=positions_in_flight(spec), RS=int(reduce_scatter(spec)), PROFILE=int(spec.profile),
+                   PROF_SLOTS=PROFILE_SLOTS)
     attr = f"__cluster_dims__(1, {spec.S}, 1)" if c else ""
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + nvrtc.HELPERS + (TO_RANK0 if c else "")
             + SOURCE.replace("CLUSTER_ATTR", attr))
@@ -482,16 +517,22 @@ def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Opti
 
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
-           window: Optional[int], out: Tensor, warps: int = 0, nb: int = 0, rs: bool = True, splits: int = 0):
+           window: Optional[int], out: Tensor, warps: int = 0, nb: int = 0, rs: bool = True, splits: int = 0,
+           prof: Optional[Tensor] = None):
     """One launch into out [H D] on the current stream: qkv [(H + 2 Hkv) D] in the caches' dtype, rope [D/2, 2]
     float32 (the row of pos), caches [B', Hkv, T, D] (row 0 used), pos [1] int32 or int64, counters [>= Hkv] int32
-    zeros (left at zero). warps, nb, rs, splits: other variants of the kernel (sweeps)."""
-    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb, rs, splits)
+    zeros (left at zero). warps, nb, rs, splits: other variants of the kernel (sweeps). prof: int64 [>= Hkv S,
+    PROFILE_SLOTS], each CTA's phase stamps in the Triton kernel's layout (scripts/profile_phases.py), from the
+    PROFILE build."""
+    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb, rs, splits)._replace(profile=prof is not None)
+    assert prof is None or (prof.shape[0] >= spec.HKV * spec.S and prof.shape[1] == PROFILE_SLOTS
+                            and prof.dtype == torch.int64 and prof.is_contiguous())
     assert qkv.is_contiguous() and qkv.numel() == (n_head + 2 * spec.HKV) * spec.D and qkv.dtype == k_cache.dtype
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and rope.is_contiguous() and rope.dtype == torch.float32
     assert counters.numel() >= spec.HKV and counters.dtype == torch.int32 and pos.dtype in (torch.int32, torch.int64)
     ws = torch.empty(0 if cluster(spec) else spec.HKV * spec.S * spec.G * (spec.D + 2), device=qkv.device)
     args = [ctypes.c_void_p(t.data_ptr()) for t in (qkv, rope, k_cache, v_cache, pos, out, ws, counters)]
+    args.append(ctypes.c_void_p(prof.data_ptr() if prof is not None else 0))
     args += [ctypes.c_int(k_cache.shape[2]), ctypes.c_int(window or 0)]
     dev = qkv.device.index
     cfg = nvrtc.launch_config((spec.HKV, spec.S), 32 * spec.warps, nvrtc.stream_of(qkv.device))

@@ -1,9 +1,10 @@
 """In-kernel timeline of one decode layer: every program of every launch stamps the GPU clocks at its phase
-boundaries (the kernels' PROFILE builds: sparse_gemv.launch and decode_attention.launch given a `prof` buffer).
+boundaries (the kernels' PROFILE builds: sparse_gemv.launch, decode_attention.launch, and with --nvrtc
+cuda_gemv.launch and cuda_attention.launch, given a `prof` buffer).
 Needs a CUDA GPU.
 
-    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc [--int8]]
-        [--out DIR]
+    python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc [--int8]
+        [--no-nvrtc-attention]] [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
 down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
@@ -11,11 +12,14 @@ down) run in a CUDA graph over 4 layer copies, as the decode step makes them wit
 previous launch, the median time of each phase over the launch's programs, the skew (last program's end minus the
 median program's end) and the span. GEMV phases: input loads in, list positions known (scan), list stored, first
 entries reloaded, weights streamed, partials reduced in registers, split-K counter, tail. Attention: q/k/v in, cache
-read, counter, combine. `--nvrtc` (sm_90, libnvrtc): the step sm_90 runs instead, its projections on
-kernels/cuda_gemv.py (q/k/v reduced in their launch, down gating gate/up's outputs); its phases: prologue (inputs,
-norm, thresholds, scan: the kept list ready), stream, tail (row groups and K ranges summed, result written), and the
+read, counter (the splits met: the counter, or the cluster's barrier), combine. `--nvrtc` (sm_90, libnvrtc): the
+step sm_90 runs instead, its projections on kernels/cuda_gemv.py (q/k/v reduced in their launch, down gating
+gate/up's outputs); its phases: prologue (inputs, norm, thresholds, scan: the kept list ready), stream, tail (row
+groups and K ranges summed, result written), and the
 share of the spread of its CTAs' stream times that their SM, or their column tile (the addresses they read), explains.
-`--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path.
+`--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path. The
+attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.preferred), unless
+`--no-nvrtc-attention`.
 
 Each stamp (%globaltimer and %clock64 through inline assembly) waits on the value it marks, so work cannot move
 across it; that costs ~0.2 us per stamp, which the phases include (the layer time with and without stamps is
@@ -31,7 +35,7 @@ import torch
 
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
-from kernels import configs, cuda_gemv, decode_attention, reference, sparse_gemv
+from kernels import configs, cuda_attention, cuda_gemv, decode_attention, reference, sparse_gemv
 from kernels.common import PROFILE_SLOTS
 from kernels.formats import INT8
 from kernels.reference import rms_norm_ref
@@ -87,12 +91,16 @@ def main():
     p.add_argument("--context", type=int, default=384, help="cache positions the attention reads")
     p.add_argument("--nvrtc", action="store_true", help="the projections on kernels/cuda_gemv.py (sm_90's path)")
     p.add_argument("--int8", action="store_true", help="with --nvrtc: int8 weights (per-column scales)")
+    p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --nvrtc: attention on kernels/cuda_attention.py (default: where the step takes it)")
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json (default: none written)")
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
     sparsities = sparsity_list(a.sparsities, "--sparsities", up_to_one=True)  # 1: the phases with nothing to stream
     if a.int8 and not a.nvrtc:
         raise UserError("--int8 profiles the NVRTC projections: add --nvrtc")
+    if a.nvrtc_attention and not a.nvrtc:
+        raise UserError("--nvrtc-attention follows the NVRTC projections: add --nvrtc")
     if not torch.cuda.is_available():
         raise UserError("profile_phases.py needs a CUDA GPU")
     if a.nvrtc and not (torch.cuda.get_device_capability()[0] >= 9 and cuda_gemv.usable(0)):
@@ -107,6 +115,9 @@ def main():
     Wg, Wd = [rnd(dim, 2 * inter) for _ in range(L)], [rnd(inter, dim) for _ in range(L)]
     g1, g2 = torch.ones(dim, device=dev, dtype=dt), torch.ones(dim, device=dev, dtype=dt)
     T = a.context
+    cuda_att = a.nvrtc and (cuda_attention.preferred(H, Hkv, D, T) if a.nvrtc_attention is None else a.nvrtc_attention)
+    if cuda_att and not cuda_attention.supported(H, Hkv, D):
+        raise UserError(f"kernels/cuda_attention.py does not take {a.model}'s heads")
     caches = [tuple(torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2)) for _ in range(L)]
     rope = torch.randn(1, D // 2, 2, device=dev)
     pos = torch.tensor([T - 2], device=dev)
@@ -167,8 +178,12 @@ def main():
 
         qkv = proj("q", h0, Wq[i], tq, nw=g1)
         y = torch.empty(1, H * D, device=dev, dtype=dt)
-        decode_attention.launch(qkv.view(1, -1), rope, caches[i][0], caches[i][1], pos, att_cnt, H, None, y,
-                                prof=prof("a"))
+        if cuda_att:
+            cuda_attention.launch(qkv, rope.view(D // 2, 2), caches[i][0], caches[i][1], pos, att_cnt, H, None,
+                                  y.view(-1), prof=prof("a"))
+        else:
+            decode_attention.launch(qkv.view(1, -1), rope, caches[i][0], caches[i][1], pos, att_cnt, H, None, y,
+                                    prof=prof("a"))
         h1 = proj("o", y, Wo[i], to, res=h0).view(1, dim)
         gu = proj("g", h1, Wg[i], tg, nw=g2)
         h2 = proj("d", gu, Wd[i], td, res=h1, glu=True).view(1, dim)
@@ -199,7 +214,8 @@ def main():
         spans = [((r[7] - r[1]) / (r[6] - r[0])) for b in st.values() for r in b.tolist() if r[6] - r[0] > 5000]
         ghz = statistics.median(spans) if spans else 1.98
         t0 = int(st[(1, "q")][:, 0][st[(1, "q")][:, 0] > 0].min())  # layer copy 1: copy 0 follows the capture's start
-        path = (" (NVRTC projections, int8 weights)" if a.int8 else " (NVRTC projections)") if a.nvrtc else ""
+        path = (f" (NVRTC projections{', int8 weights' if a.int8 else ''}"
+                f"{', NVRTC attention' if cuda_att else ''})") if a.nvrtc else ""
         print(f"\n{a.model}{path}, sparsity {s}, {T} positions: one layer {plain:.1f} us ({stamped:.1f} with stamps), "
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
@@ -207,7 +223,8 @@ def main():
             tiles = sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8) if a.nvrtc and p != "a" else None
             r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
             prev = r.pop("end")
-            records.append({"model": a.model, "int8": a.int8, "sparsity": s, "context": T, "launch": name,
+            records.append({"model": a.model, "int8": a.int8, "nvrtc_attention": cuda_att, "sparsity": s,
+                            "context": T, "launch": name,
                             "layer_us": round(plain, 2), "layer_us_stamped": round(stamped, 2), **r})
             print(f"  {name:9s} " + "  ".join(f"{k} {v}" for k, v in r.items() if v is not None))
     if a.out:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import cuda_attention, decode_attention, nvrtc
+from kernels.common import PROFILE_SLOTS
 from model import ModelArgs
 
 
@@ -38,7 +39,7 @@ def test_spec_follows_the_triton_kernels_programs():
     for T, window in ((128, None), (384, None), (4096, None), (4096, 100), (40, None)):
         k = torch.zeros(1, 8, T, 128, dtype=torch.bfloat16)
         spec = cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3]), 32, window)
-        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True, 8, 0, True)  # 8 warps at GQA
+        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True, 8, 0, True, False)  # 8 warps
         assert cuda_attention.reduce_scatter(spec)  # 8 positions x 4 queries: a product per lane
     assert cuda_attention.spec_of(torch.zeros(1), k.half(), torch.tensor([3], dtype=torch.int32), 32, None).fp16
     assert not cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3], dtype=torch.int32), 32, None).pos64
@@ -73,6 +74,21 @@ def test_every_variant_of_a_model_builds_for_sm90(name):
                 spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head,
                                            decode_attention.n_splits(T, None), fp16, pos64)
                 assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
-    for warps, nb, rs, S in ((8, 0, True, 6), (4, 4, True, 6), (4, 0, False, 6), (8, 0, True, 32)):  # sweeps' variants
-        spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, S, False, True, warps, nb, rs)
+    for warps, nb, rs, S, prof in ((8, 0, True, 6, False), (4, 4, True, 6, False), (4, 0, False, 6, False),
+                                   (8, 0, True, 32, False), (4, 0, True, 6, True), (8, 0, True, 16, True)):
+        # the variants sweeps time, and the profiled builds scripts/profile_phases.py --nvrtc runs (cluster, counter)
+        spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, S, False, True, warps, nb, rs,
+                                   prof)
         assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+
+
+def test_launch_checks_its_profile_buffer():
+    """A profiled launch takes an int64 [>= Hkv S, PROFILE_SLOTS] buffer (checked before anything reaches a GPU)."""
+    H, Hkv, D, T = 8, 2, 64, 384  # 6 splits: 12 CTAs
+    qkv = torch.zeros((H + 2 * Hkv) * D, dtype=torch.bfloat16)
+    cache = torch.zeros(1, Hkv, T, D, dtype=torch.bfloat16)
+    args = (qkv, torch.zeros(D // 2, 2), cache, cache.clone(), torch.tensor([5]), torch.zeros(Hkv, dtype=torch.int32),
+            H, None, torch.empty(H * D, dtype=torch.bfloat16))
+    for bad in (torch.zeros(11, PROFILE_SLOTS, dtype=torch.int64), torch.zeros(12, PROFILE_SLOTS)):
+        with pytest.raises(AssertionError):
+            cuda_attention.launch(*args, prof=bad)
