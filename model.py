@@ -452,6 +452,13 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
 
+    def takes_nvrtc_attention(self, plan: DecodePlan) -> bool:
+        """Whether its one-token steps after an NVRTC q/k/v run kernels/cuda_attention.py: plan.nvrtc_attention, where
+        that kernel beats the Triton one for these heads over the positions a step may attend (cache or window)."""
+        T = self.kv_cache.k.shape[2]
+        return plan.nvrtc_attention and cuda_attention.preferred(self.n_head, self.n_kv_head, self.head_dim,
+                                                                 min(T, self.window or T))
+
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
                 input_pos: Tensor, sparse: bool, active: Optional[Tensor], plan: DecodePlan) -> tuple:
         """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection; ss: its sums
@@ -462,8 +469,7 @@ class Attention(nn.Module):
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
                 qkv = self.wqkv.cuda(x, sparse, plan, norm=norm).view(B, -1)
-                span = min(c.k.shape[2], self.window or c.k.shape[2])  # positions a step may attend over
-                if plan.nvrtc_attention and cuda_attention.preferred(H, Hkv, D, span):
+                if self.takes_nvrtc_attention(plan):
                     y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
                     return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)
             elif plan.defers(B, sparse, active):
