@@ -39,7 +39,7 @@ def test_spec_follows_the_triton_kernels_programs():
     for T, window in ((128, None), (384, None), (4096, None), (4096, 100), (40, None)):
         k = torch.zeros(1, 8, T, 128, dtype=torch.bfloat16)
         spec = cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3]), 32, window)
-        assert spec == (128, 4, 8, decode_attention.n_splits(T, window), False, True, 8, 0, True, False)  # 8 warps
+        assert spec == cuda_attention.Spec(128, 4, 8, decode_attention.n_splits(T, window), False, True, 8)  # 8 warps
         assert cuda_attention.reduce_scatter(spec)  # 8 positions x 4 queries: a product per lane
     assert cuda_attention.spec_of(torch.zeros(1), k.half(), torch.tensor([3], dtype=torch.int32), 32, None).fp16
     assert not cuda_attention.spec_of(torch.zeros(1), k, torch.tensor([3], dtype=torch.int32), 32, None).pos64
