@@ -454,6 +454,13 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.window = a.sliding_window
 
+    def takes_nvrtc_attention(self, plan: DecodePlan) -> bool:
+        """Whether its one-token steps after an NVRTC q/k/v run kernels/cuda_attention.py: plan.nvrtc_attention, where
+        that kernel beats the Triton one for these heads over the positions a step may attend (cache or window)."""
+        T = self.kv_cache.k.shape[2]
+        return plan.nvrtc_attention and cuda_attention.preferred(self.n_head, self.n_kv_head, self.head_dim,
+                                                                 min(T, self.window or T))
+
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
                 input_pos: Tensor, sparse: bool, active: Optional[Tensor], plan: DecodePlan) -> tuple:
         """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection; ss: its sums
@@ -463,8 +470,7 @@ class Attention(nn.Module):
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
-                span = min(c.k.shape[2], self.window or c.k.shape[2])  # positions a step may attend over
-                nv = plan.nvrtc_attention and cuda_attention.preferred(H, Hkv, D, span)
+                nv = self.takes_nvrtc_attention(plan)
                 # PDL: the attention reads its first cached positions while q/k/v streams; only after a q/k/v launch
                 # without global partials (memory it frees could be the attention's before it has finished)
                 cfg = self.wqkv.cuda_config

@@ -290,7 +290,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": decode_path(model.plan),
+               "decode_path": decode_path(model.plan, model.layers[0].attention.takes_nvrtc_attention(model.plan)),
                "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled",
                "torch": torch.__version__}
         if tp is not None:
@@ -305,14 +305,15 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def decode_path(plan) -> str:
-    """What a record's decode step ran its projections on."""
+def decode_path(plan, nvrtc_attention: bool) -> str:
+    """What a record's decode step ran its projections on (nvrtc_attention: its attention took
+    kernels/cuda_attention.py, Attention.takes_nvrtc_attention)."""
     if plan.sparse_decode:
         path = "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
     else:
         path = "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
-    return path + (", NVRTC attention" if plan.nvrtc_attention else "") + (
-        f", attention PDL {plan.attention_pdl}" if plan.attention_pdl else "")
+    return path + (", NVRTC attention" if plan.nvrtc_arch and nvrtc_attention else "") + (
+        f", attention PDL {plan.attention_pdl}" if plan.nvrtc_arch and nvrtc_attention and plan.attention_pdl else "")
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:

@@ -15,8 +15,8 @@ entries reloaded, weights streamed, partials reduced in registers, split-K count
 read, counter (the splits met: the counter, or the cluster's barrier), combine. `--nvrtc` (sm_90, libnvrtc): the
 step sm_90 runs instead, its projections on kernels/cuda_gemv.py (q/k/v reduced in their launch, down gating
 gate/up's outputs); its phases: prologue (inputs, norm, thresholds, scan: the kept list ready), stream, tail (row
-groups and K ranges summed, result written), and the
-share of the spread of its CTAs' stream times that their SM, or their column tile (the addresses they read), explains.
+groups and K ranges summed, result written), and the share of the spread of its CTAs' stream times that their SM,
+or their column tile (the addresses they read), explains.
 `--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path. The
 attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.preferred), unless
 `--no-nvrtc-attention`.

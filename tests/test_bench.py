@@ -3,6 +3,7 @@ scripts' one-line refusals of bad input."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from cli import run_cli
 from kernels import configs
 from model import ModelArgs
+from plan import DecodePlan
 from scripts import bench, bench_server, profile_decode, profile_phases, tune_gemv
 from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, projection_shapes,
                            weight_copies, write_outputs)
@@ -198,3 +200,12 @@ def test_attention_table_has_the_nvrtc_kernel_where_measured(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [], [], rows, "run")
     md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
     assert "| a | 384 | 384 | 6.5 | 44.5 | 965 | 5.2 |" in md and "| b | 2048 | 2048 | 15.6 | 57.1 | 2150 | – |" in md
+
+
+def test_decode_path_names_what_the_step_runs():
+    """A record names the NVRTC attention only where its projections ran on the NVRTC kernel and the model took it."""
+    nvrtc = DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_attention=True)
+    assert bench.decode_path(nvrtc, True) == "NVRTC kernels, NVRTC attention"
+    assert bench.decode_path(nvrtc, False) == "NVRTC kernels"  # e.g. GQA over more than 2,048 positions
+    assert bench.decode_path(replace(nvrtc, nvrtc_arch=0), True) == "sparse kernels"  # (tensor parallel)
+    assert bench.decode_path(replace(nvrtc, sparse_decode=False), True) == "dense (NVRTC projections), NVRTC attention"

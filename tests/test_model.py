@@ -280,6 +280,7 @@ def test_nvrtc_attention_where_preferred(n_kv_head, window, nvrtc, monkeypatch):
         model(torch.randint(0, 101, (1, 8)), torch.arange(8), sparse_from=None)
         model(torch.tensor([[7]]), torch.tensor([8]), sparse_from=None)
     assert len(calls) == (1 if nvrtc else 0)
+    assert model.layers[0].attention.takes_nvrtc_attention(model.plan) == nvrtc  # (what bench.py's records name)
 
 
 @pytest.mark.slow
