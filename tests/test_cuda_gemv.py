@@ -129,7 +129,7 @@ def test_kernel_source_specialises():
     # the phase stamps only where asked (scripts/profile_phases.py --nvrtc), in kernels/common.py's slot layout
     assert "#define PROFILE 0\n" in src and "#if 0\n    long long* rec = prof + PROF_SLOTS" in src
     late = cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, 2)))  # trigger after the stream
-    assert "#define PDL 2\n" in late and "#if PDL == 2\n    // the late trigger" in late
+    assert "#define PDL 2\n" in late and "#if PDL == 2 || PDL == 4\n    // the late trigger" in late
     profiled = cuda_gemv.kernel_source(spec._replace(profile=True))
     assert "#define PROFILE 1\n" in profiled and "#if 1\n    long long* rec = prof + PROF_SLOTS" in profiled
     assert f"#define PROF_SLOTS {PROFILE_SLOTS}\n" in profiled
