@@ -355,13 +355,15 @@ class SparseLinear(nn.Module):
                 and (x.dtype == self.weight.dtype or self.fmt.code == INT8.code and x.element_size() == 2))
 
     def cuda(self, x: Tensor, sparse: bool, plan: DecodePlan, norm: Optional["RMSNorm"] = None,
-             residual: Optional[Tensor] = None, glu_in: bool = False) -> Tensor:
+             residual: Optional[Tensor] = None, glu_in: bool = False, trigger: int = 0) -> Tensor:
         """One token through kernels/cuda_gemv.py: x [1, 1, K] (gate/up's outputs [1, 1, 2K] with glu_in: gated in the
         launch), normalised there by `norm`, thresholds applied when `sparse` (and not at level 0: plan.cuda_thresholds)
-        -> [1, 1, N] (+ residual). A glu projection returns gate and up un-gated (its consumer gates them)."""
+        -> [1, 1, N] (+ residual). A glu projection returns gate and up un-gated (its consumer gates them). trigger:
+        the next launch (under PDL) triggered at this one's start (3) or once its rows are streamed (4)."""
         t = self.threshold if plan.cuda_thresholds(sparse) else None
+        cfg = self.cuda_config._replace(pdl=trigger) if trigger else self.cuda_config
         y = cuda_gemv.cuda_gemv(x.reshape(-1), self.weight, t, self.sizes,
-                                self.counters, self.cuda_config, norm_weight=None if norm is None else norm.weight,
+                                self.counters, cfg, norm_weight=None if norm is None else norm.weight,
                                 eps=1e-5 if norm is None else norm.eps, glu_in=glu_in, scale=self.scale,
                                 residual=None if residual is None else residual.reshape(-1))
         return y.view(1, 1, -1)
@@ -468,9 +470,15 @@ class Attention(nn.Module):
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
-                qkv = self.wqkv.cuda(x, sparse, plan, norm=norm).view(B, -1)
-                if self.takes_nvrtc_attention(plan):
-                    y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window)
+                nv = self.takes_nvrtc_attention(plan)
+                # PDL: the attention reads its first cached positions while q/k/v streams; only after a q/k/v launch
+                # without global partials (memory it frees could be the attention's before it has finished)
+                cfg = self.wqkv.cuda_config
+                pdl = plan.attention_pdl if nv and (cfg.cluster or cfg.split == 1) else 0
+                qkv = self.wqkv.cuda(x, sparse, plan, norm=norm, trigger=pdl).view(B, -1)
+                if nv:
+                    y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window,
+                                                      pdl=pdl > 0)
                     return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)
             elif plan.defers(B, sparse, active):
                 # the attention kernel sums q/k/v's split-K partials as it loads them: no reduction tail here

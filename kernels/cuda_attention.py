@@ -60,6 +60,13 @@ __device__ __forceinline__ vec ld_vec(const u16* p) {
 }
 __device__ __forceinline__ void unpk(vec v, float* f) { f[0] = lo(v); f[1] = hi(v); }
 #endif
+__device__ __forceinline__ u16 ld_q(const u16* p) {  // the q/k/v launch's output: through L2 under PDL
+#if PDL
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
@@ -103,18 +110,27 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
     const int d0 = lane * DPL, pd = d0 < HALF ? d0 + HALF : d0 - HALF, dh = d0 % HALF;
     const int pos = POS64 ? (int)((const long long*)posp)[0] : ((const int*)posp)[0];
     // loads that do not depend on pos, in flight while it arrives: the group's queries, the new key and value
+    // (under PDL: after the cache's first loads and the wait for the q/k/v launch), and the rotation
     u16 xq[G][DPL], xqp[G][DPL], xk[DPL], xkp[DPL], xv[DPL];
     float cs[DPL][2];
+    auto load_qkv = [&]() {
+        #pragma unroll
+        for (int i = 0; i < DPL; i++) {
+            #pragma unroll
+            for (int g = 0; g < G; g++) {
+                xq[g][i] = ld_q(qkv + (hk * G + g) * D + d0 + i);
+                xqp[g][i] = ld_q(qkv + (hk * G + g) * D + pd + i);
+            }
+            xk[i] = ld_q(qkv + (H + hk) * D + d0 + i);
+            xkp[i] = ld_q(qkv + (H + hk) * D + pd + i);
+            xv[i] = ld_q(qkv + (H + HKV + hk) * D + d0 + i);
+        }
+    };
+#if !PDL
+    load_qkv();
+#endif
     #pragma unroll
     for (int i = 0; i < DPL; i++) {
-        #pragma unroll
-        for (int g = 0; g < G; g++) {
-            xq[g][i] = qkv[(hk * G + g) * D + d0 + i];
-            xqp[g][i] = qkv[(hk * G + g) * D + pd + i];
-        }
-        xk[i] = qkv[(H + hk) * D + d0 + i];
-        xkp[i] = qkv[(H + hk) * D + pd + i];
-        xv[i] = qkv[(H + HKV + hk) * D + d0 + i];
         cs[i][0] = rope[2 * (dh + i)];
         cs[i][1] = rope[2 * (dh + i) + 1];
     }
@@ -134,6 +150,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
             vv[j] = ld_vec(vc + head + (size_t)t * D + d0);
         }
     }
+#if PDL
+    // programmatic dependent launch: everything above (pos, the rotation, the first cached keys and values) was
+    // written before the q/k/v launch began; its output is visible once it has finished
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    load_qkv();
+#endif
     // half-split RoPE of the queries and the new key, rounded as the reference rounds; queries scaled for base 2
     const float scale = LOG2E * rsqrtf((float)D);
     const float sgn = d0 < HALF ? -1.f : 1.f;
@@ -464,6 +486,7 @@ class Spec(NamedTuple):
     nb: int = 0  # positions per warp in flight (0: 16, or 8 at four or more queries per KV head)
     rs: bool = True  # a chunk's dot products reduce-scattered over the warp where NB x G is a power of 2 <= 32
     profile: bool = False  # each CTA stamps its phases (launch's `prof`; scripts/profile_phases.py --nvrtc)
+    pdl: bool = False  # launched under PDL after a q/k/v launch that triggers it: the first cache loads before the wait
 
 
 def positions_in_flight(spec: Spec) -> int:
@@ -497,7 +520,7 @@ def kernel_source(spec: Spec) -> str:
     defines = dict(THREADS=32 * spec.warps, FP16=int(spec.fp16), D=spec.D, G=spec.G, HKV=spec.HKV,
                    H=spec.G * spec.HKV, S=spec.S, BT=BT, CLUSTER=int(c), POS64=int(spec.pos64),
                    NB=positions_in_flight(spec), RS=int(reduce_scatter(spec)), PROFILE=int(spec.profile),
-                   PROF_SLOTS=PROFILE_SLOTS)
+                   PROF_SLOTS=PROFILE_SLOTS, PDL=int(spec.pdl))
     attr = f"__cluster_dims__(1, {spec.S}, 1)" if c else ""
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + nvrtc.HELPERS + (TO_RANK0 if c else "")
             + SOURCE.replace("CLUSTER_ATTR", attr))
@@ -518,13 +541,14 @@ def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Opti
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
            window: Optional[int], out: Tensor, warps: int = 0, nb: int = 0, rs: bool = True, splits: int = 0,
-           prof: Optional[Tensor] = None):
+           prof: Optional[Tensor] = None, pdl: bool = False):
     """One launch into out [H D] on the current stream: qkv [(H + 2 Hkv) D] in the caches' dtype, rope [D/2, 2]
     float32 (the row of pos), caches [B', Hkv, T, D] (row 0 used), pos [1] int32 or int64, counters [>= Hkv] int32
     zeros (left at zero). warps, nb, rs, splits: other variants of the kernel (sweeps). prof: int64 [>= Hkv S,
     PROFILE_SLOTS], each CTA's phase stamps in the Triton kernel's layout (scripts/profile_phases.py), from the
     PROFILE build."""
-    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb, rs, splits)._replace(profile=prof is not None)
+    spec = spec_of(qkv, k_cache, pos, n_head, window, warps, nb, rs, splits)._replace(profile=prof is not None,
+                                                                                    pdl=pdl)
     assert prof is None or (prof.shape[0] >= spec.HKV * spec.S and prof.shape[1] == PROFILE_SLOTS
                             and prof.dtype == torch.int64 and prof.is_contiguous())
     assert qkv.is_contiguous() and qkv.numel() == (n_head + 2 * spec.HKV) * spec.D and qkv.dtype == k_cache.dtype
@@ -535,36 +559,37 @@ def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Ten
     args.append(ctypes.c_void_p(prof.data_ptr() if prof is not None else 0))
     args += [ctypes.c_int(k_cache.shape[2]), ctypes.c_int(window or 0)]
     dev = qkv.device.index
-    cfg = nvrtc.launch_config((spec.HKV, spec.S), 32 * spec.warps, nvrtc.stream_of(qkv.device))
+    cfg = nvrtc.launch_config((spec.HKV, spec.S), 32 * spec.warps, nvrtc.stream_of(qkv.device), pdl)
     nvrtc.launch(_function(spec, dev), cfg, args, dev)
 
 
 @custom_op("teal::cuda_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _cuda_attention_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
-                       n_head: int, window: int) -> Tensor:
+                       n_head: int, window: int, pdl: bool = False) -> Tensor:
     out = qkv.new_empty(n_head * k_cache.shape[3])
-    launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out)
+    launch(qkv, rope, k_cache, v_cache, pos, counters, n_head, window or None, out, pdl=pdl)
     return out
 
 
 @_cuda_attention_op.register_fake
-def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window):
+def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window, pdl=False):
     return qkv.new_empty(n_head * k_cache.shape[3])
 
 
 @_cuda_attention_op.register_kernel("cpu")
-def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window):
+def _(qkv, rope, k_cache, v_cache, pos, counters, n_head, window, pdl=False):
     # the reference: a plan with nvrtc_attention set routes a model on the CPU through it (tests of the routing)
     return cuda_attention_ref(qkv, rope, k_cache, v_cache, pos, n_head, window or None)
 
 
 def cuda_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor,
-                   n_head: int, window: Optional[int]) -> Tensor:
+                   n_head: int, window: Optional[int], pdl: bool = False) -> Tensor:
     """One decode step of attention for batch 1: qkv [(H + 2 Hkv) D] (the q/k/v projection's output), rope [D/2, 2]
-    float32 at pos [1]; writes the new key and value into the caches' row 0 and returns [H D] in their dtype."""
+    float32 at pos [1]; writes the new key and value into the caches' row 0 and returns [H D] in their dtype. pdl:
+    launched under PDL, after a q/k/v launch that triggers it (cuda_gemv's Config.pdl 3 or 4)."""
     D = k_cache.shape[3]
     return _cuda_attention_op(qkv.reshape(-1), rope.reshape(D // 2, 2), k_cache, v_cache, pos, counters, n_head,
-                              window or 0)
+                              window or 0, pdl)
 
 
 def cuda_attention_ref(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_head: int,

@@ -45,7 +45,8 @@ HELPERS = r"""
 
 // what an earlier launch wrote: under PDL that launch may still run beside this one, which breaks the read-only
 // path's contract (ld.global.nc: unchanged while the kernel runs), so such loads go through L2
-#define ld_in(p) (PDL ? ld16cg(p) : ld16(p))
+#define PDL_WAIT (PDL == 1 || PDL == 2)  // launched under PDL (3, 4: plainly, only triggering the next launch)
+#define ld_in(p) (PDL_WAIT ? ld16cg(p) : ld16(p))
 """
 
 # one work item of the GEMV: a column tile over a K range, specialised by the #defines before it
@@ -77,7 +78,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #if SPARSE
     __shared__ short ks[KPER];      // kept rows, offsets within the range
 #endif
-#if PDL == 1
+#if PDL == 1 || PDL == 3
     // programmatic dependent launch: the next launch may be scheduled now; it waits for this one to finish before
     // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -120,7 +121,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
     }
 #endif
-#if PDL
+#if PDL_WAIT
     asm volatile("griddepcontrol.wait;" ::: "memory");  // inputs written by the previous launch: visible from here
 #endif
 #if GLU_IN
@@ -294,7 +295,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     #pragma unroll
     for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
     __syncthreads();
-#if PDL == 2
+#if PDL == 2 || PDL == 4
     // the late trigger: the next launch's CTAs take only the slots of CTAs whose rows are streamed
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -351,7 +352,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
         float o = rnd(s);
 #if RES
-        o = to_f(PDL ? __ldcg(res + col) : res[col]) + o;
+        o = to_f(PDL_WAIT ? __ldcg(res + col) : res[col]) + o;
 #endif
         y[col] = to_h(o);
     }
@@ -391,7 +392,9 @@ class Config(NamedTuple):
     cluster: int  # 1: K ranges summed through the cluster's shared memory (sm_90); 0: a counter
     # programmatic dependent launch (sm_90): scheduled during the previous launch, waits for its data; the next one
     # triggered at the start (1) or once the rows are streamed (2). Off: 1 loses 8-12% end to end on an H100, 2 gains
-    # 0.8% there at 50% and is not yet checked on whole models (docs/perf-notes.md, sessions 32-34, 39)
+    # 0.8% there at 50% and is not yet checked on whole models (docs/perf-notes.md, sessions 32-34, 39); 3 and 4:
+    # launched plainly, the next launch triggered at the start (3) or once the rows are streamed (4): for a consumer
+    # with work of its own before it needs this launch's output (the attention's cache reads: session 41)
     pdl: int = 0
 
 
@@ -530,7 +533,7 @@ def grid(spec: Spec) -> int:
 
 def launch_config(spec: Spec, stream: ctypes.c_void_p) -> nvrtc.LaunchConfig:
     """The driver's CUlaunchConfig of a launch: its grid, and the PDL attribute where spec's config asks for it."""
-    return nvrtc.launch_config((spec.N // spec.cols, spec.config.split), THREADS, stream, spec.config.pdl > 0)
+    return nvrtc.launch_config((spec.N // spec.cols, spec.config.split), THREADS, stream, spec.config.pdl in (1, 2))
 
 
 def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],

@@ -251,7 +251,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
               nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None,
-              nvrtc_attention: Optional[bool] = None) -> list:
+              nvrtc_attention: Optional[bool] = None, attention_pdl: int = 0) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -266,7 +266,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
                                nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8,
-                               nvrtc_attention=nvrtc_attention,
+                               nvrtc_attention=nvrtc_attention, attention_pdl=attention_pdl,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -312,7 +312,8 @@ def decode_path(plan, nvrtc_attention: bool) -> str:
         path = "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
     else:
         path = "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
-    return path + (", NVRTC attention" if plan.nvrtc_arch and nvrtc_attention else "")
+    return path + (", NVRTC attention" if plan.nvrtc_arch and nvrtc_attention else "") + (
+        f", attention PDL {plan.attention_pdl}" if plan.nvrtc_arch and nvrtc_attention and plan.attention_pdl else "")
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:
@@ -541,6 +542,8 @@ def main():
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
                    "NVRTC projections (default: with them)")
+    p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
+                   help="the NVRTC attention under PDL, q/k/v triggering it at its start (3) or after its rows (4)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -587,7 +590,8 @@ def main():
                                                       graph=a.graph, group=a.group,
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
                                                       nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8,
-                                                      nvrtc_attention=a.nvrtc_attention)]
+                                                      nvrtc_attention=a.nvrtc_attention,
+                                                      attention_pdl=a.attention_pdl)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

@@ -499,7 +499,8 @@ def check_cuda_attention(**variant) -> list:
 
 
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
-                quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: Optional[bool] = None) -> tuple:
+                quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: Optional[bool] = None,
+                attention_pdl: int = 0) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
     sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
     the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), and its attention on
@@ -527,7 +528,8 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
     # compiled decode with the Triton kernels, fed the reference tokens
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), sparsity=sparsity, nvrtc=nvrtc,
                                                    nvrtc_sparse=nvrtc,
-                                                   nvrtc_attention=nvrtc_attention if nvrtc else False),
+                                                   nvrtc_attention=nvrtc_attention if nvrtc else False,
+                                                   attention_pdl=attention_pdl if nvrtc else 0),
                                        sparse_decode=sparse))
     gen = Generator(model, compile=True)
     free_tokens, _ = gen.generate(prompt, steps)
@@ -603,6 +605,8 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json (default: none written)")
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
     p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
+    p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
+                   help="the NVRTC rows with the attention under PDL (q/k/v triggering it: 3 at its start, 4 later)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="the NVRTC rows of the model checks with attention on kernels/cuda_attention.py (default: as "
                    "the plan decides, on)")
@@ -644,7 +648,8 @@ def main():
         torch._dynamo.reset()
         errs, same, measured, model, gen, prompt, margin = check_model(a.layers, level, dtype, sparse=sparse,
                                                                        quant=quant, nvrtc=cuda,
-                                                                       nvrtc_attention=a.nvrtc_attention)
+                                                                       nvrtc_attention=a.nvrtc_attention,
+                                                                       attention_pdl=a.attention_pdl)
         worst = max(errs)
         print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''}"
               f"{' + NVRTC attention' if cuda and a.nvrtc_attention is not False else ''} at {level} "

@@ -129,7 +129,7 @@ def test_kernel_source_specialises():
     # the phase stamps only where asked (scripts/profile_phases.py --nvrtc), in kernels/common.py's slot layout
     assert "#define PROFILE 0\n" in src and "#if 0\n    long long* rec = prof + PROF_SLOTS" in src
     late = cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, 2)))  # trigger after the stream
-    assert "#define PDL 2\n" in late and "#if PDL == 2\n    // the late trigger" in late
+    assert "#define PDL 2\n" in late and "#if PDL == 2 || PDL == 4\n    // the late trigger" in late
     profiled = cuda_gemv.kernel_source(spec._replace(profile=True))
     assert "#define PROFILE 1\n" in profiled and "#if 1\n    long long* rec = prof + PROF_SLOTS" in profiled
     assert f"#define PROF_SLOTS {PROFILE_SLOTS}\n" in profiled
@@ -175,7 +175,7 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
             for sparse, t32, int8 in ((False, False, False), (True, True, False), (True, False, False),
                                       (False, False, True), (True, True, True)):
                 cfg = cuda_gemv.default_config(K, sizes, 132, 9, int8)
-                for c in {cfg, cfg._replace(cluster=0), cfg._replace(pdl=1), cfg._replace(pdl=2)}:
+                for c in {cfg, cfg._replace(cluster=0), *(cfg._replace(pdl=p) for p in (1, 2, 3, 4))}:
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
@@ -196,3 +196,7 @@ def test_launch_config_matches_the_driver_layout():
     assert cfg.attrs.contents.id == nvrtc.PROGRAMMATIC_STREAM_SERIALIZATION and cfg.attrs.contents.value[0] == 1
     assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0)), None).n_attrs == 0
     assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, 2)), None).n_attrs == 1  # late
+    for trigger in (3, 4):  # launched plainly, only triggering the next launch
+        assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, trigger)), None).n_attrs == 0
+        source = cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, trigger)))
+        assert "#define PDL_WAIT (PDL == 1 || PDL == 2)" in source and f"#define PDL {trigger}\n" in source

@@ -241,6 +241,27 @@ def test_nvrtc_attention_route_matches_reference_decode(window, monkeypatch):
     assert len(calls) == 2 * len(model.layers) * steps.shape[1]
 
 
+def test_attention_pdl_route(monkeypatch):
+    """plan.attention_pdl: the q/k/v launch before the NVRTC attention triggers it (its config's pdl 3 or 4) and the
+    attention is launched under PDL; o, gate/up and down keep their configs; the logits are the reference's."""
+    args = ModelArgs(dim=128, n_layer=2, n_head=2, n_kv_head=1, intermediate_size=192, vocab_size=101, max_seq_len=64)
+    ref_model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)
+    gemv_pdl, att_pdl = [], []
+    gemv, attend = cuda_gemv.cuda_gemv, cuda_attention.cuda_attention
+    monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: gemv_pdl.append(a[5].pdl) or gemv(*a, **k))
+    monkeypatch.setattr(cuda_attention, "cuda_attention", lambda *a, **k: att_pdl.append(k["pdl"]) or attend(*a, **k))
+    for trigger in (3, 4):
+        model.set_plan(dataclasses.replace(decode_plan(torch.device("cpu"), kernels=True), nvrtc_arch=90,
+                                           nvrtc_attention=True, attention_pdl=trigger))
+        gemv_pdl.clear(), att_pdl.clear()
+        prompt, steps = torch.randint(0, 101, (1, 8)), torch.randint(0, 101, (1, 2))
+        for ref, out in decode_both(ref_model, model, prompt, steps, 64, sparse_from=None):
+            assert rel_err(out, ref) < 1e-2
+        assert gemv_pdl == [trigger, 0, 0, 0] * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
+        assert att_pdl == [True] * len(model.layers) * steps.shape[1]
+
+
 @pytest.mark.parametrize("n_kv_head, window, nvrtc", [(1, None, False), (1, 1024, True), (2, None, True)])
 def test_nvrtc_attention_where_preferred(n_kv_head, window, nvrtc, monkeypatch):
     """With plan.nvrtc_attention, a GQA model attending over more than 2,048 positions (a cache that long, no
