@@ -461,6 +461,14 @@ class Attention(nn.Module):
         return plan.nvrtc_attention and cuda_attention.preferred(self.n_head, self.n_kv_head, self.head_dim,
                                                                  min(T, self.window or T))
 
+    def attention_trigger(self, plan: DecodePlan) -> int:
+        """The q/k/v launch's PDL trigger (cuda_gemv Config.pdl 3 or 4) before an NVRTC attention launched under PDL,
+        which reads its first cached positions while q/k/v streams; 0: both launched plainly. Only after a q/k/v
+        launch without global partials (memory it frees could be the attention's before that has finished)."""
+        cfg = self.wqkv.cuda_config
+        eligible = cfg is not None and (cfg.cluster or cfg.split == 1) and self.takes_nvrtc_attention(plan)
+        return plan.attention_pdl if eligible else 0
+
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,
                 input_pos: Tensor, sparse: bool, active: Optional[Tensor], plan: DecodePlan) -> tuple:
         """x [B, S, dim] the residual stream (normalised by `norm` inside the q/k/v projection; ss: its sums
@@ -470,13 +478,9 @@ class Attention(nn.Module):
         c = self.kv_cache
         if c is not None and plan.attention(B, S, active):  # one-token steps: kernels/decode_attention.py
             if self.wqkv.on_cuda(plan, B * S, sparse, active, x):
-                nv = self.takes_nvrtc_attention(plan)
-                # PDL: the attention reads its first cached positions while q/k/v streams; only after a q/k/v launch
-                # without global partials (memory it frees could be the attention's before it has finished)
-                cfg = self.wqkv.cuda_config
-                pdl = plan.attention_pdl if nv and (cfg.cluster or cfg.split == 1) else 0
+                pdl = self.attention_trigger(plan)
                 qkv = self.wqkv.cuda(x, sparse, plan, norm=norm, trigger=pdl).view(B, -1)
-                if nv:
+                if self.takes_nvrtc_attention(plan):
                     y = cuda_attention.cuda_attention(qkv, rope, c.k, c.v, input_pos, c.counters, H, self.window,
                                                       pdl=pdl > 0)
                     return self.wo(y.view(B, S, H * D), sparse, active, residual=x, plan=plan)

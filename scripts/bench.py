@@ -251,7 +251,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
               nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None,
-              nvrtc_attention: Optional[bool] = None, attention_pdl: int = 0) -> list:
+              nvrtc_attention: Optional[bool] = None, attention_pdl: Optional[int] = None) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -273,7 +273,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True, graph=graph)
     gen.setup(1, prompt_len + new_tokens)
-    records = []
+    records, attention = [], model.layers[0].attention
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
         set_sparsity(model, None, s)  # the plan generate.py decodes level s with
@@ -290,7 +290,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": decode_path(model.plan, model.layers[0].attention.takes_nvrtc_attention(model.plan)),
+               "decode_path": decode_path(model.plan, attention.takes_nvrtc_attention(model.plan),
+                                          attention.attention_trigger(model.plan)),
                "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled",
                "torch": torch.__version__}
         if tp is not None:
@@ -305,15 +306,15 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def decode_path(plan, nvrtc_attention: bool) -> str:
+def decode_path(plan, nvrtc_attention: bool, trigger: int = 0) -> str:
     """What a record's decode step ran its projections on (nvrtc_attention: its attention took
-    kernels/cuda_attention.py, Attention.takes_nvrtc_attention)."""
+    kernels/cuda_attention.py, Attention.takes_nvrtc_attention; trigger: under PDL, Attention.attention_trigger)."""
     if plan.sparse_decode:
         path = "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
     else:
         path = "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
-    return path + (", NVRTC attention" if plan.nvrtc_arch and nvrtc_attention else "") + (
-        f", attention PDL {plan.attention_pdl}" if plan.nvrtc_arch and nvrtc_attention and plan.attention_pdl else "")
+    attention = plan.nvrtc_arch and nvrtc_attention
+    return path + (", NVRTC attention" if attention else "") + (f" (PDL {trigger})" if attention and trigger else "")
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:
@@ -542,8 +543,9 @@ def main():
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
                    "NVRTC projections (default: with them)")
-    p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
-                   help="the NVRTC attention under PDL, q/k/v triggering it at its start (3) or after its rows (4)")
+    p.add_argument("--attention-pdl", type=int, default=None, choices=(0, 3, 4),
+                   help="the NVRTC attention under PDL, q/k/v triggering it at its start (3) or after its rows (4); 0: "
+                   "launched plainly (default: 3 with the NVRTC attention)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")

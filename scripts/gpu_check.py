@@ -500,7 +500,7 @@ def check_cuda_attention(**variant) -> list:
 
 def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 32, sparse: bool = True,
                 quant: Optional[str] = None, nvrtc: bool = False, nvrtc_attention: Optional[bool] = None,
-                attention_pdl: int = 0) -> tuple:
+                attention_pdl: Optional[int] = None) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
     sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
     the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), and its attention on
@@ -605,8 +605,9 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="directory for gpu_check.json (default: none written)")
     p.add_argument("--kernels-only", action="store_true", help="skip the compiled-model checks (2 and 3)")
     p.add_argument("--models-only", action="store_true", help="skip the kernel cases (1)")
-    p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
-                   help="the NVRTC rows with the attention under PDL (q/k/v triggering it: 3 at its start, 4 later)")
+    p.add_argument("--attention-pdl", type=int, default=None, choices=(0, 3, 4),
+                   help="the NVRTC rows with the attention under PDL (q/k/v triggering it: 3 at its start, 4 later; 0 "
+                   "off; default: as the plan decides, 3)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="the NVRTC rows of the model checks with attention on kernels/cuda_attention.py (default: as "
                    "the plan decides, on)")

@@ -209,3 +209,5 @@ def test_decode_path_names_what_the_step_runs():
     assert bench.decode_path(nvrtc, False) == "NVRTC kernels"  # e.g. GQA over more than 2,048 positions
     assert bench.decode_path(replace(nvrtc, nvrtc_arch=0), True) == "sparse kernels"  # (tensor parallel)
     assert bench.decode_path(replace(nvrtc, sparse_decode=False), True) == "dense (NVRTC projections), NVRTC attention"
+    assert bench.decode_path(nvrtc, True, 3) == "NVRTC kernels, NVRTC attention (PDL 3)"
+    assert bench.decode_path(nvrtc, False, 0) == "NVRTC kernels"

@@ -260,6 +260,9 @@ def test_attention_pdl_route(monkeypatch):
             assert rel_err(out, ref) < 1e-2
         assert gemv_pdl == [trigger, 0, 0, 0] * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
         assert att_pdl == [True] * len(model.layers) * steps.shape[1]
+        assert all(layer.attention.attention_trigger(model.plan) == trigger for layer in model.layers)
+    model.set_plan(dataclasses.replace(model.plan, attention_pdl=0))  # (bench.py's records name the trigger)
+    assert model.layers[0].attention.attention_trigger(model.plan) == 0
 
 
 @pytest.mark.parametrize("n_kv_head, window, nvrtc", [(1, None, False), (1, 1024, True), (2, None, True)])

@@ -174,9 +174,13 @@ def test_nvrtc_attention_follows_the_nvrtc_route(monkeypatch):
     assert not decode_plan(gpu, n_sm=132, nvrtc=False).nvrtc_attention
     with pytest.raises(UserError, match="NVRTC attention"):
         decode_plan(gpu, n_sm=132, nvrtc=False, nvrtc_attention=True)
-    assert decode_plan(gpu, n_sm=132, attention_pdl=3).attention_pdl == 3
+    # the attention under PDL (q/k/v triggering it at its start) comes with it; 4 or 0 where told
+    assert decode_plan(gpu, n_sm=132).attention_pdl == 3
+    assert decode_plan(gpu, n_sm=132, attention_pdl=4).attention_pdl == 4
+    assert decode_plan(gpu, n_sm=132, attention_pdl=0).attention_pdl == 0
+    assert decode_plan(gpu, n_sm=132, nvrtc_attention=False).attention_pdl == 0
     for bad in (dict(attention_pdl=3, nvrtc_attention=False), dict(attention_pdl=1)):
         with pytest.raises(UserError, match="--attention-pdl"):
             decode_plan(gpu, n_sm=132, **bad)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # no NVRTC route by default
-    assert not decode_plan(gpu, n_sm=132).nvrtc_attention
+    assert not decode_plan(gpu, n_sm=132).nvrtc_attention and decode_plan(gpu, n_sm=132).attention_pdl == 0
