@@ -489,8 +489,14 @@ class Spec(NamedTuple):
     pdl: bool = False  # launched under PDL after a q/k/v launch that triggers it: the first cache loads before the wait
 
 
+def many_queries(G: int) -> bool:
+    """Four or more queries per KV head: CTAs of 8 warps, each with 8 positions in flight (else WARPS and 16; the
+    sweeps of docs/perf-notes.md, session 41)."""
+    return G >= 4
+
+
 def positions_in_flight(spec: Spec) -> int:
-    return spec.nb or (8 if spec.G >= 4 else 16)
+    return spec.nb or (8 if many_queries(spec.G) else 16)
 
 
 def reduce_scatter(spec: Spec) -> bool:
@@ -536,7 +542,7 @@ def spec_of(qkv: Tensor, k_cache: Tensor, pos: Tensor, n_head: int, window: Opti
     _, Hkv, T, D = k_cache.shape
     G = n_head // Hkv
     return Spec(D, G, Hkv, splits or decode_attention.n_splits(T, window), k_cache.dtype == torch.float16,
-                pos.dtype == torch.int64, warps or (8 if G >= 4 else WARPS), nb, rs)
+                pos.dtype == torch.int64, warps or (8 if many_queries(G) else WARPS), nb, rs)
 
 
 def launch(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, counters: Tensor, n_head: int,
