@@ -74,14 +74,14 @@ def test_every_variant_of_a_model_builds_for_sm90(name):
                 spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head,
                                            decode_attention.n_splits(T, None), fp16, pos64)
                 assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+    G = a.n_head // a.n_kv_head
+    for S in (6, 16):  # launched under PDL after a triggering q/k/v launch (cluster, counter)
+        spec = cuda_attention.Spec(a.head_dim, G, a.n_kv_head, S, False, True, pdl=True)
+        assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
     for warps, nb, rs, S, prof in ((8, 0, True, 6, False), (4, 4, True, 6, False), (4, 0, False, 6, False),
                                    (8, 0, True, 32, False), (4, 0, True, 6, True), (8, 0, True, 16, True)):
-        for pdl in (False, True):  # launched under PDL after a triggering q/k/v launch (cluster and counter)
-            spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, S, False, True, pdl=pdl)
-            assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
         # the variants sweeps time, and the profiled builds scripts/profile_phases.py --nvrtc runs (cluster, counter)
-        spec = cuda_attention.Spec(a.head_dim, a.n_head // a.n_kv_head, a.n_kv_head, S, False, True, warps, nb, rs,
-                                   prof)
+        spec = cuda_attention.Spec(a.head_dim, G, a.n_kv_head, S, False, True, warps, nb, rs, prof)
         assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
 
 
