@@ -261,8 +261,14 @@ def test_attention_pdl_route(monkeypatch):
         assert gemv_pdl == [trigger, 0, 0, 0] * len(model.layers) * steps.shape[1]  # q/k/v, o, gate/up, down
         assert att_pdl == [True] * len(model.layers) * steps.shape[1]
         assert all(layer.attention.attention_trigger(model.plan) == trigger for layer in model.layers)
+    attention = model.layers[0].attention
+    # a q/k/v launch with a counter tail frees its partials when it returns: the pair is then launched plainly
+    attention.wqkv.cuda_config = attention.wqkv.cuda_config._replace(cluster=0, split=4)
+    assert attention.attention_trigger(model.plan) == 0
+    attention.wqkv.cuda_config = attention.wqkv.cuda_config._replace(split=1)  # (no partials)
+    assert attention.attention_trigger(model.plan) == 4
     model.set_plan(dataclasses.replace(model.plan, attention_pdl=0))  # (bench.py's records name the trigger)
-    assert model.layers[0].attention.attention_trigger(model.plan) == 0
+    assert attention.attention_trigger(model.plan) == 0
 
 
 @pytest.mark.parametrize("n_kv_head, window, nvrtc", [(1, None, False), (1, 1024, True), (2, None, True)])
