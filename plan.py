@@ -26,7 +26,10 @@ instead of keeping flags of its own:
   or for int8 on sm_90 the NVRTC one);
 - `nvrtc_attention`: one-token attention after an NVRTC q/k/v runs kernels/cuda_attention.py (on with the NVRTC
   projections by default; the model takes it where `cuda_attention.preferred` says it beats the Triton kernel:
-  +1% end to end at 50% for GQA models, +1.7% / +4.6% for Llama-2-7B bf16 / int8 on an H100, session 41).
+  +1% end to end at 50% for GQA models, +1.7% / +4.6% for Llama-2-7B bf16 / int8 on an H100, session 41);
+- `attention_pdl`: that attention launched under PDL, the q/k/v launch triggering it (3, the default with it: at
+  q/k/v's start; 4: once q/k/v's rows are streamed; `Attention.attention_trigger` applies it where q/k/v's tail
+  leaves no global partials): +0.2–0.9% end to end on an H100, session 42.
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """
@@ -117,7 +120,8 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
     insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc),
     nvrtc_attention (one-token attention on kernels/cuda_attention.py after q/k/v on the NVRTC kernel; default:
-    with the NVRTC projections; True insists).
+    with the NVRTC projections; True insists), attention_pdl (that attention under PDL: 3 by default with it, 4, or
+    0 for plain launches).
     kernels=True takes the kernels on a CPU
     too: in Triton's CPU interpreter (tests), or, with `n_sm`, to build a GPU's launches without running them
     (scripts/sm90.py). Transformer.set_plan fits the plan to the model's weights and heads."""

@@ -273,7 +273,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     captured = capture_inputs(model, prompt)
     gen = Generator(model, compile=True, graph=graph)
     gen.setup(1, prompt_len + new_tokens)
-    records, attention = [], model.layers[0].attention
+    records, first = [], model.layers[0].attention  # (what its steps run: the record's decode path)
     for s in sparsities:
         set_uniform_thresholds(model, captured, s)
         set_sparsity(model, None, s)  # the plan generate.py decodes level s with
@@ -290,8 +290,8 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": decode_path(model.plan, attention.takes_nvrtc_attention(model.plan),
-                                          attention.attention_trigger(model.plan)),
+               "decode_path": decode_path(model.plan, first.takes_nvrtc_attention(model.plan),
+                                          first.attention_trigger(model.plan)),
                "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled",
                "torch": torch.__version__}
         if tp is not None:
