@@ -44,6 +44,7 @@ from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
 from kernels.formats import INT4, INT8, quant_format
 from plan import decode_plan
+from scripts.bench import decode_path
 from quantization import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
@@ -652,9 +653,10 @@ def main():
                                                                        nvrtc_attention=a.nvrtc_attention,
                                                                        attention_pdl=a.attention_pdl)
         worst = max(errs)
-        print(f"model {dtype}{f' {quant} weights' if quant else ''}{' NVRTC' if cuda else ''}"
-              f"{' + NVRTC attention' if cuda and a.nvrtc_attention is not False else ''} at {level} "
-              f"({'sparse kernels' if sparse else 'dense path'}): compiled (and CUDA-graph) vs eager decode: "
+        first = model.layers[0].attention
+        path = decode_path(model.plan, first.takes_nvrtc_attention(model.plan), first.attention_trigger(model.plan))
+        print(f"model {dtype}{f' {quant} weights' if quant else ''} at {level} ({path}): "
+              f"compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
               f"worst logits rel err {worst:.2e}; measured sparsity {measured:.3f}"
               + ("" if margin is None else f"; thresholds moved into gaps, smallest margin {margin:.1e}")
