@@ -455,11 +455,9 @@ class Attention(nn.Module):
         self.window = a.sliding_window
 
     def takes_nvrtc_attention(self, plan: DecodePlan) -> bool:
-        """Whether its one-token steps after an NVRTC q/k/v run kernels/cuda_attention.py: plan.nvrtc_attention, where
-        that kernel beats the Triton one for these heads over the positions a step may attend (cache or window)."""
-        T = self.kv_cache.k.shape[2]
-        return plan.nvrtc_attention and cuda_attention.preferred(self.n_head, self.n_kv_head, self.head_dim,
-                                                                 min(T, self.window or T))
+        """Whether its one-token steps after an NVRTC q/k/v run kernels/cuda_attention.py: plan.nvrtc_attention, for
+        heads that kernel takes (at every measured span it is the shorter launch: docs/perf-notes.md, session 43)."""
+        return plan.nvrtc_attention and cuda_attention.supported(self.n_head, self.n_kv_head, self.head_dim)
 
     def attention_trigger(self, plan: DecodePlan) -> int:
         """The q/k/v launch's PDL trigger (cuda_gemv Config.pdl 3 or 4) before an NVRTC attention launched under PDL,

@@ -445,12 +445,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR attn(
         const int e = r * THREADS + tid, g = e / D, d = e % D;
         if (e < G * D) {
             float mx = NEG_INF, L = 0.f, A = 0.f;
-            for (int j = 0; j <= last; j++) mx = fmaxf(mx, __ldcg(wh + (j * G + g) * (D + 2) + D));
-            for (int j = 0; j <= last; j++) {  // split order: no dependence on arrival
+            // every split's partials loaded at once (S known at compile time): one L2 round trip, where a loop to
+            // `last` (a runtime bound, unrolled by four) waited on one every four splits, twice
+            float pm[S], pl[S], pa[S];
+            #pragma unroll
+            for (int j = 0; j < S; j++) {
                 const float* p = wh + (j * G + g) * (D + 2);
-                const float f = exp2f(__ldcg(p + D) - mx);
-                L += f * __ldcg(p + D + 1);
-                A += f * __ldcg(p + d);
+                pm[j] = j <= last ? __ldcg(p + D) : NEG_INF;
+                pl[j] = j <= last ? __ldcg(p + D + 1) : 0.f;
+                pa[j] = j <= last ? __ldcg(p + d) : 0.f;
+            }
+            #pragma unroll
+            for (int j = 0; j < S; j++) mx = fmaxf(mx, pm[j]);
+            #pragma unroll
+            for (int j = 0; j < S; j++) {  // split order: no dependence on arrival (splits past `last` add 0)
+                const float f = j <= last ? exp2f(pm[j] - mx) : 0.f;
+                L += f * pl[j];
+                A += f * pa[j];
             }
             y[hk * G * D + e] = to_h(A / L);
         }
@@ -507,13 +518,6 @@ def reduce_scatter(spec: Spec) -> bool:
 def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
     """Shapes the kernel takes: head dim 64 or 128, at most 512 query values per KV head (shared memory)."""
     return head_dim in (64, 128) and n_head % n_kv_head == 0 and n_head // n_kv_head * head_dim <= 512
-
-
-def preferred(n_head: int, n_kv_head: int, head_dim: int, span: int) -> bool:
-    """Where the model takes this kernel over the Triton one (plan.nvrtc_attention): shapes it supports, except
-    GQA over spans (the cache, or the window if shorter) of more than 2,048 positions, where Triton's launch measured
-    shorter (docs/perf-notes.md, session 41)."""
-    return supported(n_head, n_kv_head, head_dim) and (n_head == n_kv_head or span <= 2048)
 
 
 def cluster(spec: Spec) -> bool:

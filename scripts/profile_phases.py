@@ -18,7 +18,7 @@ gate/up's outputs); its phases: prologue (inputs, norm, thresholds, scan: the ke
 groups and K ranges summed, result written), and the share of the spread of its CTAs' stream times that their SM,
 or their column tile (the addresses they read), explains.
 `--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path. The
-attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.preferred), unless
+attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.supported), unless
 `--no-nvrtc-attention`.
 
 Each stamp (%globaltimer and %clock64 through inline assembly) waits on the value it marks, so work cannot move
@@ -115,7 +115,7 @@ def main():
     Wg, Wd = [rnd(dim, 2 * inter) for _ in range(L)], [rnd(inter, dim) for _ in range(L)]
     g1, g2 = torch.ones(dim, device=dev, dtype=dt), torch.ones(dim, device=dev, dtype=dt)
     T = a.context
-    cuda_att = a.nvrtc and (cuda_attention.preferred(H, Hkv, D, T) if a.nvrtc_attention is None else a.nvrtc_attention)
+    cuda_att = a.nvrtc and (cuda_attention.supported(H, Hkv, D) if a.nvrtc_attention is None else a.nvrtc_attention)
     if cuda_att and not cuda_attention.supported(H, Hkv, D):
         raise UserError(f"kernels/cuda_attention.py does not take {a.model}'s heads")
     caches = [tuple(torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2)) for _ in range(L)]

@@ -28,10 +28,11 @@ def test_supported_shapes_and_meeting():
     assert not rs(spec._replace(G=3))
 
 
-def test_preferred_over_triton():
-    """The model takes the kernel for MHA at any span and GQA up to 2,048 positions (docs/perf-notes.md, session 41)."""
-    assert cuda_attention.preferred(32, 32, 128, 8192) and cuda_attention.preferred(32, 8, 128, 2048)
-    assert not cuda_attention.preferred(32, 8, 128, 2049) and not cuda_attention.preferred(64, 8, 128, 128)
+def test_supported_heads():
+    """Head dims 64 and 128, at most 512 query values per KV head (the group's queries in shared memory)."""
+    assert cuda_attention.supported(32, 32, 128) and cuda_attention.supported(32, 8, 128)
+    assert cuda_attention.supported(32, 4, 64) and not cuda_attention.supported(64, 8, 128)
+    assert not cuda_attention.supported(32, 8, 96) and not cuda_attention.supported(30, 8, 128)
 
 
 def test_spec_follows_the_triton_kernels_programs():

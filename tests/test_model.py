@@ -271,12 +271,12 @@ def test_attention_pdl_route(monkeypatch):
     assert attention.attention_trigger(model.plan) == 0
 
 
-@pytest.mark.parametrize("n_kv_head, window, nvrtc", [(1, None, False), (1, 1024, True), (2, None, True)])
-def test_nvrtc_attention_where_preferred(n_kv_head, window, nvrtc, monkeypatch):
-    """With plan.nvrtc_attention, a GQA model attending over more than 2,048 positions (a cache that long, no
-    shorter window) keeps the Triton kernel's op (cuda_attention.preferred); with a window within 2,048, or MHA, it
-    takes kernels/cuda_attention.py."""
-    args = ModelArgs(dim=128, n_layer=1, n_head=2, n_kv_head=n_kv_head, intermediate_size=192, vocab_size=101,
+@pytest.mark.parametrize("dim, n_head, n_kv_head, window, nvrtc", [(128, 2, 1, None, True), (128, 2, 1, 1024, True),
+                                                                   (128, 2, 2, None, True), (64, 2, 1, None, False)])
+def test_nvrtc_attention_where_supported(dim, n_head, n_kv_head, window, nvrtc, monkeypatch):
+    """With plan.nvrtc_attention, a model takes kernels/cuda_attention.py for every head shape it supports, GQA over
+    a cache of more than 2,048 positions included; heads of 32 dimensions keep the Triton kernel's op."""
+    args = ModelArgs(dim=dim, n_layer=1, n_head=n_head, n_kv_head=n_kv_head, intermediate_size=192, vocab_size=101,
                      max_seq_len=4096, sliding_window=window)
     model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cpu"), kernels=True), nvrtc_arch=90,
