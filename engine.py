@@ -286,6 +286,13 @@ def bytes_per_token(args: ModelArgs, stats: dict, elem: int = 2, fmt: QuantForma
     return total
 
 
+def cache_bytes_per_token(args: ModelArgs, positions: float, elem: int = 2) -> float:
+    """KV-cache bytes one decode step reads when it attends over `positions` cached positions (the sliding window's
+    at most): every layer's keys and values of every KV head."""
+    span = min(positions, args.sliding_window or positions)
+    return 2 * args.n_layer * args.n_kv_head * args.head_dim * elem * span
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9

@@ -8,8 +8,9 @@
 1. read bandwidth: a Triton streaming reduction over 4 GiB; every roofline below uses this number;
 2. kernels: every projection of each model at sparsity 0 ... 0.9, replayed in a CUDA graph over >= 4 weight
    copies, 4x the L2 together (L2 cannot serve repeats), against torch.matmul and the (1-s) roofline line;
-3. end to end: a 128-token random prompt, 256 greedy decode tokens, compiled with CUDA graphs; thresholds
-   set in-process from the prompt's activations; median of 3 timed runs after a warm-up; measured sparsity.
+3. end to end: a 128-token random prompt (`--prompt-len`: a longer one, decode at long context), 256 greedy decode
+   tokens, compiled with CUDA graphs; thresholds set in-process from the activations of the prompt's first 128
+   tokens; median of 3 timed runs after a warm-up; measured sparsity.
    Sparsity 0 decodes the way generate.py does at 0: dense, projections through cuBLAS.
 Writes <out>/<gpu>.md, <gpu>.json (end-to-end records), <gpu>-kernels.json and PNG plots.
 """
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from cli import HelpFormatter, add_quant_arg, run_cli, sparsity_list
-from engine import Generator, bytes_per_token, set_sparsity
+from engine import Generator, bytes_per_token, cache_bytes_per_token, set_sparsity
 from plan import decode_plan
 from errors import UserError
 from kernels import configs, cuda_attention, decode_attention, reference, sparse_gemv, sparse_mlp
@@ -270,7 +271,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
-    captured = capture_inputs(model, prompt)
+    captured = capture_inputs(model, prompt[:, :128])  # thresholds of the same tokens at every prompt length
     gen = Generator(model, compile=True, graph=graph)
     gen.setup(1, prompt_len + new_tokens)
     records, first = [], model.layers[0].attention  # (what its steps run: the record's decode path)
@@ -292,7 +293,9 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
                "decode_path": decode_path(model.plan, first.takes_nvrtc_attention(model.plan),
                                           first.attention_trigger(model.plan)),
-               "read_gb_s": round(bw / 1e9, 1), "step": "graph" if graph and model.plan.sparse_decode else "compiled",
+               "read_gb_s": round(bw / 1e9, 1), "prompt_len": prompt_len,
+               "cache_bytes_per_token": int(cache_bytes_per_token(args, prompt_len + (new_tokens + 1) / 2)),
+               "step": "graph" if graph and model.plan.sparse_decode else "compiled",
                "torch": torch.__version__}
         if tp is not None:
             rec["all_reduce_us"] = round(all_reduce_us(tp, args.dim), 2)
@@ -335,8 +338,9 @@ def gpu_slug(gpu: str) -> str:
 
 
 def e2e_key(r: dict) -> tuple:
-    """What an end-to-end rerun replaces: the records of one model with one weight quantization on as many GPUs."""
-    return r["model"], r.get("quant", "none"), r.get("tp", 1)
+    """What an end-to-end rerun replaces: the records of one model with one weight quantization on as many GPUs
+    after a prompt as long."""
+    return r["model"], r.get("quant", "none"), r.get("tp", 1), r.get("prompt_len", 128)
 
 
 def kernel_key(r: dict) -> str:
@@ -367,7 +371,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
     slug = gpu_slug(gpu)
     # merged runs: one order whatever ran last
     e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r.get("quant", "none"),
-                                     r.get("tp", 1), r["sparsity"]))
+                                     r.get("tp", 1), r.get("prompt_len", 128), r["sparsity"]))
     kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
     attention = sorted(attention, key=lambda r: r["model"])
     if e2e:
@@ -388,16 +392,17 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
     lines += anchor_lines(out, slug)
     if e2e:
-        lines += ["## End to end (batch 1, bf16, 128-token prompt, 256 decode tokens, median of 3)", "",
-                  "| model | weights | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | "
-                  "q k v o gate up down |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["## End to end (batch 1, bf16, a random prompt, 256 decode tokens, median of 3)", "",
+                  "| model | weights | prompt | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | "
+                  "q k v o gate up down |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
             pp = " ".join(f"{r.get('per_projection', {}).get(p, 0):.2f}" for p in ("q", "k", "v", "o", "gate", "up", "down"))
             fixed = fixed_us_per_layer(r)
             weights = ("bf16" if r.get("quant", "none") == "none" else r["quant"]) + (
                 " · NVRTC" if "NVRTC" in r.get("decode_path", "") else "")
             model = r["model"] + (f" (TP {r['tp']}, all-reduce {r['all_reduce_us']:.1f} µs)" if r.get("tp", 1) > 1 else "")
-            lines.append(f"| {model} | {weights} | {r['sparsity']:.2f} | {r['measured_sparsity']:.3f} | "
+            lines.append(f"| {model} | {weights} | {r.get('prompt_len', 128)} | {r['sparsity']:.2f} | "
+                         f"{r['measured_sparsity']:.3f} | "
                          f"{r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
                          f"{'–' if fixed is None else f'{fixed:.1f}'} | {pp} |")
@@ -409,6 +414,9 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
                   "Fixed µs/layer: the part of a token's time that its weight bytes at the read bandwidth do not "
                   "explain, per layer (launch boundaries, each kernel's dependent loads before it streams, split-K "
                   "tails, attention, the LM head's own excess); docs/perf-notes.md measures it per layer of launches. "
+                  "It counts the KV cache's read too (`cache_bytes_per_token` in the JSON, at the mean decode "
+                  "position): small after a 128-token prompt, most of the difference after a long one, whose "
+                  "thresholds come from the same first 128 tokens. "
                   "TP N: tensor parallel over N GPUs (`torchrun`), roofline and fixed part against N GPUs' bandwidth; "
                   "all-reduce: one [1, dim] all-reduce in a CUDA graph (a layer makes two).",
                   ""]
@@ -470,9 +478,9 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
         return
     if e2e:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["model"], r.get("quant", "none")) for r in e2e):
-            rs = [r for r in e2e if (r["model"], r.get("quant", "none")) == key]
-            m = key[0] if key[1] == "none" else f"{key[0]} {key[1]}"
+        for key in dict.fromkeys((r["model"], r.get("quant", "none"), r.get("prompt_len", 128)) for r in e2e):
+            rs = [r for r in e2e if (r["model"], r.get("quant", "none"), r.get("prompt_len", 128)) == key]
+            m = (key[0] if key[1] == "none" else f"{key[0]} {key[1]}") + ("" if key[2] == 128 else f" ({key[2]}-token prompt)")
             line, = ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
             ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
                     color=line.get_color(),
@@ -546,6 +554,9 @@ def main():
     p.add_argument("--attention-pdl", type=int, default=None, choices=(0, 3, 4),
                    help="the NVRTC attention under PDL, q/k/v triggering it at its start (3) or after its rows (4); 0: "
                    "launched plainly (default: 3 with the NVRTC attention)")
+    p.add_argument("--prompt-len", type=int, default=128,
+                   help="end to end: tokens of the random prompt before the 256 decoded (a long one: decode at long "
+                   "context; its rows sit beside the 128-token ones)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),
                    help="int4 and awq: inputs per scale group (awq runs int4's kernels on the same bytes: random "
                    "weights rounded to nearest stand for it)")
@@ -559,6 +570,10 @@ def main():
     models = [m for m in a.models.split(",") if m]
     model_args = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
     levels = sparsity_list(a.sparsities, "--sparsities")
+    for m, margs in model_args.items():
+        if not 1 <= a.prompt_len <= margs.max_seq_len - 256:
+            raise UserError(f"--prompt-len must be in [1, {margs.max_seq_len - 256}] for {m} (256 tokens are decoded "
+                            f"after it within its {margs.max_seq_len} positions)")
     if a.group != 128 and a.quant not in ("int4", "awq"):
         raise UserError("--group applies to --quant int4 or awq")
     if not torch.cuda.is_available():
@@ -572,8 +587,8 @@ def main():
     cmd = (f"torchrun --nproc-per-node {tp.world} " if tp else "python ") + "scripts/bench.py " + " ".join(sys.argv[1:])
     if a.merge:  # other models' records, and this run's models' records of the parts it skips
         rerun_k = set() if a.skip_kernels else set(models)
-        rerun_e = set() if a.skip_e2e else {(m, quant_label(a.quant, a.group) or "none", tp.world if tp else 1)
-                                                    for m in models}
+        rerun_e = set() if a.skip_e2e else {(m, quant_label(a.quant, a.group) or "none", tp.world if tp else 1,
+                                             a.prompt_len) for m in models}
         kernels = previous_records(a.out, gpu, "-kernels", rerun_k)
         attention = previous_records(a.out, gpu, "-attention", rerun_k)
         e2e = previous_records(a.out, gpu, "", rerun_e, e2e_key)
@@ -593,7 +608,7 @@ def main():
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
                                                       nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8,
                                                       nvrtc_attention=a.nvrtc_attention,
-                                                      attention_pdl=a.attention_pdl)]
+                                                      attention_pdl=a.attention_pdl, prompt_len=a.prompt_len)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

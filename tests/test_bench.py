@@ -37,7 +37,7 @@ def test_merge_keeps_other_models(tmp_path):
     write_outputs(tmp_path, GPU, 3e12, [e2e("a", 0.0, 100.0), e2e("a", 0.5, 150.0), e2e("b", 0.5, 120.0)],
                   [kernel("a", "qkv", 0.0, 11.0), kernel("b", "qkv", 0.0, 12.0)], [], "first")
     # a rerun of model a's end-to-end only: b's rows and every kernel row stay
-    kept = previous_records(tmp_path, GPU, "", {("a", "none", 1)}, e2e_key)
+    kept = previous_records(tmp_path, GPU, "", {("a", "none", 1, 128)}, e2e_key)
     assert [(r["model"], r["tok_s"]) for r in kept] == [("b", 120.0)]
     kernels = previous_records(tmp_path, GPU, "-kernels", set())
     assert len(kernels) == 2
@@ -52,7 +52,7 @@ def test_merge_keeps_other_models(tmp_path):
     for r in rows:  # the issue's record keys
         assert {"model", "quant", "dtype", "sparsity", "tok_s", "roofline_frac"} <= set(r)
     md = (tmp_path / f"{slug}.md").read_text()
-    assert "| a | bf16 | 0.50 | 0.500 | 155.0 |" in md and "| b | bf16 | 0.50 | 0.500 | 120.0 |" in md
+    assert "| a | bf16 | 128 | 0.50 | 0.500 | 155.0 |" in md and "| b | bf16 | 128 | 0.50 | 0.500 | 120.0 |" in md
     assert "--merge" in md and "| a | qkv | 64×128 | 10.0 | 11.0 (1.38×) |" in md
     # a merged file says which command produced which models' rows
     assert "- `python scripts/bench.py --models b` on 2026-11-23: b" in md
@@ -63,16 +63,23 @@ def test_merge_keeps_other_models(tmp_path):
     assert json.loads((tmp_path / f"{slug}.json").read_text()) == rows
     assert previous_records(tmp_path / "missing", GPU, "", set(), e2e_key) == []
     # an int8 run of model a (`--quant int8 --merge`) keeps a's bf16 rows, and is kept by a later bf16 run of a
-    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1)}, e2e_key)) == 3
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1, 128)}, e2e_key)) == 3
     write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 300.0), quant="int8")], [], [], "fourth")
-    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none", 1)}, e2e_key)) == [120.0, 300.0]
-    assert "| a | int8 | 0.50 | 0.500 | 300.0 |" in (tmp_path / f"{slug}.md").read_text()
+    assert sorted(r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none", 1, 128)}, e2e_key)) == [120.0, 300.0]
+    assert "| a | int8 | 128 | 0.50 | 0.500 | 300.0 |" in (tmp_path / f"{slug}.md").read_text()
     # a tensor-parallel run (`torchrun --nproc-per-node 2 ... --merge`) is its own row, kept by one-GPU reruns
     rows = json.loads((tmp_path / f"{slug}.json").read_text())
     write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 500.0), quant="int8", tp=2, all_reduce_us=7.25)],
                   [], [], "fifth")
-    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1)}, e2e_key)) == 4
-    assert "| a (TP 2, all-reduce 7.2 µs) | int8 | 0.50 | 0.500 | 500.0 |" in (tmp_path / f"{slug}.md").read_text()
+    assert len(previous_records(tmp_path, GPU, "", {("a", "int8", 1, 128)}, e2e_key)) == 4
+    assert "| a (TP 2, all-reduce 7.2 µs) | int8 | 128 | 0.50 | 0.500 | 500.0 |" in (tmp_path / f"{slug}.md").read_text()
+    # a long-prompt run (`--prompt-len 3840 --merge`) is its own row too, kept by 128-token reruns and keeping them
+    rows = json.loads((tmp_path / f"{slug}.json").read_text())
+    write_outputs(tmp_path, GPU, 3e12, rows + [dict(e2e("a", 0.5, 140.0), prompt_len=3840)], [], [], "sixth")
+    assert len(previous_records(tmp_path, GPU, "", {("a", "none", 1, 128)}, e2e_key)) == 4
+    assert [r["tok_s"] for r in previous_records(tmp_path, GPU, "", {("a", "none", 1, 3840)}, e2e_key)
+            if r["model"] == "a" and r["quant"] == "none"] == [101.0, 155.0]
+    assert "| a | bf16 | 3840 | 0.50 | 0.500 | 140.0 |" in (tmp_path / f"{slug}.md").read_text()
 
 
 def test_weight_copies_outgrow_l2():
@@ -91,8 +98,8 @@ def test_fixed_time_per_layer(tmp_path):
     assert fixed_us_per_layer(e2e("a", 0.5, 150.0)) is None  # an unknown model, no byte count
     write_outputs(tmp_path, GPU, 3.2e12, [r, e2e("a", 0.5, 150.0)], [], [], "run")
     md = (tmp_path / f"{gpu_slug(GPU)}.md").read_text()
-    assert "| llama-2-7b | bf16 | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
-    assert "| a | bf16 | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
+    assert "| llama-2-7b | bf16 | 128 | 0.50 | 0.500 | 250.0 | 1800 | 60.0% | 62.5 |" in md
+    assert "| a | bf16 | 128 | 0.50 | 0.500 | 150.0 | 1800 | 60.0% | – |" in md
 
 
 def test_gpu_script_rejects_bad_input_in_one_line_as_a_process():
@@ -108,13 +115,14 @@ def test_gpu_script_rejects_bad_input_in_one_line_as_a_process():
 @pytest.mark.parametrize("script,args,message", [
     (bench, ["--sparsities", "0,0.5,half"], "--sparsities takes comma-separated numbers"),
     (bench, ["--sparsities", "0.5,1.5"], "--sparsities levels must lie in [0, 1)"),
+    (bench, ["--prompt-len", "3900"], "--prompt-len must be in [1, 3840] for llama-2-7b"),
     (tune_gemv, ["--models", "llama-9"], "unknown model config 'llama-9'"),
     (profile_decode, ["--config", "llama-9"], "unknown model config 'llama-9'"),
     (profile_phases, ["--sparsities", "x"], "--sparsities takes comma-separated numbers"),
     (profile_phases, ["--int8"], "--int8 profiles the NVRTC projections: add --nvrtc"),
     (profile_phases, ["--nvrtc-attention"], "--nvrtc-attention follows the NVRTC projections: add --nvrtc"),
     (bench_server, ["--model", "llama-9"], "unknown model config 'llama-9'"),
-], ids=["bench-level", "bench-range", "tune_gemv", "profile_decode", "profile_phases", "profile_phases-int8",
+], ids=["bench-level", "bench-range", "bench-prompt", "tune_gemv", "profile_decode", "profile_phases", "profile_phases-int8",
         "profile_phases-attention", "bench_server"])
 def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message, monkeypatch, capsys):
     """The same for every GPU script, its main() run as its __main__ runs it (run_cli) in this process."""

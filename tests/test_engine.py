@@ -1,11 +1,12 @@
 """engine.py: sampling (greedy, temperature, top-k, top-p); the Generator's prefill of a continuation onto a cache
 that already holds the tokens before it; the weight bytes a decode step reads."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
-from engine import SAMPLE_TOP, Generator, bytes_per_token, sample, sampling_params
+from engine import SAMPLE_TOP, Generator, bytes_per_token, cache_bytes_per_token, sample, sampling_params
 from kernels.formats import INT4, INT8
 from loading import random_model
 from model import ModelArgs
@@ -105,4 +106,16 @@ def test_bytes_per_token_counts_what_a_dense_step_reads(tied):
     assert bytes_per_token(args, {}, fmt=INT8) == weight_bytes(quantize_model(model, INT8))
     q_bytes = args.dim * args.n_head * args.head_dim * 2
     assert bytes_per_token(args, {(0, "q"): 0.5}) == bytes_per_token(args, {}) - q_bytes / 2  # half of q's rows
+
+
+def test_cache_bytes_per_token_are_the_caches_read():
+    """bench.py's KV-cache bytes a step reads: the caches' bytes per position, times the positions attended (the
+    sliding window's at most)."""
+    args = ModelArgs(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=300)
+    model = random_model(args, "cpu", torch.bfloat16)
+    model.setup_caches(1, 40)
+    per_position = sum(c.numel() * c.element_size() for layer in model.layers
+                       for c in (layer.attention.kv_cache.k, layer.attention.kv_cache.v)) / 40
+    assert cache_bytes_per_token(args, 10) == 10 * per_position
+    assert cache_bytes_per_token(replace(args, sliding_window=4), 10) == 4 * per_position
 
