@@ -462,9 +462,11 @@ class Attention(nn.Module):
     def attention_trigger(self, plan: DecodePlan) -> int:
         """The q/k/v launch's PDL trigger (cuda_gemv Config.pdl 3 or 4) before an NVRTC attention launched under PDL,
         which reads its first cached positions while q/k/v streams; 0: both launched plainly. Only after a q/k/v
-        launch without global partials (memory it frees could be the attention's before that has finished)."""
-        cfg = self.wqkv.cuda_config
-        eligible = cfg is not None and (cfg.cluster or cfg.split == 1) and self.takes_nvrtc_attention(plan)
+        launch without global partials (memory it frees could be the attention's before that has finished), and
+        where PDL pays for these heads and splits (cuda_attention.pdl_pays)."""
+        cfg, T = self.wqkv.cuda_config, self.kv_cache.k.shape[2]
+        eligible = (cfg is not None and (cfg.cluster or cfg.split == 1) and self.takes_nvrtc_attention(plan)
+                    and cuda_attention.pdl_pays(self.n_head, self.n_kv_head, decode_attention.n_splits(T, self.window)))
         return plan.attention_pdl if eligible else 0
 
     def forward(self, x: Tensor, ss: Optional[Tensor], norm: "RMSNorm", rope: Tensor, mask: Tensor,

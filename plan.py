@@ -29,7 +29,8 @@ instead of keeping flags of its own:
   +1% end to end at 50% for GQA models, +1.7% / +4.6% for Llama-2-7B bf16 / int8 on an H100, session 41);
 - `attention_pdl`: that attention launched under PDL, the q/k/v launch triggering it (3, the default with it: at
   q/k/v's start; 4: once q/k/v's rows are streamed; `Attention.attention_trigger` applies it where q/k/v's tail
-  leaves no global partials): +0.2–0.9% end to end on an H100, session 42.
+  leaves no global partials and `cuda_attention.pdl_pays`): +0.2–0.9% end to end on an H100, session 42 (GQA over
+  a long cache lost 3.4%: plain there, session 43).
 Capturing activations (sparsity.input_hooks) runs under `materialised()`, the same plan with every projection's
 input and output materialised.
 """

@@ -520,6 +520,13 @@ def supported(n_head: int, n_kv_head: int, head_dim: int) -> bool:
     return head_dim in (64, 128) and n_head % n_kv_head == 0 and n_head // n_kv_head * head_dim <= 512
 
 
+def pdl_pays(n_head: int, n_kv_head: int, splits: int) -> bool:
+    """Where launching the kernel under PDL after q/k/v measured faster end to end: splits met through a cluster
+    (caches of up to 512 positions: +0.3 to +0.9%, docs/perf-notes.md session 42) and MHA's 4-warp CTAs through the
+    counter (+0.8% at 4,096); 8-warp CTAs through the counter (GQA, longer caches) lost 3.4% at 4,096 (session 43)."""
+    return splits <= 8 or not many_queries(n_head // n_kv_head)
+
+
 def cluster(spec: Spec) -> bool:
     """Whether the splits meet through a cluster (a portable cluster holds 8 CTAs) rather than a counter."""
     return 1 < spec.S <= 8

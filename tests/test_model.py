@@ -271,6 +271,22 @@ def test_attention_pdl_route(monkeypatch):
     assert attention.attention_trigger(model.plan) == 0
 
 
+@pytest.mark.parametrize("n_head, n_kv_head, cache, trigger", [(2, 2, 4096, 3), (4, 1, 512, 3), (4, 1, 576, 0),
+                                                               (2, 1, 4096, 3)])
+def test_attention_pdl_where_it_pays(n_head, n_kv_head, cache, trigger):
+    """The attention goes under PDL with clusters (caches up to 512 positions) and with 4-warp CTAs through the counter
+    (fewer than 4 queries per KV head); 8-warp CTAs through the counter are launched plainly (cuda_attention.pdl_pays)."""
+    args = ModelArgs(dim=256, n_layer=1, n_head=n_head, n_kv_head=n_kv_head, intermediate_size=192, vocab_size=101,
+                     max_seq_len=4096)
+    model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
+    model.set_plan(dataclasses.replace(decode_plan(torch.device("cpu"), kernels=True), nvrtc_arch=90,
+                                       nvrtc_attention=True, attention_pdl=3))
+    model.setup_caches(1, cache)
+    attention = model.layers[0].attention
+    attention.wqkv.cuda_config = attention.wqkv.cuda_config._replace(cluster=4)
+    assert attention.attention_trigger(model.plan) == trigger
+
+
 @pytest.mark.parametrize("dim, n_head, n_kv_head, window, nvrtc", [(128, 2, 1, None, True), (128, 2, 1, 1024, True),
                                                                    (128, 2, 2, None, True), (64, 2, 1, None, False)])
 def test_nvrtc_attention_where_supported(dim, n_head, n_kv_head, window, nvrtc, monkeypatch):
