@@ -25,8 +25,8 @@ instead of keeping flags of its own:
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
   or for int8 on sm_90 the NVRTC one);
 - `nvrtc_attention`: one-token attention after an NVRTC q/k/v runs kernels/cuda_attention.py (on with the NVRTC
-  projections by default; the model takes it where `cuda_attention.preferred` says it beats the Triton kernel:
-  +1% end to end at 50% for GQA models, +1.7% / +4.6% for Llama-2-7B bf16 / int8 on an H100, session 41);
+  projections by default; the model takes it for every head shape `cuda_attention.supported`: +1% end to end at
+  50% for GQA models, +1.7% / +4.6% for Llama-2-7B bf16 / int8 on an H100, session 41; +4.5% at long context, 43);
 - `attention_pdl`: that attention launched under PDL, the q/k/v launch triggering it (3, the default with it: at
   q/k/v's start; 4: once q/k/v's rows are streamed; `Attention.attention_trigger` applies it where q/k/v's tail
   leaves no global partials and `cuda_attention.pdl_pays`): +0.2–0.9% end to end on an H100, session 42 (GQA over
