@@ -4,7 +4,7 @@ cuda_gemv.launch and cuda_attention.launch, given a `prof` buffer).
 Needs a CUDA GPU.
 
     python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc [--int8]
-        [--no-nvrtc-attention]] [--out DIR]
+        [--no-nvrtc-attention | --attention-pdl 3|4]] [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
 down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
@@ -19,7 +19,8 @@ groups and K ranges summed, result written), and the share of the spread of its 
 or their column tile (the addresses they read), explains.
 `--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path. The
 attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.supported), unless
-`--no-nvrtc-attention`.
+`--no-nvrtc-attention`; `--attention-pdl 3|4` launches it under PDL, q/k/v triggering it (the step's launch where
+cuda_attention.pdl_pays; the default here is the plain launch).
 
 Each stamp (%globaltimer and %clock64 through inline assembly) waits on the value it marks, so work cannot move
 across it; that costs ~0.2 us per stamp, which the phases include (the layer time with and without stamps is
@@ -93,6 +94,9 @@ def main():
     p.add_argument("--int8", action="store_true", help="with --nvrtc: int8 weights (per-column scales)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="with --nvrtc: attention on kernels/cuda_attention.py (default: where the step takes it)")
+    p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
+                   help="with the NVRTC attention: launched under PDL, q/k/v triggering it at its start (3) or after "
+                   "its rows (4), as the step does where cuda_attention.pdl_pays (default 0: plainly)")
     p.add_argument("--out", type=Path, default=None, help="directory for phases.json (default: none written)")
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
@@ -101,6 +105,8 @@ def main():
         raise UserError("--int8 profiles the NVRTC projections: add --nvrtc")
     if a.nvrtc_attention and not a.nvrtc:
         raise UserError("--nvrtc-attention follows the NVRTC projections: add --nvrtc")
+    if a.attention_pdl and (not a.nvrtc or a.nvrtc_attention is False):
+        raise UserError("--attention-pdl applies to the NVRTC attention (--nvrtc, a model whose heads it takes)")
     if not torch.cuda.is_available():
         raise UserError("profile_phases.py needs a CUDA GPU")
     if a.nvrtc and not (torch.cuda.get_device_capability()[0] >= 9 and cuda_gemv.usable(0)):
@@ -118,6 +124,8 @@ def main():
     cuda_att = a.nvrtc and (cuda_attention.supported(H, Hkv, D) if a.nvrtc_attention is None else a.nvrtc_attention)
     if cuda_att and not cuda_attention.supported(H, Hkv, D):
         raise UserError(f"kernels/cuda_attention.py does not take {a.model}'s heads")
+    if a.attention_pdl and not cuda_att:  # (heads it does not take)
+        raise UserError("--attention-pdl applies to the NVRTC attention (--nvrtc, a model whose heads it takes)")
     caches = [tuple(torch.randn(1, Hkv, T, D, device=dev, dtype=dt) for _ in range(2)) for _ in range(L)]
     rope = torch.randn(1, D // 2, 2, device=dev)
     pos = torch.tensor([T - 2], device=dev)
@@ -133,6 +141,8 @@ def main():
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
     shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
     ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, a.int8) for p, (K, sz) in shapes.items()}
+    if a.attention_pdl and not (ncfg["q"].cluster or ncfg["q"].split == 1):
+        raise UserError("--attention-pdl: q/k/v's launch leaves global partials here (Attention.attention_trigger)")
     # (launch, layer copy) -> (int8 weights, column scales)
     q8 = {(p, i): INT8.quantize_weight(W[i]) for p, W in zip("qogd", (Wq, Wo, Wg, Wd)) for i in range(L)
           if a.int8}
@@ -165,22 +175,22 @@ def main():
         added), gate/up (norm fused), down (gating gate/up's outputs, residual added)."""
         prof = (lambda p: bufs[(i, p)]) if stamped else (lambda p: None)  # noqa: E731
 
-        def proj(p, x, w, t, nw=None, res=None, glu=False):
+        def proj(p, x, w, t, nw=None, res=None, glu=False, trigger=0):
             K, sizes = shapes[p]
             t = t if sparse_step[0] else None
-            spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5, ncfg[p],
-                                     t is not None, a.int8, profile=stamped)
+            spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5,
+                                     ncfg[p]._replace(pdl=trigger), t is not None, a.int8, profile=stamped)
             w, scale = q8.get((p, i), (w, None))
             y = torch.empty(sum(sizes), device=dev, dtype=dt)
             cuda_gemv.launch(spec, x.reshape(-1), w, t, nw, None if res is None else res.reshape(-1), cnt, y,
                              torch.empty(ncfg[p].split, sum(sizes), device=dev), scale, prof=prof(p))
             return y
 
-        qkv = proj("q", h0, Wq[i], tq, nw=g1)
+        qkv = proj("q", h0, Wq[i], tq, nw=g1, trigger=a.attention_pdl)
         y = torch.empty(1, H * D, device=dev, dtype=dt)
         if cuda_att:
             cuda_attention.launch(qkv, rope.view(D // 2, 2), caches[i][0], caches[i][1], pos, att_cnt, H, None,
-                                  y.view(-1), prof=prof("a"))
+                                  y.view(-1), prof=prof("a"), pdl=a.attention_pdl > 0)
         else:
             decode_attention.launch(qkv.view(1, -1), rope, caches[i][0], caches[i][1], pos, att_cnt, H, None, y,
                                     prof=prof("a"))
@@ -215,7 +225,8 @@ def main():
         ghz = statistics.median(spans) if spans else 1.98
         t0 = int(st[(1, "q")][:, 0][st[(1, "q")][:, 0] > 0].min())  # layer copy 1: copy 0 follows the capture's start
         path = (f" (NVRTC projections{', int8 weights' if a.int8 else ''}"
-                f"{', NVRTC attention' if cuda_att else ''})") if a.nvrtc else ""
+                f"{', NVRTC attention' if cuda_att else ''}"
+                f"{f' (PDL {a.attention_pdl})' if a.attention_pdl else ''})") if a.nvrtc else ""
         print(f"\n{a.model}{path}, sparsity {s}, {T} positions: one layer {plain:.1f} us ({stamped:.1f} with stamps), "
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
@@ -223,7 +234,8 @@ def main():
             tiles = sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8) if a.nvrtc and p != "a" else None
             r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
             prev = r.pop("end")
-            records.append({"model": a.model, "int8": a.int8, "nvrtc_attention": cuda_att, "sparsity": s,
+            records.append({"model": a.model, "int8": a.int8, "nvrtc_attention": cuda_att,
+                            "attention_pdl": a.attention_pdl, "sparsity": s,
                             "context": T, "launch": name,
                             "layer_us": round(plain, 2), "layer_us_stamped": round(stamped, 2), **r})
             print(f"  {name:9s} " + "  ".join(f"{k} {v}" for k, v in r.items() if v is not None))

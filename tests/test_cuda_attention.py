@@ -76,9 +76,10 @@ def test_every_variant_of_a_model_builds_for_sm90(name):
                                            decode_attention.n_splits(T, None), fp16, pos64)
                 assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
     G = a.n_head // a.n_kv_head
-    for S in (6, 16):  # launched under PDL after a triggering q/k/v launch (cluster, counter)
-        spec = cuda_attention.Spec(a.head_dim, G, a.n_kv_head, S, False, True, pdl=True)
-        assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
+    for S in (6, 16):  # launched under PDL after a triggering q/k/v launch (cluster, counter), and its profiled build
+        for profile in (False, True):  # (profile_phases.py --attention-pdl)
+            spec = cuda_attention.Spec(a.head_dim, G, a.n_kv_head, S, False, True, pdl=True, profile=profile)
+            assert nvrtc.compile_cubin(lib, cuda_attention.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
     for warps, nb, rs, S, prof in ((8, 0, True, 6, False), (4, 4, True, 6, False), (4, 0, False, 6, False),
                                    (8, 0, True, 32, False), (4, 0, True, 6, True), (8, 0, True, 16, True)):
         # the variants sweeps time, and the profiled builds scripts/profile_phases.py --nvrtc runs (cluster, counter)

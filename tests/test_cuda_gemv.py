@@ -179,10 +179,12 @@ def test_every_kernel_of_a_model_builds_for_sm90(name):
                     spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
                                              proj in ("o", "down"), 1e-5, c, t32, int8)
                     assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"
-        profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in, proj in ("o", "down"),
-                                     1e-5, cuda_gemv.default_config(K, sizes, 132, 9), True,
-                                     profile=True)  # scripts/profile_phases.py --nvrtc
-        assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
+        for pdl in (0, 3):  # scripts/profile_phases.py --nvrtc [--attention-pdl 3]
+            profiled = cuda_gemv.spec_of(K, sizes, BF16, True, proj in ("qkv", "gate_up"), glu_in,
+                                         proj in ("o", "down"), 1e-5,
+                                         cuda_gemv.default_config(K, sizes, 132, 9)._replace(pdl=pdl), True,
+                                         profile=True)
+            assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(profiled), "sm_90")[:4] == b"\x7fELF"
 
 
 def test_launch_config_matches_the_driver_layout():
