@@ -291,8 +291,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                "per_projection": {k: round(v, 3) for k, v in per_projection(stats).items()},
                "gb_s": round(tok_s * nbytes / 1e9, 1), "bytes_per_token": int(nbytes), "runs": [round(v, 1) for v in speeds],
                "ttft_ms": round(st.ttft_s * 1e3, 2), "gpu": torch.cuda.get_device_name(),
-               "decode_path": decode_path(model.plan, first.takes_nvrtc_attention(model.plan),
-                                          first.attention_trigger(model.plan)),
+               "decode_path": decode_path(model.plan, first),
                "read_gb_s": round(bw / 1e9, 1), "prompt_len": prompt_len,
                "cache_bytes_per_token": int(cache_bytes_per_token(args, prompt_len + (new_tokens + 1) / 2)),
                "step": "graph" if graph and model.plan.sparse_decode else "compiled",
@@ -309,15 +308,20 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def decode_path(plan, nvrtc_attention: bool, trigger: int = 0) -> str:
-    """What a record's decode step ran its projections on (nvrtc_attention: its attention took
-    kernels/cuda_attention.py, Attention.takes_nvrtc_attention; trigger: under PDL, Attention.attention_trigger)."""
+def decode_path(plan, attention) -> str:
+    """What a record's decode step ran, read off its first layer's `attention` module: its projections
+    (kernels/cuda_gemv.py where q/k/v takes it, else the sparse kernels: Triton's, Gluon's for int4; or dense), its
+    attention (kernels/cuda_attention.py after an NVRTC q/k/v, Attention.takes_nvrtc_attention) and that attention's
+    PDL trigger (Attention.attention_trigger)."""
+    nvrtc = attention.wqkv.cuda_config is not None and plan.cuda(1, plan.sparse_decode, None)
     if plan.sparse_decode:
-        path = "NVRTC kernels" if plan.cuda(1, True, None) else "sparse kernels"
+        path = "NVRTC kernels" if nvrtc else "sparse kernels"
     else:
-        path = "dense (NVRTC projections)" if plan.nvrtc_arch else "dense (cuBLAS projections)"
-    attention = plan.nvrtc_arch and nvrtc_attention
-    return path + (", NVRTC attention" if attention else "") + (f" (PDL {trigger})" if attention and trigger else "")
+        path = "dense (NVRTC projections)" if nvrtc else "dense (cuBLAS projections)"
+    if not (nvrtc and attention.takes_nvrtc_attention(plan)):
+        return path
+    trigger = attention.attention_trigger(plan)
+    return path + ", NVRTC attention" + (f" (PDL {trigger})" if trigger else "")
 
 
 def quant_label(quant: Optional[str], group: int) -> Optional[str]:

@@ -212,11 +212,26 @@ def test_attention_table_has_the_nvrtc_kernel_where_measured(tmp_path):
 
 
 def test_decode_path_names_what_the_step_runs():
-    """A record names the NVRTC attention only where its projections ran on the NVRTC kernel and the model took it."""
-    nvrtc = DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_attention=True)
-    assert bench.decode_path(nvrtc, True) == "NVRTC kernels, NVRTC attention"
-    assert bench.decode_path(nvrtc, False) == "NVRTC kernels"  # e.g. GQA over more than 2,048 positions
-    assert bench.decode_path(replace(nvrtc, nvrtc_arch=0), True) == "sparse kernels"  # (tensor parallel)
-    assert bench.decode_path(replace(nvrtc, sparse_decode=False), True) == "dense (NVRTC projections), NVRTC attention"
-    assert bench.decode_path(nvrtc, True, 3) == "NVRTC kernels, NVRTC attention (PDL 3)"
-    assert bench.decode_path(nvrtc, False, 0) == "NVRTC kernels"
+    """A record names the NVRTC projections where the first q/k/v takes kernels/cuda_gemv.py (not int4 weights:
+    Gluon's or Triton's kernels), and the NVRTC attention and its PDL trigger only after them."""
+    from loading import random_model
+    from quantization import quantize_model
+    from kernels.formats import INT4, INT8
+    args = ModelArgs(dim=128, n_layer=1, n_head=2, n_kv_head=1, intermediate_size=192, vocab_size=101, max_seq_len=64)
+    nvrtc = replace(DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True, nvrtc_attention=True),
+                    n_sm=132)
+    paths = {}
+    for name, fmt in (("bf16", None), ("int8", INT8), ("int4", INT4)):
+        model = random_model(args, "cpu", torch.float32, seed=0).to(torch.bfloat16)
+        if fmt is not None:
+            quantize_model(model, fmt)
+        model.setup_caches(1, 64)
+        for plan in (nvrtc, replace(nvrtc, attention_pdl=3), replace(nvrtc, nvrtc_attention=False),
+                     replace(nvrtc, sparse_decode=False), replace(nvrtc, nvrtc_arch=0)):
+            model.set_plan(plan)
+            paths.setdefault(name, []).append(bench.decode_path(model.plan, model.layers[0].attention))
+    assert paths["bf16"] == ["NVRTC kernels, NVRTC attention", "NVRTC kernels, NVRTC attention (PDL 3)", "NVRTC kernels",
+                             "dense (NVRTC projections), NVRTC attention", "sparse kernels"]
+    # quantized weights decode on the sparse route at every level (set_plan keeps sparse_decode on for them)
+    assert paths["int8"] == paths["bf16"][:3] + ["NVRTC kernels, NVRTC attention", "sparse kernels"]
+    assert paths["int4"] == ["sparse kernels"] * 5
