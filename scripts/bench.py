@@ -11,7 +11,8 @@
 3. end to end: a 128-token random prompt (`--prompt-len`: a longer one, decode at long context), 256 greedy decode
    tokens, compiled with CUDA graphs; thresholds set in-process from the activations of the prompt's first 128
    tokens; median of 3 timed runs after a warm-up; measured sparsity.
-   Sparsity 0 decodes the way generate.py does at 0: dense, projections through cuBLAS.
+   Sparsity 0 decodes the way generate.py does at 0: dense, projections through the NVRTC kernel on sm_90 (where
+   libnvrtc is found), cuBLAS elsewhere.
 Writes <out>/<gpu>.md, <gpu>.json (end-to-end records), <gpu>-kernels.json and PNG plots.
 """
 import argparse
