@@ -351,8 +351,13 @@ class SparseLinear(nn.Module):
 
     def on_cuda(self, plan: DecodePlan, rows: int, sparse: bool, active: Optional[Tensor], x: Tensor) -> bool:
         """Whether a call with input x [B, S, K] runs kernels/cuda_gemv.py (plan.cuda; shapes it takes)."""
-        return (self.cuda_config is not None and plan.cuda(rows, sparse, active) and x.dim() == 3
-                and (x.dtype == self.weight.dtype or self.fmt.code == INT8.code and x.element_size() == 2))
+        return x.dim() == 3 and self.takes_cuda(plan, rows, sparse, active, x.dtype)
+
+    def takes_cuda(self, plan: DecodePlan, rows: int, sparse: bool, active: Optional[Tensor],
+                   dtype: torch.dtype) -> bool:
+        """The same for activations of `dtype` (what a step of that dtype runs: bench.py's records name it)."""
+        return (self.cuda_config is not None and plan.cuda(rows, sparse, active)
+                and (dtype == self.weight.dtype or self.fmt.code == INT8.code and dtype.itemsize == 2))
 
     def cuda(self, x: Tensor, sparse: bool, plan: DecodePlan, norm: Optional["RMSNorm"] = None,
              residual: Optional[Tensor] = None, glu_in: bool = False, trigger: int = 0) -> Tensor:

@@ -43,6 +43,7 @@ from tp import TP, close, from_env
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 KERNEL_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PROMPT_LEN = 128  # end to end: the default prompt, and the tokens every prompt length takes its thresholds from
 
 
 @triton.jit
@@ -247,7 +248,7 @@ def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 204
     return rows
 
 
-def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128, new_tokens=256, runs=3,
+def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROMPT_LEN, new_tokens=256, runs=3,
               fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
@@ -272,7 +273,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
-    captured = capture_inputs(model, prompt[:, :128])  # thresholds of the same tokens at every prompt length
+    captured = capture_inputs(model, prompt[:, :PROMPT_LEN])  # thresholds of the same tokens at every prompt length
     gen = Generator(model, compile=True, graph=graph)
     gen.setup(1, prompt_len + new_tokens)
     records, first = [], model.layers[0].attention  # (what its steps run: the record's decode path)
@@ -309,12 +310,12 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=128,
     return records
 
 
-def decode_path(plan, attention) -> str:
-    """What a record's decode step ran, read off its first layer's `attention` module: its projections
-    (kernels/cuda_gemv.py where q/k/v takes it, else the sparse kernels: Triton's, Gluon's for int4; or dense), its
-    attention (kernels/cuda_attention.py after an NVRTC q/k/v, Attention.takes_nvrtc_attention) and that attention's
-    PDL trigger (Attention.attention_trigger)."""
-    nvrtc = attention.wqkv.cuda_config is not None and plan.cuda(1, plan.sparse_decode, None)
+def decode_path(plan, attention, dtype: torch.dtype = torch.bfloat16) -> str:
+    """What a record's decode step of `dtype` activations ran, read off its first layer's `attention` module: its
+    projections (kernels/cuda_gemv.py where q/k/v takes it, SparseLinear.takes_cuda; else the sparse kernels:
+    Triton's, Gluon's for int4; or dense), its attention (kernels/cuda_attention.py after an NVRTC q/k/v,
+    Attention.takes_nvrtc_attention) and that attention's PDL trigger (Attention.attention_trigger)."""
+    nvrtc = attention.wqkv.takes_cuda(plan, 1, plan.sparse_decode, None, dtype)
     if plan.sparse_decode:
         path = "NVRTC kernels" if nvrtc else "sparse kernels"
     else:
@@ -345,7 +346,7 @@ def gpu_slug(gpu: str) -> str:
 def e2e_key(r: dict) -> tuple:
     """What an end-to-end rerun replaces: the records of one model with one weight quantization on as many GPUs
     after a prompt as long."""
-    return r["model"], r.get("quant", "none"), r.get("tp", 1), r.get("prompt_len", 128)
+    return r["model"], r.get("quant", "none"), r.get("tp", 1), r.get("prompt_len", PROMPT_LEN)
 
 
 def kernel_key(r: dict) -> str:
@@ -376,7 +377,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
     slug = gpu_slug(gpu)
     # merged runs: one order whatever ran last
     e2e = sorted(e2e, key=lambda r: (r["model"], r.get("quant", "none") != "none", r.get("quant", "none"),
-                                     r.get("tp", 1), r.get("prompt_len", 128), r["sparsity"]))
+                                     r.get("tp", 1), r.get("prompt_len", PROMPT_LEN), r["sparsity"]))
     kernels = sorted(kernels, key=lambda r: r["model"])  # stable: projections keep their order
     attention = sorted(attention, key=lambda r: r["model"])
     if e2e:
@@ -406,7 +407,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
             weights = ("bf16" if r.get("quant", "none") == "none" else r["quant"]) + (
                 " · NVRTC" if "NVRTC" in r.get("decode_path", "") else "")
             model = r["model"] + (f" (TP {r['tp']}, all-reduce {r['all_reduce_us']:.1f} µs)" if r.get("tp", 1) > 1 else "")
-            lines.append(f"| {model} | {weights} | {r.get('prompt_len', 128)} | {r['sparsity']:.2f} | "
+            lines.append(f"| {model} | {weights} | {r.get('prompt_len', PROMPT_LEN)} | {r['sparsity']:.2f} | "
                          f"{r['measured_sparsity']:.3f} | "
                          f"{r['tok_s']:.1f} | "
                          f"{r['gb_s']:.0f} | {r['roofline_frac'] * 100:.1f}% | "
@@ -483,9 +484,9 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
         return
     if e2e:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["model"], r.get("quant", "none"), r.get("prompt_len", 128)) for r in e2e):
-            rs = [r for r in e2e if (r["model"], r.get("quant", "none"), r.get("prompt_len", 128)) == key]
-            m = (key[0] if key[1] == "none" else f"{key[0]} {key[1]}") + ("" if key[2] == 128 else f" ({key[2]}-token prompt)")
+        for key in dict.fromkeys((r["model"], r.get("quant", "none"), r.get("prompt_len", PROMPT_LEN)) for r in e2e):
+            rs = [r for r in e2e if (r["model"], r.get("quant", "none"), r.get("prompt_len", PROMPT_LEN)) == key]
+            m = (key[0] if key[1] == "none" else f"{key[0]} {key[1]}") + ("" if key[2] == PROMPT_LEN else f" ({key[2]}-token prompt)")
             line, = ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
             ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
                     color=line.get_color(),
@@ -559,7 +560,7 @@ def main():
     p.add_argument("--attention-pdl", type=int, default=None, choices=(0, 3, 4),
                    help="the NVRTC attention under PDL, q/k/v triggering it at its start (3) or after its rows (4); 0: "
                    "launched plainly (default: 3 with the NVRTC attention)")
-    p.add_argument("--prompt-len", type=int, default=128,
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
                    help="end to end: tokens of the random prompt before the 256 decoded (a long one: decode at long "
                    "context; its rows sit beside the 128-token ones)")
     p.add_argument("--group", type=int, default=128, choices=(128, 64, 32),

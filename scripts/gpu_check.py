@@ -653,7 +653,7 @@ def main():
                                                                        nvrtc_attention=a.nvrtc_attention,
                                                                        attention_pdl=a.attention_pdl)
         worst = max(errs)
-        path = decode_path(model.plan, model.layers[0].attention)
+        path = decode_path(model.plan, model.layers[0].attention, dtype)
         print(f"model {dtype}{f' {quant} weights' if quant else ''} at {level} ({path}): "
               f"compiled (and CUDA-graph) vs eager decode: "
               f"same tokens for {same}/{len(errs) + 1} steps; "
