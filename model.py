@@ -18,7 +18,7 @@ from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_
                      reference, sparse_gemv, sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
-from kernels.formats import FLOAT, INT8, QuantFormat
+from kernels.formats import FLOAT, INT4, INT8, QuantFormat
 from plan import REFERENCE, DecodePlan
 from tp import TP, head_rows, share
 
@@ -254,11 +254,18 @@ class SparseLinear(nn.Module):
                                                          group) for m in (1, 2, 4, 8)}
         if plan.masked_stream and not group and not self.head:
             self.kernel_configs[1] = self.kernel_configs[1]._replace(masked=1)
+        act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (quantized: checked per call)
+        on_nvrtc = (plan.nvrtc_arch and not self.head and cuda_gemv.supported(K, self.sizes, act, group)
+                    and {FLOAT.code: True, INT8.code: plan.nvrtc_int8,
+                         INT4.code: plan.nvrtc_int4 and plan.nvrtc_arch >= 80}[self.fmt.code])
         if self.fmt.code == 2 and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
-            if self.mma_config is not None:  # held in its order since an earlier plan: configs for this one
+            if on_nvrtc and self.mma_config is not None:  # the NVRTC kernel reads the weights in column order
+                self.weight.data = gluon_mma.from_mma_layout(self.weight.data, self.mma_config.wb)
+                self._in_order(None)
+            elif self.mma_config is not None:  # held in its order since an earlier plan: configs for this one
                 self.mma_config = gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
-            elif plan.hopper_mma and (plan.defer_reduction or not self.parts):  # (its partials; o, down: all)
+            elif plan.hopper_mma and not on_nvrtc and (plan.defer_reduction or not self.parts):  # (o, down: all)
                 self.mma_config = gluon_mma.default_config(K, self.sizes, group, plan.n_sm)
                 if self.mma_config is not None:
                     self._hold_in_mma_order(self.mma_config.wb)
@@ -266,11 +273,9 @@ class SparseLinear(nn.Module):
         if self.hopper_config is not None:
             n = max(n, sum(self.sizes) // self.hopper_config.block_n)
         self.cuda_config = None
-        act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (int8: checked per call)
-        if plan.nvrtc_arch and self.fmt.code in (FLOAT.code, INT8.code) and not self.head and \
-                cuda_gemv.supported(K, self.sizes, act):
+        if on_nvrtc:
             self.cuda_config = cuda_gemv.default_config(K, self.sizes, plan.n_sm, plan.nvrtc_arch // 10,
-                                                        self.fmt.code == INT8.code)
+                                                        self.fmt.code == INT8.code, group)
             n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
@@ -357,7 +362,7 @@ class SparseLinear(nn.Module):
                    dtype: torch.dtype) -> bool:
         """The same for activations of `dtype` (what a step of that dtype runs: bench.py's records name it)."""
         return (self.cuda_config is not None and plan.cuda(rows, sparse, active)
-                and (dtype == self.weight.dtype or self.fmt.code == INT8.code and dtype.itemsize == 2))
+                and (dtype == self.weight.dtype or self.fmt.quantized and dtype.itemsize == 2))
 
     def cuda(self, x: Tensor, sparse: bool, plan: DecodePlan, norm: Optional["RMSNorm"] = None,
              residual: Optional[Tensor] = None, glu_in: bool = False, trigger: int = 0) -> Tensor:
@@ -634,7 +639,7 @@ class Transformer(nn.Module):
                               nvrtc_arch=plan.nvrtc_arch if half and self.tp is None else 0,  # TP: not measured
                               sparse_decode=plan.sparse_decode or quantized)
         # what the launch configs depend on
-        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream, p.nvrtc_arch)  # noqa: E731
+        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream, p.nvrtc_arch, p.nvrtc_int8, p.nvrtc_int4)  # noqa: E731
         if sized_by(plan) != sized_by(self.plan):
             for m in self.modules():  # projections before the MLPs that read their configs
                 if isinstance(m, (SparseLinear, RowSparseUp)):

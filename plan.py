@@ -20,7 +20,8 @@ instead of keeping flags of its own:
   (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33);
   at level 0 (`zero_level`) int8 steps, which stay on the sparse route (their weights have no dense one), call it
   without thresholds: its dense mode streams every row without a kept list (+12% over Triton's int8 kernel on an
-  H100, session 36);
+  H100, session 36); `nvrtc_int4`: int4 weights' steps too (the kernel's tensor-core mode; off by default until
+  measured, docs/perf-notes.md session 44);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
   or for int8 on sm_90 the NVRTC one);
@@ -62,6 +63,7 @@ class DecodePlan:
     nvrtc_arch: int = 0  # batch-1 16-bit dense projections through kernels/cuda_gemv.py built for this sm (0: off)
     nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
     nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
+    nvrtc_int4: bool = False  # ... and int4 weights' (on tensor cores; in place of the Gluon kernels)
     zero_level: bool = False  # decoding at sparsity 0 (at_level): the NVRTC kernel runs without thresholds
     nvrtc_attention: bool = False  # one-token attention after an NVRTC q/k/v through kernels/cuda_attention.py
     attention_pdl: int = 0  # ... under PDL, q/k/v triggering it at its start (3: decode_plan's default) or rows' end (4)
@@ -76,7 +78,7 @@ class DecodePlan:
     def cuda(self, rows: int, sparse: bool, active: Optional[Tensor]) -> bool:
         """Whether a call of `rows` token rows may run kernels/cuda_gemv.py (its module decides on shape and dtype)."""
         return (self.nvrtc_arch > 0 and rows == 1 and active is None
-                and (self.nvrtc_int8 if self.quantized else self.nvrtc_sparse or not sparse))
+                and ((self.nvrtc_int8 or self.nvrtc_int4) if self.quantized else self.nvrtc_sparse or not sparse))
 
     def cuda_thresholds(self, sparse: bool) -> bool:
         """Whether a call on kernels/cuda_gemv.py applies thresholds: not at level 0, where they are zero (exactly
@@ -120,6 +122,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
     insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc),
+    nvrtc_int4 (int4 weights' projections; default off; True insists on the NVRTC kernels),
     nvrtc_attention (one-token attention on kernels/cuda_attention.py after q/k/v on the NVRTC kernel; default:
     with the NVRTC projections; True insists), attention_pdl (that attention under PDL: 3 by default with it, 4, or
     0 for plain launches).
@@ -135,7 +138,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     flags.setdefault("hopper_mma", flags["hopper_int4"])
     nvrtc = flags.pop("nvrtc", None)
     on_gpu = kernels and device.type == "cuda"
-    asked = flags.get("nvrtc_sparse") or flags.get("nvrtc_int8")
+    asked = flags.get("nvrtc_sparse") or flags.get("nvrtc_int8") or flags.get("nvrtc_int4")
     usable = nvrtc is not False or asked  # (a trial build, once per process, where asked)
     usable = usable and on_gpu and cuda_gemv.usable(torch.cuda.current_device() if device.index is None
                                                     else device.index)
@@ -144,6 +147,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     for flag in ("nvrtc_sparse", "nvrtc_int8"):  # sparse steps and int8 weights follow the dense route unless told
         if flags.get(flag) is None:
             flags[flag] = bool(nvrtc)
+    flags["nvrtc_int4"] = bool(flags.get("nvrtc_int4"))
     if nvrtc or asked:
         if not usable:
             raise UserError("the NVRTC kernels need a CUDA GPU and libnvrtc (it comes with torch's CUDA wheels)")

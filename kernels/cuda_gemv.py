@@ -2,7 +2,9 @@
 the CUDA wheels torch depends on; no nvcc) and launched through the driver API: what Triton and Gluon cannot express,
 the kept-row list built and kept in shared memory and split-K partials summed through a thread-block cluster's shared
 memory on sm_90. The plan (plan.py, `nvrtc_arch`, `nvrtc_sparse`, `nvrtc_int8`) runs batch-1 decode steps on it on
-sm_90: dense and sparse, 16-bit and int8 weights.
+sm_90: dense and sparse, 16-bit and int8 weights; int4 weights (INT4: `nvrtc_int4`, off by default, slower than the
+Gluon kernels so far: docs/perf-notes.md, session 44) stream on tensor cores, one mma.sync per column pair of 16
+kept rows, each scale group's sums kept apart in D's eight columns and scaled once per CTA.
 
 y = f(x) · W with W [K, N] input-channel-major (the sparse linears' storage). One launch, 128 threads per CTA, grid
 (N / 64 column tiles, SPLIT K ranges; int8 weights in 128-column tiles where the segments allow: `tile_cols`). Each
@@ -30,16 +32,18 @@ from torch.library import custom_op
 from errors import UserError
 from kernels import nvrtc, reference
 from kernels.common import PROFILE_SLOTS
-from kernels.formats import FLOAT, INT8
+from kernels.formats import FLOAT, INT4, INT8
 
 COLS = 64  # output columns per CTA
 THREADS = 128
 MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
+INT4_COLS = 256  # output columns per CTA of int4 weights
 
 HELPERS = r"""
-#define CPT (INT8 ? 16 : 8)             // columns per thread: one 16-byte load (of the item's INT8 at each use)
+#define CPT (INT4 ? 32 : INT8 ? 16 : 8)  // columns per thread: one 16-byte load (of the item's INT8 at each use)
 #define TPR (TILE / CPT)                // threads per row of the tile's columns
-#define RG (THREADS / TPR)              // row groups
+#define RG (INT4 ? THREADS / 32 : THREADS / TPR)  // row groups (int4: the warps, each over the whole tile)
+#define CPTH ((TILE + THREADS - 1) / THREADS)  // output columns per thread in the tail
 #define ROUNDS ((KPER + 8 * THREADS - 1) / (8 * THREADS))  // prologue rounds of 8 inputs per thread
 #define NROUNDS ((K + 8 * THREADS - 1) / (8 * THREADS))   // ... over the whole input (its norm)
 
@@ -47,13 +51,37 @@ HELPERS = r"""
 // path's contract (ld.global.nc: unchanged while the kernel runs), so such loads go through L2
 #define PDL_WAIT (PDL == 1 || PDL == 2)  // launched under PDL (3, 4: plainly, only triggering the next launch)
 #define ld_in(p) (PDL_WAIT ? ld16cg(p) : ld16(p))
+
+// int4 (INT4) on tensor cores: a lane's e-th entry of a 16-entry step (mma.sync's A and B fragments take entries 2t,
+// 2t + 1, 2t + 8, 2t + 9 from thread t of a group of four), the local scale groups of a K range, the widening
+// offset (a nibble q in a 16-bit float's low mantissa bits: 1024 + q in float16, 128 + q in bfloat16)
+#define ENT(e) (2 * t4 + ((e) & 1) + ((e) >> 1) * 8)
+#define NGM (KPER / GROUP)
+#define SROUNDS ((2 * NGM * TILE / 8 + THREADS - 1) / THREADS)
+#define OFF (FP16 ? 1024.f : 128.f)
+#define OFF2 (FP16 ? 0x64006400u : 0x43004300u)
+__device__ __forceinline__ u32 word(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ float h2f(u16 h) {  // float16 (the int4 scales' dtype, whatever the activations')
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if FP16
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#endif
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 """
 
 # one work item of the GEMV: a column tile over a K range, specialised by the #defines before it
 ITEM = r"""
 __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `split`; true in the CTA that finished it
         const int tile, const int split,
-        const void* __restrict__ w,   // [K, N] weights (16-bit, or int8 with INT8), each input's row contiguous
+        const void* __restrict__ w,   // [K, N] weights (16-bit, int8 with INT8; INT4: [K, N / 8] words of eight
+                                      // nibbles, column 8c + i in bits 4i..4i+3), each input's row contiguous
         const u16* __restrict__ x,    // [K] input ([2, K]: gate/up outputs with GLU_IN)
         const void* __restrict__ thr,  // [segments, K] thresholds (SPARSE): float32 with THR32, else 16-bit
         const u16* __restrict__ nw,   // [K] RMSNorm weight (NORM)
@@ -61,12 +89,16 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         u16* __restrict__ y,          // [N]
         float* __restrict__ part,     // [SPLIT, N] partial sums (counter tail)
         u32* __restrict__ counter,    // [N / 64] zero between launches (counter tail)
-        const float* __restrict__ scale,  // [N] int8 weights' column scales, applied to the sums (INT8)
+        const void* __restrict__ scale,  // INT8: [N] float32 column scales, applied to the sums; INT4: [2, K /
+                                         // GROUP, N] float16 scale and offset per group and column (the fold)
         long long* __restrict__ rec) {  // this item's profile record (PROFILE; scripts/profile_phases.py --nvrtc)
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5, ct = tid % TPR, rg = tid / TPR;
     const int k0 = split * KPER, kn = min(KPER, K - k0);
-#if INT8
+#if INT4
+    const int g8 = lane >> 2, t4 = lane & 3;  // the mma's group (A rows, B column) and thread in it
+    const u32* wp = (const u32*)w + (size_t)k0 * (N / 8) + (tile * TILE + 32 * g8) / 8;
+#elif INT8
     const signed char* wp = (const signed char*)w + (size_t)k0 * N + tile * TILE + ct * CPT;
 #else
     const u16* wp = (const u16*)w + (size_t)k0 * N + tile * TILE + ct * CPT;
@@ -78,11 +110,38 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #if SPARSE
     __shared__ short ks[KPER];      // kept rows, offsets within the range
 #endif
+#if INT4
+    __shared__ __align__(16) u16 sq[2][NGM][TILE];  // the range's scales and offsets (float16), by local group
+    __shared__ float csum[KPER / 8];  // kept inputs' sums by 8 inputs, then by group:
+    __shared__ float sxs[NGM];
+#endif
 #if PDL == 1 || PDL == 3
     // programmatic dependent launch: the next launch may be scheduled now; it waits for this one to finish before
     // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+#if INT4
+    uint4 v[ROWS][4];  // steps in flight: entries 2t, 2t + 1, 2t + 8, 2t + 9 of each
+#if !SPARSE
+    #pragma unroll
+    for (int i = 0; i < ROWS; i++) {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = (warp + RG * i) * 16 + ENT(e);
+            v[i][e] = r < kn ? ld_stream(wp + (size_t)r * (N / 8)) : make_uint4(0, 0, 0, 0);
+        }
+    }
+#endif
+    // the range's scales (independent of the previous launch): 16 bytes a load, to shared memory after the wait
+    uint4 sr[SROUNDS];
+    const int ng = (kn + GROUP - 1) / GROUP;
+    #pragma unroll
+    for (int rd = 0; rd < SROUNDS; rd++) {
+        const int f = (rd * THREADS + tid) * 8, part = f / (NGM * TILE), gl = f % (NGM * TILE) / TILE;
+        const size_t at = ((size_t)part * (K / GROUP) + k0 / GROUP + gl) * N + tile * TILE + f % TILE;
+        sr[rd] = part < 2 && gl < ng ? ld16((const u16*)scale + at) : make_uint4(0, 0, 0, 0);
+    }
+#else
     uint4 v[ROWS];
 #if !SPARSE
     #pragma unroll
@@ -90,6 +149,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         const int r = rg + RG * i;
         v[i] = r < kn ? ld_stream(wp + (size_t)r * N) : make_uint4(0, 0, 0, 0);
     }
+#endif
 #endif
     // 1. prologue: its loads in flight together (norm weights and thresholds do not depend on the previous
     // launch, so they go before the dependency wait; then the inputs), then the arithmetic
@@ -245,14 +305,141 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     }
     if (tid == 0) nkept = kn;
 #endif
+#if INT4
+    #pragma unroll
+    for (int rd = 0; rd < SROUNDS; rd++) {
+        const int f = (rd * THREADS + tid) * 8;
+        if (f < 2 * NGM * TILE) *(uint4*)(&sq[0][0][0] + f) = sr[rd];
+    }
+    #pragma unroll
+    for (int rd = 0; rd < ROUNDS; rd++) {  // this thread's 8 inputs of each round: one group's (GROUP % 8 == 0)
+        const int e = rd * 8 * THREADS + tid * 8;
+        if (e < KPER) {
+            float c = 0.f;
+            #pragma unroll
+            for (int j = 0; j < 8; j++)
+#if SPARSE
+                c += keep >> (rd * 8 + j) & 1u ? in[rd][j] : 0.f;
+#else
+                c += in[rd][j];
+#endif
+            csum[e / 8] = c;
+        }
+    }
+#endif
     __syncthreads();
     const int n = nkept;
+#if INT4
+    if (tid < NGM) {  // each group's sum of kept inputs, in a fixed order (the offsets' share of the fold)
+        float c = 0.f;
+        for (int i = 0; i < GROUP / 8; i++) c += csum[tid * (GROUP / 8) + i];
+        sxs[tid] = c;
+    }
+#endif
 #if PROFILE
     if (tid == 0) {  // slots 2-3: the kept list ready (end of the prologue); 12: its length
         stamp(rec, 2);
         rec[12] = n;
     }
 #endif
+#if INT4
+    // 2. the stream on tensor cores: a warp takes steps of 16 entries (kept rows) over the whole tile, lane (g, t)
+    // loading 16 bytes (columns 32g..32g+31) of entries 2t, 2t+1, 2t+8, 2t+9. One mma.sync m16n8k16 a column pair:
+    // A's rows g and g + 8 the pair's nibbles widened to OFF + q (exact in 16 bits), B's column g the entries'
+    // inputs where the entry's scale group is g, zero elsewhere, so D [column][group] keeps each group's sum apart
+    // and the scales apply once per CTA (the fold below); ROWS steps in flight per warp
+    const int nsteps = (n + 15) >> 4;
+    float acc[16][4];
+    #pragma unroll
+    for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#if SPARSE
+    #pragma unroll
+    for (int i = 0; i < ROWS; i++) {
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int j = (warp + RG * i) * 16 + ENT(e);
+            v[i][e] = j < n ? ld_stream(wp + (size_t)ks[j] * (N / 8)) : make_uint4(0, 0, 0, 0);
+        }
+    }
+#endif
+    for (int s0 = warp; s0 < nsteps; s0 += RG * ROWS) {
+        uint4 nv[ROWS][4];
+        #pragma unroll
+        for (int i = 0; i < ROWS; i++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = (s0 + RG * (ROWS + i)) * 16 + ENT(e);
+#if SPARSE
+                nv[i][e] = j < n ? ld_stream(wp + (size_t)ks[j] * (N / 8)) : make_uint4(0, 0, 0, 0);
+#else
+                nv[i][e] = j < n ? ld_stream(wp + (size_t)j * (N / 8)) : make_uint4(0, 0, 0, 0);
+#endif
+            }
+        }
+        #pragma unroll
+        for (int i = 0; i < ROWS; i++) {
+            const int s1 = s0 + RG * i;
+            if (s1 < nsteps) {  // (the warp's steps: uniform)
+                u32 b[2];
+                #pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    u32 half[2];
+                    #pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        const int j = s1 * 16 + ENT(2 * h + q);
+#if SPARSE
+                        const int r = j < n ? ks[j] : -GROUP;
+#else
+                        const int r = j < n ? j : -GROUP;
+#endif
+                        half[q] = r >= 0 && r / GROUP == g8 ? (u32)to_h(xs[j]) : 0u;
+                    }
+                    b[h] = half[0] | half[1] << 16;
+                }
+                #pragma unroll
+                for (int c = 0; c < 16; c++) {  // columns 2c, 2c + 1: byte c % 4 of word c / 4
+                    const u32 sel = (c & 3) * 0x11u + (4 + (c & 3)) * 0x1100u;
+                    const u32 p01 = __byte_perm(word(v[i][0], c >> 2), word(v[i][1], c >> 2), sel);
+                    const u32 p23 = __byte_perm(word(v[i][2], c >> 2), word(v[i][3], c >> 2), sel);
+                    mma16816(acc[c], (p01 & 0x000F000Fu) | OFF2, (p01 >> 4 & 0x000F000Fu) | OFF2,
+                             (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
+                }
+            }
+            #pragma unroll
+            for (int e = 0; e < 4; e++) v[i][e] = nv[i][e];
+        }
+    }
+    // the fold: y_c = sum over groups of s (D - OFF sx) + m sx, lane (g, t) holding groups 2t, 2t + 1 of its 32
+    // columns; then summed over t by halves (each lane ends with 8 columns), the warps through shared memory
+    __syncthreads();  // sxs
+    // (the offsets' terms once per CTA: in warp 0's share; the other warps add s D alone)
+    const float sa = warp == 0 && 2 * t4 < ng ? sxs[2 * t4] : 0.f;
+    const float sb = warp == 0 && 2 * t4 + 1 < ng ? sxs[2 * t4 + 1] : 0.f;
+    float val[32];
+    #pragma unroll
+    for (int c = 0; c < 32; c++) {
+        const int col = 32 * g8 + c;
+        const float* d = acc[c / 2] + 2 * (c & 1);
+        float o = 0.f;
+        if (2 * t4 < ng)
+            o += h2f(sq[0][2 * t4][col]) * (d[0] - OFF * sa) + h2f(sq[1][2 * t4][col]) * sa;
+        if (2 * t4 + 1 < ng)
+            o += h2f(sq[0][2 * t4 + 1][col]) * (d[1] - OFF * sb) + h2f(sq[1][2 * t4 + 1][col]) * sb;
+        val[c] = o;
+    }
+    #pragma unroll
+    for (int c = 0; c < 16; c++) {  // lanes with t & 2 keep columns 16..31
+        const float give = t4 & 2 ? val[c] : val[16 + c];
+        val[c] = (t4 & 2 ? val[16 + c] : val[c]) + __shfl_xor_sync(0xffffffffu, give, 2);
+    }
+    #pragma unroll
+    for (int c = 0; c < 8; c++) {  // ... and with t & 1 the upper 8 of those: columns 8t..8t+7
+        const float give = t4 & 1 ? val[c] : val[8 + c];
+        val[c] = (t4 & 1 ? val[8 + c] : val[c]) + __shfl_xor_sync(0xffffffffu, give, 1);
+    }
+    #pragma unroll
+    for (int c = 0; c < 8; c++) red[warp][32 * g8 + 8 * t4 + c] = val[c];
+#else
     // 2. the stream: entry j of the range (a kept row with SPARSE), ROWS in flight, the next ROWS issued before
     // the current ones are used
 #if SPARSE
@@ -294,6 +481,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     // 3. row groups, then K ranges
     #pragma unroll
     for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
+#endif
     __syncthreads();
 #if PDL == 2 || PDL == 4
     // the late trigger: the next launch's CTAs take only the slots of CTAs whose rows are streamed
@@ -302,59 +490,86 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #if PROFILE
     if (tid == 0) stamp(rec, 6);  // slots 6-7: every row streamed
 #endif
-    float s = 0.f;
-    if (tid < TILE) {
-        #pragma unroll
-        for (int i = 0; i < RG; i++) s += red[i][tid];
+    float s[CPTH];  // this thread's columns c = tid + THREADS q of the tile
+    #pragma unroll
+    for (int q = 0; q < CPTH; q++) {
+        const int c = tid + THREADS * q;
+        s[q] = 0.f;
+        if (c < TILE) {
+            #pragma unroll
+            for (int i = 0; i < RG; i++) s[q] += red[i][c];
+        }
     }
-    const int col = tile * TILE + tid;
 #if SPLIT == 1
     const bool fin = true;
-    bool mine = tid < TILE;
 #elif CLUSTER
     __shared__ float cl[SPLIT][TILE];
     u32 rank;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    if (tid < TILE) {
-        const u32 local = (u32)__cvta_generic_to_shared(&cl[rank][tid]);
-        u32 remote;
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0));
-        asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(s) : "memory");
+    #pragma unroll
+    for (int q = 0; q < CPTH; q++) {
+        const int c = tid + THREADS * q;
+        if (c < TILE) {
+            const u32 local = (u32)__cvta_generic_to_shared(&cl[rank][c]);
+            u32 remote;
+            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(0));
+            asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(remote), "f"(s[q]) : "memory");
+        }
     }
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
     const bool fin = rank == 0;
-    bool mine = fin && tid < TILE;
-    if (mine) {
-        s = 0.f;
+    if (fin) {
         #pragma unroll
-        for (int i = 0; i < SPLIT; i++) s += cl[i][tid];
+        for (int q = 0; q < CPTH; q++) {
+            const int c = tid + THREADS * q;
+            if (c < TILE) {
+                s[q] = 0.f;
+                #pragma unroll
+                for (int i = 0; i < SPLIT; i++) s[q] += cl[i][c];
+            }
+        }
     }
 #else
     __shared__ int last;
-    if (tid < TILE) part[(size_t)split * N + col] = s;
+    #pragma unroll
+    for (int q = 0; q < CPTH; q++) {
+        const int c = tid + THREADS * q;
+        if (c < TILE) part[(size_t)split * N + tile * TILE + c] = s[q];
+    }
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(counter + tile, 1u) == SPLIT - 1;
     __syncthreads();
     const bool fin = last;
-    bool mine = fin && tid < TILE;
-    if (mine) {
+    if (fin) {
         __threadfence();
-        s = 0.f;
         #pragma unroll
-        for (int i = 0; i < SPLIT; i++) s += __ldcg(part + (size_t)i * N + col);
+        for (int q = 0; q < CPTH; q++) {
+            const int c = tid + THREADS * q;
+            if (c < TILE) {
+                s[q] = 0.f;
+                #pragma unroll
+                for (int i = 0; i < SPLIT; i++) s[q] += __ldcg(part + (size_t)i * N + tile * TILE + c);
+            }
+        }
         if (tid == 0) counter[tile] = 0;
     }
 #endif
-    if (mine) {
+    if (fin) {
+        #pragma unroll
+        for (int q = 0; q < CPTH; q++) {
+            const int c = tid + THREADS * q, col = tile * TILE + c;
+            if (c < TILE) {
 #if INT8
-        s *= scale[col];
+                s[q] *= ((const float*)scale)[col];
 #endif
-        float o = rnd(s);
+                float o = rnd(s[q]);
 #if RES
-        o = to_f(PDL_WAIT ? __ldcg(res + col) : res[col]) + o;
+                o = to_f(PDL_WAIT ? __ldcg(res + col) : res[col]) + o;
 #endif
-        y[col] = to_h(o);
+                y[col] = to_h(o);
+            }
+        }
     }
     return fin;
 }
@@ -364,7 +579,7 @@ KERNEL = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) CLUSTER_ATTR gemv16(
         const void* __restrict__ w, const u16* __restrict__ x, const void* __restrict__ thr,
         const u16* __restrict__ nw, const u16* __restrict__ res, u16* __restrict__ y,
-        float* __restrict__ part, u32* __restrict__ counter, const float* __restrict__ scale,
+        float* __restrict__ part, u32* __restrict__ counter, const void* __restrict__ scale,
         long long* __restrict__ prof) {  // [>= grid, PROF_SLOTS] (PROFILE_ON): each CTA's stamps, in CTA order
 #if PROFILE_ON
     long long* rec = prof + PROF_SLOTS * (blockIdx.y * gridDim.x + blockIdx.x);
@@ -415,29 +630,49 @@ class Spec(NamedTuple):
     int8: bool = False  # int8 weights with float32 column scales (kernels/formats.py INT8), else 16-bit
     profile: bool = False  # each CTA stamps its phases (launch's `prof`; scripts/profile_phases.py --nvrtc)
     cols: int = COLS  # output columns per CTA (tile_cols)
+    group: int = 0  # int4 weights (kernels/formats.py INT4) with scale groups of this many inputs; 0: not int4
 
 
-def supported(K: int, sizes, dtype: torch.dtype) -> bool:
+def supported(K: int, sizes, dtype: torch.dtype, group: int = 0) -> bool:
     """Whether a projection of this shape and activation dtype runs here: 16-bit activations (and weights, or int8
-    ones), segments of whole 64-column tiles (at most three), K a multiple of 8."""
-    return (dtype in (torch.bfloat16, torch.float16) and len(sizes) <= 3 and all(s % COLS == 0 for s in sizes)
-            and K % 8 == 0)
+    ones), segments of whole 64-column tiles (at most three), K a multiple of 8; int4 weights in scale groups of
+    `group` inputs (32, 64 or 128, dividing K): segments of whole 256-column tiles."""
+    cols = INT4_COLS if group else COLS
+    return (dtype in (torch.bfloat16, torch.float16) and len(sizes) <= 3 and all(s % cols == 0 for s in sizes)
+            and K % 8 == 0 and (not group or group in (32, 64, 128) and K % group == 0))
 
 
-def tile_cols(sizes, int8: bool) -> int:
-    """Output columns per CTA: 128 for int8 weights where every segment holds whole 128-column tiles (a kept row's
-    piece is then 128 bytes, as a 16-bit row's in 64 columns), else 64."""
+def tile_cols(sizes, int8: bool, group: int = 0) -> int:
+    """Output columns per CTA: 256 for int4 weights (a warp's step covers them: 128 bytes of a row, 16 rows); 128
+    for int8 weights where every segment holds whole 128-column tiles (a kept row's piece is then 128 bytes, as a
+    16-bit row's in 64 columns), else 64."""
+    if group:
+        return INT4_COLS
     return 2 * COLS if int8 and all(s % (2 * COLS) == 0 for s in sizes) else COLS
 
 
-def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False) -> Config:
+def int4_config(K: int, sizes, n_sm: int, major: int, group: int) -> Config:
+    """int4 weights' launch config: the fewest K ranges that put >= 2.5 CTAs per SM, with at most 8 scale groups a
+    range (D's eight columns), 2 steps of 16 rows in flight per warp, summed through a cluster on sm_90 where 8 or
+    fewer; the split then trimmed to the ranges its K range size needs (no empty range)."""
+    tiles = sum(sizes) // INT4_COLS
+    split = max(-(-K // (8 * group)), 1)
+    while tiles * split < 2.5 * n_sm and k_per(K, split * 2, group) >= group and split * 2 <= K // group:
+        split *= 2
+    split = -(-K // k_per(K, split, group))
+    return Config(split, 2, int(major >= 9 and 1 < split <= 8))
+
+
+def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False, group: int = 0) -> Config:
     """The launch config of a projection of K inputs into segments `sizes` (int8: int8 weights, in tile_cols' tiles).
     Wide projections (>= 2.5 column tiles per SM: gate/up) two K ranges, 4 rows in flight per thread, counter
     tail; the others the fewest K ranges that put >= 2.5 CTAs per SM, 8 rows, K ranges summed through a cluster on
     sm_90; more ranges where one would not fit shared memory. From sweeps (docs/perf-notes.md, session 32): on an
     H100, Llama-2-7B q/k/v 2 x 8 cluster, o and down 8 x 8 cluster, gate/up 2 x 4, within 0.5 us of the best at 40
     and 50% (gate/up dense 0.9 us above it); on an H200, Llama-3-8B, the same rule within 1.0 us of the best at 0,
-    40 and 50% (one K range with 16 rows: 11.4 us slower on gate/up dense)."""
+    40 and 50% (one K range with 16 rows: 11.4 us slower on gate/up dense). int4 (group): int4_config."""
+    if group:
+        return int4_config(K, sizes, n_sm, major, group)
     cols = tile_cols(sizes, int8)
     tiles = sum(sizes) // cols
     if tiles >= 2.5 * n_sm:  # wide (gate/up): two K ranges, 4 rows in flight, counter tail
@@ -452,9 +687,10 @@ def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False) -> 
     return Config(split, rows, cluster)
 
 
-def k_per(K: int, split: int) -> int:
-    """Inputs per K range: a multiple of 8 (16-byte loads)."""
-    return -(-K // (8 * split)) * 8
+def k_per(K: int, split: int, group: int = 0) -> int:
+    """Inputs per K range: a multiple of 8 (16-byte loads), of int4's scale group where there is one."""
+    unit = group or 8
+    return -(-K // (unit * split)) * unit
 
 
 def item_source(spec: Spec, name: str) -> str:
@@ -462,13 +698,15 @@ def item_source(spec: Spec, name: str) -> str:
     cfg = spec.config
     if cfg.cluster and cfg.split == 1:
         raise UserError("a cluster tail needs a split of 2 or more")
-    kper = k_per(spec.K, cfg.split)
+    kper = k_per(spec.K, cfg.split, spec.group)
     if kper > MAX_KPER:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
+    if spec.group and kper > 8 * spec.group:
+        raise UserError(f"an int4 K range holds at most 8 scale groups ({8 * spec.group} inputs): split K further")
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
                    RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl, TILE=spec.cols,
-                   INT8=int(spec.int8), PROFILE=int(spec.profile))
+                   INT8=int(spec.int8), INT4=int(spec.group > 0), GROUP=spec.group, PROFILE=int(spec.profile))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
 
@@ -504,17 +742,18 @@ def _function(spec: Spec, device: int) -> ctypes.c_void_p:
 
 
 def spec_of(K: int, sizes, dtype: torch.dtype, sparse: bool, norm: bool, glu_in: bool, residual: bool, eps: float,
-            config: Config, thr32: bool = False, int8: bool = False, profile: bool = False) -> Spec:
-    """dtype: the activations' (and 16-bit weights')."""
+            config: Config, thr32: bool = False, int8: bool = False, profile: bool = False, group: int = 0) -> Spec:
+    """dtype: the activations' (and 16-bit weights'); group: int4 weights' scale group (0: not int4)."""
     ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
     N = ends[-1]
     return Spec(K, N, ends[0] if len(ends) > 1 else N, ends[1] if len(ends) > 2 else N, dtype == torch.float16,
-                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, profile, tile_cols(sizes, int8))
+                sparse, norm, glu_in, residual, float(eps), config, thr32, int8, profile, tile_cols(sizes, int8, group),
+                group)
 
 
 def launch(spec: Spec, x: Tensor, w: Tensor, t: Optional[Tensor], nw: Optional[Tensor], residual: Optional[Tensor],
            counters: Tensor, y: Tensor, part: Tensor, scale: Optional[Tensor] = None, prof: Optional[Tensor] = None):
-    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's; prof:
+    """One launch into y [N] on the current stream (every tensor contiguous, on one device; scale: int8's or int4's; prof:
     int64 [>= grid(spec), PROFILE_SLOTS] where spec.profile, each CTA's stamps in the layout of
     kernels/common.py's profile buffers: (global timer, clock) at slots 0 start, 2 kept list ready, 6 rows
     streamed, 10 result written; 12 the kept rows, 13 the SM)."""
@@ -539,9 +778,10 @@ def launch_config(spec: Spec, stream: ctypes.c_void_p) -> nvrtc.LaunchConfig:
 def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
          counters: Tensor, scale: Optional[Tensor], sizes: list[int], glu_in: bool, eps: float, split: int,
          rows: int, cluster: int, pdl: int) -> Tensor:
-    K, N = w.shape
+    K, N = w.shape[0], sum(sizes)
     spec = spec_of(K, sizes, x.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
-                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32, scale is not None)
+                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32,
+                   w.dtype == torch.int8, group=int4_group(w, scale))
     y = torch.empty(N, dtype=x.dtype, device=w.device)
     part = torch.empty(split if split > 1 and not cluster else 0, N, device=w.device)
     launch(spec, x, w, t, norm_weight, residual, counters, y, part, scale)
@@ -557,7 +797,7 @@ def _cuda_gemv_op(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Option
 
 @_cuda_gemv_op.register_fake
 def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl):
-    return x.new_empty(w.shape[1])
+    return x.new_empty(sum(sizes))
 
 
 @_cuda_gemv_op.register_kernel("cpu")
@@ -571,12 +811,15 @@ def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor
               glu_in: bool = False, scale: Optional[Tensor] = None) -> Tensor:
     """y [N] = (residual +) sparsify(f(x)) @ w for one token: x [K] (or gate/up's outputs [2, K] with glu_in: f is
     silu(gate) * up), RMS-normalised with norm_weight; t [segments, K] thresholds, float32 or x's dtype (None:
-    dense); counters [N / 64] int32 zeros (left at zero). w [K, N] in x's dtype (16-bit), or int8 with its column
-    scales `scale` [N] float32 (kernels/formats.py INT8); norm_weight, residual in x's dtype."""
-    K, N = w.shape
-    assert supported(K, sizes, x.dtype) and sum(sizes) == N and x.numel() == K * (2 if glu_in else 1)
-    assert (w.dtype == torch.int8 and scale is not None and scale.dtype == torch.float32) or \
-        (w.dtype == x.dtype and scale is None)
+    dense); counters [N / 64] int32 zeros (left at zero). w [K, N] in x's dtype (16-bit), int8 with its column
+    scales `scale` [N] float32 (kernels/formats.py INT8), or int4 words [K, N / 8] with `scale` [2, K / group, N]
+    float16 (INT4, in column order); norm_weight, residual in x's dtype."""
+    K, N = w.shape[0], sum(sizes)
+    group = int4_group(w, scale)
+    assert supported(K, sizes, x.dtype, group) and x.numel() == K * (2 if glu_in else 1)
+    assert (w.dtype == torch.int8 and w.shape[1] == N and scale is not None and scale.dtype == torch.float32) or \
+        (group and w.shape[1] * 8 == N and scale.shape == (2, K // group, N) and scale.is_contiguous()) or \
+        (w.dtype == x.dtype and w.shape[1] == N and scale is None)
     assert all(a is None or (a.dtype == x.dtype and a.is_contiguous()) for a in (norm_weight, residual))
     assert t is None or (t.dtype in (x.dtype, torch.float32) and t.is_contiguous())
     return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, scale, list(sizes), glu_in, float(eps), *config)
@@ -590,4 +833,10 @@ def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight:
         x = reference.parts_ref(x.float().view(1, 2, 1, -1), True, x.dtype)[0]
     return reference.sparse_gemv_ref(x.view(1, -1), w, t, sizes, residual=None if residual is None
                                      else residual.view(1, -1), norm_weight=norm_weight, eps=eps,
-                                     fmt=FLOAT if scale is None else INT8, scale=scale)[0]
+                                     fmt=FLOAT if scale is None else INT8 if w.dtype == torch.int8 else INT4,
+                                     scale=scale)[0]
+
+
+def int4_group(w: Tensor, scale: Optional[Tensor]) -> int:
+    """The scale group of int4 weights w (int32 words) from their scales' shape; 0 for other weights."""
+    return w.shape[0] // scale.shape[1] if w.dtype == torch.int32 and scale is not None else 0

@@ -253,7 +253,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROM
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
-              nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None,
+              nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None, nvrtc_int4: bool = False,
               nvrtc_attention: Optional[bool] = None, attention_pdl: Optional[int] = None) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
@@ -268,7 +268,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROM
         quantize_model(model, fmt)
     model.set_plan(decode_plan(torch.device("cuda"), fuse_norm=fuse_norm, attention_kernel=attention,
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
-                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8,
+                               nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8, nvrtc_int4=nvrtc_int4,
                                nvrtc_attention=nvrtc_attention, attention_pdl=attention_pdl,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
@@ -554,6 +554,8 @@ def main():
                    help="sparse steps' projections on it too (default: wherever dense steps are)")
     p.add_argument("--nvrtc-int8", action=argparse.BooleanOptionalAction, default=None,
                    help="int8 weights' projections on it (--quant int8; default: wherever dense steps are)")
+    p.add_argument("--nvrtc-int4", action="store_true",
+                   help="int4 weights' projections on it, on tensor cores (--quant int4 / awq; default: Gluon's kernels)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
                    "NVRTC projections (default: with them)")
@@ -613,6 +615,7 @@ def main():
                                                       graph=a.graph, group=a.group,
                                                       masked_stream=a.masked_stream, nvrtc=a.nvrtc,
                                                       nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8,
+                                                      nvrtc_int4=a.nvrtc_int4,
                                                       nvrtc_attention=a.nvrtc_attention,
                                                       attention_pdl=a.attention_pdl, prompt_len=a.prompt_len)]
             if writes:

@@ -42,7 +42,7 @@ from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_
 from loading import random_model
 from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
-from kernels.formats import INT4, INT8, quant_format
+from kernels.formats import INT4, INT8, int4_variant, quant_format
 from plan import decode_plan
 from scripts.bench import decode_path
 from quantization import quantize_model
@@ -461,6 +461,58 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     return failures
 
 
+def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
+    """kernels/cuda_gemv.py's int4 mode (tensor cores) against its reference: real and odd shapes, scale groups of
+    128 / 64 / 32 inputs, bf16 and fp16, dense and sparse, the norm fused, the residual added, gate/up's outputs
+    gated, the fewest K ranges (8 scale groups each) and the default split with both tails, 2 steps in flight (1
+    too on the odd shapes); relative error within dtype bounds, every output written (poisoned), counters left at
+    zero, bit for bit over two launches."""
+    failures, cases = [], 0
+    major = torch.cuda.get_device_capability()[0]
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [  # (K, sizes, norm, residual, glu_in, groups)
+        (4096, (4096, 4096, 4096), True, False, False, (128,)), (4096, (4096, 1024, 1024), True, False, False, (128,)),
+        (4096, (4096,), False, True, False, (128, 32)), (4096, (11008, 11008), True, False, False, (128,)),
+        (11008, (4096,), False, True, True, (128,)), (640, (256, 512, 256), True, False, False, (128, 64, 32)),
+        (1056, (512,), False, True, True, (32,)), (352, (256,), False, False, False, (32,))]
+    for (K, sizes, norm, res, glu_in, groups), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
+        N = sum(sizes)
+        w16 = torch.randn(K, N, device="cuda") / K ** 0.5
+        x, g, _, xin = projection_input(1, K, dtype, norm)
+        if glu_in:
+            x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
+            xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
+        r = torch.randn(N, device="cuda", dtype=dtype) if res else None
+        for group in groups:
+            w, scale = int4_variant(group).quantize_weight(w16)
+            fewest = -(-K // cuda_gemv.k_per(K, -(-K // (8 * group)), group))
+            splits = sorted({fewest, cuda_gemv.int4_config(K, sizes, n_sm, major, group).split})
+            for s, split in itertools.product(levels, splits):
+                t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
+                ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
+                for cluster, rows in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
+                                                       (1, 2) if K < 2048 else (2,)):
+                    cfg = cuda_gemv.Config(split, rows, cluster)
+                    spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
+                                             True, group=group)
+                    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+                    part = torch.empty(split, N, device="cuda")
+                    outs = []
+                    for _ in range(2):
+                        y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
+                        cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part, scale)
+                        outs.append(y)
+                    torch.cuda.synchronize()
+                    err = rel_err(outs[0], ref)
+                    cases += 1
+                    if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(counters.abs().sum()) == 0):
+                        failures.append(f"cuda_gemv int4 K={K} sizes={sizes} {dtype} group={group} s={s} norm={norm} "
+                                        f"res={res} glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
+                                        f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
+    print(f"cuda_gemv int4 (NVRTC, tensor cores): {cases} cases, {len(failures)} failures")
+    return failures
+
+
 def check_cuda_attention(**variant) -> list:
     """kernels/cuda_attention.py (NVRTC, sm_90) against decode_attention_ref: MHA and GQA heads, head dims 128 and
     64, caches whose split count takes the cluster (2, 6 splits) or the counter (16), positions at block edges,
@@ -504,7 +556,7 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
                 attention_pdl: Optional[int] = None) -> tuple:
     """sparse=False: the compiled step decodes dense (cuBLAS projections, what generate.py does at 0); quant: the
     sparse linears quantized (quantize.py, "int8" or "int4"), both decodes on the same quantized weights; nvrtc:
-    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch), and its attention on
+    the compiled step's batch-1 projections on kernels/cuda_gemv.py (plan.nvrtc_arch; int4 weights' too), and its attention on
     kernels/cuda_attention.py unless nvrtc_attention is False."""
     args = ModelArgs.from_name("llama-2-7b")
     args.n_layer = layers
@@ -528,7 +580,7 @@ def check_model(layers: int, sparsity: float, dtype: torch.dtype, steps: int = 3
         free_ref = ref_tokens
     # compiled decode with the Triton kernels, fed the reference tokens
     model.set_plan(dataclasses.replace(decode_plan(torch.device("cuda"), sparsity=sparsity, nvrtc=nvrtc,
-                                                   nvrtc_sparse=nvrtc,
+                                                   nvrtc_sparse=nvrtc, nvrtc_int4=bool(nvrtc) and quant == "int4",
                                                    nvrtc_attention=nvrtc_attention if nvrtc else False,
                                                    attention_pdl=attention_pdl if nvrtc else 0),
                                        sparse_decode=sparse))
@@ -617,7 +669,8 @@ def main():
         sys.exit("error: gpu_check.py needs a CUDA GPU")
     torch.manual_seed(0)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_cuda_attention()
+    failures = [] if a.models_only else (check_kernels(n_sm) + check_cuda_gemv() + check_cuda_gemv_int4()
+                                         + check_cuda_attention()
                                          + check_quant_kernels(n_sm)
                                          + check_quant_kernels(n_sm, quant="int4")
                                          + (check_hopper_int4(n_sm) if torch.cuda.get_device_capability() == (9, 0)
@@ -644,7 +697,9 @@ def main():
                                                      (a.sparsity, torch.bfloat16, None, True, "int8", on_nvrtc),
                                                      (0.0, torch.bfloat16, 3e-2, True, "int4", False),
                                                      (a.sparsity, torch.float32, 1e-3, True, "int4", False),
-                                                     (a.sparsity, torch.bfloat16, None, True, "int4", False)):
+                                                     (a.sparsity, torch.bfloat16, None, True, "int4", False),
+                                                     (0.0, torch.bfloat16, 3e-2, True, "int4", on_nvrtc),
+                                                     (a.sparsity, torch.bfloat16, None, True, "int4", on_nvrtc)):
         if cuda is None:
             continue
         torch._dynamo.reset()

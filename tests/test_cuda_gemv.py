@@ -10,7 +10,7 @@ import torch
 from errors import UserError
 from kernels.common import PROFILE_SLOTS
 from kernels import configs, cuda_gemv, nvrtc, reference, sparse_gemv
-from kernels.formats import FLOAT, INT8
+from kernels.formats import FLOAT, INT8, int4_variant
 from model import ModelArgs
 from plan import decode_plan
 from tests.kernel_cases import halfway_thresholds
@@ -202,3 +202,72 @@ def test_launch_config_matches_the_driver_layout():
         assert cuda_gemv.launch_config(spec._replace(config=cuda_gemv.Config(8, 8, 1, trigger)), None).n_attrs == 0
         source = cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, trigger)))
         assert "#define PDL_WAIT (PDL == 1 || PDL == 2)" in source and f"#define PDL {trigger}\n" in source
+
+
+@pytest.mark.parametrize("case", ["qkv", "down"])
+def test_int4_reference_matches_the_triton_kernels(case):
+    """cuda_gemv_ref on int4 weights (groups of 32 inputs, column order) computes what the Triton int4 kernel does:
+    q/k/v with the norm fused and three thresholded segments, down gating gate/up's outputs with the residual."""
+    K, sizes = (256, (256, 256, 256)) if case == "qkv" else (160, (256,))
+    N = sum(sizes)
+    fmt = int4_variant(32)
+    w, scale = fmt.quantize_weight(torch.randn(K, N, device=DEVICE) / K ** 0.5)
+    g = (torch.rand(K, device=DEVICE) + 0.5) if case == "qkv" else None
+    residual = torch.randn(N, device=DEVICE) if case == "down" else None
+    parts = None
+    x = torch.randn(K, device=DEVICE) * 3
+    if case == "down":
+        parts = torch.zeros(1, 2, 1, K, device=DEVICE)
+        parts[0] = torch.randn(2, 1, K, device=DEVICE) * 2
+        x = parts[0, :, 0]
+    xin = reference.rms_norm_ref(x, g, 1e-5) if g is not None else reference.parts_ref(parts, True, x.dtype)[0]
+    t = torch.cat([halfway_thresholds(xin.view(1, K), s) for s in (0.5, 0.4, 0.6)[:len(sizes)]])
+    ours = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, residual, glu_in=case == "down", scale=scale)
+    cfg = configs.default_config(1, K, sizes, False, 4, fmt, False, 32)
+    counters = torch.zeros(configs.counters_size(sizes, False, cfg.block_n), dtype=torch.int32, device=DEVICE)
+    if case == "down":
+        theirs = sparse_gemv.sparse_gemv_ss(parts, w, t, sizes, counters, cfg, residual.view(1, N), fmt=fmt,
+                                            scale=scale)[0][0]
+    else:
+        theirs = sparse_gemv.sparse_gemv(x.view(1, K), w, t, sizes, counters, cfg, norm_weight=g,
+                                         ss_in=reference.sum_squares_ref(x.view(1, K), 128), fmt=fmt, scale=scale)[0]
+    assert ours.shape == (N,) and rel_err(ours, theirs) < 1e-5
+    assert rel_err(ours, cuda_gemv.cuda_gemv_ref(x, w, None, sizes, g, 1e-5, residual, case == "down", scale)) > 1e-2
+
+
+def test_int4_configs_and_shapes():
+    """int4 weights: 256-column tiles, a K range of at most 8 scale groups (D's eight columns) and a multiple of the
+    group, no empty range, the fewest ranges that put >= 2.5 CTAs an SM, clusters where 8 or fewer on sm_90."""
+    assert cuda_gemv.supported(4096, (4096, 1024, 1024), BF16, 128)
+    assert not cuda_gemv.supported(576, (576, 192, 192), BF16, 64)  # SmolLM2: not whole 256-column tiles
+    assert not cuda_gemv.supported(4096, (4096,), BF16, 48) and not cuda_gemv.supported(4000, (4096,), BF16, 128)
+    got = {p: cuda_gemv.default_config(K, s, 132, 9, group=128) for p, (K, s, _) in _shapes("llama-2-7b").items()}
+    assert got == {"qkv": (8, 2, 1, 0), "o": (32, 2, 0, 0), "gate_up": (4, 2, 1, 0), "down": (22, 2, 0, 0)}
+    for name in ("llama-2-7b", "llama-3-8b", "mistral-7b-v0.1"):
+        for K, sizes, _ in _shapes(name).values():
+            for group in (128, 64, 32):
+                cfg = cuda_gemv.default_config(K, sizes, 132, 9, group=group)
+                kper = cuda_gemv.k_per(K, cfg.split, group)
+                assert kper % group == 0 and kper <= 8 * group and (cfg.split - 1) * kper < K <= cfg.split * kper
+    spec = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(4, 2, 1),
+                             group=128)
+    assert spec.cols == 256 and cuda_gemv.grid(spec) == 16 * 4
+    src = cuda_gemv.kernel_source(spec)
+    assert "#define INT4 1\n" in src and "#define GROUP 128\n" in src and "#define TILE 256\n" in src
+    with pytest.raises(UserError, match="8 scale groups"):
+        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(2, 2, 1)))
+
+
+@pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"])
+def test_every_int4_kernel_of_a_model_builds_for_sm90(name):
+    """int4's launches (tensor cores: mma.sync in bf16 and fp16), dense and sparse, default configs and a counter
+    tail, groups of 128 and 32, compile for sm_90."""
+    lib = ctypes.CDLL(nvrtc.find_nvrtc())
+    for proj, (K, sizes, glu_in) in _shapes(name).items():
+        for dtype, sparse, group in ((BF16, True, 128), (torch.float16, False, 128), (BF16, False, 32)):
+            cfg = cuda_gemv.default_config(K, sizes, 132, 9, group=group)
+            for c in {cfg, cfg._replace(cluster=0)}:
+                spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, proj in ("qkv", "gate_up"), glu_in,
+                                         proj in ("o", "down"), 1e-5, c, True, group=group)
+                assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")[:4] == b"\x7fELF"

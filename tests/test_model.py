@@ -213,6 +213,33 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, monkeypatch)
     assert calls.count(True) == len(model.layers) * steps.shape[1]  # down gates gate/up's outputs
 
 
+def test_nvrtc_int4_route_matches_reference_decode(monkeypatch):
+    """plan.nvrtc_int4: int4 weights' one-token projections take kernels/cuda_gemv.py's int4 mode (on a CPU its op
+    runs the reference), all four a layer, their weights back in column order where an earlier plan held them in
+    the tensor-core kernel's order; the decode matches the reference path (the int8 LM head on Triton's kernel)."""
+    args = ModelArgs(dim=256, n_layer=2, n_head=4, n_kv_head=4, intermediate_size=512, vocab_size=101,
+                     max_seq_len=128)
+    ref_model = random_model(args, "cpu", torch.bfloat16, seed=0)
+    quantize_model(ref_model, quant_format("int4"))
+    set_uniform_thresholds(ref_model, capture_inputs(ref_model, torch.randint(0, 101, (1, 48))), 0.5)
+    model = copy.deepcopy(ref_model)
+    words = [m.weight.clone() for _, _, m, _ in model.sparse_modules()]
+    plan = decode_plan(torch.device("cpu"), sparsity=0.5, kernels=True, attention_kernel=False)
+    model.set_plan(dataclasses.replace(plan, hopper_int4=True, hopper_mma=True))  # tensor-core order where it fits
+    assert all(m.mma_config is not None for _, _, m, _ in model.sparse_modules())
+    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_int4=True))
+    mods = [m for _, _, m, _ in model.sparse_modules()]
+    assert all(m.cuda_config is not None and m.mma_config is None for m in mods)
+    assert all(torch.equal(m.weight, w) for m, w in zip(mods, words))
+    calls = []
+    launch = cuda_gemv.cuda_gemv
+    monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(a[1].dtype) or launch(*a, **k))
+    prompt, steps = torch.randint(0, 101, (1, 20)), torch.randint(0, 101, (1, 2))
+    for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=0)):
+        assert rel_err(out, ref) < 1e-2, i
+    assert calls == [torch.int32] * 4 * len(model.layers) * steps.shape[1]
+
+
 @pytest.mark.parametrize("window", [None, 24])
 def test_nvrtc_attention_route_matches_reference_decode(window, monkeypatch):
     """plan.nvrtc_attention: a one-token step whose q/k/v ran on the NVRTC projection takes kernels/cuda_attention.py
