@@ -255,7 +255,7 @@ class SparseLinear(nn.Module):
         if plan.masked_stream and not group and not self.head:
             self.kernel_configs[1] = self.kernel_configs[1]._replace(masked=1)
         act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (quantized: checked per call)
-        on_nvrtc = (plan.nvrtc_arch and not self.head and cuda_gemv.supported(K, self.sizes, act, group)
+        on_nvrtc = bool(plan.nvrtc_arch and not self.head and cuda_gemv.supported(K, self.sizes, act, group)
                     and {FLOAT.code: True, INT8.code: plan.nvrtc_int8,
                          INT4.code: plan.nvrtc_int4 and plan.nvrtc_arch >= 80}[self.fmt.code])
         if self.fmt.code == 2 and not self.head:

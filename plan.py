@@ -20,8 +20,8 @@ instead of keeping flags of its own:
   (both with it by default: +3 to +6% end to end at 50% on an H100 and an H200, docs/perf-notes.md session 33);
   at level 0 (`zero_level`) int8 steps, which stay on the sparse route (their weights have no dense one), call it
   without thresholds: its dense mode streams every row without a kept list (+12% over Triton's int8 kernel on an
-  H100, session 36); `nvrtc_int4`: int4 weights' steps too (the kernel's tensor-core mode; off by default until
-  measured, docs/perf-notes.md session 44);
+  H100, session 36); `nvrtc_int4`: int4 weights' steps too (the kernel's tensor-core mode; off by default: slower than
+  the Gluon kernels on an H100, 360 against 506 tok/s at 50% for Llama-2-7B, docs/perf-notes.md session 44);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
   or for int8 on sm_90 the NVRTC one);

@@ -112,7 +112,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
 #endif
 #if INT4
     __shared__ __align__(16) u16 sq[2][NGM][TILE];  // the range's scales and offsets (float16), by local group
-    __shared__ float csum[KPER / 8];  // kept inputs' sums by 8 inputs, then by group:
+    __shared__ float csum[KPER / 8];  // kept inputs summed by 8 inputs (sxs: by group)
     __shared__ float sxs[NGM];
 #endif
 #if PDL == 1 || PDL == 3
