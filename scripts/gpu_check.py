@@ -380,6 +380,24 @@ def check_pdl_chain() -> tuple:
     return failures, cases
 
 
+def cuda_gemv_case(spec, x, w, t, g, r, scale, ref) -> Optional[str]:
+    """One launch config of kernels/cuda_gemv.py, launched twice into poisoned outputs: None if within the dtype's
+    bound of `ref`, bit for bit the same both times and its counters left at zero, else what went wrong."""
+    N, dtype = ref.numel(), ref.dtype
+    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+    part = torch.empty(spec.config.split, N, device="cuda")
+    outs = []
+    for _ in range(2):
+        y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
+        cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part, scale)
+        outs.append(y)
+    torch.cuda.synchronize()
+    err, same, left = rel_err(outs[0], ref), torch.equal(outs[0], outs[1]), int(counters.abs().sum())
+    if err <= BOUND[dtype] and same and left == 0:
+        return None
+    return f"err {err:.2e}, repeatable {same}, counters left {left}"
+
+
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
     the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, 16-bit or int8
@@ -415,21 +433,11 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
                 cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
                 spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                          t is not None and t32, int8)
-                counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
-                part = torch.empty(split, N, device="cuda")
-                outs = []
-                for _ in range(2):
-                    y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
-                    cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part, scale)
-                    outs.append(y)
-                torch.cuda.synchronize()
-                err = rel_err(outs[0], ref)
+                bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                 cases += 1
-                if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(counters.abs().sum()) == 0):
+                if bad:
                     failures.append(f"cuda_gemv K={K} sizes={sizes} {dtype} int8={int8} s={s} t32={t32} norm={norm} "
-                                    f"res={res} "
-                                    f"glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
-                                    f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
+                                    f"res={res} glu_in={glu_in} cfg={tuple(cfg)}: {bad}")
     if major >= 9:
         pdl_failures, pdl_cases = check_pdl_chain()
         failures += pdl_failures
@@ -495,20 +503,11 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
                     cfg = cuda_gemv.Config(split, rows, cluster)
                     spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                              True, group=group)
-                    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
-                    part = torch.empty(split, N, device="cuda")
-                    outs = []
-                    for _ in range(2):
-                        y = torch.full((N,), float("nan"), device="cuda", dtype=dtype)
-                        cuda_gemv.launch(spec, x.reshape(-1), w, t, g, r, counters, y, part, scale)
-                        outs.append(y)
-                    torch.cuda.synchronize()
-                    err = rel_err(outs[0], ref)
+                    bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                     cases += 1
-                    if not (err <= BOUND[dtype] and torch.equal(outs[0], outs[1]) and int(counters.abs().sum()) == 0):
+                    if bad:
                         failures.append(f"cuda_gemv int4 K={K} sizes={sizes} {dtype} group={group} s={s} norm={norm} "
-                                        f"res={res} glu_in={glu_in} cfg={tuple(cfg)}: err {err:.2e}, repeatable "
-                                        f"{torch.equal(outs[0], outs[1])}, counters left {int(counters.abs().sum())}")
+                                        f"res={res} glu_in={glu_in} cfg={tuple(cfg)}: {bad}")
     print(f"cuda_gemv int4 (NVRTC, tensor cores): {cases} cases, {len(failures)} failures")
     return failures
 
