@@ -44,7 +44,7 @@ from torch import Tensor
 from errors import UserError
 from kernels import cuda_gemv
 from kernels.common import INTERPRETED, MAX_ROWS
-from kernels.formats import FLOAT, QuantFormat
+from kernels.formats import FLOAT, INT4, INT8, QuantFormat
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ class DecodePlan:
         """Whether a call of `rows` token rows may run kernels/cuda_gemv.py (its module decides on shape and dtype)."""
         return (self.nvrtc_arch > 0 and rows == 1 and active is None
                 and ((self.nvrtc_int8 or self.nvrtc_int4) if self.quantized else self.nvrtc_sparse or not sparse))
+
+    def nvrtc_weights(self, fmt: QuantFormat) -> bool:
+        """Whether weights stored in `fmt` may take kernels/cuda_gemv.py on this plan: 16-bit ones wherever
+        nvrtc_arch is set, int8 ones with nvrtc_int8, int4 ones with nvrtc_int4 (mma.sync: sm_80 and later)."""
+        return self.nvrtc_arch > 0 and {FLOAT.code: True, INT8.code: self.nvrtc_int8,
+                                        INT4.code: self.nvrtc_int4 and self.nvrtc_arch >= 80}[fmt.code]
 
     def cuda_thresholds(self, sparse: bool) -> bool:
         """Whether a call on kernels/cuda_gemv.py applies thresholds: not at level 0, where they are zero (exactly

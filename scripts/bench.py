@@ -484,9 +484,10 @@ def plot(out: Path, slug: str, e2e: list, kernels: list, bw: float):
         return
     if e2e:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key in dict.fromkeys((r["model"], r.get("quant", "none"), r.get("prompt_len", PROMPT_LEN)) for r in e2e):
-            rs = [r for r in e2e if (r["model"], r.get("quant", "none"), r.get("prompt_len", PROMPT_LEN)) == key]
-            m = (key[0] if key[1] == "none" else f"{key[0]} {key[1]}") + ("" if key[2] == PROMPT_LEN else f" ({key[2]}-token prompt)")
+        for key in dict.fromkeys(map(e2e_key, e2e)):  # one curve per model, weights, ranks and prompt
+            rs = [r for r in e2e if e2e_key(r) == key]
+            name, quant, _, prompt = key
+            m = (name if quant == "none" else f"{name} {quant}") + ("" if prompt == PROMPT_LEN else f" ({prompt}-token prompt)")
             line, = ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] for r in rs], "o-", label=m)
             ax.plot([r["measured_sparsity"] for r in rs], [r["tok_s"] / r["roofline_frac"] for r in rs], ":", alpha=0.5,
                     color=line.get_color(),

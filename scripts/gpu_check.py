@@ -493,7 +493,7 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
         r = torch.randn(N, device="cuda", dtype=dtype) if res else None
         for group in groups:
             w, scale = int4_variant(group).quantize_weight(w16)
-            fewest = -(-K // cuda_gemv.k_per(K, -(-K // (8 * group)), group))
+            fewest = cuda_gemv.int4_config(K, sizes, 0, major, group).split  # (no SMs to fill: 8 groups a range)
             splits = sorted({fewest, cuda_gemv.int4_config(K, sizes, n_sm, major, group).split})
             for s, split in itertools.product(levels, splits):
                 t = spread_thresholds(xin, len(sizes), s) if s > 0 else None

@@ -9,7 +9,7 @@ import torch
 import plan as plan_module
 from errors import UserError
 from kernels.common import MAX_ROWS
-from kernels.formats import INT8
+from kernels.formats import AWQ, FLOAT, INT4, INT8
 from loading import random_model
 from model import FeedForward, ModelArgs, SparseLinear
 from plan import REFERENCE, DecodePlan, decode_plan
@@ -64,6 +64,18 @@ def test_nvrtc_route_by_weights_and_level():
     assert not q.at_level(0.5).cuda_thresholds(False)
     assert not replace(q, nvrtc_int8=False).at_level(0.5).cuda(1, True, None)
     assert not replace(p, nvrtc_arch=0).at_level(0.5).cuda(1, True, None)
+
+
+def test_nvrtc_weights_by_format():
+    """Which stored weights may take kernels/cuda_gemv.py: 16-bit wherever nvrtc_arch is set, int8 with nvrtc_int8,
+    int4 (RTN or AWQ) only with nvrtc_int4 (off by default: slower than Gluon's kernels, perf-notes session 44)."""
+    p = DecodePlan(kernels=True, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True)
+    assert p.nvrtc_weights(FLOAT) and p.nvrtc_weights(INT8)
+    assert not p.nvrtc_weights(INT4) and not p.nvrtc_weights(AWQ)
+    assert replace(p, nvrtc_int4=True).nvrtc_weights(INT4) and replace(p, nvrtc_int4=True).nvrtc_weights(AWQ)
+    assert not replace(p, nvrtc_int8=False).nvrtc_weights(INT8)
+    assert not replace(p, nvrtc_arch=75, nvrtc_int4=True).nvrtc_weights(INT4)  # mma.sync in bf16: sm_80 on
+    assert not replace(p, nvrtc_arch=0).nvrtc_weights(FLOAT)
 
 
 def test_at_level_and_materialised():
