@@ -43,6 +43,7 @@ from tp import TP, close, from_env
 
 E2E_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 KERNEL_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+NEW_TOKENS = 256  # decoded per end-to-end run
 PROMPT_LEN = 128  # end to end: the default prompt, and the tokens every prompt length takes its thresholds from
 
 
@@ -248,8 +249,8 @@ def bench_attention(name: str, args: ModelArgs, contexts=((384, 384), (2048, 204
     return rows
 
 
-def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROMPT_LEN, new_tokens=256, runs=3,
-              fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
+def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+              runs=3, fuse_norm: bool = True, attention: bool = True, defer_reduction: bool = True,
               fuse_mlp: bool = True, quant: Optional[str] = None, hopper_int4: Optional[bool] = None,
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
@@ -398,7 +399,7 @@ def write_outputs(out: Path, gpu: str, bw: float, e2e: list, kernels: list, atte
         lines += ["Rows come from these runs:", ""] + [f"- {k}: {', '.join(sorted(v))}" for k, v in runs.items()] + [""]
     lines += anchor_lines(out, slug)
     if e2e:
-        lines += ["## End to end (batch 1, bf16, a random prompt, 256 decode tokens, median of 3)", "",
+        lines += [f"## End to end (batch 1, bf16, a random prompt, {NEW_TOKENS} decode tokens, median of 3)", "",
                   "| model | weights | prompt | sparsity | measured | tok/s | GB/s | roofline | fixed µs/layer | "
                   "q k v o gate up down |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
@@ -580,9 +581,9 @@ def main():
     model_args = {m: ModelArgs.from_name(m) for m in models}  # an unknown name fails here, before any GPU work
     levels = sparsity_list(a.sparsities, "--sparsities")
     for m, margs in model_args.items():
-        if not 1 <= a.prompt_len <= margs.max_seq_len - 256:
-            raise UserError(f"--prompt-len must be in [1, {margs.max_seq_len - 256}] for {m} (256 tokens are decoded "
-                            f"after it within its {margs.max_seq_len} positions)")
+        if not 1 <= a.prompt_len <= margs.max_seq_len - NEW_TOKENS:
+            raise UserError(f"--prompt-len must be in [1, {margs.max_seq_len - NEW_TOKENS}] for {m} ({NEW_TOKENS} tokens "
+                            f"are decoded after it within its {margs.max_seq_len} positions)")
     if a.group != 128 and a.quant not in ("int4", "awq"):
         raise UserError("--group applies to --quant int4 or awq")
     if not torch.cuda.is_available():
