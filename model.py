@@ -18,7 +18,7 @@ from kernels import (configs, cuda_attention, cuda_gemv, decode_attention, gate_
                      reference, sparse_gemv, sparse_mlp)
 from dataclasses import replace as replace_fields
 from kernels.decode_attention import apply_rope
-from kernels.formats import FLOAT, INT8, QuantFormat
+from kernels.formats import FLOAT, INT4, INT8, QuantFormat
 from plan import REFERENCE, DecodePlan
 from tp import TP, head_rows, share
 
@@ -256,7 +256,7 @@ class SparseLinear(nn.Module):
             self.kernel_configs[1] = self.kernel_configs[1]._replace(masked=1)
         act = self.weight.dtype if not self.fmt.quantized else torch.bfloat16  # (quantized: checked per call)
         on_nvrtc = plan.nvrtc_weights(self.fmt) and not self.head and cuda_gemv.supported(K, self.sizes, act, group)
-        if self.fmt.code == 2 and not self.head:
+        if self.fmt.code == INT4.code and not self.head:
             self.hopper_config = gluon_gemv.default_config(K, self.sizes, group, plan.n_sm)
             if on_nvrtc and self.mma_config is not None:  # the NVRTC kernel reads the weights in column order
                 self.weight.data = gluon_mma.from_mma_layout(self.weight.data, self.mma_config.wb)
