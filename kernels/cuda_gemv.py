@@ -32,7 +32,7 @@ from torch.library import custom_op
 from errors import UserError
 from kernels import nvrtc, reference
 from kernels.common import PROFILE_SLOTS
-from kernels.formats import FLOAT, INT4, INT8
+from kernels.formats import FLOAT, INT4, INT8, QuantFormat
 
 COLS = 64  # output columns per CTA
 THREADS = 128
@@ -783,7 +783,7 @@ def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor
     K, N = w.shape[0], sum(sizes)
     spec = spec_of(K, sizes, x.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
                    Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32,
-                   w.dtype == torch.int8, group=int4_group(w, scale))
+                   w.dtype == torch.int8, group=weight_format(w, scale).group_of(w, scale))
     y = torch.empty(N, dtype=x.dtype, device=w.device)
     part = torch.empty(split if split > 1 and not cluster else 0, N, device=w.device)
     launch(spec, x, w, t, norm_weight, residual, counters, y, part, scale)
@@ -817,11 +817,10 @@ def cuda_gemv(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, counters: Tensor
     scales `scale` [N] float32 (kernels/formats.py INT8), or int4 words [K, N / 8] with `scale` [2, K / group, N]
     float16 (INT4, in column order); norm_weight, residual in x's dtype."""
     K, N = w.shape[0], sum(sizes)
-    group = int4_group(w, scale)
-    assert supported(K, sizes, x.dtype, group) and x.numel() == K * (2 if glu_in else 1)
-    assert (w.dtype == torch.int8 and w.shape[1] == N and scale is not None and scale.dtype == torch.float32) or \
-        (group and w.shape[1] * 8 == N and scale.shape == (2, K // group, N) and scale.is_contiguous()) or \
-        (w.dtype == x.dtype and w.shape[1] == N and scale is None)
+    fmt = weight_format(w, scale)
+    fmt.check(w, scale)
+    assert supported(K, sizes, x.dtype, fmt.group_of(w, scale)) and x.numel() == K * (2 if glu_in else 1)
+    assert w.shape == fmt.stored_shape(K, N) and (fmt.quantized or w.dtype == x.dtype)
     assert all(a is None or (a.dtype == x.dtype and a.is_contiguous()) for a in (norm_weight, residual))
     assert t is None or (t.dtype in (x.dtype, torch.float32) and t.is_contiguous())
     return _cuda_gemv_op(x, w, t, norm_weight, residual, counters, scale, list(sizes), glu_in, float(eps), *config)
@@ -835,10 +834,9 @@ def cuda_gemv_ref(x: Tensor, w: Tensor, t: Optional[Tensor], sizes, norm_weight:
         x = reference.parts_ref(x.float().view(1, 2, 1, -1), True, x.dtype)[0]
     return reference.sparse_gemv_ref(x.view(1, -1), w, t, sizes, residual=None if residual is None
                                      else residual.view(1, -1), norm_weight=norm_weight, eps=eps,
-                                     fmt=FLOAT if scale is None else INT8 if w.dtype == torch.int8 else INT4,
-                                     scale=scale)[0]
+                                     fmt=weight_format(w, scale), scale=scale)[0]
 
 
-def int4_group(w: Tensor, scale: Optional[Tensor]) -> int:
-    """The scale group of int4 weights w (int32 words) from their scales' shape; 0 for other weights."""
-    return w.shape[0] // scale.shape[1] if w.dtype == torch.int32 and scale is not None else 0
+def weight_format(w: Tensor, scale: Optional[Tensor]) -> QuantFormat:
+    """The kernels/formats.py format of weights as this kernel takes them: 16-bit (no scales), int8 or int4 words."""
+    return FLOAT if scale is None else INT8 if w.dtype == torch.int8 else INT4
