@@ -380,6 +380,16 @@ def check_pdl_chain() -> tuple:
     return failures, cases
 
 
+def gemv_case_inputs(K: int, N: int, dtype: torch.dtype, norm: bool, res: bool, glu_in: bool) -> tuple:
+    """(x, norm weight, what the projection sees, residual) of one kernels/cuda_gemv.py case: x [K] ([2, K] gate/up
+    outputs with glu_in, gated by the launch), the residual [N] where res."""
+    x, g, _, xin = projection_input(1, K, dtype, norm)
+    if glu_in:
+        x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
+        xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
+    return x, g, xin, torch.randn(N, device="cuda", dtype=dtype) if res else None
+
+
 def cuda_gemv_case(spec, x, w, t, g, r, scale, ref) -> Optional[str]:
     """One launch config of kernels/cuda_gemv.py, launched twice into poisoned outputs: None if within the dtype's
     bound of `ref`, bit for bit the same both times and its counters left at zero, else what went wrong."""
@@ -417,11 +427,7 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
         scale = None
         if int8:  # int8 weights, column scales on the sums (kernels/formats.py INT8)
             w, scale = INT8.quantize_weight(w)
-        x, g, _, xin = projection_input(1, K, dtype, norm)
-        if glu_in:
-            x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
-            xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
-        r = torch.randn(N, device="cuda", dtype=dtype) if res else None
+        x, g, xin, r = gemv_case_inputs(K, N, dtype, norm, res, glu_in)
         splits = [s for s in (1, 2, 4, 8, 16) if cuda_gemv.k_per(K, s) <= cuda_gemv.MAX_KPER
                   and (s < 16 or cuda_gemv.tile_cols(sizes, int8) > cuda_gemv.COLS)]  # 16: int8's wide tiles
         for s, split, t32 in itertools.product(levels, splits, (True, False)):
@@ -486,11 +492,7 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     for (K, sizes, norm, res, glu_in, groups), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
         N = sum(sizes)
         w16 = torch.randn(K, N, device="cuda") / K ** 0.5
-        x, g, _, xin = projection_input(1, K, dtype, norm)
-        if glu_in:
-            x = (torch.randn(2, K, device="cuda") * 2).to(dtype)
-            xin = reference.parts_ref(x.float().view(1, 2, 1, K), True, dtype)
-        r = torch.randn(N, device="cuda", dtype=dtype) if res else None
+        x, g, xin, r = gemv_case_inputs(K, N, dtype, norm, res, glu_in)
         for group in groups:
             w, scale = int4_variant(group).quantize_weight(w16)
             fewest = cuda_gemv.int4_config(K, sizes, 0, major, group).split  # (no SMs to fill: 8 groups a range)
