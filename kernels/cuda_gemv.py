@@ -362,20 +362,9 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         }
     }
 #endif
+    // a ring: each step's registers take the step ROWS ahead right after its mmas read them, so every load is
+    // reissued as soon as its registers are free (a second set copied in after the batch waited for all of it)
     for (int s0 = warp; s0 < nsteps; s0 += RG * ROWS) {
-        uint4 nv[ROWS][4];
-        #pragma unroll
-        for (int i = 0; i < ROWS; i++) {
-            #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = (s0 + RG * (ROWS + i)) * 16 + ENT(e);
-#if SPARSE
-                nv[i][e] = j < n ? ld_stream(wp + (size_t)ks[j] * (N / 8)) : make_uint4(0, 0, 0, 0);
-#else
-                nv[i][e] = j < n ? ld_stream(wp + (size_t)j * (N / 8)) : make_uint4(0, 0, 0, 0);
-#endif
-            }
-        }
         #pragma unroll
         for (int i = 0; i < ROWS; i++) {
             const int s1 = s0 + RG * i;
@@ -406,7 +395,14 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
                 }
             }
             #pragma unroll
-            for (int e = 0; e < 4; e++) v[i][e] = nv[i][e];
+            for (int e = 0; e < 4; e++) {
+                const int j = (s1 + RG * ROWS) * 16 + ENT(e);
+#if SPARSE
+                v[i][e] = j < n ? ld_stream(wp + (size_t)ks[j] * (N / 8)) : make_uint4(0, 0, 0, 0);
+#else
+                v[i][e] = j < n ? ld_stream(wp + (size_t)j * (N / 8)) : make_uint4(0, 0, 0, 0);
+#endif
+            }
         }
     }
     // the fold: y_c = sum over groups of s (D - OFF sx) + m sx, lane (g, t) holding groups 2t, 2t + 1 of its 32

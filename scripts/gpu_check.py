@@ -479,8 +479,8 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py's int4 mode (tensor cores) against its reference: real and odd shapes, scale groups of
     128 / 64 / 32 inputs, bf16 and fp16, dense and sparse, the norm fused, the residual added, gate/up's outputs
     gated, the fewest K ranges (8 scale groups each) and the default split with both tails, 2 steps in flight (1
-    too on the odd shapes); relative error within dtype bounds, every output written (poisoned), counters left at
-    zero, bit for bit over two launches."""
+    and 3 too on the odd shapes: a ring that ends part way); relative error within dtype bounds, every output
+    written (poisoned), counters left at zero, bit for bit over two launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -501,7 +501,7 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
                 t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
                 ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
                 for cluster, rows in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
-                                                       (1, 2) if K < 2048 else (2,)):
+                                                       (1, 2, 3) if K < 2048 else (2,)):
                     cfg = cuda_gemv.Config(split, rows, cluster)
                     spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                              True, group=group)
