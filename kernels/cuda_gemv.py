@@ -649,10 +649,10 @@ def tile_cols(sizes, int8: bool, group: int = 0) -> int:
 
 def int4_config(K: int, sizes, n_sm: int, major: int, group: int) -> Config:
     """int4 weights' launch config: the fewest K ranges that put >= 2.5 CTAs per SM, with at most 8 scale groups a
-    range (D's eight columns), 2 steps of 16 rows in flight per warp, summed through a cluster on sm_90 where 4 or
-    fewer (clusters of 8 at 155 registers a thread leave CTAs waiting for a slot: Llama-2-7B q/k/v 26.3 / 22.5 µs
-    at 0 / 50% against 20.2 / 18.0 through the counter on an H100; gate/up's clusters of 4 gain 1 µs, session 44);
-    the split then trimmed to the ranges its K range size needs (no empty range)."""
+    range (D's eight columns), 2 steps of 16 rows in flight per warp (3 or 4: slower on every launch, session 46),
+    summed through a cluster on sm_90 where 4 or fewer (clusters of 8 leave CTAs waiting for a slot: Llama-2-7B
+    q/k/v 26.3 / 22.5 µs at 0 / 50% against 20.2 / 18.0 through the counter on an H100; gate/up's clusters of 4
+    gain 1 µs, session 44); the split then trimmed to the ranges its K range size needs (no empty range)."""
     tiles = sum(sizes) // INT4_COLS
     split = max(-(-K // (8 * group)), 1)
     while tiles * split < 2.5 * n_sm and k_per(K, split * 2, group) >= group and split * 2 <= K // group:
