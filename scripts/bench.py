@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -114,6 +114,20 @@ def projection_shapes(args: ModelArgs) -> dict:
             "gate_up": (args.dim, (args.intermediate_size,) * 2, True), "down": (args.intermediate_size, (args.dim,), False)}
 
 
+class Roles(NamedTuple):
+    """What a projection's launch fuses beside its GEMV in the decode step."""
+    norm: bool  # RMS-normalises its input (q/k/v, gate/up)
+    residual: bool  # adds the residual stream to its output (o, down)
+    glu_in: bool  # its input is silu(gate) * up of gate/up's outputs (down)
+    partials: bool  # the Triton path hands its split-K partials to the next kernel (q/k/v, gate/up)
+
+
+def projection_roles(proj: str) -> Roles:
+    """The roles of a projection named as projection_shapes names it."""
+    first = proj in ("qkv", "gate_up")
+    return Roles(norm=first, residual=not first, glu_in=proj == "down", partials=first)
+
+
 def weight_copies(nbytes: int, l2_bytes: int) -> int:
     """Copies of a weight to rotate through so that a launch never finds its weight in L2: at least 4, and together
     4x the L2. Streaming loads marked evict_first would not need the second rule; anything with normal priority
@@ -136,7 +150,8 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
         wts = [w.t().contiguous() for w in ws]  # row-major, as F.linear / gpt-fast store it
         x = torch.randn(1, K, device="cuda", dtype=dtype)
         xin = x
-        if proj == "down":  # gate/up partials as the decode step hands them over: the input is silu(gate) * up
+        roles = projection_roles(proj)
+        if roles.glu_in:  # gate/up partials as the decode step hands them over: the input is silu(gate) * up
             xin = torch.zeros(configs.k_layout(args.dim, gu_cfg)[1], 2, 1, K, device="cuda")
             xin[0] = torch.randn(2, 1, K, device="cuda") * 2
             x = reference.parts_ref(xin, True, dtype)
@@ -144,7 +159,7 @@ def bench_kernels(name: str, args: ModelArgs, bw: float, n_sm: int) -> list:
         cfg = configs.default_config(1, K, sizes, glu, n_sm)
         counters = torch.zeros(configs.counters_size(sizes, glu, cfg[0]), dtype=torch.int32, device="cuda")
         alone = [lambda w=w: sparse_gemv.sparse_gemv(x, w, t, sizes, counters, cfg, glu=glu) for w in ws]
-        if proj in ("qkv", "gate_up"):
+        if roles.partials:
             ours = [lambda w=w: sparse_gemv.sparse_gemv_parts(x, w, t, sizes, cfg, glu=glu) for w in ws]
         else:
             ours = [lambda w=w: sparse_gemv.sparse_gemv(xin, w, t, sizes, counters, cfg, glu=glu) for w in ws]

@@ -18,7 +18,7 @@ from errors import UserError
 from kernels import gluon_gemv, gluon_mma, reference
 from kernels.formats import INT4
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, weight_copies
+from scripts.bench import graph_time_us, projection_roles, projection_shapes, read_bandwidth, weight_copies
 from scripts.gpu_check import projection_input, spread_thresholds
 
 
@@ -38,8 +38,9 @@ def residual_rows(m, proj, K, N, levels, n_sm, l2, bw) -> list:
           for _ in range(weight_copies(nbytes, l2))]
     wm = [(gluon_mma.to_mma_layout(w, mcfg.wb), sc) for w, sc in ws]
     parts = torch.randn(5, 2, 1, K, device="cuda") * 2
-    x = parts if proj == "down" else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    xin = reference.parts_ref(parts, True, torch.bfloat16) if proj == "down" else x
+    glu_in = projection_roles(proj).glu_in
+    x = parts if glu_in else torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    xin = reference.parts_ref(parts, True, torch.bfloat16) if glu_in else x
     res = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
     cnt = torch.zeros(1024, dtype=torch.int32, device="cuda")
     rows = []
@@ -83,7 +84,7 @@ def main():
         args = ModelArgs.from_name(m)
         for proj, (K, sizes, glu) in projection_shapes(args).items():
             N = sum(sizes)
-            if proj in ("o", "down"):
+            if projection_roles(proj).residual:
                 records += residual_rows(m, proj, K, N, levels, n_sm, l2, bw)
                 continue
             group = INT4.group(K)

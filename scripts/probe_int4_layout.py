@@ -23,7 +23,7 @@ from errors import UserError
 from kernels import cuda_gemv, nvrtc
 from kernels.formats import INT8, int4_variant
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_shapes, weight_copies
+from scripts.bench import graph_time_us, projection_roles, projection_shapes, weight_copies
 from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
 
 GROUP = 128  # int4's scale group (RTN, as --quant int4 stores it)
@@ -61,9 +61,9 @@ def cases(args: ModelArgs, projections, n_sm: int, major: int) -> list:
 def spec_of(case: Case, sparse: bool) -> cuda_gemv.Spec:
     """The launch of a case as the decode step makes it (norm on q/k/v and gate/up, residual on o and down, down
     gating gate/up's outputs; float32 thresholds)."""
-    norm, res, glu_in = case.proj in ("qkv", "gate_up"), case.proj in ("o", "down"), case.proj == "down"
-    return cuda_gemv.spec_of(case.K, case.sizes, torch.bfloat16, sparse, norm, glu_in, res, 1e-5, case.config, True,
-                             int8=not case.int4, group=GROUP if case.int4 else 0)
+    r = projection_roles(case.proj)
+    return cuda_gemv.spec_of(case.K, case.sizes, torch.bfloat16, sparse, r.norm, r.glu_in, r.residual, 1e-5,
+                             case.config, True, int8=not case.int4, group=GROUP if case.int4 else 0)
 
 
 def time_case(case: Case, s: float, l2: int) -> dict:

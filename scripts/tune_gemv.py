@@ -20,7 +20,8 @@ from errors import UserError
 from kernels import configs, reference, sparse_gemv
 from kernels.formats import QuantFormat, quant_format
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_shapes, read_bandwidth, sparse_threshold, weight_copies
+from scripts.bench import (graph_time_us, projection_roles, projection_shapes, read_bandwidth, sparse_threshold,
+                           weight_copies)
 
 C = configs.Config
 
@@ -55,17 +56,18 @@ class StepLaunch:
 
     def __init__(self, proj: str, K: int, sizes, glu: bool, cfg, fmt: QuantFormat, n_sm: int, dtype, device):
         self.proj, self.sizes, self.glu, self.cfg, self.fmt = proj, tuple(sizes), glu, cfg, fmt
-        self.deferred = proj in ("qkv", "gate_up")
+        roles = projection_roles(proj)
+        self.deferred = roles.partials
         n_out = sizes[0] if glu else sum(sizes)
         self.x = torch.randn(1, K, device=device, dtype=dtype)
         self.xin = self.x
-        if proj == "down":
+        if roles.glu_in:
             D = sizes[0]
             gu = configs.default_config(1, D, (K, K), True, n_sm, fmt, group=fmt.group(D))
             self.xin = torch.zeros(configs.k_layout(D, gu, fmt.group(D))[1], 2, 1, K, device=device)
             self.xin[0] = torch.randn(2, 1, K, device=device) * 2
             self.x = reference.parts_ref(self.xin, True, dtype)
-        self.res = torch.randn(1, n_out, device=device, dtype=dtype) if proj in ("o", "down") else None
+        self.res = torch.randn(1, n_out, device=device, dtype=dtype) if roles.residual else None
         self.t = torch.zeros(len(sizes), K, device=device)
         self.counters = torch.zeros(configs.counters_size(sizes, glu, cfg.block_n), dtype=torch.int32, device=device)
         if self.deferred:

@@ -14,8 +14,8 @@ from kernels import configs
 from model import ModelArgs
 from plan import DecodePlan
 from scripts import bench, bench_server, profile_decode, profile_phases, tune_gemv
-from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, projection_shapes,
-                           weight_copies, write_outputs)
+from scripts.bench import (e2e_key, fixed_us_per_layer, gpu_slug, previous_records, projection_roles,
+                           projection_shapes, weight_copies, write_outputs)
 
 GPU = "NVIDIA Test GPU 80GB"
 
@@ -29,6 +29,18 @@ def e2e(model, s, tok_s):
 def kernel(model, proj, s, us):
     return {"model": model, "projection": proj, "K": 64, "N": 128, "sparsity": s, "measured": s, "us": us,
             "matmul_us": 10.0, "roofline_us": (1 - s) * 8.0, "config": [128, 64, 2, 4, 1, 0], "gb_s": 1.0}
+
+
+def test_projection_roles_follow_the_layer():
+    """A layer's launches in order: the block's first (q/k/v, gate/up) normalise their input and hand partials on,
+    the others add the residual; down alone reads gate/up's gated outputs."""
+    shapes = projection_shapes(ModelArgs.from_name("llama-2-7b"))
+    names = list(shapes)
+    assert names == ["qkv", "o", "gate_up", "down"]
+    roles = [projection_roles(p) for p in names]
+    assert [r.norm for r in roles] == [True, False, True, False]
+    assert all(r.residual != r.norm and r.partials == r.norm for r in roles)
+    assert [r.glu_in for r in roles] == [False] + [shapes[prev][2] for prev in names[:-1]]
 
 
 def test_merge_keeps_other_models(tmp_path):
