@@ -15,7 +15,8 @@ CTA:
    tile's segment (q, k, v: one threshold row each), compacted into a list in shared memory by one block-wide scan;
    dense launches stream every row, their first rows' loads issued before the prologue (they depend on nothing);
 2. streams the kept rows' columns, 16 bytes per thread (8 threads a row; int8's column scales scale the sums),
-   ROWS rows in flight per thread, double-buffered;
+   ROWS rows in flight per thread, double-buffered (STAGES: through shared memory, cp.async commit groups of ROWS
+   rows, STAGES - 1 in flight; not yet taken by a default config);
 3. sums the row groups through shared memory, then the K ranges: through rank 0's shared memory of a cluster
    (CLUSTER, sm_90), or a per-tile counter whose last CTA sums the partials in a fixed order (deterministic, counter
    left at zero); SPLIT 1 writes directly. The epilogue rounds to the weights' dtype and adds the residual.
