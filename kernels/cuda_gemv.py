@@ -747,6 +747,16 @@ def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False, gro
     return Config(split, rows, cluster)
 
 
+def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, rows: int = 4) -> Config:
+    """cfg with its rows streamed through `stages` cp.async stages of `rows` rows a thread, where a CTA's shared
+    memory holds them beside the sparse launch's kept list (the larger); cfg itself otherwise, or at stages 0."""
+    if not stages:
+        return cfg
+    staged = cfg._replace(rows=rows, stages=stages)
+    spec = spec_of(K, sizes, torch.bfloat16, True, True, False, False, 1e-5, staged, True, int8)
+    return staged if shared_bytes(spec) <= STATIC_SMEM else cfg
+
+
 def k_per(K: int, split: int, group: int = 0) -> int:
     """Inputs per K range: a multiple of 8 (16-byte loads), of int4's scale group where there is one."""
     unit = group or 8
