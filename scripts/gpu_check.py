@@ -411,8 +411,9 @@ def cuda_gemv_case(spec, x, w, t, g, r, scale, ref) -> Optional[str]:
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
     the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, 16-bit or int8
-    weights (bf16 activations), every split and both tails: relative error
-    within dtype bounds, every output written (poisoned), counters left at zero, bit for bit over two launches."""
+    weights (bf16 activations), every split and both tails, the stream through registers or cp.async stages:
+    relative error within dtype bounds, every output written (poisoned), counters left at zero, bit for bit over two
+    launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
     shapes = [  # (K, sizes, norm, residual, glu_in)
@@ -435,10 +436,13 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
                 continue
             t = spread_thresholds(xin, len(sizes), s).to(torch.float32 if t32 else dtype) if s > 0 else None
             ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-            for cluster in (0, 1) if 1 < split <= 8 and major >= 9 else (0,):
-                cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
+            for cluster, (rows, stages) in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
+                                                             ((8, 0), (4, 3), (2, 4))):
+                cfg = cuda_gemv.Config(split, rows, cluster, int(major >= 9), stages)
                 spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                          t is not None and t32, int8)
+                if stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
+                    continue
                 bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                 cases += 1
                 if bad:

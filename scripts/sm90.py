@@ -6,13 +6,17 @@ GPU compiler refuses.
 
     python scripts/sm90.py [--model llama-2-7b] [--quant int8|int4] [--dtype bfloat16] [--batch 1] [--dense]
                            [--sass KERNEL]
+    python scripts/sm90.py --nvrtc [--model llama-2-7b] [--quant int8|int4] [--dense] [--rows R] [--stages S]
 
 One layer of the model at its real shapes, launch configs as an H100 (132 SMs) gets them; the launches are
 recorded (Triton's own binder specialises them as a launch would: aligned pointers, multiples of 16, ones as
-constants), not run. Must run without TRITON_INTERPRET.
+constants), not run. Must run without TRITON_INTERPRET. `--nvrtc`: the batch-1 projections sm_90 runs on
+kernels/cuda_gemv.py instead (built with libnvrtc), and how each stream loop waits for its weight loads (the
+control bits of `nvdisasm -hex`: which scoreboards the loads set and the loop waits on).
 """
 import argparse
 import collections
+import ctypes
 import dataclasses
 import os
 import re
@@ -169,6 +173,56 @@ def inspect(cubin: bytes) -> tuple:
     return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}, loops(sass), sass
 
 
+def control_bits(hex_sass: str) -> list:
+    """Each instruction of `nvdisasm -hex` output with its control bits (sm_70 and later: the high word's bits 41-63):
+    [(label or None, opcode text, stall cycles, write scoreboard or None, read scoreboard or None, waited
+    scoreboards)]; `label` is the label the instruction follows, where one does."""
+    out, label, lines = [], None, hex_sass.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;\s*/\* 0x[0-9a-f]{16} \*/", line)
+        if m and i + 1 < len(lines):
+            c = int(re.search(r"0x([0-9a-f]{16})", lines[i + 1]).group(1), 16) >> 41
+            wb, rb = c >> 5 & 7, c >> 8 & 7
+            out.append((label, m.group(1), c & 15, None if wb == 7 else wb, None if rb == 7 else rb,
+                        tuple(b for b in range(6) if c >> 11 >> b & 1)))
+            label = None
+    return out
+
+
+def stream_waits(cubin: bytes) -> list:
+    """Of each innermost loop (a backward branch with no other inside), how its global loads are waited for:
+    {"label", "instructions", "stalls" (static stall cycles, a warp's issue time at the least), "loads" (scoreboard
+    -> LDG count), "async" (LDGSTS: cp.async), "waits" (scoreboards the loop waits on), "depbar" (DEPBAR.LE: a
+    wait for the oldest commit groups only)}. A loop whose wait is on its own loads' one scoreboard waits for all of
+    them, those just issued included (docs/perf-notes.md, session 47)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", "-hex", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    code = control_bits(text)
+    starts = {lab: i for i, (lab, *_) in enumerate(code) if lab}
+    spans = []
+    for i, (_, ins, *_) in enumerate(code):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
+        if m and starts.get(m.group(1), i + 1) <= i:
+            spans.append((starts[m.group(1)], i, m.group(1)))
+    out = []
+    for lo, hi, label in spans:
+        if hi == lo or any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans):
+            continue  # (the branch-to-itself after the exit; not innermost)
+        body = code[lo:hi + 1]
+        loads = collections.Counter(wb for _, ins, _, wb, _, _ in body if re.search(r"\bLDG\.", ins))
+        out.append({"label": label, "instructions": len(body), "stalls": sum(b[2] for b in body),
+                    "loads": dict(loads), "async": sum("LDGSTS" in b[1] for b in body),
+                    "waits": sorted({w for b in body for w in b[5]}), "depbar": any("DEPBAR.LE" in b[1] for b in body)})
+    return out
+
+
 def loops(sass: str) -> list:
     """Innermost loops of nvdisasm's SASS (a backward branch to a label, with no other such loop inside; not the
     branch-to-itself after the exit): [(first label, instruction count, Counter of opcodes)]."""
@@ -193,6 +247,41 @@ def loops(sass: str) -> list:
     return out
 
 
+def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bool, rows: Optional[int],
+                 stages: int) -> int:
+    """Each projection of `name` as kernels/cuda_gemv.py builds it for an sm_90 GPU of 132 SMs: registers, shared
+    memory, and per stream loop its static stall cycles and how it waits for its loads (stream_waits)."""
+    from kernels import cuda_gemv, nvrtc
+    from scripts.bench import projection_roles, projection_shapes
+    if nvrtc.find_nvrtc() is None:
+        raise UserError("--nvrtc needs libnvrtc (the nvidia-cuda-nvrtc wheel torch's CUDA builds bring)")
+    if quant not in (None, "int8", "int4"):
+        raise UserError(f"--nvrtc takes 16-bit, int8 or int4 (RTN) weights, not --quant {quant}")
+    lib = ctypes.CDLL(nvrtc.find_nvrtc())
+    group = 128 if quant == "int4" else 0
+    for proj, (K, sizes, _) in projection_shapes(ModelArgs(**CONFIGS[name])).items():
+        r = projection_roles(proj)
+        cfg = cuda_gemv.default_config(K, sizes, 132, 9, quant == "int8", group)
+        cfg = cfg._replace(rows=rows or cfg.rows, stages=stages)
+        spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, r.norm, r.glu_in, r.residual, 1e-5, cfg, True,
+                                 quant == "int8", group=group)
+        cubin = nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")
+        res, _, _ = inspect(cubin)
+        print(f"{proj} {tuple(cfg)}: registers {res.get('REG')}, stack frame (spills) {res.get('STACK')} bytes, "
+              f"shared {res.get('SHARED')} bytes")
+        for w in stream_waits(cubin):
+            if w["async"]:
+                how = f"{w['async']} cp.async (LDGSTS), " + ("DEPBAR.LE: the oldest group" if w["depbar"] else
+                                                            "no DEPBAR.LE")
+            else:
+                shared = [sb for sb in w["loads"] if sb in w["waits"]]
+                how = (f"{sum(w['loads'].values())} loads on scoreboard(s) {sorted(w['loads'])}"
+                       + (f", waited on in the loop ({sorted(shared)}): each wait covers every load on it" if shared
+                          else ""))
+            print(f"  loop at {w['label']}: {w['instructions']} instructions, {w['stalls']} stall cycles; {how}")
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="llama-2-7b", help=f"one of {', '.join(CONFIGS)}")
@@ -204,11 +293,17 @@ def main():
     p.add_argument("--top", type=int, default=8, help="opcodes shown per loop")
     p.add_argument("--sass", metavar="KERNEL", help="also print the whole SASS of this kernel's launches "
                    "(e.g. _decode_attention_kernel)")
+    p.add_argument("--nvrtc", action="store_true", help="instead: the batch-1 projections sm_90 runs on "
+                   "kernels/cuda_gemv.py (NVRTC, default configs), with how each stream loop waits for its loads")
+    p.add_argument("--rows", type=int, default=None, help="with --nvrtc: rows in flight per thread (int4: steps)")
+    p.add_argument("--stages", type=int, default=0, help="with --nvrtc: the stream through cp.async stages")
     a = p.parse_args()
     if a.model not in CONFIGS:
         raise UserError(f"unknown model {a.model!r}; choose one of {', '.join(CONFIGS)}")
     if not 1 <= a.batch <= 8:
         raise UserError(f"--batch must lie in 1..8 (the kernels' batch sizes), got {a.batch}")
+    if a.nvrtc:
+        return nvrtc_report(a.model, DTYPES[a.dtype], a.quant, not a.dense, a.rows, a.stages)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("unset TRITON_INTERPRET: the interpreter builds nothing")
     triton.runtime.driver.set_active(HopperTarget())

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli import run_cli
+from kernels import nvrtc
 from scripts import sm90 as sm90_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,3 +88,27 @@ def test_sass_of_one_kernel_is_printed_in_order():
     assert len(addrs) > 100 and addrs == sorted(addrs), sass[:2000]
     assert "LDG.E.128" in sass and "EXIT" in sass
     assert not re.findall(r"/\*[0-9a-f]{4}\*/", head), head[:2000]  # kernels before it: reports only
+
+
+@pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
+def test_nvrtc_report_shows_how_stream_loops_wait(capsys):
+    """--nvrtc: each projection's NVRTC launch for sm_90 and its stream loop; the register ring's loads share a
+    scoreboard the loop waits on (every wait covers the loads just issued, perf-notes session 47), the cp.async
+    stages wait with DEPBAR.LE on the oldest group only."""
+    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, "int8", True, None, 0) == 0
+    ring = capsys.readouterr().out
+    assert re.findall(r"^(\w+) \(", ring, re.M) == ["qkv", "o", "gate_up", "down"], ring
+    assert len(re.findall(r"loads on scoreboard\(s\) \[[\d, ]+\], waited on in the loop", ring)) == 4, ring
+    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, None, True, 4, 3) == 0
+    staged = capsys.readouterr().out
+    assert len(re.findall(r"\d+ cp\.async \(LDGSTS\), DEPBAR\.LE: the oldest group", staged)) == 4, staged
+    assert "loads on scoreboard" not in staged
+
+
+def test_control_bits_are_read_from_the_high_word():
+    """nvdisasm -hex's second word carries stall cycles (bits 41-44), the write / read scoreboards (46-48, 49-51;
+    7: none) and the wait mask (52-57)."""
+    hi = (3 | 5 << 5 | 7 << 8 | 0b100001 << 11) << 41
+    text = (".L_x_1:\n        /*0010*/    LDG.E R2, desc[UR4][R4.64] ;    /* 0x0000000004027981 */\n"
+            f"                                                 /* 0x{hi:016x} */\n")
+    assert sm90_script.control_bits(text) == [(".L_x_1", "LDG.E R2, desc[UR4][R4.64]", 3, 5, None, (0, 5))]

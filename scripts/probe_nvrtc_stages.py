@@ -1,0 +1,147 @@
+"""Probe for issue 19: kernels/cuda_gemv.py's 16-bit and int8 stream through cp.async stages (`Config.stages`)
+against its register ring (the default), per projection shape of a model: L2-cold launch µs (CUDA-graph replay over
+weight copies, as bench.py times kernels), each launch checked first as scripts/gpu_check.py checks the kernel
+(`cuda_gemv_case`). The ring's loads share one scoreboard, so a warp waits for the rows it has just issued
+(docs/perf-notes.md, session 47; `scripts/sm90.py --nvrtc` shows it); commit groups wait on the oldest only.
+Needs an sm_90 GPU and libnvrtc.
+
+    python scripts/probe_nvrtc_stages.py [--model llama-2-7b] [--projections qkv,o,gate_up,down]
+        [--weights bf16,int8] [--variants default,4x3,2x4,4x4] [--sparsities 0,0.5] [--out DIR]
+
+A variant RxS streams R rows a thread a group, S stages (S - 1 groups in flight); "default" is the default config
+(its rows through registers). Variants whose shared memory does not fit a CTA are skipped, and said so.
+"""
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from cli import HelpFormatter, run_cli, sparsity_list
+from errors import UserError
+from kernels import cuda_gemv, nvrtc
+from kernels.formats import INT8
+from model import ModelArgs
+from scripts.bench import graph_time_us, projection_roles, projection_shapes, weight_copies
+from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
+
+
+class Case(NamedTuple):
+    proj: str
+    K: int
+    sizes: tuple
+    int8: bool
+    config: cuda_gemv.Config
+
+
+def parse_variants(text: str) -> list:
+    """"default,4x3" -> [None, (4, 3)]: None the default config, (rows, stages) otherwise."""
+    out = []
+    for v in (t for t in text.split(",") if t):
+        m = re.fullmatch(r"(\d+)x(\d+)", v)
+        if v != "default" and not (m and int(m.group(1)) > 0 and int(m.group(2)) >= 2):
+            raise UserError(f"--variants takes 'default' or ROWSxSTAGES (stages >= 2), got {v!r}")
+        out.append(None if v == "default" else (int(m.group(1)), int(m.group(2))))
+    if not out:
+        raise UserError("--variants is empty")
+    return out
+
+
+def spec_of(case: Case, sparse: bool) -> cuda_gemv.Spec:
+    """The launch of a case as the decode step makes it (float32 thresholds, the projection's fused roles)."""
+    r = projection_roles(case.proj)
+    return cuda_gemv.spec_of(case.K, case.sizes, torch.bfloat16, sparse, r.norm, r.glu_in, r.residual, 1e-5,
+                             case.config, True, case.int8)
+
+
+def cases(args: ModelArgs, projections, weights, variants, n_sm: int) -> tuple:
+    """(the cases, the skipped variants as lines): each projection, weight kind and variant whose shared memory
+    fits a CTA (dense or sparse: the sparse launch's kept list is the larger)."""
+    out, skipped = [], []
+    for proj, (K, sizes, _) in projection_shapes(args).items():
+        if proj not in projections:
+            continue
+        for int8 in (w == "int8" for w in weights):
+            base = cuda_gemv.default_config(K, sizes, n_sm, 9, int8)
+            for v in variants:
+                case = Case(proj, K, tuple(sizes), int8, base if v is None else base._replace(rows=v[0], stages=v[1]))
+                if v and cuda_gemv.shared_bytes(spec_of(case, True)) > cuda_gemv.STATIC_SMEM:
+                    skipped.append(f"{proj} {'int8' if int8 else 'bf16'} {v[0]}x{v[1]}: "
+                                   f"{cuda_gemv.shared_bytes(spec_of(case, True))} bytes of shared memory")
+                    continue
+                out.append(case)
+    return out, skipped
+
+
+def time_case(case: Case, s: float, l2: int) -> dict:
+    """One case at sparsity s: checked (within the dtype's bound of cuda_gemv_ref, bit for bit over two launches,
+    counters left at zero), then its launch µs."""
+    K, N = case.K, sum(case.sizes)
+    r = projection_roles(case.proj)
+    w = (torch.randn(K, N, device="cuda") / K ** 0.5).to(torch.bfloat16)
+    scale = None
+    if case.int8:
+        w, scale = INT8.quantize_weight(w)
+    ws = [w] + [w.clone() for _ in range(weight_copies(w.numel() * w.element_size(), l2) - 1)]
+    x, g, xin, res = gemv_case_inputs(K, N, torch.bfloat16, r.norm, r.residual, r.glu_in)
+    x = x.reshape(-1)
+    t = spread_thresholds(xin, len(case.sizes), s) if s > 0 else None
+    spec = spec_of(case, s > 0)
+    bad = cuda_gemv_case(spec, x, w, t, g, res, scale,
+                         cuda_gemv.cuda_gemv_ref(x, w, t, case.sizes, g, 1e-5, res, r.glu_in, scale))
+    if bad:
+        raise UserError(f"{case.proj} {tuple(case.config)} s={s} against cuda_gemv_ref: {bad}")
+    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+    part = torch.empty(case.config.split, N, device="cuda")
+    y = torch.empty(N, device="cuda", dtype=torch.bfloat16)
+    us = graph_time_us([lambda wi=wi: cuda_gemv.launch(spec, x, wi, t, g, res, counters, y, part, scale) for wi in ws])
+    return dict(proj=case.proj, weights="int8" if case.int8 else "bf16", K=K, N=N, s=s, config=list(case.config),
+                us=us)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="llama-2-7b", help="config whose projection shapes to run")
+    p.add_argument("--projections", default="qkv,o,gate_up,down", help="comma-separated, of: qkv, o, gate_up, down")
+    p.add_argument("--weights", default="bf16,int8", help="comma-separated, of: bf16, int8")
+    p.add_argument("--variants", default="default,4x3,2x4,4x4", help="comma-separated: default, ROWSxSTAGES")
+    p.add_argument("--sparsities", default="0,0.5", help="comma-separated sparsity levels")
+    p.add_argument("--out", type=Path, default=None, help="directory for probe_nvrtc_stages.json (default: none)")
+    a = p.parse_args()
+    try:
+        args = ModelArgs.from_name(a.model)
+    except KeyError:
+        raise UserError(f"unknown --model {a.model!r}") from None
+    projections = [q for q in a.projections.split(",") if q]
+    if not projections or not set(projections) <= {"qkv", "o", "gate_up", "down"}:
+        raise UserError(f"--projections takes qkv, o, gate_up, down, got {a.projections!r}")
+    weights = [q for q in a.weights.split(",") if q]
+    if not weights or not set(weights) <= {"bf16", "int8"}:
+        raise UserError(f"--weights takes bf16, int8, got {a.weights!r}")
+    variants = parse_variants(a.variants)
+    levels = sparsity_list(a.sparsities, "--sparsities")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not nvrtc.available():
+        raise UserError("probe_nvrtc_stages.py needs an sm_90 (Hopper) GPU and libnvrtc")
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    todo, skipped = cases(args, projections, weights, variants, n_sm)
+    print(f"{torch.cuda.get_device_name()}, {a.model}: launch µs, L2-cold", flush=True)
+    for line in skipped:
+        print(f"skipped {line}", flush=True)
+    records = []
+    for case in todo:
+        for s in levels:
+            rec = time_case(case, s, l2)
+            records.append(rec)
+            print(f"{case.proj:8s} {rec['weights']} s={s:.2f} {tuple(case.config)}: {rec['us']:7.2f} µs", flush=True)
+            torch.cuda.empty_cache()
+    if a.out is not None:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "probe_nvrtc_stages.json").write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
