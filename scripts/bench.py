@@ -114,6 +114,14 @@ def projection_shapes(args: ModelArgs) -> dict:
             "gate_up": (args.dim, (args.intermediate_size,) * 2, True), "down": (args.intermediate_size, (args.dim,), False)}
 
 
+def projection_list(text: str) -> list:
+    """A --projections flag: comma-separated names of projection_shapes' launches (qkv, o, gate_up, down)."""
+    names = [q for q in text.split(",") if q]
+    if not names or not set(names) <= {"qkv", "o", "gate_up", "down"}:
+        raise UserError(f"--projections takes qkv, o, gate_up, down, got {text!r}")
+    return names
+
+
 class Roles(NamedTuple):
     """What a projection's launch fuses beside its GEMV in the decode step."""
     norm: bool  # RMS-normalises its input (q/k/v, gate/up)

@@ -23,7 +23,7 @@ from errors import UserError
 from kernels import cuda_gemv, nvrtc
 from kernels.formats import INT8, int4_variant
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_roles, projection_shapes, weight_copies
+from scripts.bench import graph_time_us, projection_list, projection_roles, projection_shapes, weight_copies
 from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
 
 GROUP = 128  # int4's scale group (RTN, as --quant int4 stores it)
@@ -102,9 +102,7 @@ def main():
         args = ModelArgs.from_name(a.model)
     except KeyError:
         raise UserError(f"unknown --model {a.model!r}") from None
-    projections = [q for q in a.projections.split(",") if q]
-    if not projections or not set(projections) <= {"qkv", "o", "gate_up", "down"}:
-        raise UserError(f"--projections takes qkv, o, gate_up, down, got {a.projections!r}")
+    projections = projection_list(a.projections)
     levels = sparsity_list(a.sparsities, "--sparsities")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not nvrtc.available():
         raise UserError("probe_int4_layout.py needs an sm_90 (Hopper) GPU and libnvrtc")

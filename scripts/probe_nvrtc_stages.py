@@ -24,7 +24,7 @@ from errors import UserError
 from kernels import cuda_gemv, nvrtc
 from kernels.formats import INT8
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_roles, projection_shapes, weight_copies
+from scripts.bench import graph_time_us, projection_list, projection_roles, projection_shapes, weight_copies
 from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
 
 
@@ -114,9 +114,7 @@ def main():
         args = ModelArgs.from_name(a.model)
     except KeyError:
         raise UserError(f"unknown --model {a.model!r}") from None
-    projections = [q for q in a.projections.split(",") if q]
-    if not projections or not set(projections) <= {"qkv", "o", "gate_up", "down"}:
-        raise UserError(f"--projections takes qkv, o, gate_up, down, got {a.projections!r}")
+    projections = projection_list(a.projections)
     weights = [q for q in a.weights.split(",") if q]
     if not weights or not set(weights) <= {"bf16", "int8"}:
         raise UserError(f"--weights takes bf16, int8, got {a.weights!r}")

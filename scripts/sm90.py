@@ -173,24 +173,36 @@ def inspect(cubin: bytes) -> tuple:
     return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED|STACK):(\d+)", usage)}, loops(sass), sass
 
 
-def control_bits(hex_sass: str) -> list:
-    """Each instruction of `nvdisasm -hex` output with its control bits (sm_70 and later: the high word's bits 41-63):
-    [(label or None, opcode text, stall cycles, write scoreboard or None, read scoreboard or None, waited
-    scoreboards)]; `label` is the label the instruction follows, where one does."""
-    out, label, lines = [], None, hex_sass.splitlines()
+def innermost_loops(code: list, labels: dict) -> list:
+    """[(first index, last index, label)] of the innermost loops of instruction texts `code` (labels: label -> the
+    index of its first instruction): a backward branch to a label with no other such loop inside, not the
+    branch-to-itself after the exit."""
+    spans = []
+    for i, ins in enumerate(code):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            spans.append((labels[m.group(1)], i, m.group(1)))
+    return [(lo, hi, label) for lo, hi, label in spans
+            if hi > lo and not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans)]
+
+
+def control_bits(hex_sass: str) -> tuple:
+    """The instructions of `nvdisasm -hex` output with their control bits (sm_70 and later: the high word's bits
+    41-63): ([(opcode text, stall cycles, write scoreboard or None, read scoreboard or None, waited scoreboards)],
+    {label: index of the instruction it marks})."""
+    code, labels, lines = [], {}, hex_sass.splitlines()
     for i, line in enumerate(lines):
         m = re.match(r"^\s*(\.L_x_\d+):", line)
         if m:
-            label = m.group(1)
+            labels[m.group(1)] = len(code)
             continue
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;\s*/\* 0x[0-9a-f]{16} \*/", line)
         if m and i + 1 < len(lines):
             c = int(re.search(r"0x([0-9a-f]{16})", lines[i + 1]).group(1), 16) >> 41
             wb, rb = c >> 5 & 7, c >> 8 & 7
-            out.append((label, m.group(1), c & 15, None if wb == 7 else wb, None if rb == 7 else rb,
-                        tuple(b for b in range(6) if c >> 11 >> b & 1)))
-            label = None
-    return out
+            code.append((m.group(1), c & 15, None if wb == 7 else wb, None if rb == 7 else rb,
+                         tuple(b for b in range(6) if c >> 11 >> b & 1)))
+    return code, labels
 
 
 def stream_waits(cubin: bytes) -> list:
@@ -204,22 +216,14 @@ def stream_waits(cubin: bytes) -> list:
         f.flush()
         text = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", "-hex", f.name], capture_output=True,
                               text=True, check=True).stdout
-    code = control_bits(text)
-    starts = {lab: i for i, (lab, *_) in enumerate(code) if lab}
-    spans = []
-    for i, (_, ins, *_) in enumerate(code):
-        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
-        if m and starts.get(m.group(1), i + 1) <= i:
-            spans.append((starts[m.group(1)], i, m.group(1)))
+    code, labels = control_bits(text)
     out = []
-    for lo, hi, label in spans:
-        if hi == lo or any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans):
-            continue  # (the branch-to-itself after the exit; not innermost)
+    for lo, hi, label in innermost_loops([b[0] for b in code], labels):
         body = code[lo:hi + 1]
-        loads = collections.Counter(wb for _, ins, _, wb, _, _ in body if re.search(r"\bLDG\.", ins))
-        out.append({"label": label, "instructions": len(body), "stalls": sum(b[2] for b in body),
-                    "loads": dict(loads), "async": sum("LDGSTS" in b[1] for b in body),
-                    "waits": sorted({w for b in body for w in b[5]}), "depbar": any("DEPBAR.LE" in b[1] for b in body)})
+        loads = collections.Counter(wb for ins, _, wb, _, _ in body if re.search(r"\bLDG\.", ins))
+        out.append({"label": label, "instructions": len(body), "stalls": sum(b[1] for b in body),
+                    "loads": dict(loads), "async": sum("LDGSTS" in b[0] for b in body),
+                    "waits": sorted({w for b in body for w in b[4]}), "depbar": any("DEPBAR.LE" in b[0] for b in body)})
     return out
 
 
@@ -233,15 +237,8 @@ def loops(sass: str) -> list:
             labels[m.group(1)] = len(code)
         elif re.search(r"/\*[0-9a-f]{4}\*/", line):
             code.append(line.split("*/", 1)[1].strip().rstrip(" ;"))
-    spans = []
-    for i, ins in enumerate(code):
-        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
-        if m and labels.get(m.group(1), i + 1) <= i:
-            spans.append((labels[m.group(1)], i, m.group(1)))
     out = []
-    for lo, hi, label in spans:
-        if hi == lo or any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2, _ in spans):
-            continue  # not innermost
+    for lo, hi, label in innermost_loops(code, labels):
         ops = collections.Counter(re.sub(r"^@!?U?P[T\d]+\s+", "", s).split()[0] for s in code[lo:hi + 1])
         out.append((label, hi + 1 - lo, ops))
     return out

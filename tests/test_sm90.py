@@ -111,4 +111,4 @@ def test_control_bits_are_read_from_the_high_word():
     hi = (3 | 5 << 5 | 7 << 8 | 0b100001 << 11) << 41
     text = (".L_x_1:\n        /*0010*/    LDG.E R2, desc[UR4][R4.64] ;    /* 0x0000000004027981 */\n"
             f"                                                 /* 0x{hi:016x} */\n")
-    assert sm90_script.control_bits(text) == [(".L_x_1", "LDG.E R2, desc[UR4][R4.64]", 3, 5, None, (0, 5))]
+    assert sm90_script.control_bits(text) == ([("LDG.E R2, desc[UR4][R4.64]", 3, 5, None, (0, 5))], {".L_x_1": 0})
