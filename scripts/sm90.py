@@ -39,8 +39,10 @@ from errors import UserError
 from loading import random_model
 from model import CONFIGS, ModelArgs
 from plan import decode_plan
+from kernels import cuda_gemv, nvrtc
 from kernels.formats import QUANT_FORMATS, quant_format
 from quantization import quantize_model
+from scripts.bench import projection_roles, projection_shapes
 
 TARGET = GPUTarget("cuda", 90, 32)
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -248,8 +250,6 @@ def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bo
                  stages: int) -> int:
     """Each projection of `name` as kernels/cuda_gemv.py builds it for an sm_90 GPU of 132 SMs: registers, shared
     memory, and per stream loop its static stall cycles and how it waits for its loads (stream_waits)."""
-    from kernels import cuda_gemv, nvrtc
-    from scripts.bench import projection_roles, projection_shapes
     if nvrtc.find_nvrtc() is None:
         raise UserError("--nvrtc needs libnvrtc (the nvidia-cuda-nvrtc wheel torch's CUDA builds bring)")
     if quant not in (None, "int8", "int4"):

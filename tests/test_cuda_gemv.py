@@ -14,6 +14,7 @@ from kernels import configs, cuda_gemv, nvrtc, reference, sparse_gemv
 from kernels.formats import FLOAT, INT8, int4_variant
 from model import ModelArgs
 from plan import decode_plan
+from scripts.sm90 import inspect
 from tests.kernel_cases import halfway_thresholds
 
 BF16 = torch.bfloat16
@@ -181,7 +182,6 @@ def test_stages_stream_through_shared_memory():
 def test_stages_build_for_sm90_within_their_shared_memory():
     """Launches with cp.async stages compile for sm_90 (dense and sparse, 16-bit and int8, every projection of
     Llama-2-7B), and shared_bytes bounds ptxas's count from above by at most 32 bytes."""
-    from scripts.sm90 import inspect
     lib = ctypes.CDLL(nvrtc.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes("llama-2-7b").items():
         for sparse, int8 in itertools.product((False, True), (False, True)):
