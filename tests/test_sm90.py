@@ -112,3 +112,27 @@ def test_control_bits_are_read_from_the_high_word():
     text = (".L_x_1:\n        /*0010*/    LDG.E R2, desc[UR4][R4.64] ;    /* 0x0000000004027981 */\n"
             f"                                                 /* 0x{hi:016x} */\n")
     assert sm90_script.control_bits(text) == ([("LDG.E R2, desc[UR4][R4.64]", 3, 5, None, (0, 5))], {".L_x_1": 0})
+
+
+def test_a_build_lost_to_the_ast_race_is_tried_again(monkeypatch):
+    """build_all's threads can race in CPython's AST constructor ('recursion depth mismatch', a SystemError under
+    Triton's CompilationError): such a build is tried again; any other error is reported once, with its launch."""
+    calls = []
+
+    def build(launch):
+        calls.append(launch)
+        if launch == "raced" and len(calls) > 1:
+            return "kernel"
+        try:
+            raise SystemError("AST constructor recursion depth mismatch (before=36, after=210)" if launch == "raced"
+                              else "something else")
+        except SystemError as e:
+            raise RuntimeError("compilation failed") from e
+
+    monkeypatch.setattr(sm90_script, "build", build)
+    monkeypatch.setattr(sm90_script, "distinct", lambda launches: launches)
+    monkeypatch.setattr(sm90_script, "describe", lambda launch: launch)
+    assert sm90_script.build_all(["raced"]) == [("raced", "kernel", None)] and calls == ["raced"] * 2
+    calls.clear()
+    (launch, kernel, error), = sm90_script.build_all(["broken"])
+    assert kernel is None and error == "broken: SystemError: something else" and calls == ["broken"]
