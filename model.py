@@ -274,9 +274,8 @@ class SparseLinear(nn.Module):
         if on_nvrtc:
             self.cuda_config = cuda_gemv.default_config(K, self.sizes, plan.n_sm, plan.nvrtc_arch // 10,
                                                         self.fmt.code == INT8.code, group)
-            if not group:
-                self.cuda_config = cuda_gemv.with_stages(self.cuda_config, K, self.sizes, self.fmt.code == INT8.code,
-                                                         plan.nvrtc_stages)
+            self.cuda_config = cuda_gemv.with_stages(self.cuda_config, K, self.sizes, self.fmt.code == INT8.code,
+                                                     plan.nvrtc_stages, group)
             n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)

@@ -172,7 +172,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
         flags["attention_pdl"] = 3 if flags["nvrtc_attention"] else 0
     elif flags["attention_pdl"] and not flags["nvrtc_attention"]:
         raise UserError("--attention-pdl applies to the NVRTC attention")
-    if flags.get("nvrtc_stages", 0) in (1,) or flags.get("nvrtc_stages", 0) < 0:
+    if flags.get("nvrtc_stages", 0) < 0 or flags.get("nvrtc_stages", 0) == 1:
         raise UserError("--nvrtc-stages takes 0 (rows through registers) or 2 and more")
     if flags["attention_pdl"] not in (0, 3, 4):
         raise UserError("--attention-pdl takes 3 (q/k/v triggers at its start) or 4 (once its rows are streamed)")

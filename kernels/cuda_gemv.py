@@ -747,10 +747,11 @@ def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False, gro
     return Config(split, rows, cluster)
 
 
-def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, rows: int = 4) -> Config:
+def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, group: int = 0, rows: int = 4) -> Config:
     """cfg with its rows streamed through `stages` cp.async stages of `rows` rows a thread, where a CTA's shared
-    memory holds them beside the sparse launch's kept list (the larger); cfg itself otherwise, or at stages 0."""
-    if not stages:
+    memory holds them beside the sparse launch's kept list (the larger); cfg itself otherwise, at stages 0, or for
+    int4 weights (group: their stream has no stages)."""
+    if not stages or group:
         return cfg
     staged = cfg._replace(rows=rows, stages=stages)
     spec = spec_of(K, sizes, torch.bfloat16, True, True, False, False, 1e-5, staged, True, int8)

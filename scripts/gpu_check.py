@@ -44,7 +44,8 @@ from model import ModelArgs
 from kernels.common import PROFILE_SLOTS
 from kernels.formats import INT4, INT8, int4_variant, quant_format
 from plan import decode_plan
-from scripts.bench import decode_path
+from errors import UserError
+from scripts.bench import decode_path, graph_time_us, weight_copies
 from quantization import quantize_model
 from sparsity import capture_inputs, input_hooks, measure_sparsity, parameter_weighted, set_uniform_thresholds
 
@@ -406,6 +407,37 @@ def cuda_gemv_case(spec, x, w, t, g, r, scale, ref) -> Optional[str]:
     if err <= BOUND[dtype] and same and left == 0:
         return None
     return f"err {err:.2e}, repeatable {same}, counters left {left}"
+
+
+def nvrtc_hopper(script: str) -> tuple:
+    """(SMs, L2 bytes) of the GPU a probe of kernels/cuda_gemv.py runs on; UserError unless it is sm_90 with
+    libnvrtc."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not nvrtc.available():
+        raise UserError(f"{script} needs an sm_90 (Hopper) GPU and libnvrtc")
+    props = torch.cuda.get_device_properties(0)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def checked_cuda_gemv_us(spec, w: torch.Tensor, scale, sizes, s: float, what: str) -> float:
+    """One kernels/cuda_gemv.py launch of `spec` on weights w (scale) at sparsity s, its inputs as the decode step
+    gives them (gemv_case_inputs): checked as check_cuda_gemv checks the kernel (cuda_gemv_case against
+    cuda_gemv_ref; a failure is a UserError naming `what`), then its L2-cold µs, CUDA-graph replays over copies of
+    w (as bench.py times kernels)."""
+    K, N, dtype = w.shape[0], sum(sizes), torch.float16 if spec.fp16 else torch.bfloat16
+    nbytes = w.numel() * w.element_size() + (0 if scale is None else scale.numel() * scale.element_size())
+    ws = [w] + [w.clone() for _ in range(weight_copies(nbytes, torch.cuda.get_device_properties(0).L2_cache_size)
+                                         - 1)]
+    x, g, xin, r = gemv_case_inputs(K, N, dtype, spec.norm, spec.residual, spec.glu_in)
+    x = x.reshape(-1)
+    t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
+    bad = cuda_gemv_case(spec, x, w, t, g, r, scale,
+                         cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, spec.eps, r, spec.glu_in, scale))
+    if bad:
+        raise UserError(f"{what} s={s} against cuda_gemv_ref: {bad}")
+    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
+    part = torch.empty(spec.config.split, N, device="cuda")
+    y = torch.empty(N, device="cuda", dtype=dtype)
+    return graph_time_us([lambda wi=wi: cuda_gemv.launch(spec, x, wi, t, g, r, counters, y, part, scale) for wi in ws])
 
 
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:

@@ -20,11 +20,11 @@ import torch
 
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
-from kernels import cuda_gemv, nvrtc
+from kernels import cuda_gemv
 from kernels.formats import INT8, int4_variant
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_list, projection_roles, projection_shapes, weight_copies
-from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
+from scripts.bench import projection_list, projection_roles, projection_shapes
+from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper
 
 GROUP = 128  # int4's scale group (RTN, as --quant int4 stores it)
 
@@ -66,29 +66,16 @@ def spec_of(case: Case, sparse: bool) -> cuda_gemv.Spec:
                              case.config, True, int8=not case.int4, group=GROUP if case.int4 else 0)
 
 
-def time_case(case: Case, s: float, l2: int) -> dict:
-    """One case at sparsity s: checked as gpu_check checks the kernel (within the dtype's bound of cuda_gemv_ref,
-    bit for bit over two launches, counters left at zero), then its launch µs."""
+def time_case(case: Case, s: float) -> dict:
+    """One case at sparsity s: checked, then timed (gpu_check.checked_cuda_gemv_us)."""
     K, N = case.K, sum(case.sizes)
-    spec = spec_of(case, s > 0)
     w32 = torch.randn(K, N, device="cuda") / K ** 0.5
     w, scale = int4_variant(GROUP).quantize_weight(w32) if case.int4 else INT8.quantize_weight(w32.to(torch.bfloat16))
     del w32
-    nbytes = w.numel() * w.element_size() + scale.numel() * scale.element_size()
-    ws = [w] + [w.clone() for _ in range(weight_copies(nbytes, l2) - 1)]
-    x, g, xin, r = gemv_case_inputs(K, N, torch.bfloat16, spec.norm, spec.residual, spec.glu_in)
-    x = x.reshape(-1)
-    t = spread_thresholds(xin, len(case.sizes), s) if s > 0 else None
-    bad = cuda_gemv_case(spec, x, w, t, g, r, scale, cuda_gemv.cuda_gemv_ref(x, w, t, case.sizes, g, 1e-5, r,
-                                                                                spec.glu_in, scale))
-    if bad:
-        raise UserError(f"{case.label} {case.proj} s={s} against cuda_gemv_ref: {bad}")
-    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
-    part = torch.empty(case.config.split, N, device="cuda")
-    y = torch.empty(N, device="cuda", dtype=torch.bfloat16)
-    us = graph_time_us([lambda wi=wi: cuda_gemv.launch(spec, x, wi, t, g, r, counters, y, part, scale) for wi in ws])
+    us = checked_cuda_gemv_us(spec_of(case, s > 0), w, scale, case.sizes, s, f"{case.label} {case.proj}")
+    mb = (w.numel() * w.element_size() + scale.numel() * scale.element_size()) / 1e6
     return dict(label=case.label, proj=case.proj, K=K, N=N, sizes=list(case.sizes), s=s, config=list(case.config),
-                mb=nbytes / 1e6, us=us)
+                mb=mb, us=us)
 
 
 def main():
@@ -104,15 +91,12 @@ def main():
         raise UserError(f"unknown --model {a.model!r}") from None
     projections = projection_list(a.projections)
     levels = sparsity_list(a.sparsities, "--sparsities")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not nvrtc.available():
-        raise UserError("probe_int4_layout.py needs an sm_90 (Hopper) GPU and libnvrtc")
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    n_sm, _ = nvrtc_hopper("probe_int4_layout.py")
     print(f"{torch.cuda.get_device_name()}, {a.model}: launch µs, L2-cold", flush=True)
     records = []
     for case in cases(args, projections, n_sm, 9):
         for s in levels:
-            rec = time_case(case, s, l2)
+            rec = time_case(case, s)
             records.append(rec)
             print(f"{case.proj:8s} s={s:.2f} {case.label:24s} N={rec['N']:6d} {tuple(case.config)}: "
                   f"{rec['us']:7.2f} µs for {rec['mb']:.1f} MB", flush=True)

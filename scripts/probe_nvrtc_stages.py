@@ -21,11 +21,11 @@ import torch
 
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
-from kernels import cuda_gemv, nvrtc
+from kernels import cuda_gemv
 from kernels.formats import INT8
 from model import ModelArgs
-from scripts.bench import graph_time_us, projection_list, projection_roles, projection_shapes, weight_copies
-from scripts.gpu_check import cuda_gemv_case, gemv_case_inputs, spread_thresholds
+from scripts.bench import projection_list, projection_roles, projection_shapes
+from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper
 
 
 class Case(NamedTuple):
@@ -75,28 +75,14 @@ def cases(args: ModelArgs, projections, weights, variants, n_sm: int) -> tuple:
     return out, skipped
 
 
-def time_case(case: Case, s: float, l2: int) -> dict:
-    """One case at sparsity s: checked (within the dtype's bound of cuda_gemv_ref, bit for bit over two launches,
-    counters left at zero), then its launch µs."""
+def time_case(case: Case, s: float) -> dict:
+    """One case at sparsity s: checked, then timed (gpu_check.checked_cuda_gemv_us)."""
     K, N = case.K, sum(case.sizes)
-    r = projection_roles(case.proj)
     w = (torch.randn(K, N, device="cuda") / K ** 0.5).to(torch.bfloat16)
     scale = None
     if case.int8:
         w, scale = INT8.quantize_weight(w)
-    ws = [w] + [w.clone() for _ in range(weight_copies(w.numel() * w.element_size(), l2) - 1)]
-    x, g, xin, res = gemv_case_inputs(K, N, torch.bfloat16, r.norm, r.residual, r.glu_in)
-    x = x.reshape(-1)
-    t = spread_thresholds(xin, len(case.sizes), s) if s > 0 else None
-    spec = spec_of(case, s > 0)
-    bad = cuda_gemv_case(spec, x, w, t, g, res, scale,
-                         cuda_gemv.cuda_gemv_ref(x, w, t, case.sizes, g, 1e-5, res, r.glu_in, scale))
-    if bad:
-        raise UserError(f"{case.proj} {tuple(case.config)} s={s} against cuda_gemv_ref: {bad}")
-    counters = torch.zeros(N // cuda_gemv.COLS, dtype=torch.int32, device="cuda")
-    part = torch.empty(case.config.split, N, device="cuda")
-    y = torch.empty(N, device="cuda", dtype=torch.bfloat16)
-    us = graph_time_us([lambda wi=wi: cuda_gemv.launch(spec, x, wi, t, g, res, counters, y, part, scale) for wi in ws])
+    us = checked_cuda_gemv_us(spec_of(case, s > 0), w, scale, case.sizes, s, f"{case.proj} {tuple(case.config)}")
     return dict(proj=case.proj, weights="int8" if case.int8 else "bf16", K=K, N=N, s=s, config=list(case.config),
                 us=us)
 
@@ -120,10 +106,7 @@ def main():
         raise UserError(f"--weights takes bf16, int8, got {a.weights!r}")
     variants = parse_variants(a.variants)
     levels = sparsity_list(a.sparsities, "--sparsities")
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or not nvrtc.available():
-        raise UserError("probe_nvrtc_stages.py needs an sm_90 (Hopper) GPU and libnvrtc")
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    n_sm, _ = nvrtc_hopper("probe_nvrtc_stages.py")
     todo, skipped = cases(args, projections, weights, variants, n_sm)
     print(f"{torch.cuda.get_device_name()}, {a.model}: launch µs, L2-cold", flush=True)
     for line in skipped:
@@ -131,7 +114,7 @@ def main():
     records = []
     for case in todo:
         for s in levels:
-            rec = time_case(case, s, l2)
+            rec = time_case(case, s)
             records.append(rec)
             print(f"{case.proj:8s} {rec['weights']} s={s:.2f} {tuple(case.config)}: {rec['us']:7.2f} µs", flush=True)
             torch.cuda.empty_cache()
