@@ -127,7 +127,28 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-#if INT4
+#if INT4 && STAGES
+    // chunk c of this warp's steps: warp + RG * (ROWS * c + i), a lane's four loads of each copied into slot
+    // c % STAGES (a lane reads back only what it copied; entries past the end are not copied: their inputs are
+    // zero in B, and A's widened nibbles of any bits are finite)
+    __shared__ __align__(16) uint4 stg[STAGES][ROWS][4][THREADS];
+#define ISSUE(c, n) do {                                                                                       \
+        _Pragma("unroll")                                                                                      \
+        for (int i_ = 0; i_ < ROWS; i_++) {                                                                    \
+            _Pragma("unroll")                                                                                  \
+            for (int e_ = 0; e_ < 4; e_++) {                                                                   \
+                const int j_ = (warp + RG * (ROWS * (c) + i_)) * 16 + ENT(e_);                                 \
+                if (j_ < (n)) cp_async16(&stg[(c) % STAGES][i_][e_][tid], wp + (size_t)ROW_OF(j_) * (N / 8)); \
+            }                                                                                                  \
+        }                                                                                                      \
+        asm volatile("cp.async.commit_group;" ::: "memory");                                                   \
+    } while (0)
+#define ROW_OF(j) (j)
+#if !SPARSE
+    #pragma unroll
+    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, kn);
+#endif
+#elif INT4
     uint4 v[ROWS][4];  // steps in flight: entries 2t, 2t + 1, 2t + 8, 2t + 9 of each
 #if !SPARSE
     #pragma unroll
@@ -139,6 +160,8 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         }
     }
 #endif
+#endif
+#if INT4
     // the range's scales (independent of the previous launch): 16 bytes a load, to shared memory after the wait
     uint4 sr[SROUNDS];
     const int ng = (kn + GROUP - 1) / GROUP;
@@ -376,6 +399,60 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     float acc[16][4];
     #pragma unroll
     for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    // step s1 of the stream, its lane's four loads in v4
+    auto step = [&](const int s1, const uint4* v4) {
+        u32 b[2];
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            u32 half[2];
+            #pragma unroll
+            for (int q = 0; q < 2; q++) {
+                const int j = s1 * 16 + ENT(2 * h + q);
+#if SPARSE
+                const int r = j < n ? ks[j] : -GROUP;
+#else
+                const int r = j < n ? j : -GROUP;
+#endif
+                half[q] = r >= 0 && r / GROUP == g8 ? (u32)to_h(xs[j]) : 0u;
+            }
+            b[h] = half[0] | half[1] << 16;
+        }
+        #pragma unroll
+        for (int c = 0; c < 16; c++) {  // columns 2c, 2c + 1: byte c % 4 of word c / 4
+            const u32 sel = (c & 3) * 0x11u + (4 + (c & 3)) * 0x1100u;
+            const u32 p01 = __byte_perm(word(v4[0], c >> 2), word(v4[1], c >> 2), sel);
+            const u32 p23 = __byte_perm(word(v4[2], c >> 2), word(v4[3], c >> 2), sel);
+            mma16816(acc[c], (p01 & 0x000F000Fu) | OFF2, (p01 >> 4 & 0x000F000Fu) | OFF2,
+                     (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
+        }
+    };
+#if STAGES
+    // through shared memory (cp.async), as the 16-bit stream's stages below
+#if SPARSE
+#undef ROW_OF
+#define ROW_OF(j) ks[j]
+    #pragma unroll
+    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, n);
+#endif
+    const int nch = (nsteps + RG * ROWS - 1) / (RG * ROWS);
+    for (int c = 0; c < nch; c++) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");  // chunk c is in
+        ISSUE(c + STAGES - 1, n);  // into the slot chunk c - 1 was read from
+        #pragma unroll
+        for (int i = 0; i < ROWS; i++) {
+            const int s1 = warp + RG * (ROWS * c + i);
+            if (s1 < nsteps) {  // (the warp's steps: uniform)
+                uint4 v4[4];
+                #pragma unroll
+                for (int e = 0; e < 4; e++) v4[e] = stg[c % STAGES][i][e][tid];
+                step(s1, v4);
+            }
+        }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (the empty groups past the end)
+#undef ISSUE
+#undef ROW_OF
+#else
 #if SPARSE
     #pragma unroll
     for (int i = 0; i < ROWS; i++) {
@@ -393,32 +470,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         #pragma unroll
         for (int i = 0; i < ROWS; i++) {
             const int s1 = s0 + RG * i;
-            if (s1 < nsteps) {  // (the warp's steps: uniform)
-                u32 b[2];
-                #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    u32 half[2];
-                    #pragma unroll
-                    for (int q = 0; q < 2; q++) {
-                        const int j = s1 * 16 + ENT(2 * h + q);
-#if SPARSE
-                        const int r = j < n ? ks[j] : -GROUP;
-#else
-                        const int r = j < n ? j : -GROUP;
-#endif
-                        half[q] = r >= 0 && r / GROUP == g8 ? (u32)to_h(xs[j]) : 0u;
-                    }
-                    b[h] = half[0] | half[1] << 16;
-                }
-                #pragma unroll
-                for (int c = 0; c < 16; c++) {  // columns 2c, 2c + 1: byte c % 4 of word c / 4
-                    const u32 sel = (c & 3) * 0x11u + (4 + (c & 3)) * 0x1100u;
-                    const u32 p01 = __byte_perm(word(v[i][0], c >> 2), word(v[i][1], c >> 2), sel);
-                    const u32 p23 = __byte_perm(word(v[i][2], c >> 2), word(v[i][3], c >> 2), sel);
-                    mma16816(acc[c], (p01 & 0x000F000Fu) | OFF2, (p01 >> 4 & 0x000F000Fu) | OFF2,
-                             (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
-                }
-            }
+            if (s1 < nsteps) step(s1, v[i]);  // (the warp's steps: uniform)
             #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = (s1 + RG * ROWS) * 16 + ENT(e);
@@ -430,6 +482,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
             }
         }
     }
+#endif
     // the fold: y_c = sum over groups of s (D - OFF sx) + m sx, lane (g, t) holding groups 2t, 2t + 1 of its 32
     // columns; then summed over t by halves (each lane ends with 8 columns), the warps through shared memory
     __syncthreads();  // sxs
@@ -747,14 +800,14 @@ def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False, gro
     return Config(split, rows, cluster)
 
 
-def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, group: int = 0, rows: int = 4) -> Config:
-    """cfg with its rows streamed through `stages` cp.async stages of `rows` rows a thread, where a CTA's shared
-    memory holds them beside the sparse launch's kept list (the larger); cfg itself otherwise, at stages 0, or for
-    int4 weights (group: their stream has no stages)."""
-    if not stages or group:
+def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, group: int = 0, rows: int = 0) -> Config:
+    """cfg with its stream through `stages` cp.async stages of `rows` rows a thread (default 4; int4 weights, group:
+    `rows` steps of 16 rows a warp, default 1), where a CTA's shared memory holds them beside the sparse launch's
+    kept list (the larger); cfg itself otherwise, or at stages 0."""
+    if not stages:
         return cfg
-    staged = cfg._replace(rows=rows, stages=stages)
-    spec = spec_of(K, sizes, torch.bfloat16, True, True, False, False, 1e-5, staged, True, int8)
+    staged = cfg._replace(rows=rows or (1 if group else 4), stages=stages)
+    spec = spec_of(K, sizes, torch.bfloat16, True, True, False, False, 1e-5, staged, True, int8, group=group)
     return staged if shared_bytes(spec) <= STATIC_SMEM else cfg
 
 
@@ -765,13 +818,16 @@ def k_per(K: int, split: int, group: int = 0) -> int:
 
 
 def shared_bytes(spec: Spec) -> int:
-    """A 16-bit or int8 launch's static shared memory (an upper bound, within 32 bytes of ptxas's): its inputs (and
-    kept list), the row groups' and the cluster's sums, the cp.async stream's stages, and the 1 KB sm_80 and later
-    reserve for the system."""
-    cfg, kper = spec.config, k_per(spec.K, spec.config.split)
-    row_groups = THREADS * (16 if spec.int8 else 8) // spec.cols
+    """A launch's static shared memory (an upper bound, within 32 bytes of ptxas's, int4's within 48): its inputs (and kept list), the
+    row groups' and the cluster's sums, int4's scales and group sums, the cp.async stream's stages (int4: four
+    loads a lane a step), and the 1 KB sm_80 and later reserve for the system."""
+    cfg, kper = spec.config, k_per(spec.K, spec.config.split, spec.group)
+    row_groups = THREADS // 32 if spec.group else THREADS * (16 if spec.int8 else 8) // spec.cols
+    # (int4: its scales' and group sums' arrays, and up to 16 bytes of alignment before each 16-byte aligned one)
+    int4 = 2 * (kper // spec.group) * spec.cols * 2 + kper // 8 * 4 + kper // spec.group * 4 + 32 if spec.group else 0
     return (kper * (6 if spec.sparse else 4) + (row_groups + (spec.config.split if cfg.cluster else 0)) * spec.cols * 4
-            + 4 * THREADS // 32 + 4 + cfg.stages * cfg.rows * THREADS * 16 + 1024 + 16)
+            + 4 * THREADS // 32 + 4 + int4 + cfg.stages * cfg.rows * THREADS * 16 * (4 if spec.group else 1)
+            + 1024 + 16)
 
 
 def item_source(spec: Spec, name: str) -> str:
@@ -784,8 +840,8 @@ def item_source(spec: Spec, name: str) -> str:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
     if spec.group and kper > 8 * spec.group:
         raise UserError(f"an int4 K range holds at most 8 scale groups ({8 * spec.group} inputs): split K further")
-    if cfg.stages and (spec.group or cfg.stages < 2):
-        raise UserError(f"stages={cfg.stages}: 2 or more, for 16-bit or int8 weights")
+    if cfg.stages == 1 or cfg.stages < 0:
+        raise UserError(f"stages={cfg.stages}: 2 or more (one chunk in flight while one is summed), or 0 (registers)")
     if cfg.stages and shared_bytes(spec) > STATIC_SMEM:
         raise UserError(f"stages={cfg.stages} x rows={cfg.rows}: {shared_bytes(spec)} bytes of shared memory a CTA "
                         f"with a K range of {kper} inputs, over {STATIC_SMEM}")

@@ -586,7 +586,7 @@ def main():
     p.add_argument("--nvrtc-int4", action="store_true",
                    help="int4 weights' projections on it, on tensor cores (--quant int4 / awq; default: Gluon's kernels)")
     p.add_argument("--nvrtc-stages", type=int, default=0, metavar="S",
-                   help="their 16-bit and int8 rows through S cp.async stages where a CTA holds them (0: registers)")
+                   help="their rows through S cp.async stages where a CTA holds them (0: registers)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
                    "NVRTC projections (default: with them)")

@@ -515,7 +515,8 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py's int4 mode (tensor cores) against its reference: real and odd shapes, scale groups of
     128 / 64 / 32 inputs, bf16 and fp16, dense and sparse, the norm fused, the residual added, gate/up's outputs
     gated, the fewest K ranges (8 scale groups each) and the default split with both tails, 2 steps in flight (1
-    and 3 too on the odd shapes: a ring that ends part way); relative error within dtype bounds, every output
+    and 3 too on the odd shapes: a ring that ends part way), 1 step a cp.async stage at 3 stages (4 too on the odd
+    shapes) where a CTA holds them; relative error within dtype bounds, every output
     written (poisoned), counters left at zero, bit for bit over two launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
@@ -536,11 +537,14 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
             for s, split in itertools.product(levels, splits):
                 t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
                 ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-                for cluster, rows in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
-                                                       (1, 2, 3) if K < 2048 else (2,)):
-                    cfg = cuda_gemv.Config(split, rows, cluster)
+                streams = [(1, 0), (2, 0), (3, 0), (1, 3), (1, 4)] if K < 2048 else [(2, 0), (1, 3)]
+                for cluster, (rows, stages) in itertools.product(
+                        (0, 1) if 1 < split <= 8 and major >= 9 else (0,), streams):
+                    cfg = cuda_gemv.Config(split, rows, cluster, 0, stages)
                     spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                              True, group=group)
+                    if stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
+                        continue
                     bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                     cases += 1
                     if bad:

@@ -159,8 +159,8 @@ def test_plan_refuses_nvrtc_without_a_gpu():
 
 
 def test_stages_stream_through_shared_memory():
-    """Config.stages: the 16-bit / int8 stream through cp.async chunks (STAGES defined, its shared memory counted
-    within ptxas's 48 KB); refused for int4 weights, below 2, or where the stages do not fit."""
+    """Config.stages: the stream through cp.async chunks (STAGES defined, its shared memory counted within ptxas's
+    48 KB; int4: four 16-byte loads a lane a step); refused at 1, below 0, or where the stages do not fit."""
     spec = cuda_gemv.spec_of(4096, (4096, 1024, 1024), BF16, True, True, False, False, 1e-5,
                              cuda_gemv.Config(8, 4, 1, 0, 3), True)
     src = cuda_gemv.kernel_source(spec)
@@ -172,24 +172,34 @@ def test_stages_stream_through_shared_memory():
         cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 4, 1, 0, 1)))
     with pytest.raises(UserError, match="over 49152"):  # 3 x 8 rows: 48 KB of stages alone
         cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0, 3)))
-    int4 = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(4, 2, 1, 0, 3),
+    with pytest.raises(UserError, match="2 or more"):
+        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 4, 1, 0, -2)))
+    int4 = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(4, 1, 1, 0, 3),
                              True, group=128)
-    with pytest.raises(UserError, match="16-bit or int8"):
-        cuda_gemv.kernel_source(int4)
+    assert "#define STAGES 3\n" in cuda_gemv.kernel_source(int4)
+    assert cuda_gemv.shared_bytes(int4) - cuda_gemv.shared_bytes(int4._replace(config=cuda_gemv.Config(4, 1, 1))) \
+        == 3 * 4 * cuda_gemv.THREADS * 16
+    with pytest.raises(UserError, match="over 49152"):  # 2 steps x 3 stages: 48 KB of stages alone
+        cuda_gemv.kernel_source(int4._replace(config=cuda_gemv.Config(4, 2, 1, 0, 3)))
+    # with_stages: the config asked where it fits, the given one where not
+    base = cuda_gemv.int4_config(4096, (4096,), 132, 9, 128)
+    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 3, 128, rows=1) == base._replace(rows=1, stages=3)
+    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 3, 128, rows=2) == base
+    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 0, 128, rows=1) == base
 
 
 @pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
 def test_stages_build_for_sm90_within_their_shared_memory():
-    """Launches with cp.async stages compile for sm_90 (dense and sparse, 16-bit and int8, every projection of
-    Llama-2-7B), and shared_bytes bounds ptxas's count from above by at most 32 bytes."""
+    """Launches with cp.async stages compile for sm_90 (dense and sparse, 16-bit, int8 and int4 weights, every
+    projection of Llama-2-7B), and shared_bytes bounds ptxas's count from above by at most 32 bytes (int4: 48)."""
     lib = ctypes.CDLL(nvrtc.find_nvrtc())
     for proj, (K, sizes, glu_in) in _shapes("llama-2-7b").items():
-        for sparse, int8 in itertools.product((False, True), (False, True)):
-            cfg = cuda_gemv.default_config(K, sizes, 132, 9, int8)._replace(rows=4, stages=3)
+        for sparse, (int8, group) in itertools.product((False, True), ((False, 0), (True, 0), (False, 128))):
+            cfg = cuda_gemv.default_config(K, sizes, 132, 9, int8, group)._replace(rows=1 if group else 4, stages=3)
             spec = cuda_gemv.spec_of(K, sizes, BF16, sparse, proj in ("qkv", "gate_up"), glu_in,
-                                     proj in ("o", "down"), 1e-5, cfg, True, int8)
+                                     proj in ("o", "down"), 1e-5, cfg, True, int8, group=group)
             cubin = nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")
-            assert 0 <= cuda_gemv.shared_bytes(spec) - inspect(cubin)[0]["SHARED"] <= 32
+            assert 0 <= cuda_gemv.shared_bytes(spec) - inspect(cubin)[0]["SHARED"] <= (48 if group else 32)
 
 
 def _shapes(name):

@@ -220,7 +220,8 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, stages, monk
 def test_nvrtc_int4_route_matches_reference_decode(monkeypatch):
     """plan.nvrtc_int4: int4 weights' one-token projections take kernels/cuda_gemv.py's int4 mode (on a CPU its op
     runs the reference), all four a layer, their weights back in column order where an earlier plan held them in
-    the tensor-core kernel's order; the decode matches the reference path (the int8 LM head on Triton's kernel)."""
+    the tensor-core kernel's order; the decode matches the reference path (the int8 LM head on Triton's kernel);
+    plan.nvrtc_stages gives them one step a cp.async stage."""
     args = ModelArgs(dim=256, n_layer=2, n_head=4, n_kv_head=4, intermediate_size=512, vocab_size=101,
                      max_seq_len=128)
     ref_model = random_model(args, "cpu", torch.bfloat16, seed=0)
@@ -242,6 +243,10 @@ def test_nvrtc_int4_route_matches_reference_decode(monkeypatch):
     for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=0)):
         assert rel_err(out, ref) < 1e-2, i
     assert calls == [torch.int32] * 4 * len(model.layers) * steps.shape[1]
+    # with plan.nvrtc_stages: one step of 16 rows a warp a cp.async stage, the split and tail kept
+    before = [m.cuda_config for m in mods]
+    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_int4=True, nvrtc_stages=3))
+    assert [m.cuda_config for m in mods] == [c._replace(rows=1, stages=3) for c in before]
 
 
 @pytest.mark.parametrize("window", [None, 24])

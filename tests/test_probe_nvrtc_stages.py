@@ -29,9 +29,9 @@ def test_variants_beside_the_default_config():
     assert variants == [None, (4, 3), (8, 3), (2, 4)]
     cs, skipped = probe.cases(ModelArgs.from_name("llama-2-7b"), ALL, ("bf16", "int8"), variants, 132)
     for proj in ALL:
-        for int8 in (False, True):
-            mine = [c for c in cs if c.proj == proj and c.int8 == int8]
-            default = cuda_gemv.default_config(mine[0].K, mine[0].sizes, 132, 9, int8)
+        for kind in ("bf16", "int8"):
+            mine = [c for c in cs if c.proj == proj and c.weights == kind]
+            default = cuda_gemv.default_config(mine[0].K, mine[0].sizes, 132, 9, kind == "int8")
             assert mine[0].config == default and default.stages == 0
             for c in mine[1:]:  # the same split and tail, the rows and stages asked
                 assert (c.config.split, c.config.cluster) == (default.split, default.cluster) and c.config.stages
@@ -39,6 +39,19 @@ def test_variants_beside_the_default_config():
     # 8 rows x 3 stages is 48 KB of stages alone: skipped everywhere, and said so
     assert not any(c.config.rows == 8 and c.config.stages == 3 for c in cs)
     assert len(skipped) == 8 and all("8x3" in line for line in skipped)
+
+
+def test_int4_variants_are_steps_beside_int4s_config():
+    """int4 weights: the default is int4_config (group 128), a variant's rows are steps of 16 rows a warp; 1x3 fits
+    every Llama-2-7B launch, 2x3 (48 KB of stages alone) none."""
+    cs, skipped = probe.cases(ModelArgs.from_name("llama-2-7b"), ALL, ("int4",), probe.parse_variants("default,1x3,2x3"),
+                              132)
+    for proj in ALL:
+        mine = [c for c in cs if c.proj == proj]
+        assert mine[0].config == cuda_gemv.int4_config(mine[0].K, mine[0].sizes, 132, 9, probe.GROUP)
+        assert [c.config[1:] for c in mine[1:]] == [(1, mine[0].config.cluster, 0, 3)]
+        assert probe.spec_of(mine[1], True).group == probe.GROUP
+    assert len(skipped) == 4 and all("int4 2x3" in line for line in skipped)
 
 
 def test_bad_variants_are_refused():
@@ -53,7 +66,7 @@ def test_refuses_without_a_gpu():
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "needs an sm_90" in r.stderr
 
 
-@pytest.mark.parametrize("flags", [["--model", "nope"], ["--projections", "qkv,lm_head"], ["--weights", "int4"],
+@pytest.mark.parametrize("flags", [["--model", "nope"], ["--projections", "qkv,lm_head"], ["--weights", "int2"],
                                    ["--variants", "4x1"], ["--sparsities", "1.5"]])
 def test_refuses_bad_flags(flags):
     r = run(*flags)
@@ -63,8 +76,8 @@ def test_refuses_bad_flags(flags):
 @pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
 def test_every_launch_compiles_for_sm90():
     lib = ctypes.CDLL(nvrtc.find_nvrtc())
-    cs, _ = probe.cases(ModelArgs.from_name("llama-2-7b"), ("qkv", "down"), ("bf16", "int8"),
-                        probe.parse_variants("default,4x3,2x4"), 132)
+    cs, _ = probe.cases(ModelArgs.from_name("llama-2-7b"), ("qkv", "down"), ("bf16", "int8", "int4"),
+                        probe.parse_variants("default,4x3,2x4,1x3"), 132)
     for case in cs:
         for sparse in (False, True):
             assert nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(probe.spec_of(case, sparse)), "sm_90")[:4] \
