@@ -529,6 +529,8 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     for (K, sizes, norm, res, glu_in, groups), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
         N = sum(sizes)
         w16 = torch.randn(K, N, device="cuda") / K ** 0.5
+        # (rows, stages): the ring at 1-3 steps, one step a cp.async stage at 3 (4) stages
+        streams = [(1, 0), (2, 0), (3, 0), (1, 3), (1, 4)] if K < 2048 else [(2, 0), (1, 3)]
         x, g, xin, r = gemv_case_inputs(K, N, dtype, norm, res, glu_in)
         for group in groups:
             w, scale = int4_variant(group).quantize_weight(w16)
@@ -537,7 +539,6 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
             for s, split in itertools.product(levels, splits):
                 t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
                 ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-                streams = [(1, 0), (2, 0), (3, 0), (1, 3), (1, 4)] if K < 2048 else [(2, 0), (1, 3)]
                 for cluster, (rows, stages) in itertools.product(
                         (0, 1) if 1 < split <= 8 and major >= 9 else (0,), streams):
                     cfg = cuda_gemv.Config(split, rows, cluster, 0, stages)
