@@ -22,10 +22,9 @@ import torch
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
 from kernels import cuda_gemv
-from kernels.formats import INT8, int4_variant
 from model import ModelArgs
 from scripts.bench import projection_list, projection_roles, projection_shapes
-from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper
+from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper, probe_weights
 
 GROUP = 128  # int4's scale group (RTN, as --quant int4 stores it)
 
@@ -80,17 +79,9 @@ def cases(args: ModelArgs, projections, weights, variants, n_sm: int) -> tuple:
 def time_case(case: Case, s: float) -> dict:
     """One case at sparsity s: checked, then timed (gpu_check.checked_cuda_gemv_us)."""
     K, N = case.K, sum(case.sizes)
-    w = torch.randn(K, N, device="cuda") / K ** 0.5
-    scale = None
-    if case.weights == "int4":
-        w, scale = int4_variant(GROUP).quantize_weight(w)
-    else:
-        w = w.to(torch.bfloat16)
-        if case.weights == "int8":
-            w, scale = INT8.quantize_weight(w)
+    w, scale = probe_weights(K, N, case.weights, GROUP)
     us = checked_cuda_gemv_us(spec_of(case, s > 0), w, scale, case.sizes, s, f"{case.proj} {tuple(case.config)}")
-    return dict(proj=case.proj, weights=case.weights, K=K, N=N, s=s, config=list(case.config),
-                us=us)
+    return dict(proj=case.proj, weights=case.weights, K=K, N=N, s=s, config=list(case.config), us=us)
 
 
 def main():
