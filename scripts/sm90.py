@@ -266,6 +266,10 @@ def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bo
         cfg = cfg._replace(rows=rows or cfg.rows, stages=stages)
         spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, r.norm, r.glu_in, r.residual, 1e-5, cfg, True,
                                  quant == "int8", group=group)
+        if cfg.stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
+            print(f"{proj} {tuple(cfg)}: skipped, its stages need {cuda_gemv.shared_bytes(spec)} bytes of shared "
+                  f"memory a CTA (over {cuda_gemv.STATIC_SMEM})")
+            continue
         cubin = nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")
         res, _, _ = inspect(cubin)
         print(f"{proj} {tuple(cfg)}: registers {res.get('REG')}, stack frame (spills) {res.get('STACK')} bytes, "

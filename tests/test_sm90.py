@@ -103,6 +103,11 @@ def test_nvrtc_report_shows_how_stream_loops_wait(capsys):
     staged = capsys.readouterr().out
     assert len(re.findall(r"\d+ cp\.async \(LDGSTS\), DEPBAR\.LE: the oldest group", staged)) == 4, staged
     assert "loads on scoreboard" not in staged
+    # int4 at 1 step x 4 stages: gate/up's stages do not fit a CTA; it is skipped and said so, down still reported
+    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, "int4", True, 1, 4) == 0
+    four = capsys.readouterr().out
+    assert re.search(r"^gate_up \(.*\): skipped, its stages need \d+ bytes", four, re.M), four
+    assert re.findall(r"^(\w+) \(.*registers", four, re.M) == ["qkv", "o", "down"], four
 
 
 def test_control_bits_are_read_from_the_high_word():
