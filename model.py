@@ -274,8 +274,6 @@ class SparseLinear(nn.Module):
         if on_nvrtc:
             self.cuda_config = cuda_gemv.default_config(K, self.sizes, plan.n_sm, plan.nvrtc_arch // 10,
                                                         self.fmt.code == INT8.code, group)
-            self.cuda_config = cuda_gemv.with_stages(self.cuda_config, K, self.sizes, self.fmt.code == INT8.code,
-                                                     plan.nvrtc_stages, group)
             n = max(n, self.out_features // cuda_gemv.COLS)
         self.register_buffer("counters", torch.zeros(n, dtype=torch.int32, device=self.weight.device),
                              persistent=False)
@@ -639,8 +637,7 @@ class Transformer(nn.Module):
                               nvrtc_arch=plan.nvrtc_arch if half and self.tp is None else 0,  # TP: not measured
                               sparse_decode=plan.sparse_decode or quantized)
         # what the launch configs depend on
-        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream, p.nvrtc_arch, p.nvrtc_int8, p.nvrtc_int4,  # noqa: E731
-                              p.nvrtc_stages)
+        sized_by = lambda p: (p.kernels, p.n_sm, p.masked_stream, p.nvrtc_arch, p.nvrtc_int8, p.nvrtc_int4)  # noqa: E731
         if sized_by(plan) != sized_by(self.plan):
             for m in self.modules():  # projections before the MLPs that read their configs
                 if isinstance(m, (SparseLinear, RowSparseUp)):

@@ -22,9 +22,6 @@ instead of keeping flags of its own:
   without thresholds: its dense mode streams every row without a kept list (+12% over Triton's int8 kernel on an
   H100, session 36); `nvrtc_int4`: int4 weights' steps too (the kernel's tensor-core mode; off by default: slower than
   the Gluon kernels on an H100, 360 against 506 tok/s at 50% for Llama-2-7B, docs/perf-notes.md session 44);
-  `nvrtc_stages`: their launches stream rows through shared memory in cp.async commit groups (4 rows a thread a
-  group; int4: one step of 16 rows a warp) where a CTA holds them (kernels/cuda_gemv.py `with_stages`; off: not yet
-  measured, docs/perf-notes.md sessions 47-48);
 - `sparse_decode`: decode steps apply the thresholds (False: dense decode through the NVRTC kernel or cuBLAS, which
   beat a Triton kernel at zero thresholds for 16-bit weights; quantized weights always take the kernels: Triton's,
   or for int8 on sm_90 the NVRTC one);
@@ -67,7 +64,6 @@ class DecodePlan:
     nvrtc_sparse: bool = False  # ... sparse ones too (decode_plan: wherever nvrtc_arch is set, unless told)
     nvrtc_int8: bool = False  # ... and int8 weights' (dense and sparse; the LM head stays on Triton; as nvrtc_sparse)
     nvrtc_int4: bool = False  # ... and int4 weights' (on tensor cores; in place of the Gluon kernels)
-    nvrtc_stages: int = 0  # the NVRTC launches' rows through this many cp.async stages (0: registers)
     zero_level: bool = False  # decoding at sparsity 0 (at_level): the NVRTC kernel runs without thresholds
     nvrtc_attention: bool = False  # one-token attention after an NVRTC q/k/v through kernels/cuda_attention.py
     attention_pdl: int = 0  # ... under PDL, q/k/v triggering it at its start (3: decode_plan's default) or rows' end (4)
@@ -132,8 +128,7 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
     hopper_mma (ablations; all on by default, the last two where the GPU is sm_90), masked_stream (off), nvrtc
     (dense batch-1 16-bit steps through kernels/cuda_gemv.py; default: on sm_90 where libnvrtc is found; True
     insists), nvrtc_sparse (sparse steps too) and nvrtc_int8 (int8 weights' projections) (default: with nvrtc),
-    nvrtc_int4 (int4 weights' projections; default off; True insists on the NVRTC kernels), nvrtc_stages (their
-    rows through cp.async stages; default 0: through registers),
+    nvrtc_int4 (int4 weights' projections; default off; True insists on the NVRTC kernels),
     nvrtc_attention (one-token attention on kernels/cuda_attention.py after q/k/v on the NVRTC kernel; default:
     with the NVRTC projections; True insists), attention_pdl (that attention under PDL: 3 by default with it, 4, or
     0 for plain launches).
@@ -172,8 +167,6 @@ def decode_plan(device: torch.device, fmt: QuantFormat = FLOAT, sparsity: float 
         flags["attention_pdl"] = 3 if flags["nvrtc_attention"] else 0
     elif flags["attention_pdl"] and not flags["nvrtc_attention"]:
         raise UserError("--attention-pdl applies to the NVRTC attention")
-    if flags.get("nvrtc_stages", 0) < 0 or flags.get("nvrtc_stages", 0) == 1:
-        raise UserError("--nvrtc-stages takes 0 (rows through registers) or 2 and more")
     if flags["attention_pdl"] not in (0, 3, 4):
         raise UserError("--attention-pdl takes 3 (q/k/v triggers at its start) or 4 (once its rows are streamed)")
     plan = DecodePlan(kernels=kernels, n_sm=n_sm or (n_sm_of(device) if kernels else 0), quantized=fmt.quantized,

@@ -15,8 +15,7 @@ CTA:
    tile's segment (q, k, v: one threshold row each), compacted into a list in shared memory by one block-wide scan;
    dense launches stream every row, their first rows' loads issued before the prologue (they depend on nothing);
 2. streams the kept rows' columns, 16 bytes per thread (8 threads a row; int8's column scales scale the sums),
-   ROWS rows in flight per thread, double-buffered (STAGES: through shared memory, cp.async commit groups of ROWS
-   rows, STAGES - 1 in flight; not yet taken by a default config);
+   ROWS rows in flight per thread, double-buffered;
 3. sums the row groups through shared memory, then the K ranges: through rank 0's shared memory of a cluster
    (CLUSTER, sm_90), or a per-tile counter whose last CTA sums the partials in a fixed order (deterministic, counter
    left at zero); SPLIT 1 writes directly. The epilogue rounds to the weights' dtype and adds the residual.
@@ -38,7 +37,6 @@ from kernels.formats import FLOAT, INT4, INT8, QuantFormat
 COLS = 64  # output columns per CTA
 THREADS = 128
 MAX_KPER = 4096  # inputs per K range: its list and values live in shared memory
-STATIC_SMEM = 48 * 1024  # a CTA's static shared memory
 INT4_COLS = 256  # output columns per CTA of int4 weights
 
 HELPERS = r"""
@@ -62,11 +60,6 @@ HELPERS = r"""
 #define SROUNDS ((2 * NGM * TILE / 8 + THREADS - 1) / THREADS)
 #define OFF (FP16 ? 1024.f : 128.f)
 #define OFF2 (FP16 ? 0x64006400u : 0x43004300u)
-// 16 bytes global -> shared, through L2 only, completing in commit groups (STAGES)
-__device__ __forceinline__ void cp_async16(void* smem, const void* p) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(smem)), "l"(p)
-                 : "memory");
-}
 __device__ __forceinline__ u32 word(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ float h2f(u16 h) {  // float16 (the int4 scales' dtype, whatever the activations')
     float f;
@@ -127,28 +120,7 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     // reading what it writes (griddepcontrol.wait below), as this one waits for its predecessor
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-#if INT4 && STAGES
-    // chunk c of this warp's steps: warp + RG * (ROWS * c + i), a lane's four loads of each copied into slot
-    // c % STAGES (a lane reads back only what it copied; entries past the end are not copied: their inputs are
-    // zero in B, and A's widened nibbles of any bits are finite)
-    __shared__ __align__(16) uint4 stg[STAGES][ROWS][4][THREADS];
-#define ISSUE(c, n) do {                                                                                       \
-        _Pragma("unroll")                                                                                      \
-        for (int i_ = 0; i_ < ROWS; i_++) {                                                                    \
-            _Pragma("unroll")                                                                                  \
-            for (int e_ = 0; e_ < 4; e_++) {                                                                   \
-                const int j_ = (warp + RG * (ROWS * (c) + i_)) * 16 + ENT(e_);                                 \
-                if (j_ < (n)) cp_async16(&stg[(c) % STAGES][i_][e_][tid], wp + (size_t)ROW_OF(j_) * (N / 8)); \
-            }                                                                                                  \
-        }                                                                                                      \
-        asm volatile("cp.async.commit_group;" ::: "memory");                                                   \
-    } while (0)
-#define ROW_OF(j) (j)
-#if !SPARSE
-    #pragma unroll
-    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, kn);
-#endif
-#elif INT4
+#if INT4
     uint4 v[ROWS][4];  // steps in flight: entries 2t, 2t + 1, 2t + 8, 2t + 9 of each
 #if !SPARSE
     #pragma unroll
@@ -171,23 +143,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         const size_t at = ((size_t)part * (K / GROUP) + k0 / GROUP + gl) * N + tile * TILE + f % TILE;
         sr[rd] = part < 2 && gl < ng ? ld16((const u16*)scale + at) : make_uint4(0, 0, 0, 0);
     }
-#elif STAGES
-    // chunk c of this thread's rows: entries rg + RG * (ROWS * c + i), copied into slot c % STAGES (a thread reads
-    // back only what it copied: no barrier); STAGES - 1 chunks in flight while one is summed
-    __shared__ __align__(16) uint4 stg[STAGES][ROWS][THREADS];
-#define ISSUE(c, n) do {                                                                                       \
-        _Pragma("unroll")                                                                                      \
-        for (int i_ = 0; i_ < ROWS; i_++) {                                                                    \
-            const int j_ = rg + RG * (ROWS * (c) + i_);                                                        \
-            if (j_ < (n)) cp_async16(&stg[(c) % STAGES][i_][tid], wp + (size_t)ROW_OF(j_) * N);               \
-        }                                                                                                      \
-        asm volatile("cp.async.commit_group;" ::: "memory");                                                   \
-    } while (0)
-#define ROW_OF(j) (j)
-#if !SPARSE
-    #pragma unroll
-    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, kn);
-#endif
 #else
     uint4 v[ROWS];
 #if !SPARSE
@@ -426,33 +381,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
                      (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
         }
     };
-#if STAGES
-    // through shared memory (cp.async), as the 16-bit stream's stages below
-#if SPARSE
-#undef ROW_OF
-#define ROW_OF(j) ks[j]
-    #pragma unroll
-    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, n);
-#endif
-    const int nch = (nsteps + RG * ROWS - 1) / (RG * ROWS);
-    for (int c = 0; c < nch; c++) {
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");  // chunk c is in
-        ISSUE(c + STAGES - 1, n);  // into the slot chunk c - 1 was read from
-        #pragma unroll
-        for (int i = 0; i < ROWS; i++) {
-            const int s1 = warp + RG * (ROWS * c + i);
-            if (s1 < nsteps) {  // (the warp's steps: uniform)
-                uint4 v4[4];
-                #pragma unroll
-                for (int e = 0; e < 4; e++) v4[e] = stg[c % STAGES][i][e][tid];
-                step(s1, v4);
-            }
-        }
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (the empty groups past the end)
-#undef ISSUE
-#undef ROW_OF
-#else
 #if SPARSE
     #pragma unroll
     for (int i = 0; i < ROWS; i++) {
@@ -482,7 +410,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
             }
         }
     }
-#endif
     // the fold: y_c = sum over groups of s (D - OFF sx) + m sx, lane (g, t) holding groups 2t, 2t + 1 of its 32
     // columns; then summed over t by halves (each lane ends with 8 columns), the warps through shared memory
     __syncthreads();  // sxs
@@ -517,39 +444,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     float acc[CPT];
     #pragma unroll
     for (int j = 0; j < CPT; j++) acc[j] = 0.f;
-#if STAGES
-    // 2. the stream through shared memory (cp.async): a register ring's loads share one scoreboard, so the wait for
-    // a row also waits for the rows issued after it; commit groups complete in order (docs/perf-notes.md, 47)
-#if SPARSE
-#undef ROW_OF
-#define ROW_OF(j) ks[j]
-    #pragma unroll
-    for (int c = 0; c < STAGES - 1; c++) ISSUE(c, n);
-#endif
-    const int nch = (n + RG * ROWS - 1) / (RG * ROWS);
-    for (int c = 0; c < nch; c++) {
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory");  // chunk c is in
-        ISSUE(c + STAGES - 1, n);  // into the slot chunk c - 1 was summed from
-        #pragma unroll
-        for (int i = 0; i < ROWS; i++) {
-            const int j = rg + RG * (ROWS * c + i);
-            if (j < n) {
-                const float xv = xs[j];
-                float f[CPT];
-#if INT8
-                unpack_int8(stg[c % STAGES][i][tid], f);
-#else
-                unpack(stg[c % STAGES][i][tid], f);
-#endif
-                #pragma unroll
-                for (int q = 0; q < CPT; q++) acc[q] += xv * f[q];
-            }
-        }
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");  // (the empty groups past the end)
-#undef ISSUE
-#undef ROW_OF
-#else
     // 2. the stream: entry j of the range (a kept row with SPARSE), ROWS in flight, the next ROWS issued before
     // the current ones are used
 #if SPARSE
@@ -585,7 +479,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
             v[i] = nv[i];
         }
     }
-#endif
     // 3. row groups, then K ranges
     #pragma unroll
     for (int c = 0; c < CPT; c++) red[rg][ct * CPT + c] = acc[c];
@@ -719,9 +612,6 @@ class Config(NamedTuple):
     # launched plainly, the next launch triggered at the start (3) or once the rows are streamed (4): for a consumer
     # with work of its own before it needs this launch's output (the attention's cache reads: session 41)
     pdl: int = 0
-    # 16-bit and int8 weights: 0, the stream through registers (ROWS a thread, a ring); >= 2: through shared memory,
-    # cp.async chunks of ROWS rows a thread, STAGES - 1 of them in flight while one is summed (session 47)
-    stages: int = 0
 
 
 class Spec(NamedTuple):
@@ -800,34 +690,10 @@ def default_config(K: int, sizes, n_sm: int, major: int, int8: bool = False, gro
     return Config(split, rows, cluster)
 
 
-def with_stages(cfg: Config, K: int, sizes, int8: bool, stages: int, group: int = 0, rows: int = 0) -> Config:
-    """cfg with its stream through `stages` cp.async stages of `rows` rows a thread (default 4; int4 weights, group:
-    `rows` steps of 16 rows a warp, default 1), where a CTA's shared memory holds them beside the sparse launch's
-    kept list (the larger); cfg itself otherwise, or at stages 0."""
-    if not stages:
-        return cfg
-    staged = cfg._replace(rows=rows or (1 if group else 4), stages=stages)
-    spec = spec_of(K, sizes, torch.bfloat16, True, True, False, False, 1e-5, staged, True, int8, group=group)
-    return staged if shared_bytes(spec) <= STATIC_SMEM else cfg
-
-
 def k_per(K: int, split: int, group: int = 0) -> int:
     """Inputs per K range: a multiple of 8 (16-byte loads), of int4's scale group where there is one."""
     unit = group or 8
     return -(-K // (unit * split)) * unit
-
-
-def shared_bytes(spec: Spec) -> int:
-    """A launch's static shared memory (an upper bound, within 32 bytes of ptxas's, int4's within 48): its inputs (and kept list), the
-    row groups' and the cluster's sums, int4's scales and group sums, the cp.async stream's stages (int4: four
-    loads a lane a step), and the 1 KB sm_80 and later reserve for the system."""
-    cfg, kper = spec.config, k_per(spec.K, spec.config.split, spec.group)
-    row_groups = THREADS // 32 if spec.group else THREADS * (16 if spec.int8 else 8) // spec.cols
-    # (int4: its scales' and group sums' arrays, and up to 16 bytes of alignment before each 16-byte aligned one)
-    int4 = 2 * (kper // spec.group) * spec.cols * 2 + kper // 8 * 4 + kper // spec.group * 4 + 32 if spec.group else 0
-    return (kper * (6 if spec.sparse else 4) + (row_groups + (spec.config.split if cfg.cluster else 0)) * spec.cols * 4
-            + 4 * THREADS // 32 + 4 + int4 + cfg.stages * cfg.rows * THREADS * 16 * (4 if spec.group else 1)
-            + 1024 + 16)
 
 
 def item_source(spec: Spec, name: str) -> str:
@@ -840,16 +706,10 @@ def item_source(spec: Spec, name: str) -> str:
         raise UserError(f"a K range of {kper} inputs exceeds {MAX_KPER}: split K further")
     if spec.group and kper > 8 * spec.group:
         raise UserError(f"an int4 K range holds at most 8 scale groups ({8 * spec.group} inputs): split K further")
-    if cfg.stages == 1 or cfg.stages < 0:
-        raise UserError(f"stages={cfg.stages}: 2 or more (one chunk in flight while one is summed), or 0 (registers)")
-    if cfg.stages and shared_bytes(spec) > STATIC_SMEM:
-        raise UserError(f"stages={cfg.stages} x rows={cfg.rows}: {shared_bytes(spec)} bytes of shared memory a CTA "
-                        f"with a K range of {kper} inputs, over {STATIC_SMEM}")
     defines = dict(K=spec.K, N=spec.N, SEG1=spec.seg1, SEG2=spec.seg2, KPER=kper, SPLIT=cfg.split, ROWS=cfg.rows,
                    CLUSTER=cfg.cluster, SPARSE=int(spec.sparse), NORM=int(spec.norm), GLU_IN=int(spec.glu_in),
                    RES=int(spec.residual), EPS=f"{spec.eps!r}f", THR32=int(spec.thr32), PDL=cfg.pdl, TILE=spec.cols,
-                   INT8=int(spec.int8), INT4=int(spec.group > 0), GROUP=spec.group, PROFILE=int(spec.profile),
-                   STAGES=cfg.stages)
+                   INT8=int(spec.int8), INT4=int(spec.group > 0), GROUP=spec.group, PROFILE=int(spec.profile))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + ITEM.replace("ITEM_NAME", name)
             + "".join(f"#undef {k}\n" for k in defines))
 
@@ -920,10 +780,10 @@ def launch_config(spec: Spec, stream: ctypes.c_void_p) -> nvrtc.LaunchConfig:
 
 def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor], residual: Optional[Tensor],
          counters: Tensor, scale: Optional[Tensor], sizes: list[int], glu_in: bool, eps: float, split: int,
-         rows: int, cluster: int, pdl: int, stages: int) -> Tensor:
+         rows: int, cluster: int, pdl: int) -> Tensor:
     K, N = w.shape[0], sum(sizes)
     spec = spec_of(K, sizes, x.dtype, t is not None, norm_weight is not None, glu_in, residual is not None, eps,
-                   Config(split, rows, cluster, pdl, stages), t is not None and t.dtype == torch.float32,
+                   Config(split, rows, cluster, pdl), t is not None and t.dtype == torch.float32,
                    w.dtype == torch.int8, group=weight_format(w, scale).group_of(w, scale))
     y = torch.empty(N, dtype=x.dtype, device=w.device)
     part = torch.empty(split if split > 1 and not cluster else 0, N, device=w.device)
@@ -934,18 +794,17 @@ def _run(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor
 @custom_op("teal::cuda_gemv", mutates_args=("counters",))
 def _cuda_gemv_op(x: Tensor, w: Tensor, t: Optional[Tensor], norm_weight: Optional[Tensor],
                   residual: Optional[Tensor], counters: Tensor, scale: Optional[Tensor], sizes: list[int],
-                  glu_in: bool, eps: float, split: int, rows: int, cluster: int, pdl: int, stages: int) -> Tensor:
-    return _run(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl,
-                stages)
+                  glu_in: bool, eps: float, split: int, rows: int, cluster: int, pdl: int) -> Tensor:
+    return _run(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl)
 
 
 @_cuda_gemv_op.register_fake
-def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl, stages):
+def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl):
     return x.new_empty(sum(sizes))
 
 
 @_cuda_gemv_op.register_kernel("cpu")
-def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl, stages):
+def _(x, w, t, norm_weight, residual, counters, scale, sizes, glu_in, eps, split, rows, cluster, pdl):
     # the reference: a plan with nvrtc_arch set routes a model on the CPU through it (tests of the routing)
     return cuda_gemv_ref(x, w, t, sizes, norm_weight, eps, residual, glu_in, scale)
 

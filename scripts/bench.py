@@ -278,8 +278,7 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROM
               hopper_mma: Optional[bool] = None, tp: Optional[TP] = None, graph: bool = False,
               group: int = 128, masked_stream: bool = False, nvrtc: Optional[bool] = None,
               nvrtc_sparse: Optional[bool] = None, nvrtc_int8: Optional[bool] = None, nvrtc_int4: bool = False,
-              nvrtc_attention: Optional[bool] = None, attention_pdl: Optional[int] = None,
-              nvrtc_stages: int = 0) -> list:
+              nvrtc_attention: Optional[bool] = None, attention_pdl: Optional[int] = None) -> list:
     """tp: this rank's slices (tensor parallel); the rooflines then read at every rank's bandwidth together."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # every rank the same prompt
@@ -295,7 +294,6 @@ def bench_e2e(name: str, args: ModelArgs, sparsities, bw: float, prompt_len=PROM
                                defer_reduction=defer_reduction, fuse_mlp=fuse_mlp, masked_stream=masked_stream,
                                nvrtc=nvrtc, nvrtc_sparse=nvrtc_sparse, nvrtc_int8=nvrtc_int8, nvrtc_int4=nvrtc_int4,
                                nvrtc_attention=nvrtc_attention, attention_pdl=attention_pdl,
-                               nvrtc_stages=nvrtc_stages,
                                **({} if hopper_int4 is None else {"hopper_int4": hopper_int4}),
                                **({} if hopper_mma is None else {"hopper_mma": hopper_mma})))
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device=model.tok_embeddings.weight.device)
@@ -346,8 +344,6 @@ def decode_path(plan, attention, dtype: torch.dtype = torch.bfloat16) -> str:
         path = "NVRTC kernels" if nvrtc else "sparse kernels"
     else:
         path = "dense (NVRTC projections)" if nvrtc else "dense (cuBLAS projections)"
-    if nvrtc and attention.wqkv.cuda_config.stages:
-        path += f" ({attention.wqkv.cuda_config.stages} cp.async stages)"
     if not (nvrtc and attention.takes_nvrtc_attention(plan)):
         return path
     trigger = attention.attention_trigger(plan)
@@ -585,8 +581,6 @@ def main():
                    help="int8 weights' projections on it (--quant int8; default: wherever dense steps are)")
     p.add_argument("--nvrtc-int4", action="store_true",
                    help="int4 weights' projections on it, on tensor cores (--quant int4 / awq; default: Gluon's kernels)")
-    p.add_argument("--nvrtc-stages", type=int, default=0, metavar="S",
-                   help="their rows through S cp.async stages where a CTA holds them (0: registers)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="one-token attention on the CUDA C++ kernel (kernels/cuda_attention.py) after q/k/v on the "
                    "NVRTC projections (default: with them)")
@@ -648,8 +642,7 @@ def main():
                                                       nvrtc_sparse=a.nvrtc_sparse, nvrtc_int8=a.nvrtc_int8,
                                                       nvrtc_int4=a.nvrtc_int4,
                                                       nvrtc_attention=a.nvrtc_attention,
-                                                      attention_pdl=a.attention_pdl, prompt_len=a.prompt_len,
-                                                      nvrtc_stages=a.nvrtc_stages)]
+                                                      attention_pdl=a.attention_pdl, prompt_len=a.prompt_len)]
             if writes:
                 write_outputs(a.out, gpu, bw, e2e, kernels, attention, cmd, a.merge)
     if a.json and writes:

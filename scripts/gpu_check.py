@@ -453,9 +453,8 @@ def checked_cuda_gemv_us(spec, w: torch.Tensor, scale, sizes, s: float, what: st
 def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py (NVRTC) against its reference on real and odd shapes, fp16/bf16, dense and sparse, with
     the norm fused, the residual added and gate/up's outputs gated, float32 or 16-bit thresholds, 16-bit or int8
-    weights (bf16 activations), every split and both tails, the stream through registers or cp.async stages:
-    relative error within dtype bounds, every output written (poisoned), counters left at zero, bit for bit over two
-    launches."""
+    weights (bf16 activations), every split and both tails: relative error within dtype bounds, every output
+    written (poisoned), counters left at zero, bit for bit over two launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
     shapes = [  # (K, sizes, norm, residual, glu_in)
@@ -478,13 +477,10 @@ def check_cuda_gemv(levels=(0.0, 0.5, 0.95)) -> list:
                 continue
             t = spread_thresholds(xin, len(sizes), s).to(torch.float32 if t32 else dtype) if s > 0 else None
             ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-            for cluster, (rows, stages) in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
-                                                             ((8, 0), (4, 3), (2, 4))):
-                cfg = cuda_gemv.Config(split, rows, cluster, int(major >= 9), stages)
+            for cluster in (0, 1) if 1 < split <= 8 and major >= 9 else (0,):
+                cfg = cuda_gemv.Config(split, 8, cluster, int(major >= 9))
                 spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                          t is not None and t32, int8)
-                if stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
-                    continue
                 bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                 cases += 1
                 if bad:
@@ -525,8 +521,7 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     """kernels/cuda_gemv.py's int4 mode (tensor cores) against its reference: real and odd shapes, scale groups of
     128 / 64 / 32 inputs, bf16 and fp16, dense and sparse, the norm fused, the residual added, gate/up's outputs
     gated, the fewest K ranges (8 scale groups each) and the default split with both tails, 2 steps in flight (1
-    and 3 too on the odd shapes: a ring that ends part way), 1 step a cp.async stage at 3 stages (4 too on the odd
-    shapes) where a CTA holds them; relative error within dtype bounds, every output
+    and 3 too on the odd shapes: a ring that ends part way); relative error within dtype bounds, every output
     written (poisoned), counters left at zero, bit for bit over two launches."""
     failures, cases = [], 0
     major = torch.cuda.get_device_capability()[0]
@@ -539,8 +534,6 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
     for (K, sizes, norm, res, glu_in, groups), dtype in itertools.product(shapes, (torch.bfloat16, torch.float16)):
         N = sum(sizes)
         w16 = torch.randn(K, N, device="cuda") / K ** 0.5
-        # (rows, stages): the ring at 1-3 steps, one step a cp.async stage at 3 (4) stages
-        streams = [(1, 0), (2, 0), (3, 0), (1, 3), (1, 4)] if K < 2048 else [(2, 0), (1, 3)]
         x, g, xin, r = gemv_case_inputs(K, N, dtype, norm, res, glu_in)
         for group in groups:
             w, scale = int4_variant(group).quantize_weight(w16)
@@ -549,13 +542,11 @@ def check_cuda_gemv_int4(levels=(0.0, 0.5, 0.95)) -> list:
             for s, split in itertools.product(levels, splits):
                 t = spread_thresholds(xin, len(sizes), s) if s > 0 else None
                 ref = cuda_gemv.cuda_gemv_ref(x, w, t, sizes, g, 1e-5, r, glu_in, scale)
-                for cluster, (rows, stages) in itertools.product(
-                        (0, 1) if 1 < split <= 8 and major >= 9 else (0,), streams):
-                    cfg = cuda_gemv.Config(split, rows, cluster, 0, stages)
+                for cluster, rows in itertools.product((0, 1) if 1 < split <= 8 and major >= 9 else (0,),
+                                                       (1, 2, 3) if K < 2048 else (2,)):
+                    cfg = cuda_gemv.Config(split, rows, cluster)
                     spec = cuda_gemv.spec_of(K, sizes, dtype, t is not None, g is not None, glu_in, res, 1e-5, cfg,
                                              True, group=group)
-                    if stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
-                        continue
                     bad = cuda_gemv_case(spec, x, w, t, g, r, scale, ref)
                     cases += 1
                     if bad:

@@ -6,7 +6,7 @@ GPU compiler refuses.
 
     python scripts/sm90.py [--model llama-2-7b] [--quant int8|int4] [--dtype bfloat16] [--batch 1] [--dense]
                            [--sass KERNEL]
-    python scripts/sm90.py --nvrtc [--model llama-2-7b] [--quant int8|int4] [--dense] [--rows R] [--stages S]
+    python scripts/sm90.py --nvrtc [--model llama-2-7b] [--quant int8|int4] [--dense] [--rows R]
 
 One layer of the model at its real shapes, launch configs as an H100 (132 SMs) gets them; the launches are
 recorded (Triton's own binder specialises them as a launch would: aligned pointers, multiples of 16, ones as
@@ -214,9 +214,8 @@ def control_bits(hex_sass: str) -> tuple:
 def stream_waits(cubin: bytes) -> list:
     """Of each innermost loop (a backward branch with no other inside), how its global loads are waited for:
     {"label", "instructions", "stalls" (static stall cycles, a warp's issue time at the least), "loads" (scoreboard
-    -> LDG count), "async" (LDGSTS: cp.async), "waits" (scoreboards the loop waits on), "depbar" (DEPBAR.LE: a
-    wait for the oldest commit groups only)}. A loop whose wait is on its own loads' one scoreboard waits for all of
-    them, those just issued included (docs/perf-notes.md, session 47)."""
+    -> LDG count), "waits" (scoreboards the loop waits on)}. A loop whose wait is on its own loads' one scoreboard
+    waits for all of them, those just issued included (docs/perf-notes.md, session 47)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -228,8 +227,7 @@ def stream_waits(cubin: bytes) -> list:
         body = code[lo:hi + 1]
         loads = collections.Counter(wb for ins, _, wb, _, _ in body if re.search(r"\bLDG\.", ins))
         out.append({"label": label, "instructions": len(body), "stalls": sum(b[1] for b in body),
-                    "loads": dict(loads), "async": sum("LDGSTS" in b[0] for b in body),
-                    "waits": sorted({w for b in body for w in b[4]}), "depbar": any("DEPBAR.LE" in b[0] for b in body)})
+                    "loads": dict(loads), "waits": sorted({w for b in body for w in b[4]})})
     return out
 
 
@@ -250,8 +248,7 @@ def loops(sass: str) -> list:
     return out
 
 
-def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bool, rows: Optional[int],
-                 stages: int) -> int:
+def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bool, rows: Optional[int]) -> int:
     """Each projection of `name` as kernels/cuda_gemv.py builds it for an sm_90 GPU of 132 SMs: registers, shared
     memory, and per stream loop its static stall cycles and how it waits for its loads (stream_waits)."""
     if nvrtc.find_nvrtc() is None:
@@ -263,26 +260,18 @@ def nvrtc_report(name: str, dtype: torch.dtype, quant: Optional[str], sparse: bo
     for proj, (K, sizes, _) in projection_shapes(ModelArgs(**CONFIGS[name])).items():
         r = projection_roles(proj)
         cfg = cuda_gemv.default_config(K, sizes, 132, 9, quant == "int8", group)
-        cfg = cfg._replace(rows=rows or cfg.rows, stages=stages)
+        cfg = cfg._replace(rows=rows or cfg.rows)
         spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, r.norm, r.glu_in, r.residual, 1e-5, cfg, True,
                                  quant == "int8", group=group)
-        if cfg.stages and cuda_gemv.shared_bytes(spec) > cuda_gemv.STATIC_SMEM:
-            print(f"{proj} {tuple(cfg)}: skipped, its stages need {cuda_gemv.shared_bytes(spec)} bytes of shared "
-                  f"memory a CTA (over {cuda_gemv.STATIC_SMEM})")
-            continue
         cubin = nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")
         res, _, _ = inspect(cubin)
         print(f"{proj} {tuple(cfg)}: registers {res.get('REG')}, stack frame (spills) {res.get('STACK')} bytes, "
               f"shared {res.get('SHARED')} bytes")
         for w in stream_waits(cubin):
-            if w["async"]:
-                how = f"{w['async']} cp.async (LDGSTS), " + ("DEPBAR.LE: the oldest group" if w["depbar"] else
-                                                            "no DEPBAR.LE")
-            else:
-                shared = [sb for sb in w["loads"] if sb in w["waits"]]
-                how = (f"{sum(w['loads'].values())} loads on scoreboard(s) {sorted(w['loads'])}"
-                       + (f", waited on in the loop ({sorted(shared)}): each wait covers every load on it" if shared
-                          else ""))
+            shared = [sb for sb in w["loads"] if sb in w["waits"]]
+            how = (f"{sum(w['loads'].values())} loads on scoreboard(s) {sorted(w['loads'])}"
+                   + (f", waited on in the loop ({sorted(shared)}): each wait covers every load on it" if shared
+                      else ""))
             print(f"  loop at {w['label']}: {w['instructions']} instructions, {w['stalls']} stall cycles; {how}")
     return 0
 
@@ -301,14 +290,13 @@ def main():
     p.add_argument("--nvrtc", action="store_true", help="instead: the batch-1 projections sm_90 runs on "
                    "kernels/cuda_gemv.py (NVRTC, default configs), with how each stream loop waits for its loads")
     p.add_argument("--rows", type=int, default=None, help="with --nvrtc: rows in flight per thread (int4: steps)")
-    p.add_argument("--stages", type=int, default=0, help="with --nvrtc: the stream through cp.async stages")
     a = p.parse_args()
     if a.model not in CONFIGS:
         raise UserError(f"unknown model {a.model!r}; choose one of {', '.join(CONFIGS)}")
     if not 1 <= a.batch <= 8:
         raise UserError(f"--batch must lie in 1..8 (the kernels' batch sizes), got {a.batch}")
     if a.nvrtc:
-        return nvrtc_report(a.model, DTYPES[a.dtype], a.quant, not a.dense, a.rows, a.stages)
+        return nvrtc_report(a.model, DTYPES[a.dtype], a.quant, not a.dense, a.rows)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("unset TRITON_INTERPRET: the interpreter builds nothing")
     triton.runtime.driver.set_active(HopperTarget())

@@ -3,7 +3,6 @@ for the same work, its launch configs and sources, the plan's refusal without a 
 a build of every kernel a model's plan launches to an sm_90 binary. The kernel itself runs on a GPU only:
 scripts/gpu_check.py compares it with this reference (poisoned outputs, odd sizes, both tails, bit for bit)."""
 import ctypes
-import itertools
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from kernels import configs, cuda_gemv, nvrtc, reference, sparse_gemv
 from kernels.formats import FLOAT, INT8, int4_variant
 from model import ModelArgs
 from plan import decode_plan
-from scripts.sm90 import inspect
 from tests.kernel_cases import halfway_thresholds
 
 BF16 = torch.bfloat16
@@ -85,8 +83,8 @@ def test_launch_configs():
     one would not fit shared memory; no programmatic dependent launch (measured slower)."""
     shapes = {p: (K, s) for p, (K, s, _) in _shapes("llama-2-7b").items()}
     got = {p: cuda_gemv.default_config(K, s, 132, 9) for p, (K, s) in shapes.items()}
-    assert got == {"qkv": (2, 8, 1, 0, 0), "o": (8, 8, 1, 0, 0), "gate_up": (2, 4, 0, 0, 0), "down": (8, 8, 1, 0, 0)}
-    assert cuda_gemv.default_config(4096, (4096,), 132, 8) == (8, 8, 0, 0, 0)  # no clusters before sm_90
+    assert got == {"qkv": (2, 8, 1, 0), "o": (8, 8, 1, 0), "gate_up": (2, 4, 0, 0), "down": (8, 8, 1, 0)}
+    assert cuda_gemv.default_config(4096, (4096,), 132, 8) == (8, 8, 0, 0)  # no clusters before sm_90
     assert cuda_gemv.default_config(16384, (131072,), 132, 9).split == 4  # a K range of 4096 at most
     for K, s in shapes.values():
         cfg = cuda_gemv.default_config(K, s, 132, 9)
@@ -98,8 +96,8 @@ def test_int8_tiles():
     ranges (counter tail beyond a cluster's 8) to keep >= 2.5 CTAs per SM; 16-bit weights and odd segments 64."""
     assert cuda_gemv.tile_cols((11008, 11008), True) == 128 and cuda_gemv.tile_cols((4096, 1024, 1024), True) == 128
     assert cuda_gemv.tile_cols((4096,), False) == 64 and cuda_gemv.tile_cols((128, 64, 64), True) == 64
-    assert cuda_gemv.default_config(11008, (4096,), 132, 9, True) == (16, 8, 0, 0, 0)
-    assert cuda_gemv.default_config(4096, (4096,) * 3, 132, 9, True) == (4, 8, 1, 0, 0)
+    assert cuda_gemv.default_config(11008, (4096,), 132, 9, True) == (16, 8, 0, 0)
+    assert cuda_gemv.default_config(4096, (4096,) * 3, 132, 9, True) == (4, 8, 1, 0)
     odd = (128, 64, 64)  # 64-column segments: int8 in 64-column tiles too, so the same config
     assert cuda_gemv.default_config(4096, odd, 4, 9, True) == cuda_gemv.default_config(4096, odd, 4, 9)
     spec = cuda_gemv.spec_of(11008, (4096,), BF16, True, False, True, True, 1e-5,
@@ -156,50 +154,6 @@ def test_launch_checks_its_profile_buffer():
 def test_plan_refuses_nvrtc_without_a_gpu():
     with pytest.raises(UserError, match="NVRTC"):
         decode_plan(torch.device("cpu"), nvrtc=True)
-
-
-def test_stages_stream_through_shared_memory():
-    """Config.stages: the stream through cp.async chunks (STAGES defined, its shared memory counted within ptxas's
-    48 KB; int4: four 16-byte loads a lane a step); refused at 1, below 0, or where the stages do not fit."""
-    spec = cuda_gemv.spec_of(4096, (4096, 1024, 1024), BF16, True, True, False, False, 1e-5,
-                             cuda_gemv.Config(8, 4, 1, 0, 3), True)
-    src = cuda_gemv.kernel_source(spec)
-    assert "#define STAGES 3\n" in src and "cp.async.wait_group" in src
-    assert "#define STAGES 0\n" in cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1)))
-    assert cuda_gemv.shared_bytes(spec) - cuda_gemv.shared_bytes(spec._replace(config=cuda_gemv.Config(8, 4, 1))) \
-        == 3 * 4 * cuda_gemv.THREADS * 16
-    with pytest.raises(UserError, match="2 or more"):
-        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 4, 1, 0, 1)))
-    with pytest.raises(UserError, match="over 49152"):  # 3 x 8 rows: 48 KB of stages alone
-        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 8, 1, 0, 3)))
-    with pytest.raises(UserError, match="2 or more"):
-        cuda_gemv.kernel_source(spec._replace(config=cuda_gemv.Config(8, 4, 1, 0, -2)))
-    int4 = cuda_gemv.spec_of(4096, (4096,), BF16, True, False, False, True, 1e-5, cuda_gemv.Config(4, 1, 1, 0, 3),
-                             True, group=128)
-    assert "#define STAGES 3\n" in cuda_gemv.kernel_source(int4)
-    assert cuda_gemv.shared_bytes(int4) - cuda_gemv.shared_bytes(int4._replace(config=cuda_gemv.Config(4, 1, 1))) \
-        == 3 * 4 * cuda_gemv.THREADS * 16
-    with pytest.raises(UserError, match="over 49152"):  # 2 steps x 3 stages: 48 KB of stages alone
-        cuda_gemv.kernel_source(int4._replace(config=cuda_gemv.Config(4, 2, 1, 0, 3)))
-    # with_stages: the config asked where it fits, the given one where not
-    base = cuda_gemv.int4_config(4096, (4096,), 132, 9, 128)
-    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 3, 128, rows=1) == base._replace(rows=1, stages=3)
-    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 3, 128, rows=2) == base
-    assert cuda_gemv.with_stages(base, 4096, (4096,), False, 0, 128, rows=1) == base
-
-
-@pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
-def test_stages_build_for_sm90_within_their_shared_memory():
-    """Launches with cp.async stages compile for sm_90 (dense and sparse, 16-bit, int8 and int4 weights, every
-    projection of Llama-2-7B), and shared_bytes bounds ptxas's count from above by at most 32 bytes (int4: 48)."""
-    lib = ctypes.CDLL(nvrtc.find_nvrtc())
-    for proj, (K, sizes, glu_in) in _shapes("llama-2-7b").items():
-        for sparse, (int8, group) in itertools.product((False, True), ((False, 0), (True, 0), (False, 128))):
-            cfg = cuda_gemv.default_config(K, sizes, 132, 9, int8, group)._replace(rows=1 if group else 4, stages=3)
-            spec = cuda_gemv.spec_of(K, sizes, BF16, sparse, proj in ("qkv", "gate_up"), glu_in,
-                                     proj in ("o", "down"), 1e-5, cfg, True, int8, group=group)
-            cubin = nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90")
-            assert 0 <= cuda_gemv.shared_bytes(spec) - inspect(cubin)[0]["SHARED"] <= (48 if group else 32)
 
 
 def _shapes(name):
@@ -288,7 +242,7 @@ def test_int4_configs_and_shapes():
     assert not cuda_gemv.supported(576, (576, 192, 192), BF16, 64)  # SmolLM2: not whole 256-column tiles
     assert not cuda_gemv.supported(4096, (4096,), BF16, 48) and not cuda_gemv.supported(4000, (4096,), BF16, 128)
     got = {p: cuda_gemv.default_config(K, s, 132, 9, group=128) for p, (K, s, _) in _shapes("llama-2-7b").items()}
-    assert got == {"qkv": (8, 2, 0, 0, 0), "o": (32, 2, 0, 0, 0), "gate_up": (4, 2, 1, 0, 0), "down": (22, 2, 0, 0, 0)}
+    assert got == {"qkv": (8, 2, 0, 0), "o": (32, 2, 0, 0), "gate_up": (4, 2, 1, 0), "down": (22, 2, 0, 0)}
     for name in ("llama-2-7b", "llama-3-8b", "mistral-7b-v0.1"):
         for K, sizes, _ in _shapes(name).values():
             for group in (128, 64, 32):

@@ -180,16 +180,14 @@ def test_kernel_path_matches_reference_decode_batch(quant):
         assert rel_err(out, ref) < 1e-5, i
 
 
-@pytest.mark.parametrize("sparse,quant,level,stages", [(True, None, 0.5, 0), (False, None, 0.5, 0),
-                                                        (True, "int8", 0.5, 0), (True, "int8", 0.0, 0),
-                                                        (True, None, 0.5, 3), (True, "int8", 0.5, 3)],
-                         ids=["sparse", "dense", "int8", "int8-level0", "stages", "int8-stages"])
-def test_nvrtc_route_matches_reference_decode(sparse, quant, level, stages, monkeypatch):
+@pytest.mark.parametrize("sparse,quant,level", [(True, None, 0.5), (False, None, 0.5), (True, "int8", 0.5),
+                                                 (True, "int8", 0.0)], ids=["sparse", "dense", "int8", "int8-level0"])
+def test_nvrtc_route_matches_reference_decode(sparse, quant, level, monkeypatch):
     """A plan with the NVRTC kernels (plan.nvrtc_arch; on a CPU their op runs kernels/cuda_gemv.py's reference)
     decodes as the reference path in bf16, bit for bit: every projection of a step takes that op, q/k/v and gate/up
     with the norm fused, o and down with the residual added, down gating gate/up's outputs; dense steps (sparse_from
     None) too; int8 weights with their column scales (nvrtc_int8), at level 0 without thresholds (the kernel's
-    dense mode); with plan.nvrtc_stages every launch's config streams through that many cp.async stages.
+    dense mode).
     Attention on the reference path here (the kernel's rounding differs from SDPA's and flips masks)."""
     ref_model, _ = reference_and_kernel_models(2, 128)
     ref_model = ref_model.to(torch.bfloat16)
@@ -200,10 +198,8 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, stages, monk
             m.threshold.zero_()
     model = copy.deepcopy(ref_model)
     plan = decode_plan(torch.device("cpu"), sparsity=level, kernels=True, attention_kernel=False)
-    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True, nvrtc_stages=stages))
+    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_sparse=True, nvrtc_int8=True))
     assert all(m.cuda_config is not None for _, _, m, _ in model.sparse_modules())
-    assert all(m.cuda_config.stages == stages and m.cuda_config.rows == (4 if stages else m.cuda_config.rows)
-               for _, _, m, _ in model.sparse_modules())
     calls, thresholded = [], []
     launch = cuda_gemv.cuda_gemv
     monkeypatch.setattr(cuda_gemv, "cuda_gemv", lambda *a, **k: calls.append(k.get("glu_in"))
@@ -220,8 +216,7 @@ def test_nvrtc_route_matches_reference_decode(sparse, quant, level, stages, monk
 def test_nvrtc_int4_route_matches_reference_decode(monkeypatch):
     """plan.nvrtc_int4: int4 weights' one-token projections take kernels/cuda_gemv.py's int4 mode (on a CPU its op
     runs the reference), all four a layer, their weights back in column order where an earlier plan held them in
-    the tensor-core kernel's order; the decode matches the reference path (the int8 LM head on Triton's kernel);
-    plan.nvrtc_stages gives them one step a cp.async stage."""
+    the tensor-core kernel's order; the decode matches the reference path (the int8 LM head on Triton's kernel)."""
     args = ModelArgs(dim=256, n_layer=2, n_head=4, n_kv_head=4, intermediate_size=512, vocab_size=101,
                      max_seq_len=128)
     ref_model = random_model(args, "cpu", torch.bfloat16, seed=0)
@@ -243,10 +238,6 @@ def test_nvrtc_int4_route_matches_reference_decode(monkeypatch):
     for i, (ref, out) in enumerate(decode_both(ref_model, model, prompt, steps, 64, sparse_from=0)):
         assert rel_err(out, ref) < 1e-2, i
     assert calls == [torch.int32] * 4 * len(model.layers) * steps.shape[1]
-    # with plan.nvrtc_stages: one step of 16 rows a warp a cp.async stage, the split and tail kept
-    before = [m.cuda_config for m in mods]
-    model.set_plan(dataclasses.replace(plan, nvrtc_arch=90, nvrtc_int4=True, nvrtc_stages=3))
-    assert [m.cuda_config for m in mods] == [c._replace(rows=1, stages=3) for c in before]
 
 
 @pytest.mark.parametrize("window", [None, 24])

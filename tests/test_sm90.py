@@ -93,21 +93,17 @@ def test_sass_of_one_kernel_is_printed_in_order():
 @pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
 def test_nvrtc_report_shows_how_stream_loops_wait(capsys):
     """--nvrtc: each projection's NVRTC launch for sm_90 and its stream loop; the register ring's loads share a
-    scoreboard the loop waits on (every wait covers the loads just issued, perf-notes session 47), the cp.async
-    stages wait with DEPBAR.LE on the oldest group only."""
-    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, "int8", True, None, 0) == 0
+    scoreboard the loop waits on (every wait covers the loads just issued, perf-notes session 47), 16-bit, int8 and
+    int4 weights alike."""
+    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, "int8", True, None) == 0
     ring = capsys.readouterr().out
     assert re.findall(r"^(\w+) \(", ring, re.M) == ["qkv", "o", "gate_up", "down"], ring
     assert len(re.findall(r"loads on scoreboard\(s\) \[[\d, ]+\], waited on in the loop", ring)) == 4, ring
-    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, None, True, 4, 3) == 0
-    staged = capsys.readouterr().out
-    assert len(re.findall(r"\d+ cp\.async \(LDGSTS\), DEPBAR\.LE: the oldest group", staged)) == 4, staged
-    assert "loads on scoreboard" not in staged
-    # int4 at 1 step x 4 stages: gate/up's stages do not fit a CTA; it is skipped and said so, down still reported
-    assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, "int4", True, 1, 4) == 0
-    four = capsys.readouterr().out
-    assert re.search(r"^gate_up \(.*\): skipped, its stages need \d+ bytes", four, re.M), four
-    assert re.findall(r"^(\w+) \(.*registers", four, re.M) == ["qkv", "o", "down"], four
+    for quant, rows in ((None, 4), ("int4", None)):
+        assert sm90_script.nvrtc_report("llama-2-7b", torch.bfloat16, quant, True, rows) == 0
+        out = capsys.readouterr().out
+        assert re.findall(r"^(\w+) \(", out, re.M) == ["qkv", "o", "gate_up", "down"], out
+        assert len(re.findall(r"loads on scoreboard\(s\) \[[\d, ]+\]", out)) >= 4, out
 
 
 def test_control_bits_are_read_from_the_high_word():
