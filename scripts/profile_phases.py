@@ -241,7 +241,8 @@ def main():
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
-            tiles = sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8, group) if a.nvrtc and p != "a" else None
+            tiles = (sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8, group) if a.nvrtc and p != "a"
+                     else None)
             r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
             prev = r.pop("end")
             records.append({"model": a.model, "int8": a.int8, "int4": a.int4, "nvrtc_attention": cuda_att,

@@ -138,7 +138,8 @@ def test_gpu_script_rejects_bad_input_in_one_line_as_a_process():
     (profile_phases, ["--attention-pdl", "3"], "--attention-pdl applies to the NVRTC attention"),
     (bench_server, ["--model", "llama-9"], "unknown model config 'llama-9'"),
 ], ids=["bench-level", "bench-range", "bench-prompt", "tune_gemv", "profile_decode", "profile_phases", "profile_phases-int8",
-        "profile_phases-int4", "profile_phases-two-formats", "profile_phases-attention", "profile_phases-pdl", "bench_server"])
+        "profile_phases-int4", "profile_phases-two-formats", "profile_phases-attention", "profile_phases-pdl",
+        "bench_server"])
 def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message, monkeypatch, capsys):
     """The same for every GPU script, its main() run as its __main__ runs it (run_cli) in this process."""
     monkeypatch.setattr(sys, "argv", [script.__file__, *args])
