@@ -132,8 +132,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         }
     }
 #endif
-#endif
-#if INT4
     // the range's scales (independent of the previous launch): 16 bytes a load, to shared memory after the wait
     uint4 sr[SROUNDS];
     const int ng = (kn + GROUP - 1) / GROUP;
@@ -354,33 +352,6 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
     float acc[16][4];
     #pragma unroll
     for (int j = 0; j < 16; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    // step s1 of the stream, its lane's four loads in v4
-    auto step = [&](const int s1, const uint4* v4) {
-        u32 b[2];
-        #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            u32 half[2];
-            #pragma unroll
-            for (int q = 0; q < 2; q++) {
-                const int j = s1 * 16 + ENT(2 * h + q);
-#if SPARSE
-                const int r = j < n ? ks[j] : -GROUP;
-#else
-                const int r = j < n ? j : -GROUP;
-#endif
-                half[q] = r >= 0 && r / GROUP == g8 ? (u32)to_h(xs[j]) : 0u;
-            }
-            b[h] = half[0] | half[1] << 16;
-        }
-        #pragma unroll
-        for (int c = 0; c < 16; c++) {  // columns 2c, 2c + 1: byte c % 4 of word c / 4
-            const u32 sel = (c & 3) * 0x11u + (4 + (c & 3)) * 0x1100u;
-            const u32 p01 = __byte_perm(word(v4[0], c >> 2), word(v4[1], c >> 2), sel);
-            const u32 p23 = __byte_perm(word(v4[2], c >> 2), word(v4[3], c >> 2), sel);
-            mma16816(acc[c], (p01 & 0x000F000Fu) | OFF2, (p01 >> 4 & 0x000F000Fu) | OFF2,
-                     (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
-        }
-    };
 #if SPARSE
     #pragma unroll
     for (int i = 0; i < ROWS; i++) {
@@ -398,7 +369,32 @@ __device__ __forceinline__ bool ITEM_NAME(  // column tile `tile` over K range `
         #pragma unroll
         for (int i = 0; i < ROWS; i++) {
             const int s1 = s0 + RG * i;
-            if (s1 < nsteps) step(s1, v[i]);  // (the warp's steps: uniform)
+            if (s1 < nsteps) {  // (the warp's steps: uniform)
+                u32 b[2];
+                #pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    u32 half[2];
+                    #pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        const int j = s1 * 16 + ENT(2 * h + q);
+#if SPARSE
+                        const int r = j < n ? ks[j] : -GROUP;
+#else
+                        const int r = j < n ? j : -GROUP;
+#endif
+                        half[q] = r >= 0 && r / GROUP == g8 ? (u32)to_h(xs[j]) : 0u;
+                    }
+                    b[h] = half[0] | half[1] << 16;
+                }
+                #pragma unroll
+                for (int c = 0; c < 16; c++) {  // columns 2c, 2c + 1: byte c % 4 of word c / 4
+                    const u32 sel = (c & 3) * 0x11u + (4 + (c & 3)) * 0x1100u;
+                    const u32 p01 = __byte_perm(word(v[i][0], c >> 2), word(v[i][1], c >> 2), sel);
+                    const u32 p23 = __byte_perm(word(v[i][2], c >> 2), word(v[i][3], c >> 2), sel);
+                    mma16816(acc[c], (p01 & 0x000F000Fu) | OFF2, (p01 >> 4 & 0x000F000Fu) | OFF2,
+                             (p23 & 0x000F000Fu) | OFF2, (p23 >> 4 & 0x000F000Fu) | OFF2, b[0], b[1]);
+                }
+            }
             #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = (s1 + RG * ROWS) * 16 + ENT(e);
