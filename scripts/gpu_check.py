@@ -418,16 +418,6 @@ def nvrtc_hopper(script: str) -> tuple:
     return props.multi_processor_count, props.L2_cache_size
 
 
-def probe_weights(K: int, N: int, kind: str, group: int = 128) -> tuple:
-    """(w, scale) of a probe's launch on the GPU: random bf16 weights [K, N] as the decode step stores them, kind
-    "bf16" (scale None), "int8" (kernels/formats.py INT8) or "int4" (RTN in scale groups of `group`)."""
-    w = torch.randn(K, N, device="cuda") / K ** 0.5
-    if kind == "int4":
-        return int4_variant(group).quantize_weight(w)
-    w = w.to(torch.bfloat16)
-    return INT8.quantize_weight(w) if kind == "int8" else (w, None)
-
-
 def checked_cuda_gemv_us(spec, w: torch.Tensor, scale, sizes, s: float, what: str) -> float:
     """One kernels/cuda_gemv.py launch of `spec` on weights w (scale) at sparsity s, its inputs as the decode step
     gives them (gemv_case_inputs): checked as check_cuda_gemv checks the kernel (cuda_gemv_case against

@@ -21,9 +21,10 @@ import torch
 from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
 from kernels import cuda_gemv
+from kernels.formats import INT8, int4_variant
 from model import ModelArgs
 from scripts.bench import projection_list, projection_roles, projection_shapes
-from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper, probe_weights
+from scripts.gpu_check import checked_cuda_gemv_us, nvrtc_hopper
 
 GROUP = 128  # int4's scale group (RTN, as --quant int4 stores it)
 
@@ -68,7 +69,9 @@ def spec_of(case: Case, sparse: bool) -> cuda_gemv.Spec:
 def time_case(case: Case, s: float) -> dict:
     """One case at sparsity s: checked, then timed (gpu_check.checked_cuda_gemv_us)."""
     K, N = case.K, sum(case.sizes)
-    w, scale = probe_weights(K, N, "int4" if case.int4 else "int8", GROUP)
+    w32 = torch.randn(K, N, device="cuda") / K ** 0.5
+    w, scale = int4_variant(GROUP).quantize_weight(w32) if case.int4 else INT8.quantize_weight(w32.to(torch.bfloat16))
+    del w32
     us = checked_cuda_gemv_us(spec_of(case, s > 0), w, scale, case.sizes, s, f"{case.label} {case.proj}")
     mb = (w.numel() * w.element_size() + scale.numel() * scale.element_size()) / 1e6
     return dict(label=case.label, proj=case.proj, K=K, N=N, sizes=list(case.sizes), s=s, config=list(case.config),

@@ -4,7 +4,7 @@ cuda_gemv.launch and cuda_attention.launch, given a `prof` buffer).
 Needs a CUDA GPU.
 
     python scripts/profile_phases.py [--model llama-2-7b] [--sparsities 0.5,0.999] [--context 384] [--nvrtc
-        [--int8 | --int4] [--no-nvrtc-attention | --attention-pdl 3|4]] [--out DIR]
+        [--quant int8|int4] [--no-nvrtc-attention | --attention-pdl 3|4]] [--out DIR]
 
 One layer's five launches (q/k/v partials with the norm fused, attention, o with the residual, gate/up partials,
 down) run in a CUDA graph over 4 layer copies, as the decode step makes them with the MLP unfused
@@ -17,9 +17,9 @@ step sm_90 runs instead, its projections on kernels/cuda_gemv.py (q/k/v reduced 
 gate/up's outputs); its phases: prologue (inputs, norm, thresholds, scan: the kept list ready), stream, tail (row
 groups and K ranges summed, result written), and the share of the spread of its CTAs' stream times that their SM,
 or their column tile (the addresses they read), explains.
-`--int8`: those projections with int8 weights (per-column scales), as `--quant int8` runs them on that path;
-`--int4`: with int4 weights (RTN, scale groups of 128) on the kernel's tensor-core mode, as `--quant int4
---nvrtc-int4` runs them (bench.py; not the default int4 route). The
+`--quant int8`: those projections with int8 weights (per-column scales), as `bench.py --quant int8` runs them on
+that path; `--quant int4`: with int4 weights (RTN, scale groups of 128) on the kernel's tensor-core mode, as
+`bench.py --quant int4 --nvrtc-int4` runs them (not the default int4 route). The
 attention there is kernels/cuda_attention.py where the step takes it (cuda_attention.supported), unless
 `--no-nvrtc-attention`; `--attention-pdl 3|4` launches it under PDL, q/k/v triggering it (the step's launch where
 cuda_attention.pdl_pays; the default here is the plain launch).
@@ -40,12 +40,11 @@ from cli import HelpFormatter, run_cli, sparsity_list
 from errors import UserError
 from kernels import configs, cuda_attention, cuda_gemv, decode_attention, reference, sparse_gemv
 from kernels.common import PROFILE_SLOTS
-from kernels.formats import INT8, int4_variant
+from kernels.formats import INT8, quant_format
 from kernels.reference import rms_norm_ref
 from model import ModelArgs
 from scripts.bench import capture_graph, graph_time_us, replay_time_us, sparse_threshold
 
-INT4_GROUP = 128  # --int4: inputs per scale group (bench.py --quant int4's default)
 SLOTS = PROFILE_SLOTS  # per program: (globaltimer, clock64) pairs at even slots, counts at 12-14
 
 
@@ -94,8 +93,8 @@ def main():
     p.add_argument("--sparsities", default="0.5,0.999", help="comma-separated sparsity levels in [0, 1]")
     p.add_argument("--context", type=int, default=384, help="cache positions the attention reads")
     p.add_argument("--nvrtc", action="store_true", help="the projections on kernels/cuda_gemv.py (sm_90's path)")
-    p.add_argument("--int8", action="store_true", help="with --nvrtc: int8 weights (per-column scales)")
-    p.add_argument("--int4", action="store_true", help="with --nvrtc: int4 weights (RTN, groups of 128)")
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="with --nvrtc: int8 weights (per-column scales) or int4 (RTN, groups of 128)")
     p.add_argument("--nvrtc-attention", action=argparse.BooleanOptionalAction, default=None,
                    help="with --nvrtc: attention on kernels/cuda_attention.py (default: where the step takes it)")
     p.add_argument("--attention-pdl", type=int, default=0, choices=(0, 3, 4),
@@ -105,11 +104,8 @@ def main():
     a = p.parse_args()
     args = ModelArgs.from_name(a.model)
     sparsities = sparsity_list(a.sparsities, "--sparsities", up_to_one=True)  # 1: the phases with nothing to stream
-    for flag in ("int8", "int4"):
-        if getattr(a, flag) and not a.nvrtc:
-            raise UserError(f"--{flag} profiles the NVRTC projections: add --nvrtc")
-    if a.int8 and a.int4:
-        raise UserError("--int8 and --int4 are two weight formats: give one")
+    if a.quant and not a.nvrtc:
+        raise UserError("--quant profiles the NVRTC projections: add --nvrtc")
     if a.nvrtc_attention and not a.nvrtc:
         raise UserError("--nvrtc-attention follows the NVRTC projections: add --nvrtc")
     if a.attention_pdl and (not a.nvrtc or a.nvrtc_attention is False):
@@ -147,14 +143,14 @@ def main():
     tg, td = torch.zeros(2, dim, device=dev), torch.zeros(1, inter, device=dev)
     ss0 = reference.sum_squares_ref(h0, cfg["o"].block_n)
     shapes = dict(q=(dim, szq), o=(H * D, (dim,)), g=(dim, (inter, inter)), d=(inter, (dim,)))
-    group = INT4_GROUP if a.int4 else 0
-    ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, a.int8, group) for p, (K, sz) in shapes.items()}
+    fmt = quant_format(a.quant)
+    int8 = fmt.code == INT8.code
+    ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, int8, fmt.group(K)) for p, (K, sz) in shapes.items()}
     if a.attention_pdl and not (ncfg["q"].cluster or ncfg["q"].split == 1):
         raise UserError("--attention-pdl: q/k/v's launch leaves global partials here (Attention.attention_trigger)")
     # (launch, layer copy) -> (quantized weights, scales)
-    fmt = INT8 if a.int8 else int4_variant(INT4_GROUP)
-    q8 = {(p, i): fmt.quantize_weight(W[i]) for p, W in zip("qogd", (Wq, Wo, Wg, Wd)) for i in range(L)
-          if a.int8 or a.int4}
+    qw = {(p, i): fmt.quantize_weight(W[i]) for p, W in zip("qogd", (Wq, Wo, Wg, Wd)) for i in range(L)
+          if fmt.quantized}
     n_prog = max([1024] + [sum(sz) // cuda_gemv.COLS * ncfg[p].split for p, (K, sz) in shapes.items()])
     bufs = {(i, p): torch.zeros(n_prog, SLOTS, dtype=torch.int64, device=dev) for i in range(L) for p in "qaogd"}
     sparse_step = [True]  # the level being profiled is above 0 (the NVRTC launches are dense at 0, as the step's)
@@ -188,9 +184,9 @@ def main():
             K, sizes = shapes[p]
             t = t if sparse_step[0] else None
             spec = cuda_gemv.spec_of(K, sizes, dt, t is not None, nw is not None, glu, res is not None, 1e-5,
-                                     ncfg[p]._replace(pdl=trigger), t is not None, a.int8, profile=stamped,
-                                     group=group)
-            w, scale = q8.get((p, i), (w, None))
+                                     ncfg[p]._replace(pdl=trigger), t is not None, int8, profile=stamped,
+                                     group=fmt.group(K))
+            w, scale = qw.get((p, i), (w, None))
             y = torch.empty(sum(sizes), device=dev, dtype=dt)
             cuda_gemv.launch(spec, x.reshape(-1), w, t, nw, None if res is None else res.reshape(-1), cnt, y,
                              torch.empty(ncfg[p].split, sum(sizes), device=dev), scale, prof=prof(p))
@@ -234,18 +230,18 @@ def main():
         spans = [((r[7] - r[1]) / (r[6] - r[0])) for b in st.values() for r in b.tolist() if r[6] - r[0] > 5000]
         ghz = statistics.median(spans) if spans else 1.98
         t0 = int(st[(1, "q")][:, 0][st[(1, "q")][:, 0] > 0].min())  # layer copy 1: copy 0 follows the capture's start
-        path = (f" (NVRTC projections{', int8 weights' if a.int8 else ', int4 weights' if a.int4 else ''}"
+        path = (f" (NVRTC projections{f', {a.quant} weights' if a.quant else ''}"
                 f"{', NVRTC attention' if cuda_att else ''}"
                 f"{f' (PDL {a.attention_pdl})' if a.attention_pdl else ''})") if a.nvrtc else ""
         print(f"\n{a.model}{path}, sparsity {s}, {T} positions: one layer {plain:.1f} us ({stamped:.1f} with stamps), "
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
-            tiles = (sum(shapes[p][1]) // cuda_gemv.tile_cols(shapes[p][1], a.int8, group) if a.nvrtc and p != "a"
-                     else None)
+            K, sizes = shapes.get(p, (0, ()))
+            tiles = sum(sizes) // cuda_gemv.tile_cols(sizes, int8, fmt.group(K)) if a.nvrtc and p != "a" else None
             r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
             prev = r.pop("end")
-            records.append({"model": a.model, "int8": a.int8, "int4": a.int4, "nvrtc_attention": cuda_att,
+            records.append({"model": a.model, "quant": a.quant, "nvrtc_attention": cuda_att,
                             "attention_pdl": a.attention_pdl, "sparsity": s,
                             "context": T, "launch": name,
                             "layer_us": round(plain, 2), "layer_us_stamped": round(stamped, 2), **r})

@@ -131,15 +131,12 @@ def test_gpu_script_rejects_bad_input_in_one_line_as_a_process():
     (tune_gemv, ["--models", "llama-9"], "unknown model config 'llama-9'"),
     (profile_decode, ["--config", "llama-9"], "unknown model config 'llama-9'"),
     (profile_phases, ["--sparsities", "x"], "--sparsities takes comma-separated numbers"),
-    (profile_phases, ["--int8"], "--int8 profiles the NVRTC projections: add --nvrtc"),
-    (profile_phases, ["--int4"], "--int4 profiles the NVRTC projections: add --nvrtc"),
-    (profile_phases, ["--nvrtc", "--int8", "--int4"], "--int8 and --int4 are two weight formats: give one"),
+    (profile_phases, ["--quant", "int4"], "--quant profiles the NVRTC projections: add --nvrtc"),
     (profile_phases, ["--nvrtc-attention"], "--nvrtc-attention follows the NVRTC projections: add --nvrtc"),
     (profile_phases, ["--attention-pdl", "3"], "--attention-pdl applies to the NVRTC attention"),
     (bench_server, ["--model", "llama-9"], "unknown model config 'llama-9'"),
-], ids=["bench-level", "bench-range", "bench-prompt", "tune_gemv", "profile_decode", "profile_phases", "profile_phases-int8",
-        "profile_phases-int4", "profile_phases-two-formats", "profile_phases-attention", "profile_phases-pdl",
-        "bench_server"])
+], ids=["bench-level", "bench-range", "bench-prompt", "tune_gemv", "profile_decode", "profile_phases", "profile_phases-quant",
+        "profile_phases-attention", "profile_phases-pdl", "bench_server"])
 def test_gpu_scripts_reject_bad_input_in_one_line(script, args, message, monkeypatch, capsys):
     """The same for every GPU script, its main() run as its __main__ runs it (run_cli) in this process."""
     monkeypatch.setattr(sys, "argv", [script.__file__, *args])
