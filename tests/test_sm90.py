@@ -1,4 +1,5 @@
 """scripts/sm90.py: the decode step's launches built for sm_90 on the CPU, and what it reports of them."""
+import ctypes
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from cli import run_cli
-from kernels import nvrtc
+from kernels import cuda_gemv, nvrtc
 from scripts import sm90 as sm90_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +105,22 @@ def test_nvrtc_report_shows_how_stream_loops_wait(capsys):
         out = capsys.readouterr().out
         assert re.findall(r"^(\w+) \(", out, re.M) == ["qkv", "o", "gate_up", "down"], out
         assert len(re.findall(r"loads on scoreboard\(s\) \[[\d, ]+\]", out)) >= 4, out
+
+
+@pytest.mark.skipif(nvrtc.find_nvrtc() is None, reason="no libnvrtc under the Python paths (CUDA wheels)")
+def test_int4_stream_widens_a_pair_in_one_lop3():
+    """int4's NVRTC stream: each widened pair `(p & mask) | off2` is one LOP3, the offset held in a register ptxas
+    cannot fold (with both as immediates it takes two: 64 instructions more a step, perf-notes session 50); bf16
+    and fp16, sparse and dense."""
+    lib = ctypes.CDLL(nvrtc.find_nvrtc())
+    K, sizes = 4096, (4096, 4096, 4096)
+    for dtype, sparse in ((torch.bfloat16, True), (torch.float16, False)):
+        spec = cuda_gemv.spec_of(K, sizes, dtype, sparse, True, False, False, 1e-5,
+                                 cuda_gemv.default_config(K, sizes, 132, 9, group=128), True, group=128)
+        _, loops, _ = sm90_script.inspect(nvrtc.compile_cubin(lib, cuda_gemv.kernel_source(spec), "sm_90"))
+        (ops,) = [ops for _, _, ops in loops if any(op.startswith("HMMA") for op in ops)]
+        mmas = sum(n for op, n in ops.items() if op.startswith("HMMA"))
+        assert mmas == 32 and ops["LOP3.LUT"] <= 4 * mmas + 8, ops  # 2 steps x 16 mmas, 4 widened pairs an mma
 
 
 def test_control_bits_are_read_from_the_high_word():
