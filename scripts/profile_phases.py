@@ -146,6 +146,7 @@ def main():
     fmt = quant_format(a.quant)
     int8 = fmt.code == INT8.code
     ncfg = {p: cuda_gemv.default_config(K, sz, n_sm, 9, int8, fmt.group(K)) for p, (K, sz) in shapes.items()}
+    ntiles = {p: sum(sz) // cuda_gemv.tile_cols(sz, int8, fmt.group(K)) for p, (K, sz) in shapes.items()}
     if a.attention_pdl and not (ncfg["q"].cluster or ncfg["q"].split == 1):
         raise UserError("--attention-pdl: q/k/v's launch leaves global partials here (Attention.attention_trigger)")
     # (launch, layer copy) -> (quantized weights, scales)
@@ -237,9 +238,7 @@ def main():
               f"SM clock {ghz:.2f} GHz; us, medians over each launch's programs")
         prev = None
         for p, name in zip("qaogd", ("q/k/v", "attention", "o", "gate/up", "down")):
-            K, sizes = shapes.get(p, (0, ()))
-            tiles = sum(sizes) // cuda_gemv.tile_cols(sizes, int8, fmt.group(K)) if a.nvrtc and p != "a" else None
-            r = summarise(st[(1, p)], ghz, t0, prev, p == "a", tiles)
+            r = summarise(st[(1, p)], ghz, t0, prev, p == "a", ntiles.get(p) if a.nvrtc else None)
             prev = r.pop("end")
             records.append({"model": a.model, "quant": a.quant, "nvrtc_attention": cuda_att,
                             "attention_pdl": a.attention_pdl, "sparsity": s,
